@@ -1,0 +1,60 @@
+"""`gigamim <verb> ...`: one program, one verb per job.
+
+Each verb lives in its own module as `main(argv=None) -> int | None`; the table below
+is the only place that maps verbs to modules. Modules are imported only when their
+verb runs, so `gigamim --help` stays fast and a verb's heavy imports (deepspeed,
+webdataset) do not slow the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# verb -> ("module:function", one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "pretrain": ("gigamim.engine.trainer:main", "SimMIM pretraining under DeepSpeed (ZeRO-3)"),
+    "demo": ("gigamim.demo:main", "write synthetic shards, pretrain swinv2_nano on 2 CPU ranks, consolidate, picture"),
+    "make-shards": ("gigamim.data.shards:main", "write webdataset tar shards from images, lists, shards or synthetic data"),
+    "consolidate": ("gigamim.engine.consolidate:main", "ZeRO checkpoint -> fp32 safetensors (or universal format)"),
+    "export": ("gigamim.engine.export:main", "consolidated weights -> encoder / timm / simmim safetensors"),
+    "bench": ("gigamim_benchmarks.run:main", "throughput / MFU / memory benchmarks against a timm reference"),
+    "plan": ("gigamim.engine.plan:main", "per-GPU memory plan: ZeRO stage, offload, checkpointing, micro-batch"),
+    "doctor": ("gigamim.engine.doctor:main", "versions, devices and all-reduce bandwidth of a launch"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, VERBS))
+    lines = ["usage: gigamim <verb> [options]   (or: python -m gigamim <verb>)", "", "verbs:"]
+    lines += [f"  {verb:<{width}}  {help_}" for verb, (_, help_) in VERBS.items()]
+    lines += ["", "`gigamim <verb> --help` shows a verb's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from gigamim import __version__
+
+        print(f"gigamim {__version__}")
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        import difflib
+
+        close = difflib.get_close_matches(verb, VERBS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        print(f"gigamim: unknown verb '{verb}'.{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = VERBS[verb][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    result = func(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""gigamim: SimMIM pretraining of SwinV2 (up to 3B) on DeepSpeed ZeRO-3.
+
+`pip install -e ".[test]"` installs everything the library, the demo and the tests need.
+NVIDIA apex is used only when it is already importable (built from source on a GPU
+cluster); PyPI's `apex` is an unrelated package and is deliberately not listed.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="gigamim",
+    version="0.1.0",
+    description="SimMIM pretraining of SwinV2 encoders up to 3B parameters on DeepSpeed ZeRO-3",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The benchmark harnesses live in benchmarks/ (next to their results) and install as
+    # `gigamim_benchmarks`, so `gigamim bench` works from any directory.
+    packages=find_packages(include=["gigamim", "gigamim.*"]) + ["gigamim_benchmarks"],
+    package_dir={"gigamim_benchmarks": "benchmarks"},
+    package_data={"gigamim": ["configs/*.yaml", "ds_configs/*.json"]},
+    include_package_data=True,
+    install_requires=[
+        # torchvision comes with timm; on these machines torch 2.14.1 / torchvision 0.29.1.
+        "torch>=2.4",
+        "timm>=1.0.9",
+        "deepspeed>=0.19,<0.20",
+        "webdataset>=1.0.2,<1.1",
+        "pyyaml>=6",
+        "fairscale>=0.4.13",
+        "triton>=3.0; platform_system == 'Linux'",
+        "safetensors>=0.4",
+        "numpy",
+        "pillow>=10",
+        "tqdm",
+        "rich",
+        "matplotlib",
+        "tensorboard",
+    ],
+    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    entry_points={"console_scripts": ["gigamim = gigamim.cli:main"]},
+    classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
+)
