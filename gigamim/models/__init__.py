@@ -1,0 +1,8 @@
+"""SwinV2 encoders (nano..giant) and the SimMIM wrapper; plain PyTorch, never imports deepspeed."""
+
+from gigamim.models import swinv2 as _swinv2  # noqa: F401  (registers the variants)
+from gigamim.models.registry import create_model, list_models, model_defaults, register_model
+from gigamim.models.simmim import SimMIM
+from gigamim.models.swinv2 import SwinTransformerV2
+
+__all__ = ["create_model", "list_models", "model_defaults", "register_model", "SimMIM", "SwinTransformerV2"]

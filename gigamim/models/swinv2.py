@@ -1,0 +1,398 @@
+"""SwinTransformerV2 (Liu et al. 2022) with timm-compatible state-dict keys, and its variants.
+
+Exact to the official code / timm: res-post-norm blocks, cosine window attention with a
+log-spaced CPB, PatchMerging = reduce(4C->2C) then LayerNorm, window shrinks to the map
+(shift 0) when a stage's map is no larger than the window. Additions for scale:
+
+* huge/giant: a LayerNorm on the main branch after every 6th block of a stage
+  (``layers.i.blocks.j.norm3``), as in the paper; other variants have no such key.
+* per-stage sequential (chunked, recomputed) window attention, an SDPA path, and
+  configurable activation checkpointing with optional CPU offload of saved activations.
+* no registered buffers, so construction is safe under ``deepspeed.zero.Init`` (any dtype)
+  and on the meta device; all init happens inside each module's own ``__init__`` because
+  zero.Init partitions a module as soon as its ``__init__`` returns.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+from torch.utils.checkpoint import checkpoint
+
+from gigamim.models.attention import TruncNormalLinear, WindowAttention
+from gigamim.models.registry import register_model
+
+IntOrSeq = Union[int, Sequence[int]]
+
+
+class ZeroInitLayerNorm(nn.LayerNorm):
+    """LayerNorm whose weight and bias start at 0: the official res-post-norm init, under which
+    every residual branch outputs exactly 0 at initialisation."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify + LayerNorm, NHWC output (keys patch_embed.proj.*, patch_embed.norm.*)."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood concat (timm's channel order) -> Linear 4C->2C -> LayerNorm(2C)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.reduction = TruncNormalLinear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.norm(self.reduction(x))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 (keys mlp.fc1.*, mlp.fc2.*)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = TruncNormalLinear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = TruncNormalLinear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def window_partition(x: torch.Tensor, ws: Tuple[int, int]) -> torch.Tensor:
+    b, h, w, c = x.shape
+    x = x.view(b, h // ws[0], ws[0], w // ws[1], ws[1], c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, ws[0] * ws[1], c)
+
+
+def window_reverse(windows: torch.Tensor, ws: Tuple[int, int], h: int, w: int) -> torch.Tensor:
+    c = windows.shape[-1]
+    x = windows.view(-1, h // ws[0], w // ws[1], ws[0], ws[1], c).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, h, w, c)
+
+
+def shift_mask(h: int, w: int, ws: Tuple[int, int], shift: Tuple[int, int], device=None) -> torch.Tensor:
+    """(nW, N, N) fp32 mask for shifted windows: 0 within a region, -100 across regions."""
+    region = torch.zeros(h, w, device=device)
+    label = 0
+    for hs in (slice(0, -ws[0]), slice(-ws[0], -shift[0]), slice(-shift[0], None)):
+        for wsl in (slice(0, -ws[1]), slice(-ws[1], -shift[1]), slice(-shift[1], None)):
+            region[hs, wsl] = label
+            label += 1
+    win = window_partition(region.view(1, h, w, 1), ws).squeeze(-1)  # nW, N
+    diff = win.unsqueeze(1) - win.unsqueeze(2)
+    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+
+
+class SwinTransformerV2Block(nn.Module):
+    """x + drop_path(norm1(attn(x))); x + drop_path(norm2(mlp(x))); optional main-branch norm3."""
+
+    def __init__(
+        self,
+        dim: int,
+        resolution: Tuple[int, int],
+        num_heads: int,
+        window_size: Tuple[int, int],
+        shift_size: Tuple[int, int],
+        pretrained_window_size: Tuple[int, int],
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        extra_norm: bool = False,
+        attn_impl: str = "explicit",
+        sequential: bool = False,
+        attn_chunk: int = 32,
+    ):
+        super().__init__()
+        self.resolution = tuple(resolution)
+        self.window_size = tuple(window_size)
+        self.shift_size = tuple(shift_size)
+        self.attn = WindowAttention(
+            dim, self.window_size, num_heads, pretrained_window_size, attn_drop, proj_drop,
+            impl=attn_impl, sequential=sequential, chunk=attn_chunk,
+        )
+        self.norm1 = ZeroInitLayerNorm(dim)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        self.norm2 = ZeroInitLayerNorm(dim)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        if extra_norm:
+            self.norm3 = nn.LayerNorm(dim)  # huge/giant: keeps the main branch's scale bounded
+        self.checkpointed = False
+        self._masks = {}  # device -> fp32 shift mask (not a buffer, see attention.py)
+
+    def _mask(self, device) -> Optional[torch.Tensor]:
+        if not any(self.shift_size):
+            return None
+        key = str(device)
+        if key not in self._masks:
+            self._masks[key] = shift_mask(*self.resolution, self.window_size, self.shift_size, device)
+        return self._masks[key]
+
+    def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        if any(self.shift_size):
+            x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
+        windows = self.attn(window_partition(x, self.window_size), mask=self._mask(x.device))
+        x = window_reverse(windows, self.window_size, h, w)
+        if any(self.shift_size):
+            x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.norm1(self._window_attention(x)))
+        x = x + self.drop_path2(self.norm2(self.mlp(x)))
+        if hasattr(self, "norm3"):
+            x = self.norm3(x)
+        return x
+
+
+class SwinTransformerV2Stage(nn.Module):
+    """Optional PatchMerging at the start (timm layout), then the blocks."""
+
+    def __init__(self, dim: int, downsample: bool, blocks: Sequence[nn.Module]):
+        super().__init__()
+        self.downsample = PatchMerging(dim // 2) if downsample else nn.Identity()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        for blk in self.blocks:
+            if blk.checkpointed and torch.is_grad_enabled():
+                # Non-reentrant + preserve_rng_state: drop path / dropout replay the same masks.
+                x = checkpoint(blk, x, use_reentrant=False, preserve_rng_state=True)
+            else:
+                x = blk(x)
+        return x
+
+
+class Head(nn.Module):
+    """Global average pool + Linear (key head.fc.*); fc is Identity when num_classes == 0."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.fc = TruncNormalLinear(dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.mean(dim=(1, 2)))
+
+
+def _per_stage(value: IntOrSeq, n: int, name: str) -> Tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * n
+    value = tuple(int(v) for v in value)
+    if len(value) != n:
+        raise ValueError(f"{name} must be an int or {n} values (one per stage), got {value}")
+    return value
+
+
+def stage_geometry(img_size: int, patch_size: int, num_stages: int, window_size: IntOrSeq):
+    """Per stage: (map side, window side, shift). Shrink rule: a map no larger than the
+    window becomes one unshifted window. Raises ValueError for maps the window does not tile."""
+    windows = _per_stage(window_size, num_stages, "window_size")
+    out = []
+    for i, target in enumerate(windows):
+        side = img_size // patch_size // 2**i
+        if target < 1:
+            raise ValueError(f"window_size must be >= 1, got {target} for stage {i}")
+        if side <= target:
+            out.append((side, side, 0))
+        elif side % target:
+            raise ValueError(
+                f"img_size={img_size} with window_size={target}: stage {i} feature map {side}x{side} is not "
+                f"divisible by the window; pick a window_size that divides {side} (or is >= it)"
+            )
+        else:
+            out.append((side, target, target // 2))
+    return out
+
+
+def _checkpoint_plan(grad_checkpointing, depths: Sequence[int]) -> list:
+    """Which blocks (global order) to checkpoint: False/None/0 none, True all, int k every k-th
+    block (0, k, 2k, ...), a list/tuple of stage ids every block of those stages."""
+    total = sum(depths)
+    if grad_checkpointing is None or grad_checkpointing is False:
+        return [False] * total
+    if grad_checkpointing is True:
+        return [True] * total
+    if isinstance(grad_checkpointing, int):
+        if grad_checkpointing < 0:
+            raise ValueError(f"grad_checkpointing={grad_checkpointing}: use True, k >= 1, or a list of stage ids")
+        return [grad_checkpointing > 0 and i % grad_checkpointing == 0 for i in range(total)]
+    stages = set(int(s) for s in grad_checkpointing)
+    bad = stages - set(range(len(depths)))
+    if bad:
+        raise ValueError(f"grad_checkpointing stage ids {sorted(bad)} out of range 0..{len(depths) - 1}")
+    return [s in stages for s, d in enumerate(depths) for _ in range(d)]
+
+
+class SwinTransformerV2(nn.Module):
+    """SwinV2 encoder. ``forward_features(x[, mask]) -> (B, H/32, W/32, C)``; ``forward`` adds the head.
+
+    ``mask`` (bool, (B, H/4, W/4)) swaps masked patch embeddings for ``self.mask_token``,
+    which exists only once SimMIM has attached it (so plain encoders load into timm strictly).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 192,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 0,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: IntOrSeq = 12,
+        pretrained_window_sizes: IntOrSeq = 0,
+        mlp_ratio: float = 4.0,
+        drop_path_rate: float = 0.1,
+        attn_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        extra_norm_period: int = 0,
+        attn_impl: str = "explicit",
+        sequential_stages: Sequence[int] = (),
+        attn_chunk: int = 32,
+        grad_checkpointing=False,
+        checkpoint_offload: bool = False,
+    ):
+        super().__init__()
+        n = len(depths)
+        if len(num_heads) != n:
+            raise ValueError(f"num_heads {tuple(num_heads)} must have one entry per stage ({n})")
+        if not isinstance(img_size, int) or img_size <= 0 or img_size % (patch_size * 2 ** (n - 1)):
+            raise ValueError(
+                f"img_size={img_size!r} must be a positive multiple of {patch_size * 2 ** (n - 1)} "
+                f"(patch {patch_size} x {2 ** (n - 1)} downsamplings)"
+            )
+        bad = set(sequential_stages) - set(range(n))
+        if bad:
+            raise ValueError(f"sequential_stages {sorted(bad)} out of range 0..{n - 1}")
+        geometry = stage_geometry(img_size, patch_size, n, window_size)
+        pretrained = _per_stage(pretrained_window_sizes, n, "pretrained_window_sizes")
+
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.depths = tuple(depths)
+        self.num_heads = tuple(num_heads)
+        self.mlp_ratio = mlp_ratio
+        self.window_sizes = tuple(g[1] for g in geometry)  # after the shrink rule
+        self.shift_sizes = tuple(g[2] for g in geometry)
+        self.num_features = embed_dim * 2 ** (n - 1)
+        self.extra_norm_period = extra_norm_period
+        self.checkpoint_offload = checkpoint_offload
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist() if sum(depths) else []
+        layers, b = [], 0
+        for i in range(n):
+            dim = embed_dim * 2**i
+            side, ws, shift = geometry[i]
+            blocks = []
+            for j in range(depths[i]):
+                blocks.append(
+                    SwinTransformerV2Block(
+                        dim, (side, side), num_heads[i], (ws, ws), (0, 0) if j % 2 == 0 else (shift, shift),
+                        (pretrained[i], pretrained[i]), mlp_ratio, dpr[b], attn_drop_rate, proj_drop_rate,
+                        extra_norm=bool(extra_norm_period) and (j + 1) % extra_norm_period == 0,
+                        attn_impl=attn_impl, sequential=i in sequential_stages, attn_chunk=attn_chunk,
+                    )
+                )
+                b += 1
+            layers.append(SwinTransformerV2Stage(dim, i > 0, blocks))
+        self.layers = nn.Sequential(*layers)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = Head(self.num_features, num_classes)
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    def blocks(self):
+        """All blocks in forward order."""
+        return [blk for stage in self.layers for blk in stage.blocks]
+
+    def set_grad_checkpointing(self, enable=True) -> None:
+        """True: every block; int k: every k-th block; list of stage ids; False: none."""
+        for blk, on in zip(self.blocks(), _checkpoint_plan(enable, self.depths)):
+            blk.checkpointed = on
+        self.grad_checkpointing = enable
+
+    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
+            raise ValueError(
+                f"expected images (B, {self.in_chans}, {self.img_size}, {self.img_size}), got {tuple(x.shape)}; "
+                f"build the model with img_size matching the input"
+            )
+        x = self.patch_embed(x)
+        if mask is not None:
+            if not hasattr(self, "mask_token"):
+                raise ValueError("a mask was given but this encoder has no mask_token (wrap it in SimMIM)")
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
+        # save_on_cpu keeps what autograd saves (for checkpointed blocks: their inputs) in host memory.
+        offload = self.checkpoint_offload and torch.is_grad_enabled()
+        ctx = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload else nullcontext()
+        with ctx:
+            x = self.layers(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _build(name: str, defaults: dict, overrides: dict) -> SwinTransformerV2:
+    cfg = dict(defaults)
+    cfg.update(overrides)
+    return SwinTransformerV2(**cfg)
+
+
+# Defaults: SimMIM pretraining geometry (192 px, window 12); nano is the test/demo model.
+_VARIANTS = {
+    # nano: C=32, one shifted pair per stage, window 6 so stages 0-2 use shifted windows at 192 px.
+    "swinv2_nano": dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=6, drop_path_rate=0.0),
+    "swinv2_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "swinv2_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "swinv2_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    "swinv2_large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48)),
+    "swinv2_huge": dict(embed_dim=352, depths=(2, 2, 18, 2), num_heads=(11, 22, 44, 88), extra_norm_period=6),
+    "swinv2_giant": dict(embed_dim=512, depths=(2, 2, 42, 4), num_heads=(16, 32, 64, 128), extra_norm_period=6),
+}
+_COMMON = dict(img_size=192, window_size=12, drop_path_rate=0.1)
+
+
+def _register(name: str, arch: dict) -> None:
+    defaults = {**_COMMON, **arch}
+
+    def factory(**overrides) -> SwinTransformerV2:
+        return _build(name, defaults, overrides)
+
+    factory.__name__ = name
+    factory.__doc__ = f"{name}: {defaults}"
+    register_model(name, factory, defaults)
+
+
+for _name, _arch in _VARIANTS.items():
+    _register(_name, _arch)
