@@ -1,0 +1,352 @@
+"""Distributed start-up: find out how this process was launched, then join the process group.
+
+One trainer runs under every way users start it, so rank discovery lives here and nowhere
+else:
+
+- the `deepspeed` launcher (single node, hostfile + pdsh, or `--no_ssh --node_rank` per node
+  under SLURM): RANK / WORLD_SIZE / LOCAL_RANK / MASTER_* plus its own CROSS_RANK;
+- `torchrun` (same variables plus TORCHELASTIC_RUN_ID) or any other `env://` launcher;
+- `mpirun` (OpenMPI, e.g. `deepspeed --launcher openmpi`): OMPI_COMM_WORLD_*;
+- `srun` with one task per GPU: SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID;
+- a plain `python` process: a group of one on 127.0.0.1, so the trainer keeps one code path.
+
+`detect_launch(env)` is a pure function of the environment (tested without launching
+anything); `init_distributed()` exports the variables `env://` needs and starts the group,
+through `deepspeed.init_distributed` when DeepSpeed is installed (so DeepSpeed's own comm
+layer knows about the group) and plain torch.distributed otherwise.
+
+Torch and DeepSpeed are imported inside the functions: the hostlist expander below runs in
+SLURM batch scripts (`python -m gigamim.engine.dist hostlist 'gpu[01-04]'`) where paying
+seconds for `import torch` on every node would be silly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import sys
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+DEFAULT_TIMEOUT_S = 1800  # ZeRO-3 resumes and first-step JIT builds can exceed torch's 10 min default
+
+
+# --------------------------------------------------------------------------- hostlists
+
+
+def expand_hostlist(expr: str) -> list[str]:
+    """Expand a SLURM hostlist (`gpu[01-03,07],login1`, `r[1-2]-n[1-2]`) into host names.
+
+    Same rules as `scontrol show hostnames`: commas outside brackets separate items; each
+    bracket group is a comma list of numbers or `lo-hi` ranges whose zero padding follows
+    the width of `lo`; several groups in one item multiply out left to right. Implemented
+    here so that dry runs and tests need no SLURM installation.
+    """
+    if not isinstance(expr, str) or not expr.strip():
+        raise ValueError(f"empty hostlist {expr!r}")
+    hosts: list[str] = []
+    for item in _split_top_level(expr.strip(), expr):
+        hosts.extend(_expand_item(item, expr))
+    return hosts
+
+
+def _split_top_level(text: str, expr: str) -> list[str]:
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+            if depth > 1:
+                raise ValueError(f"nested '[' in hostlist {expr!r}")
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in hostlist {expr!r}")
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"unbalanced '[' in hostlist {expr!r}")
+    items.append(text[start:])
+    for item in items:
+        if not item.strip():
+            raise ValueError(f"empty item in hostlist {expr!r}")
+    return [item.strip() for item in items]
+
+
+def _expand_item(item: str, expr: str) -> list[str]:
+    # Split "pre[1-2]mid[3]post" into literal and bracket parts, then take the product.
+    parts = re.split(r"(\[[^\]]*\])", item)
+    names = [""]
+    for part in parts:
+        if part.startswith("["):
+            choices = _expand_ranges(part[1:-1], expr)
+        else:
+            choices = [part]
+        names = [n + c for n in names for c in choices]
+    return names
+
+
+def _expand_ranges(body: str, expr: str) -> list[str]:
+    out: list[str] = []
+    for rng in body.split(","):
+        rng = rng.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", rng)
+        if not m:
+            raise ValueError(f"bad range {rng!r} in hostlist {expr!r} (expected N or LO-HI)")
+        lo, hi = m.group(1), m.group(2) or m.group(1)
+        if int(hi) < int(lo):
+            raise ValueError(f"range {rng!r} runs backwards in hostlist {expr!r}")
+        width = len(lo)
+        out.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
+    return out
+
+
+def slurm_master_port(job_id: str | int) -> int:
+    """Port for a SLURM job's rendezvous: derived from the job id so two jobs sharing a node
+    do not collide, and stable across requeues (same job id). The sbatch scripts use the
+    same rule (20000 + id % 20000)."""
+    return 20000 + int(job_id) % 20000
+
+
+# --------------------------------------------------------------------------- launch detection
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the environment says about this process's place in the job."""
+
+    launcher: str  # "deepspeed" | "torchrun" | "env" | "openmpi" | "slurm" | "single"
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str | None
+    master_port: int | None
+
+
+def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
+    value = env.get(key)
+    if value is None or value == "":
+        if default is None:
+            raise RuntimeError(f"environment variable {key} is not set")
+        return default
+    try:
+        # SLURM writes counts like "8(x2)"; the first number is the per-node value.
+        return int(re.match(r"\s*(-?\d+)", value).group(1))  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        raise RuntimeError(f"environment variable {key}={value!r} is not an integer") from None
+
+
+def detect_launch(env: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Classify the launcher from environment variables (no side effects)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        if "CROSS_RANK" in env:  # set by deepspeed.launcher.launch, not by torchrun
+            launcher = "deepspeed"
+        elif "TORCHELASTIC_RUN_ID" in env:
+            launcher = "torchrun"
+        else:
+            launcher = "env"
+        world = _int(env, "WORLD_SIZE")
+        port = env.get("MASTER_PORT")
+        return LaunchEnv(
+            launcher=launcher,
+            rank=_int(env, "RANK"),
+            world_size=world,
+            local_rank=_int(env, "LOCAL_RANK", 0),
+            local_world_size=_int(env, "LOCAL_SIZE", _int(env, "LOCAL_WORLD_SIZE", world)),
+            master_addr=env.get("MASTER_ADDR"),
+            master_port=int(port) if port else None,
+        )
+    if "OMPI_COMM_WORLD_RANK" in env:
+        port = env.get("MASTER_PORT")
+        return LaunchEnv(
+            launcher="openmpi",
+            rank=_int(env, "OMPI_COMM_WORLD_RANK"),
+            world_size=_int(env, "OMPI_COMM_WORLD_SIZE"),
+            local_rank=_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0),
+            local_world_size=_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE", 1),
+            master_addr=env.get("MASTER_ADDR"),
+            master_port=int(port) if port else 29500,
+        )
+    # Only inside an srun step (SLURM_STEP_NUM_TASKS): a lone `python` in the batch script
+    # also sees SLURM_PROCID=0 and SLURM_NTASKS=<nodes>, but it is not one of N ranks.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+        master = env.get("MASTER_ADDR") or (expand_hostlist(nodelist)[0] if nodelist else None)
+        port = env.get("MASTER_PORT")
+        world = _int(env, "SLURM_STEP_NUM_TASKS")
+        return LaunchEnv(
+            launcher="slurm",
+            rank=_int(env, "SLURM_PROCID"),
+            world_size=world,
+            local_rank=_int(env, "SLURM_LOCALID", 0),
+            local_world_size=_int(env, "SLURM_STEP_TASKS_PER_NODE", _int(env, "SLURM_NTASKS_PER_NODE", world)),
+            master_addr=master,
+            master_port=int(port) if port else slurm_master_port(env.get("SLURM_JOB_ID", "0")),
+        )
+    return LaunchEnv("single", 0, 1, 0, 1, "127.0.0.1", None)
+
+
+# --------------------------------------------------------------------------- process group
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in an initialised process group."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: "object"  # torch.device; typed loosely so this module imports without torch
+    launcher: str = "single"
+    local_world_size: int = 1
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wants_cuda() -> bool:
+    import torch
+
+    # DS_ACCELERATOR=cpu is how DeepSpeed is told to run on CPU ranks; honour it even on a
+    # machine that happens to have a GPU, so the trainer and DeepSpeed agree on the device.
+    if os.environ.get("DS_ACCELERATOR", "cuda") != "cuda":
+        return False
+    return torch.cuda.is_available()
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
+    """Join (or create) the process group of this launch and return this rank's place in it.
+
+    backend: None picks "nccl" on CUDA and "gloo" on CPU. Idempotent: a second call returns
+    the existing group's info. A single process with no launcher gets a group of one on
+    127.0.0.1, so DeepSpeed (which always wants a group) runs the same code path.
+    """
+    import datetime
+
+    import torch
+    import torch.distributed as tdist
+
+    launch = detect_launch()
+    use_cuda = _wants_cuda()
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise RuntimeError("backend 'nccl' needs CUDA, but no GPU is visible (or DS_ACCELERATOR is not 'cuda')")
+    if launch.world_size > 1 and not launch.master_addr and not (launch.launcher == "openmpi" and _has_mpi4py()):
+        raise RuntimeError(
+            f"{launch.launcher} launch of {launch.world_size} ranks but MASTER_ADDR is not set: "
+            "export MASTER_ADDR (the first host) and MASTER_PORT to every rank"
+        )
+
+    # env:// initialisation (torch and DeepSpeed alike) reads these five variables.
+    defaults = {
+        "RANK": launch.rank,
+        "WORLD_SIZE": launch.world_size,
+        "LOCAL_RANK": launch.local_rank,
+        "MASTER_ADDR": launch.master_addr,
+        "MASTER_PORT": launch.master_port if launch.master_port else _free_port(),
+    }
+    for key, value in defaults.items():
+        if value is not None:
+            os.environ.setdefault(key, str(value))
+
+    if use_cuda:
+        torch.cuda.set_device(launch.local_rank)
+        device = torch.device("cuda", launch.local_rank)
+    else:
+        device = torch.device("cpu")
+
+    if not tdist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        try:
+            import deepspeed
+        except ImportError:
+            deepspeed = None
+        if deepspeed is not None:
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
+        else:
+            tdist.init_process_group(backend=backend, timeout=timeout, init_method="env://")
+
+    return DistInfo(
+        rank=tdist.get_rank(),
+        world_size=tdist.get_world_size(),
+        local_rank=launch.local_rank,
+        backend=str(tdist.get_backend()),
+        device=device,
+        launcher=launch.launcher,
+        local_world_size=launch.local_world_size,
+    )
+
+
+def _has_mpi4py() -> bool:
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def is_rank0() -> bool:
+    """True on global rank 0 (or before/without a process group, when RANK is 0 or unset)."""
+    try:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            return tdist.get_rank() == 0
+    except ImportError:
+        pass
+    return os.environ.get("RANK", "0") == "0"
+
+
+def destroy_distributed() -> None:
+    """Leave the process group (so the process exits without gloo/NCCL teardown warnings)."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gigamim.engine.dist",
+        description="Launch helpers usable from shell scripts (no SLURM tools needed).",
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("hostlist", help="expand a SLURM hostlist, one host per line")
+    p.add_argument("expr", help="e.g. 'gpu[01-03,07]'")
+    p.add_argument("--first", action="store_true", help="print only the first host (the master)")
+    p.add_argument("--count", action="store_true", help="print only the number of hosts")
+    sub.add_parser("env", help="print the launcher detected from this environment, as JSON")
+    args = parser.parse_args(argv)
+    if args.cmd == "hostlist":
+        try:
+            hosts = expand_hostlist(args.expr)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if args.count:
+            print(len(hosts))
+        else:
+            print("\n".join(hosts[:1] if args.first else hosts))
+        return 0
+    print(json.dumps(asdict(detect_launch())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
