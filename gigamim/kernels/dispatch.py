@@ -1,0 +1,115 @@
+"""Which implementation runs: "triton", "apex" or "torch".
+
+The choice is made per call from the tensor's device and the env var GIGAMIM_KERNELS:
+
+    auto (default)  CUDA tensor: triton if it imports, else apex if `apex.normalization`
+                    imports, else torch.  CPU tensor: torch.
+    triton          triton on any device; CPU tensors need TRITON_INTERPRET=1 set before
+                    triton is first imported (the interpreter is how tests run it on CPU).
+    apex            NVIDIA apex FusedLayerNorm (CUDA only, and only if already built).
+    torch           plain PyTorch, everywhere.
+
+A forced backend that cannot run raises a clear RuntimeError instead of silently doing
+something else; an input a fused kernel does not take (float64, an odd drop-path scale
+shape, very wide rows) always falls back to torch, which `backend(...)` does not know
+about because it looks at the device only.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+ENV_VAR = "GIGAMIM_KERNELS"
+CHOICES = ("auto", "torch", "triton", "apex")
+
+
+def requested() -> str:
+    """The GIGAMIM_KERNELS setting, validated (read on every call, so tests may change it)."""
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        raise ValueError(f"{ENV_VAR}={value!r} is not one of {', '.join(CHOICES)}")
+    return value
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except Exception:  # any failure (missing, broken CUDA toolchain) means "not available"
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def apex_importable() -> bool:
+    # Only NVIDIA apex has `apex.normalization`; PyPI's unrelated `apex` fails this import.
+    try:
+        importlib.import_module("apex.normalization.fused_layer_norm")
+    except Exception:
+        return False
+    return True
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _device_of(where) -> torch.device:
+    if where is None:
+        return _default_device()
+    if isinstance(where, torch.Tensor):
+        return where.device
+    return torch.device(where)
+
+
+def available_backends(device=None) -> list[str]:
+    """Backends that can run on `device` (a device, its name, or a tensor; default: cuda if present)."""
+    dev = _device_of(device)
+    found = ["torch"]
+    if triton_importable() and (dev.type == "cuda" or triton_interpret()):
+        found.append("triton")
+    if dev.type == "cuda" and apex_importable():
+        found.append("apex")
+    return found
+
+
+def backend(device=None) -> str:
+    """The backend a call on `device` (device, name or tensor) will use; raises if a forced one cannot run."""
+    dev = _device_of(device)
+    want = requested()
+    if want == "torch":
+        return "torch"
+    if want == "triton":
+        if not triton_importable():
+            raise RuntimeError(f"{ENV_VAR}=triton but `import triton` fails; unset it or install triton")
+        if dev.type != "cuda" and not triton_interpret():
+            raise RuntimeError(
+                f"{ENV_VAR}=triton on a {dev.type} tensor needs TRITON_INTERPRET=1 set before triton "
+                f"is imported (or use {ENV_VAR}=auto to run torch on CPU)"
+            )
+        return "triton"
+    if want == "apex":
+        if not apex_importable():
+            raise RuntimeError(
+                f"{ENV_VAR}=apex but `apex.normalization` does not import; build NVIDIA apex from "
+                "source (PyPI's `apex` is an unrelated package) or unset it"
+            )
+        if dev.type != "cuda":
+            raise RuntimeError(f"{ENV_VAR}=apex needs CUDA tensors, got a {dev.type} tensor")
+        return "apex"
+    # auto
+    if dev.type == "cuda":
+        if triton_importable():
+            return "triton"
+        if apex_importable():
+            return "apex"
+    return "torch"
