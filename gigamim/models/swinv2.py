@@ -298,6 +298,7 @@ class SwinTransformerV2(nn.Module):
         self.depths = tuple(depths)
         self.num_heads = tuple(num_heads)
         self.mlp_ratio = mlp_ratio
+        self.target_window_sizes = _per_stage(window_size, n, "window_size")  # as asked
         self.window_sizes = tuple(g[1] for g in geometry)  # after the shrink rule
         self.shift_sizes = tuple(g[2] for g in geometry)
         self.num_features = embed_dim * 2 ** (n - 1)

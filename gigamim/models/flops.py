@@ -1,0 +1,67 @@
+"""Analytic FLOPs (multiply + add = 2) of SwinV2 / SimMIM, for MFU.
+
+Counted: every matmul-like op — patch-embed conv, qkv/proj/MLP linears, attention QK^T and
+AV, the CPB MLP (once per forward, amortised over ``batch_size``), patch merging, head and
+the SimMIM decoder conv. Not counted (as in torch.utils.flop_counter and the usual MFU
+convention): norms, softmax, GELU, cosine normalisation, adds. DeepSpeed's profiler
+miscounts parameters under ZeRO-3, hence this module.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn as nn
+
+from gigamim.models.swinv2 import SwinTransformerV2, stage_geometry
+
+
+def _encoder(model: nn.Module) -> SwinTransformerV2:
+    enc = getattr(model, "encoder", model)
+    if not isinstance(enc, SwinTransformerV2):
+        raise TypeError(f"forward_flops needs a SwinTransformerV2 or SimMIM, got {type(model).__name__}")
+    return enc
+
+
+def encoder_flops(enc: SwinTransformerV2, img_size: Optional[int] = None, batch_size: int = 1) -> int:
+    size = img_size or enc.img_size
+    n = len(enc.depths)
+    # Same window/shrink rule (and same ValueError) as construction at that size.
+    geometry = stage_geometry(size, enc.patch_size, n, enc.target_window_sizes)
+    side0 = size // enc.patch_size
+    flops = 2 * side0 * side0 * enc.embed_dim * enc.in_chans * enc.patch_size**2  # patch embed conv
+    for i, ((side, ws, _), depth, heads) in enumerate(zip(geometry, enc.depths, enc.num_heads)):
+        d = enc.embed_dim * 2**i
+        tokens, win = side * side, ws * ws
+        hidden = int(d * enc.mlp_ratio)
+        if i > 0:
+            flops += 2 * tokens * (2 * d) * d  # PatchMerging: 4*(d/2) -> d
+        per_block = (
+            2 * tokens * d * 3 * d  # qkv
+            + 2 * 2 * tokens * win * d  # QK^T and AV: every token against its window's N tokens
+            + 2 * tokens * d * d  # proj
+            + 2 * 2 * tokens * d * hidden  # fc1 + fc2
+        )
+        cpb = 2 * (2 * ws - 1) ** 2 * (2 * 512 + 512 * heads)  # once per forward, not per image
+        flops += depth * per_block + depth * cpb // batch_size
+    if enc.num_classes > 0:
+        flops += 2 * enc.num_features * enc.num_classes
+    return flops
+
+
+def forward_flops(model: nn.Module, img_size: Optional[int] = None, batch_size: int = 1) -> int:
+    """Forward FLOPs per image of a bare encoder or a SimMIM model (encoder + decoder)."""
+    enc = _encoder(model)
+    flops = encoder_flops(enc, img_size, batch_size)
+    decoder = getattr(model, "decoder", None)
+    if decoder is not None:
+        size = img_size or enc.img_size
+        side = size // model.encoder_stride
+        conv = decoder[0]
+        flops += 2 * side * side * conv.in_channels * conv.out_channels
+    return flops
+
+
+def train_flops(model: nn.Module, img_size: Optional[int] = None, recompute: bool = False, batch_size: int = 1) -> int:
+    """Forward + backward FLOPs per image: 3x forward (backward = 2x), 4x with full recompute."""
+    return (4 if recompute else 3) * forward_flops(model, img_size, batch_size)
