@@ -1,0 +1,330 @@
+"""gigamim's run configuration: typed sections, YAML files, `--set a.b=value` overrides.
+
+Precedence is CLI (`--set`) > YAML file > dataclass defaults. The resolved config is the
+single source of truth for a run: the trainer writes batch sizes, precision, clipping and
+optimizer settings from it into the DeepSpeed config (see `engine/ds_config.py`), so they
+are never set in two places.
+
+Errors are `ConfigError`s with one clear line (unknown key with the closest valid one,
+wrong type, impossible batch split, missing file), raised before any rank does work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message is one clear line."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "swinv2_nano"
+    img_size: int = 192
+    window_size: int | None = None  # None: the variant's default for img_size
+    pretrained_window_sizes: list[int] | None = None
+    drop_path_rate: float = 0.0
+    attn_impl: str = "sdpa"  # "explicit" (reference) or "sdpa"
+    sequential_stages: list[int] = field(default_factory=list)  # stages whose attention runs in chunks
+    attn_chunk: int = 64  # windows per chunk for sequential stages
+    # False, True (every block), k (every k-th block) or a list of stage ids.
+    grad_checkpointing: bool | int | list[int] = False
+    checkpoint_offload: bool = False  # keep checkpointed activations on the CPU
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # brace pattern, comma-separated list, or an index.json
+    num_workers: int = 2
+    mode: str = "epoch"  # "epoch" (each sample once per epoch) or "resampled"
+    shuffle_buffer: int = 1000
+    mask_ratio: float = 0.6
+    mask_patch_size: int = 32
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    global_batch_size: int = 16  # = micro x accumulation x world size
+    max_steps: int = 100
+    seed: int = 0
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32
+    grad_clip: float = 5.0  # 0 disables; DeepSpeed's own default (1.0) is never used
+    max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # base LR per 512 images (scaled linearly with the global batch)
+    min_lr: float = 5e-6  # base LR at the end of the cosine, scaled the same way
+    warmup_lr: float = 5e-7  # base LR at step 0, scaled the same way
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    lr_scaling: str = "linear"  # "linear" (x global_batch/512) or "none" (lr is absolute)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/simmim/checkpoints"
+    every_steps: int = 1000  # 0: only at the end (and on SIGTERM)
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs/simmim/logs"
+    every_steps: int = 10
+    tensorboard: bool = True
+    image_every_steps: int = 0  # a reconstruction PNG every N steps (0: only at the end)
+    num_images: int = 4
+    progress_bar: bool = True
+
+
+@dataclass
+class DeepSpeedSection:
+    config: str = "ds_configs/zero3_bf16.json"  # template: ZeRO stage, offload, comms
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _all_keys() -> list[str]:
+    sections = typing.get_type_hints(Config)
+    return [f"{name}.{leaf}" for name, cls in sections.items() for leaf in typing.get_type_hints(cls)]
+
+
+def _unknown_key_error(key: str) -> ConfigError:
+    valid = _all_keys()
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    # A bare leaf name ("lr") is a common slip: suggest its full dotted name.
+    if not close:
+        close = [k for k in valid if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, hint) -> Any:
+    """Check/convert one leaf value against its annotated type; errors name key and value."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # bool before int: YAML's `true` must not become 1, and 1 must not become True.
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is not bool):
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[-1] if errors else ConfigError(f"config key '{key}': bad value {value!r}")
+    if origin is list:
+        if isinstance(value, (int, str)) and not isinstance(value, bool) and args and args[0] is int:
+            value = [value] if isinstance(value, int) else [int(v) for v in str(value).split(",") if v.strip()]
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' expects a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+    return value
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise _unknown_key_error(key)
+    section_name, leaf = parts
+    if section_name not in {f.name for f in dataclasses.fields(Config)}:
+        raise _unknown_key_error(key)
+    section = getattr(cfg, section_name)
+    hints = typing.get_type_hints(type(section))
+    if leaf not in hints:
+        raise _unknown_key_error(key)
+    setattr(section, leaf, _coerce(key, value, hints[leaf]))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict) and not prefix:
+            flat.update(_flatten(v, name + "."))
+        else:
+            flat[name] = v
+    return flat
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value parsed as a YAML scalar)."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got '{item}'")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A config path as given, else a packaged config by file name or stem (`demo`)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    packaged = Path(__file__).parent / "configs"
+    for candidate in (packaged / p.name, packaged / f"{p.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = sorted(c.stem for c in packaged.glob("*.yaml"))
+    raise ConfigError(f"config file '{path}' not found (packaged configs: {', '.join(names)})")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file, then `--set` overrides, each key checked."""
+    cfg = Config()
+    if path is not None:
+        p = resolve_config_path(path)
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {e}".splitlines()[0]) from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{p}' must be a mapping of sections")
+        for key, value in _flatten(tree).items():
+            _apply(cfg, key, value)
+    for item in overrides or []:
+        _apply(cfg, *parse_override(item))
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "model.attn_impl": ("explicit", "sdpa"),
+    "data.mode": ("epoch", "resampled"),
+    "train.precision": ("auto", "bf16", "fp16", "fp32"),
+    "optim.lr_scaling": ("linear", "none"),
+}
+
+
+def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
+    per_step = cfg.train.micro_batch_size * world_size
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={cfg.train.micro_batch_size} x world size {world_size} = {per_step}; "
+            f"global = micro x accumulation x world"
+        )
+    return cfg.train.global_batch_size // per_step
+
+
+def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None:
+    """Everything that can be checked before a rank builds a model or reads a shard."""
+    for key, choices in _CHOICES.items():
+        section, leaf = key.split(".")
+        value = getattr(getattr(cfg, section), leaf)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}; got {value!r}")
+    positive = {
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.global_batch_size": cfg.train.global_batch_size,
+        "train.max_steps": cfg.train.max_steps,
+        "model.img_size": cfg.model.img_size,
+        "optim.lr": cfg.optim.lr,
+        "log.every_steps": cfg.log.every_steps,
+        "model.attn_chunk": cfg.model.attn_chunk,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be > 0; got {value!r}")
+    if cfg.model.img_size % 32:
+        raise ConfigError(f"model.img_size={cfg.model.img_size} must be divisible by 32 (SwinV2's total stride)")
+    if cfg.model.img_size % cfg.data.mask_patch_size:
+        raise ConfigError(
+            f"model.img_size={cfg.model.img_size} must be divisible by data.mask_patch_size={cfg.data.mask_patch_size}"
+        )
+    if not 0.0 < cfg.data.mask_ratio < 1.0:
+        raise ConfigError(f"data.mask_ratio must be in (0, 1); got {cfg.data.mask_ratio}")
+    gradient_accumulation_steps(cfg, world_size)
+    if check_files:
+        if not cfg.data.shards:
+            raise ConfigError("data.shards is empty: give a brace pattern, a list or an index.json of tar shards")
+        missing = missing_local_shards(cfg.data.shards)
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ConfigError(f"data.shards: shard file '{missing[0]}' does not exist{more}")
+        resolve_ds_config_path(cfg.deepspeed.config)
+
+
+def missing_local_shards(spec: str) -> list[str]:
+    """Local shard paths in `spec` that do not exist (remote and `pipe:` URLs are not checked)."""
+    import braceexpand
+
+    if spec.endswith(".json"):
+        return [] if Path(spec).is_file() else [spec]
+    urls = [u for part in spec.split(",") for u in braceexpand.braceexpand(part.strip()) if u]
+    local = [u[len("file:"):] if u.startswith("file:") else u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    return [u for u in local if not Path(u).is_file()]
+
+
+def resolve_ds_config_path(path: str) -> Path:
+    """The DeepSpeed template as given, else relative to the gigamim checkout (ds_configs/)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    repo_root = Path(__file__).resolve().parent.parent
+    for candidate in (repo_root / p, repo_root / "ds_configs" / p.name):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"deepspeed.config: DeepSpeed config file '{path}' not found")

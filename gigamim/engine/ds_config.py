@@ -1,0 +1,84 @@
+"""Build the DeepSpeed config from a template plus the gigamim config.
+
+The template (ds_configs/*.json) says how to partition and communicate (ZeRO stage,
+offload, buckets). Everything that must agree with the gigamim config (batch sizes,
+precision, gradient clipping, the optimizer) is written here from it, and a template
+that sets any of those is rejected, so nothing is ever set twice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gigamim.config import Config, ConfigError, gradient_accumulation_steps, resolve_ds_config_path
+
+# Keys gigamim owns. DeepSpeed silently defaults some of them (gradient_clipping=1.0),
+# so a template setting them would be a second, conflicting source of truth.
+OWNED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "bf16",
+    "fp16",
+    "optimizer",
+    "scheduler",
+)
+
+
+def load_template(path: str) -> dict:
+    p = resolve_ds_config_path(path)
+    try:
+        tree = json.loads(Path(p).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config '{p}' is not valid JSON: {e}") from None
+    clash = [k for k in OWNED_KEYS if k in tree]
+    if clash:
+        raise ConfigError(
+            f"deepspeed.config '{p}' sets {', '.join(clash)}: these come from the gigamim config "
+            f"(train.*, optim.*); remove them from the DeepSpeed file"
+        )
+    return {k: v for k, v in tree.items() if not k.startswith("_")}
+
+
+def resolve_precision(cfg: Config, on_gpu: bool) -> str:
+    if cfg.train.precision == "auto":
+        return "bf16" if on_gpu else "fp32"
+    return cfg.train.precision
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds_config: dict) -> bool:
+    device = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
+
+
+def build_ds_config(cfg: Config, world_size: int, on_gpu: bool, peak_lr: float) -> dict:
+    ds = load_template(cfg.deepspeed.config)
+    precision = resolve_precision(cfg, on_gpu)
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+    ds["gradient_accumulation_steps"] = gradient_accumulation_steps(cfg, world_size)
+    ds["train_batch_size"] = cfg.train.global_batch_size
+    ds["gradient_clipping"] = float(cfg.train.grad_clip)
+    ds["bf16"] = {"enabled": precision == "bf16"}
+    ds["fp16"] = {"enabled": precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 1000}
+    if precision != "bf16" and ds.get("communication_data_type") == "bf16":
+        ds.pop("communication_data_type")
+    ds["optimizer"] = {
+        "type": "AdamW",
+        "params": {
+            "lr": peak_lr,
+            "betas": list(cfg.optim.betas),
+            "eps": cfg.optim.eps,
+            "weight_decay": cfg.optim.weight_decay,
+        },
+    }
+    # DeepSpeed picks DeepSpeedCPUAdam when the optimizer is offloaded and FusedAdam on
+    # GPUs; on CPU ranks without offload, torch's AdamW (no op to JIT-build).
+    if not on_gpu and not offloads_optimizer(ds):
+        ds["optimizer"]["params"]["torch_adam"] = True
+    return ds
