@@ -1,0 +1,379 @@
+"""`gigamim make-shards`: images (folder tree, file list, existing shards, or synthetic) -> tar shards + index.json.
+
+Output (deterministic for the same input and options):
+  OUT/<prefix>-000000.tar ...   webdataset tar shards; member `<key>.<ext>` (original bytes
+                                unless --resize-max-side re-encodes), `<key>.cls` (ASCII int) when
+                                the source has classes
+  OUT/index.json                {"shards": [{"url": "<prefix>-000000.tar", "num_samples": n}, ...], "total": N}
+                                (urls relative to OUT; SimMIMLoader takes this file as `shards`)
+  OUT/make_shards_report.json   counts written/skipped by reason, and every skipped input
+Keys are `<input number, 8 digits>_<sanitised source name>`: unique by the number, readable
+by the name, and safe: only [A-Za-z0-9_-] (no dots that readers split on, no slashes or `..`).
+Tar headers carry fixed mtime/uid/gid/names/mode, inputs are sorted, and parallel
+workers return results in input order, so the same input gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from typing import Iterable, Iterator
+
+from gigamim.data.tario import IMAGE_EXTS, ShardError, iter_samples, pick_image
+
+INDEX_NAME = "index.json"
+REPORT_NAME = "make_shards_report.json"
+
+
+def sanitize_key(name: str, limit: int = 64) -> str:
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")
+    return safe[-limit:] if safe else "x"
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'500M', '1.5GB', '4096' -> bytes (powers of 1000 for K/M/G/T, 1024 for Ki/Mi/Gi/Ti)."""
+    if text is None or isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"cannot parse size {text!r} (examples: 4096, 500M, 1GB, 2GiB)")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " kmgt".index((m.group(2) or " ").lower()))
+
+
+def _tar_bytes(sample: dict) -> int:
+    return sum(512 + math.ceil(len(v) / 512) * 512 for k, v in sample.items() if not k.startswith("__"))
+
+
+class ShardSink:
+    """Writes samples ({"__key__": str, ext: bytes, ...}) into size/count-limited shards."""
+
+    def __init__(self, out_dir, max_count: int = 1000, max_size: int | None = None, prefix: str = "shard",
+                 progress_total: int | None = None, overwrite: bool = True):
+        import webdataset as wds
+
+        self._wds = wds
+        if max_count is not None and max_count < 1:
+            raise ValueError(f"max_count must be >= 1, got {max_count}")
+        self.out_dir = os.path.abspath(str(out_dir))
+        os.makedirs(self.out_dir, exist_ok=True)
+        self.index_path = os.path.join(self.out_dir, INDEX_NAME)
+        if not overwrite and os.path.exists(self.index_path):
+            raise FileExistsError(f"{self.index_path} exists; pass --overwrite to replace the shards in {self.out_dir}")
+        self.max_count, self.max_size, self.prefix = max_count, max_size, prefix
+        self.shards: list[dict] = []
+        self.total = 0
+        self._writer = None
+        self._count = self._size = 0
+        self._bar = None
+        if progress_total is not None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=progress_total, unit="img", desc="make-shards", dynamic_ncols=True)
+
+    def _open(self):
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        # Fixed header fields so equal input gives byte-identical tars.
+        self._writer = self._wds.TarWriter(os.path.join(self.out_dir, name), encoder=False, mtime=0.0,
+                                           user="gigamim", group="gigamim", mode=0o644)
+        self.shards.append({"url": name, "num_samples": 0})
+        self._count = self._size = 0
+
+    def _close_shard(self):
+        if self._writer is not None:
+            self._writer.close()
+            self.shards[-1]["num_samples"] = self._count
+            self._writer = None
+
+    def write(self, sample: dict) -> None:
+        key = sample["__key__"]
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+            raise ValueError(f"unsafe shard key {key!r}: only [A-Za-z0-9_-] allowed")
+        size = _tar_bytes(sample)
+        full = self._writer is not None and (
+            (self.max_count and self._count >= self.max_count)
+            or (self.max_size and self._count > 0 and self._size + size + 1024 + 10240 > self.max_size))
+        if self._writer is None or full:
+            self._close_shard()
+            self._open()
+        self._writer.write(sample)
+        self._count += 1
+        self._size += size
+        self.total += 1
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def skip(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        self._close_shard()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        with open(self.index_path, "w", encoding="utf-8") as f:
+            json.dump({"shards": self.shards, "total": self.total}, f, indent=1)
+            f.write("\n")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def parallel_map(fn, items: Iterable, workers: int) -> Iterator:
+    """fn over items in input order (deterministic output), in `workers` processes when > 1."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("fork" if sys.platform != "win32" else "spawn").Pool(workers) as pool:
+        yield from pool.imap(fn, items, chunksize=8)
+
+
+# ----------------------------------------------------------------------------- sources
+
+def _is_image(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS if "." in name else False
+
+
+def scan_folder(root: str, layout: str = "auto") -> tuple[list[tuple[str, int | None, str]], list[str]]:
+    """[(path, class or None, name for the key)], class names. ImageFolder = images only in
+    subfolders: the top-level subfolder is the class (as torchvision's ImageFolder)."""
+    files: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        files += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+    rel = sorted(os.path.relpath(p, root) for p in files)
+    if layout == "auto":
+        layout = "imagefolder" if rel and all(os.sep in r for r in rel) else "flat"
+    if layout == "imagefolder":
+        classes = sorted({r.split(os.sep, 1)[0] for r in rel})
+        cid = {c: i for i, c in enumerate(classes)}
+        return [(os.path.join(root, r), cid[r.split(os.sep, 1)[0]], r) for r in rel], classes
+    return [(os.path.join(root, r), None, r) for r in rel], []
+
+
+def read_file_list(path: str) -> list[tuple[str, int | None, str]]:
+    """Lines `path` or `path<TAB>class` (class an int); '#' comments; relative paths are relative to the list."""
+    base = os.path.dirname(os.path.abspath(path))
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            p, _, label = line.partition("\t")
+            try:
+                cls = int(label) if label.strip() else None
+            except ValueError:
+                raise ValueError(f"{path}:{n}: class {label!r} is not an integer") from None
+            full = p if os.path.isabs(p) else os.path.join(base, p)
+            out.append((full, cls, os.path.relpath(full, base) if not os.path.isabs(p) else p))
+    return out
+
+
+def _reencode(data: bytes, max_side: int | None, quality: int) -> tuple[bytes, str | None]:
+    """Validate by decoding; if max_side is set and exceeded, resize + re-encode as JPEG."""
+    from PIL import Image
+
+    from gigamim.data.transforms import decode_rgb, open_image
+
+    if max_side is None:
+        img = open_image(data)
+        decode_rgb(data, draft_size=(max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
+        return data, None
+    img, _ = decode_rgb(data)
+    if max(img.size) <= max_side:
+        return data, None
+    scale = max_side / max(img.size)
+    img = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))), Image.Resampling.LANCZOS)
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), "jpg"
+
+
+def _load_file(job):
+    """Worker: (number, path, cls, name, max_side, quality) -> ("ok", sample) | ("skip", path, reason, detail)."""
+    from gigamim.data.transforms import BadSample
+
+    i, path, cls, name, max_side, quality = job
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return ("skip", path, "unreadable_file", f"{type(exc).__name__}: {exc}")
+    try:
+        data, new_ext = _reencode(data, max_side, quality)
+    except BadSample as exc:
+        return ("skip", path, exc.reason, exc.detail)
+    ext = new_ext or path.rsplit(".", 1)[-1].lower()
+    ext = "jpg" if ext == "jpeg" else ext
+    sample = {"__key__": f"{i:08d}_{sanitize_key(os.path.splitext(name)[0])}", ext: data}
+    if cls is not None:
+        sample["cls"] = str(cls).encode()
+    return ("ok", sample)
+
+
+def _load_sample(job):
+    """Worker for re-sharding: (number, url, key, files, max_side, quality)."""
+    from gigamim.data.transforms import BadSample
+
+    i, url, key, files, max_side, quality = job
+    where = f"{url}#{key}"
+    if isinstance(files, str):
+        return ("skip", where, files, "")
+    found = pick_image(files)
+    if found is None:
+        return ("skip", where, "no_image", f"members {sorted(files)}")
+    ext, data = found
+    try:
+        data, new_ext = _reencode(data, max_side, quality)
+    except BadSample as exc:
+        return ("skip", where, exc.reason, exc.detail)
+    sample = {"__key__": f"{i:08d}_{sanitize_key(key.rsplit('/', 1)[-1])}"}
+    for e, v in files.items():
+        if e != ext:
+            sample[e] = v
+    sample[new_ext or ("jpg" if ext == "jpeg" else ext)] = data
+    return ("ok", sample)
+
+
+def _shard_jobs(urls, max_side, quality, report):
+    i = 0
+    for url in urls:
+        errors: list[ShardError] = []
+        for _, key, files in iter_samples(url, read_exts=None, on_error=errors.append):
+            yield (i, url, key, files if files else "empty_sample", max_side, quality)
+            i += 1
+        for exc in errors:
+            report.append({"path": url, "reason": exc.reason, "detail": exc.detail})
+
+
+def _source_kind(src: str) -> str:
+    if src.endswith(".json") or src.endswith(".tar") or "{" in src or src.startswith("pipe:") or "::" in src:
+        return "shards"
+    if os.path.isdir(src):
+        return "shards" if os.path.exists(os.path.join(src, INDEX_NAME)) else "folder"
+    if src.endswith(".txt"):
+        return "list"
+    raise FileNotFoundError(f"make-shards: source {src!r} is not a folder, a .txt file list, an index.json, "
+                            f"a .tar / brace pattern / pipe: URL of shards")
+
+
+def make_shards(src: str, out: str, *, max_count: int = 1000, max_size: int | None = None,
+                resize_max_side: int | None = None, quality: int = 90, workers: int = 1, prefix: str = "shard",
+                layout: str = "auto", progress: bool = True, overwrite: bool = False) -> dict:
+    """Write shards from `src` into `out`; returns the report dict (also written to OUT/make_shards_report.json)."""
+    kind = _source_kind(src)
+    skipped: list[dict] = []
+    classes: list[str] = []
+    if kind == "folder":
+        entries, classes = scan_folder(src, layout)
+        jobs = [(i, p, c, n, resize_max_side, quality) for i, (p, c, n) in enumerate(entries)]
+        fn, total = _load_file, len(jobs)
+    elif kind == "list":
+        entries = read_file_list(src)
+        jobs = [(i, p, c, n, resize_max_side, quality) for i, (p, c, n) in enumerate(entries)]
+        fn, total = _load_file, len(jobs)
+    else:
+        from gigamim.data.pipeline import resolve_shards
+
+        urls, _ = resolve_shards(os.path.join(src, INDEX_NAME) if os.path.isdir(src) else src)
+        jobs = _shard_jobs(urls, resize_max_side, quality, skipped)
+        fn, total = _load_sample, None
+    if kind != "shards" and not jobs:
+        raise ValueError(f"make-shards: no image files ({', '.join(IMAGE_EXTS)}) found in {src!r}")
+    sink = ShardSink(out, max_count=max_count, max_size=max_size, prefix=prefix,
+                     progress_total=(total or 0) if progress else None, overwrite=overwrite)
+    with sink:
+        for result in parallel_map(fn, jobs, workers):
+            if result[0] == "ok":
+                sink.write(result[1])
+            else:
+                skipped.append({"path": result[1], "reason": result[2], "detail": result[3]})
+                sink.skip()
+    counts: dict[str, int] = {}
+    for s in skipped:
+        counts[s["reason"]] = counts.get(s["reason"], 0) + 1
+    report = {"source": src, "source_kind": kind, "written": sink.total, "shards": len(sink.shards),
+              "skipped": counts, "skipped_inputs": skipped, "classes": classes,
+              "options": {"max_count": max_count, "max_size": max_size, "resize_max_side": resize_max_side,
+                          "quality": quality, "prefix": prefix, "layout": layout}}
+    with open(os.path.join(sink.out_dir, REPORT_NAME), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
+    if sink.total == 0:
+        raise ValueError(f"make-shards: every input from {src!r} was unreadable; see {os.path.join(sink.out_dir, REPORT_NAME)}")
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gigamim make-shards",
+        description="Write webdataset tar shards + index.json from a folder tree (ImageFolder or flat, recursive), "
+                    "a .txt file list (`path` or `path<TAB>class` per line), existing shards (index.json, .tar, "
+                    "brace pattern or pipe: URL; re-sharding), or synthetic images (--synthetic N).",
+        epilog="examples:  gigamim make-shards /data/imagenet/train /data/shards --max-size 1GB --workers 8\n"
+               "           gigamim make-shards --synthetic 2000 /tmp/synth",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="SRC OUT", help="source and output folder (only OUT with --synthetic)")
+    p.add_argument("--synthetic", type=int, metavar="N", help="write N procedural images instead of reading SRC")
+    p.add_argument("--image-size", type=int, default=256, help="side of synthetic images (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of synthetic images (default 0)")
+    p.add_argument("--max-count", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--max-size", type=parse_size, default=None, help="bytes per shard, e.g. 500M, 1GB (default: no limit)")
+    p.add_argument("--resize-max-side", type=int, default=None, metavar="N",
+                   help="shrink images whose longer side exceeds N and re-encode as JPEG (default: keep original bytes)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality when re-encoding (default 90)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel decode/encode processes")
+    p.add_argument("--prefix", default=None, help="shard file prefix (default: shard, or synth with --synthetic)")
+    p.add_argument("--layout", choices=("auto", "imagefolder", "flat"), default="auto",
+                   help="folder sources: imagefolder = top-level subfolder is the class (auto: when no image is at the top)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in OUT")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    want = 1 if args.synthetic is not None else 2
+    if len(args.paths) != want:
+        parser.error("expected OUT with --synthetic" if want == 1 else "expected SRC OUT")
+    out = args.paths[-1]
+    try:
+        if args.synthetic is not None:
+            from gigamim.data.synthetic import write_synthetic_shards
+
+            if not args.overwrite and os.path.exists(os.path.join(out, INDEX_NAME)):
+                raise FileExistsError(f"{os.path.join(out, INDEX_NAME)} exists; pass --overwrite to replace it")
+            index = write_synthetic_shards(out, args.synthetic, image_size=args.image_size,
+                                           samples_per_shard=args.max_count, seed=args.seed, workers=args.workers,
+                                           max_size=args.max_size, prefix=args.prefix or "synth",
+                                           progress=not args.no_progress)
+            print(f"wrote {args.synthetic} synthetic images -> {index}")
+            return 0
+        report = make_shards(args.paths[0], out, max_count=args.max_count, max_size=args.max_size,
+                             resize_max_side=args.resize_max_side, quality=args.quality, workers=args.workers,
+                             prefix=args.prefix or "shard", layout=args.layout, progress=not args.no_progress,
+                             overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"gigamim make-shards: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {report['written']} samples in {report['shards']} shard(s) -> {os.path.join(out, INDEX_NAME)}; "
+          f"skipped {sum(report['skipped'].values())} {report['skipped'] or ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

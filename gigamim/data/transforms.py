@@ -1,0 +1,173 @@
+"""Decode + SimMIM augmentation on the CPU, normalisation on the device.
+
+Workers return uint8 (3, S, S) tensors: shipping float32 from workers costs more
+than the decode itself (DESIGN.md), so `normalize_on_device` runs in the trainer.
+
+The crop is torchvision's RandomResizedCrop (same parameter sampling, same
+crop-then-antialiased-bilinear-resize as `torchvision.transforms.functional.resized_crop`
+on a PIL image), but its randomness comes from a per-sample `random.Random`
+(see seeding.py) rather than torch's global RNG, so a crop does not depend on
+which worker made it. Two shortcuts keep it at the decode-cost floor:
+- PIL's `Image.resize(box=...)` crops and resizes in one pass;
+- for JPEGs much larger than needed, `Image.draft` lets libjpeg decode at 1/2, 1/4 or
+  1/8 scale (chosen so the crop still has >= S pixels per side), then the box is scaled.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; `reason` is the skip-counter key."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def rrc_params(width: int, height: int, rng: random.Random, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)):
+    """(top, left, h, w) of a random resized crop: torchvision's sampling scheme
+    (10 tries of area-and-log-ratio sampling, then a centre crop clamped to `ratio`)."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
+    """RGB image plus the conversion that was needed (None if it already was RGB).
+
+    16-bit and 32-bit grey images are scaled to 8 bit by their value range; PIL's own
+    `convert("RGB")` would clip them to white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img, None
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) <= 65535 and arr.max(initial=0) > 255):
+            arr = arr / 257.0
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB"), "16bit" if "16" in mode or mode == "I" else mode
+    with warnings.catch_warnings():
+        # "Palette images with Transparency expressed in bytes should be converted to RGBA"
+        warnings.simplefilter("ignore")
+        if mode in ("P", "PA") and "transparency" in img.info or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            # Composite onto mid-grey so transparent pixels do not show their (arbitrary) colour.
+            rgba = img.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (128, 128, 128, 255))
+            return Image.alpha_composite(bg, rgba).convert("RGB"), "alpha"
+        return img.convert("RGB"), mode.lower()
+
+
+def open_image(data: bytes) -> Image.Image:
+    """PIL image with only its header parsed; raises BadSample with a counter reason."""
+    if not data:
+        raise BadSample("empty_member")
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise BadSample("not_an_image", str(exc)) from None
+    except Image.DecompressionBombError as exc:
+        raise BadSample("too_large", str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - any parser failure is a bad sample, never a crash
+        raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+
+
+def decode_rgb(data: bytes, draft_size: tuple[int, int] | None = None) -> tuple[Image.Image, str | None]:
+    """Fully decoded RGB image (and the mode conversion applied, if any)."""
+    img = open_image(data)
+    try:
+        if draft_size is not None and img.format == "JPEG":
+            img.draft(img.mode if img.mode in ("RGB", "L") else None, draft_size)
+        img.load()
+        return _to_rgb(img)
+    except BadSample:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise BadSample("too_large", str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - truncated / corrupt data
+        raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+
+
+def pil_to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class SimMIMTransform:
+    """bytes -> uint8 (3, size, size): RandomResizedCrop(size, scale, ratio) + horizontal flip."""
+
+    def __init__(self, img_size: int = 192, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
+                 use_draft: bool = True):
+        self.img_size = img_size
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.hflip = hflip
+        self.use_draft = use_draft
+
+    def __call__(self, data: bytes, rng: random.Random) -> tuple[torch.Tensor, dict]:
+        """Returns (tensor, info); info = {"converted": mode-or-None, "upscaled": bool,
+        "params": (top, left, h, w, flip)} in original-image pixels."""
+        img = open_image(data)
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise BadSample("corrupt_image", f"size {img.size}")
+        top, left, h, w = rrc_params(width, height, rng, self.scale, self.ratio)
+        flip = rng.random() < self.hflip
+        s = self.img_size
+        try:
+            if self.use_draft and img.format == "JPEG" and min(w, h) >= 2 * s:
+                # Request the full image at a size where the crop keeps >= s pixels per side.
+                img.draft(img.mode if img.mode in ("RGB", "L") else None,
+                          (math.ceil(width * s / w), math.ceil(height * s / h)))
+            img.load()
+        except Image.DecompressionBombError as exc:
+            raise BadSample("too_large", str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - truncated / corrupt data
+            raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+        fx, fy = img.size[0] / width, img.size[1] / height
+        img, converted = _to_rgb(img)
+        box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
+        out = img.resize((s, s), Image.Resampling.BILINEAR, box=box)
+        if flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        info = {"converted": converted, "upscaled": min(w, h) < s, "params": (top, left, h, w, flip)}
+        return pil_to_uint8_chw(out), info
+
+
+def normalize_on_device(images_uint8: torch.Tensor, device=None, dtype=torch.float32,
+                        mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 (B,3,H,W) -> normalised `dtype` on `device`: (x/255 - mean) / std.
+
+    The copy to the device moves uint8 (4x fewer bytes than float32); the arithmetic
+    runs in float32 on the device and is cast last, so bf16 inputs are rounded once."""
+    x = images_uint8.to(device=device, non_blocking=True).float()
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    sd = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    return ((x - m) / sd).to(dtype)
