@@ -52,16 +52,16 @@ def test_deterministic_and_epochs_differ(tmp_path):
     assert [k for x in c for k in x["key"]] != e0
 
 
-@pytest.mark.parametrize("workers,world", [(0, 1), (2, 2)])
-def test_exact_resume(tmp_path, workers, world):
+@pytest.mark.parametrize("workers,world,mb", [(0, 1, 3), (2, 2, 2)])   # (2, 2, 2): 5 batches, odd per worker
+def test_exact_resume(tmp_path, workers, world, mb):
     index, _ = write_dataset(tmp_path, [7, 9, 4])
     kw = dict(rank=world - 1, world_size=world, num_workers=workers, seed=1, **SMALL)
-    loader = SimMIMLoader(index, 3, **kw)
+    loader = SimMIMLoader(index, mb, **kw)
     nb = len(loader)
     full = collect(loader, 2 * nb + 1)
     for k in (1, nb - 1, nb + 2):   # mid-epoch, last batch of an epoch, second epoch
         state = json.loads(json.dumps(full[k - 1]["state"]))   # what a checkpoint stores
-        resumed = SimMIMLoader(index, 3, **kw)
+        resumed = SimMIMLoader(index, mb, **kw)
         resumed.load_state_dict(state)
         got = collect(resumed, len(full) - k)
         for want, have in zip(full[k:], got):

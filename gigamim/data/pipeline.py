@@ -250,7 +250,8 @@ class _Stream:
                     self._account(info)
                 except BadSample as exc:
                     self.skips[exc.reason] += 1
-                    self.warn.warn(exc.reason, f"sample {key!r}: {exc.detail}" if key else exc.detail)
+                    if not isinstance(files, _Lost):    # lost samples were reported once per shard
+                        self.warn.warn(exc.reason, f"sample {key!r}: {exc.detail}")
                     bad.append(i)
             if bad and not good:
                 donor = self._donor_ahead((j + 1) * mb)
