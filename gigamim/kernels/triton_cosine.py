@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_layernorm import device_guard, tile_shape
+
 MAX_N = 4096
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -65,9 +67,9 @@ def _l2norm_bwd_kernel(DO, X, S, DX, DS, M, N, eps, HAS_S: tl.constexpr, NEED_DS
 
 
 def _tile(n: int) -> tuple[int, int, int]:
-    block_n = triton.next_power_of_2(n)
-    block_m = max(1, min(128, 4096 // block_n))
-    return block_m, block_n, 4 if block_m * block_n <= 4096 else 8
+    # 8 values a thread: at 32 (4 warps on 4096-value tiles) the backward hit 255 registers
+    # and spilled for head dim 64 (ptxas, sm_90).
+    return tile_shape(n, 2048, 8)
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -85,9 +87,10 @@ class FusedL2Normalize(torch.autograd.Function):
         s = None if scale_rows is None else scale_rows.contiguous()
         out = torch.empty_like(x2)
         block_m, block_n, warps = _tile(n)
-        _l2norm_fwd_kernel[(triton.cdiv(m, block_m),)](
-            x2, s, out, m, n, float(eps), HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        )
+        with device_guard(x2):
+            _l2norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+                x2, s, out, m, n, float(eps), HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            )
         ctx.save_for_backward(x2, s)
         ctx.eps = float(eps)
         ctx.x_shape = x.shape
@@ -102,8 +105,9 @@ class FusedL2Normalize(torch.autograd.Function):
         dx = torch.empty_like(x2)
         ds = torch.empty(m, dtype=torch.float32, device=x2.device) if need_ds else None
         block_m, block_n, warps = _tile(n)
-        _l2norm_bwd_kernel[(triton.cdiv(m, block_m),)](
-            g2, x2, s, dx, ds, m, n, ctx.eps, HAS_S=s is not None, NEED_DS=need_ds,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        )
+        with device_guard(x2):
+            _l2norm_bwd_kernel[(triton.cdiv(m, block_m),)](
+                g2, x2, s, dx, ds, m, n, ctx.eps, HAS_S=s is not None, NEED_DS=need_ds,
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            )
         return dx.view(ctx.x_shape), (ds.to(s.dtype) if need_ds else None), None

@@ -26,13 +26,18 @@ on the GPU or in the CPU interpreter is fixed by TRITON_INTERPRET at that moment
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
-# Widest row the single-tile kernels keep in registers; wider rows go to the torch path.
-MAX_N = 16384
+# Widest row the single-tile kernels keep in registers without spilling (SwinV2-G's
+# widest LayerNorm is 4096); wider rows go to the torch path.
+MAX_N = 8192
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Stage-two tile (partial rows x columns): 16 values a thread at 4 warps.
+SUM_BLOCK_P, SUM_BLOCK_K = 16, 128
 
 
 @triton.jit
@@ -153,11 +158,17 @@ def _sum_rows_kernel(P, OUT, P_ROWS, K, BLOCK_P: tl.constexpr, BLOCK_K: tl.const
     tl.store(OUT + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
-def _tile(n: int, elements: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of width n, about `elements` values a tile."""
+def tile_shape(n: int, elements: int, per_thread: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): about `elements` values a tile, `per_thread` per thread.
+
+    Sized from ptxas register counts for sm_90 (compiled ahead of time, no GPU needed):
+    at 32 values a thread the backward reached ~240 registers; at 16 (forward) and 8
+    (backward) both stay at <= ~160 with no spills up to N = 4096 (N = 8192: 40 bytes
+    of backward spill).
+    """
     block_n = triton.next_power_of_2(n)
     block_m = max(1, min(64, elements // block_n))
-    num_warps = min(16, max(4, (block_m * block_n) // 1024))
+    num_warps = min(16, max(4, (block_m * block_n) // (32 * per_thread)))
     return block_m, block_n, num_warps
 
 
@@ -167,6 +178,11 @@ def _num_programs(n_tiles: int, device: torch.device) -> int:
         return max(1, min(n_tiles, 4 * sms))
     # CPU interpreter: programs run one after another, so a few are plenty.
     return max(1, min(n_tiles, 4))
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the *current* CUDA device; make that the tensor's device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def supports(y: torch.Tensor, weight, bias) -> bool:
@@ -199,14 +215,14 @@ class FusedResidualLayerNorm(torch.autograd.Function):
         rstd = torch.empty(m, dtype=torch.float32, device=y.device)
         r2 = None if shortcut is None else shortcut.reshape(-1, n).contiguous()
         s = None if scale_rows is None else scale_rows.contiguous()
-        block_m, block_n, warps = _tile(n, 4096)
-        _ln_fwd_kernel[(triton.cdiv(m, block_m),)](
-            y2, r2, weight, bias, s, out, mean, rstd, m, n, float(eps),
-            HAS_RES=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-            HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        )
+        block_m, block_n, warps = tile_shape(n, 4096, 16)
+        with device_guard(y2):
+            _ln_fwd_kernel[(triton.cdiv(m, block_m),)](
+                y2, r2, weight, bias, s, out, mean, rstd, m, n, float(eps),
+                HAS_RES=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+                HAS_S=s is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            )
         ctx.save_for_backward(y2, weight, bias, s, mean, rstd)
-        ctx.has_shortcut = shortcut is not None
         ctx.shortcut_dtype = None if shortcut is None else shortcut.dtype
         ctx.y_shape = y.shape
         return out.view(y.shape)
@@ -220,27 +236,28 @@ class FusedResidualLayerNorm(torch.autograd.Function):
         dy = torch.empty_like(y2)
         need_dwb = need_w or need_b
         need_ds = bool(need_s)
-        block_m, block_n, warps = _tile(n, 2048)
+        block_m, block_n, warps = tile_shape(n, 2048, 8)
         n_tiles = triton.cdiv(m, block_m)
         progs = _num_programs(n_tiles, y2.device)
         partial = torch.empty((progs, 2 * n) if need_dwb else (1,), dtype=torch.float32, device=y2.device)
         ds = torch.empty(m, dtype=torch.float32, device=y2.device) if need_ds else None
-        _ln_bwd_kernel[(progs,)](
-            g2, y2, weight, bias, s, mean, rstd, dy, ds, partial, m, n,
-            HAS_W=weight is not None, HAS_B=bias is not None, HAS_S=s is not None,
-            NEED_DS=need_ds, NEED_DWB=need_dwb, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
-        )
-        dweight = dbias = None
-        if need_dwb:
-            sums = torch.empty(2 * n, dtype=torch.float32, device=y2.device)
-            block_k = min(triton.next_power_of_2(2 * n), 256)
-            _sum_rows_kernel[(triton.cdiv(2 * n, block_k),)](
-                partial, sums, progs, 2 * n, BLOCK_P=32, BLOCK_K=block_k, num_warps=4,
+        with device_guard(y2):
+            _ln_bwd_kernel[(progs,)](
+                g2, y2, weight, bias, s, mean, rstd, dy, ds, partial, m, n,
+                HAS_W=weight is not None, HAS_B=bias is not None, HAS_S=s is not None,
+                NEED_DS=need_ds, NEED_DWB=need_dwb, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
             )
-            if need_w:
-                dweight = sums[:n].to(weight.dtype)
-            if need_b:
-                dbias = sums[n:].to(bias.dtype)
+            dweight = dbias = None
+            if need_dwb:
+                sums = torch.empty(2 * n, dtype=torch.float32, device=y2.device)
+                block_k = min(triton.next_power_of_2(2 * n), SUM_BLOCK_K)
+                _sum_rows_kernel[(triton.cdiv(2 * n, block_k),)](
+                    partial, sums, progs, 2 * n, BLOCK_P=SUM_BLOCK_P, BLOCK_K=block_k, num_warps=4,
+                )
+                if need_w:
+                    dweight = sums[:n].to(weight.dtype)
+                if need_b:
+                    dbias = sums[n:].to(bias.dtype)
         dshortcut = None
         if need_short:
             dshortcut = grad_out.to(ctx.shortcut_dtype)
