@@ -1,0 +1,49 @@
+"""Helpers for tests that start real multi-rank jobs: the `deepspeed` launcher (CPU ranks,
+gloo) and torchrun, each in its own process group so a test can signal or kill it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def deepspeed_cmd(nproc: int, *module_args: str, port: int | None = None) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+            "--master_port", str(port or free_port()), "--module", "gigamim", *module_args]
+
+
+def torchrun_cmd(nproc: int, *module_args: str, port: int | None = None) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(port or free_port()), "-m", "gigamim", *module_args]
+
+
+def run(cmd: list[str], timeout: float = 300, **env_extra) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=cpu_env(**env_extra), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def start(cmd: list[str], log: Path, **env_extra) -> subprocess.Popen:
+    """Background job in a new session (its own process group), output to `log`."""
+    return subprocess.Popen(cmd, env=cpu_env(**env_extra), cwd=REPO, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def tail(text: str, n: int = 40) -> str:
+    return "\n".join(text.splitlines()[-n:])

@@ -1,0 +1,116 @@
+"""Config loading, overrides, validation and the DeepSpeed config it writes: every bad
+config is a one-line error from `gigamim pretrain` that starts no training."""
+
+import json
+import math
+
+import pytest
+
+from gigamim.config import ConfigError, load_config, validate
+from gigamim.engine.ds_config import build_ds_config
+from gigamim.engine.optim import lr_at
+from gigamim.engine.trainer import main as pretrain_main
+
+
+@pytest.fixture
+def shard(tmp_path):
+    p = tmp_path / "data-000000.tar"
+    p.write_bytes(b"")  # existence is all validation checks
+    return p
+
+
+def _run(argv, tmp_path, capsys, world="1", monkeypatch=None):
+    code = pretrain_main(argv + ["--set", f"log.dir={tmp_path / 'log'}", "--set", f"checkpoint.dir={tmp_path / 'ck'}"])
+    err = capsys.readouterr().err
+    assert not (tmp_path / "log").exists(), "a bad config must not start training"
+    return code, err
+
+
+def test_precedence_cli_over_yaml_over_defaults(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("optim:\n  lr: 3.0e-4\n  weight_decay: 0.1\ntrain:\n  max_steps: 7\n")
+    cfg = load_config(y, ["optim.lr=1e-3", "model.sequential_stages=[0,1]", "model.grad_checkpointing=2"])
+    assert cfg.optim.lr == 1e-3  # CLI wins over YAML
+    assert cfg.optim.weight_decay == 0.1  # YAML wins over the default 0.05
+    assert cfg.train.max_steps == 7
+    assert cfg.train.micro_batch_size == 8  # default untouched
+    assert cfg.model.sequential_stages == [0, 1] and cfg.model.grad_checkpointing == 2
+    assert load_config(None, ["model.grad_checkpointing=true"]).model.grad_checkpointing is True
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1e-3", "did you mean 'optim.lr'"),
+        ("lr=1e-3", "did you mean 'optim.lr'"),
+        ("train.micro_batch_size=eight", "expects an integer"),
+        ("model.attn_impl=flash", "must be one of explicit, sdpa"),
+        ("model.img_size=200", "divisible by 32"),
+    ],
+)
+def test_bad_keys_and_values(override, message, tmp_path, capsys, shard):
+    code, err = _run(["--set", f"data.shards={shard}", "--set", override], tmp_path, capsys)
+    assert code == 2
+    assert message in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_impossible_batch_split(tmp_path, capsys, shard, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, err = _run(["--set", f"data.shards={shard}", "--set", "train.micro_batch_size=4",
+                      "--set", "train.global_batch_size=12"], tmp_path, capsys)
+    assert code == 2 and "not a multiple" in err and "4 x world size 2 = 8" in err
+
+
+def test_missing_shard_and_ds_config(tmp_path, capsys, shard):
+    code, err = _run(["--set", f"data.shards={tmp_path}/nope-{{000..003}}.tar"], tmp_path, capsys)
+    assert code == 2 and "nope-000.tar" in err and "does not exist" in err
+    code, err = _run(["--set", f"data.shards={shard}", "--set", "deepspeed.config=missing.json"], tmp_path, capsys)
+    assert code == 2 and "missing.json" in err and "not found" in err
+
+
+def test_ds_template_may_not_set_owned_keys(tmp_path, capsys, shard):
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}))
+    cfg = load_config(None, [f"deepspeed.config={bad}", f"data.shards={shard}"])
+    with pytest.raises(ConfigError, match="gradient_clipping"):
+        build_ds_config(cfg, world_size=1, on_gpu=False, peak_lr=1e-3)
+
+
+def test_ds_config_written_from_gigamim_config(shard):
+    cfg = load_config("demo", [f"data.shards={shard}", "train.micro_batch_size=4", "train.global_batch_size=32",
+                               "train.grad_clip=3.0", "optim.weight_decay=0.1"])
+    validate(cfg, world_size=2)
+    ds = build_ds_config(cfg, world_size=2, on_gpu=False, peak_lr=1e-3)
+    assert ds["train_batch_size"] == 32 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 4  # 32 / (4 x 2)
+    assert ds["gradient_clipping"] == 3.0  # never DeepSpeed's silent default of 1.0
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False  # CPU: fp32
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["betas"] == [0.9, 0.999]
+    assert ds["optimizer"]["params"]["weight_decay"] == 0.1
+    assert ds["zero_optimization"]["stage"] == 3
+    assert build_ds_config(cfg, 2, on_gpu=True, peak_lr=1e-3)["bf16"]["enabled"] is True
+
+
+def test_lr_schedule_matches_formula():
+    cfg = load_config(None, ["optim.lr=1e-4", "optim.min_lr=1e-5", "optim.warmup_lr=1e-6", "optim.warmup_steps=10",
+                             "train.max_steps=110", "train.global_batch_size=1024", "train.micro_batch_size=8"])
+    s = 1024 / 512  # linear scaling rule
+    assert lr_at(0, cfg) == pytest.approx(1e-6 * s)
+    assert lr_at(5, cfg) == pytest.approx((1e-6 + (1e-4 - 1e-6) * 0.5) * s)
+    assert lr_at(10, cfg) == pytest.approx(1e-4 * s)
+    # halfway through the cosine: the mean of peak and floor
+    assert lr_at(60, cfg) == pytest.approx((1e-5 + 0.5 * (1e-4 - 1e-5) * (1 + math.cos(math.pi * 0.5))) * s)
+    assert lr_at(110, cfg) == pytest.approx(1e-5 * s)
+    cfg.optim.lr_scaling = "none"
+    assert lr_at(10, cfg) == pytest.approx(1e-4)
+
+
+def test_packaged_recipes_are_consistent():
+    giant = load_config("simmim_swinv2_giant_192")
+    validate(giant, world_size=64, check_files=False)  # 36 x 4 x 64 = 9216, the paper's batch
+    assert giant.train.global_batch_size == 9216 and giant.optim.lr == 1.4e-3 and giant.train.grad_clip == 100
+    base = load_config("simmim_swinv2_base_192")
+    validate(base, world_size=16, check_files=False)
+    assert base.model.window_size == 12 and base.model.img_size == 192
