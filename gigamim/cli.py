@@ -32,8 +32,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _strip_launcher_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher runs `python -m gigamim --local_rank=N <verb> ...`: take that
+    flag off the front (every launcher also sets LOCAL_RANK, which is what we read)."""
+    import os
+
+    while argv and argv[0].startswith(("--local_rank", "--local-rank")):
+        flag = argv.pop(0)
+        value = flag.split("=", 1)[1] if "=" in flag else (argv.pop(0) if argv else "0")
+        os.environ.setdefault("LOCAL_RANK", value)
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _strip_launcher_local_rank(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0

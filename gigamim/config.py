@@ -60,6 +60,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32
     grad_clip: float = 5.0  # 0 disables; DeepSpeed's own default (1.0) is never used
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    # End this job after this step, checkpointed (0: run to max_steps). For scheduler time
+    # limits: the LR schedule still spans max_steps, and `--resume auto` continues.
+    stop_at_step: int = 0
 
 
 @dataclass

@@ -21,6 +21,7 @@ import random
 import signal
 import sys
 import time
+import zlib
 from pathlib import Path
 
 from gigamim.config import Config, ConfigError, gradient_accumulation_steps, load_config, validate
@@ -182,8 +183,10 @@ class Trainer:
         seed_everything(cfg.train.seed)
         if self.zero_stage == 3:
             # No rank ever holds the whole model: parameters are partitioned as they are made.
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-            with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype, remote_device=None):
+            # The dtype comes from the config's bf16/fp16 flags. Do not pass dtype= : in
+            # DeepSpeed 0.19 an explicit dtype is overridden by an operator-precedence slip
+            # (`dtype or fp16 if ... else bf16`), which gives bf16 on CPU ranks.
+            with deepspeed.zero.Init(config_dict_or_path=ds_config):
                 model = build_model(cfg)
         else:
             model = build_model(cfg)
@@ -290,7 +293,7 @@ class Trainer:
         mask = batch["mask"][:n].to(self.device)
         self.engine.module.eval()
         with torch.no_grad():
-            rec = self.engine.module.reconstruct(images, mask)
+            rec = self.engine.module(images, mask, return_reconstruction=True)
         self.engine.module.train()
         if self.rank == 0:
             path = Path(self.cfg.log.dir) / "reconstructions" / f"step_{step:08d}.png"
@@ -334,14 +337,16 @@ class Trainer:
         window = {"loss": 0.0, "n": 0, "steps": 0, "data_s": 0.0, "t0": time.perf_counter()}
         last_batch = None
         exit_code = 0
+        end = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
         try:
-            while step < cfg.train.max_steps:
+            while step < end:
                 micro = 0
                 while micro < self.accum:
                     t_data = time.perf_counter()
                     batch = next(data_iter)
                     window["data_s"] += time.perf_counter() - t_data
                     last_batch = batch
+                    window["digest"] = zlib.crc32(" ".join(batch["key"]).encode(), window.get("digest", 0))
                     images = self._normalize(batch["image"])
                     mask = batch["mask"].to(self.device, non_blocking=True)
                     loss = self.engine(images, mask)
@@ -373,7 +378,7 @@ class Trainer:
                 window["steps"] += 1
 
                 stopping = self._all_reduce([1.0 if stop.signum else 0.0], op="max")[0] > 0
-                if step % cfg.log.every_steps == 0 or step == cfg.train.max_steps or stopping:
+                if step % cfg.log.every_steps == 0 or step == end or stopping:
                     self._log(logger, step, window, peak_tflops, peak_memory_gb(self.device))
                     window = {"loss": 0.0, "n": 0, "steps": 0, "data_s": 0.0, "t0": time.perf_counter()}
                 if bar is not None:
@@ -381,7 +386,7 @@ class Trainer:
                 if cfg.log.image_every_steps and step % cfg.log.image_every_steps == 0:
                     self._reconstruction_png(last_batch, step)
                 every = cfg.checkpoint.every_steps
-                if stopping or (every and step % every == 0) or step == cfg.train.max_steps:
+                if stopping or (every and step % every == 0) or step == end:
                     self._save(step)
                     last_saved = step
                 if stopping:
@@ -424,5 +429,7 @@ class Trainer:
             "data_skipped": int(skipped),
             "nonfinite_skipped": self.nonfinite_total,
             "epoch": self.loader.epoch,
+            # CRC32 of rank 0's sample keys since the last record: which data a step saw.
+            "data_digest": window.get("digest", 0),
         }
         logger.log(record)
