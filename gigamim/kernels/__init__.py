@@ -3,9 +3,10 @@
     from gigamim.kernels import residual_post_norm, layer_norm, backend, available_backends
 
     # SwinV2 res-post-norm block: x + drop_path(norm1(attn(x)))
-    x = residual_post_norm(x, attn_out, norm1.weight, norm1.bias, norm1.eps, drop_path_scale)
+    scale = drop_path_scale(x, self.drop_path1.drop_prob, self.training)   # None in eval / p == 0
+    x = residual_post_norm(x, attn_out, norm1.weight, norm1.bias, norm1.eps, scale)
     # or, under ZeRO-3 (see modules.py), the module form with the same state_dict as nn.LayerNorm:
-    x = norm1(attn_out, shortcut=x, drop_path_scale=drop_path_scale)   # norm1 = ResPostLayerNorm(C)
+    x = norm1(attn_out, shortcut=x, drop_path_scale=scale)   # norm1 = ResPostLayerNorm(C)
 
 Backends ("triton" | "apex" | "torch") are picked per call from the tensor's device and
 the env var GIGAMIM_KERNELS (auto|torch|triton|apex); see `dispatch.py`. Every entry
@@ -20,6 +21,7 @@ import torch
 
 from . import torch_impl
 from .dispatch import available_backends, backend
+from .droppath import drop_path_scale
 
 __all__ = [
     "residual_post_norm",
@@ -28,6 +30,7 @@ __all__ = [
     "backend",
     "available_backends",
     "implementation_for",
+    "drop_path_scale",
     "ResPostLayerNorm",
 ]
 

@@ -3,7 +3,7 @@
 The choice is made per call from the tensor's device and the env var GIGAMIM_KERNELS:
 
     auto (default)  CUDA tensor: triton if it imports, else apex if `apex.normalization`
-                    imports, else torch.  CPU tensor: torch.
+                    imports, else torch.  CPU tensor, or inside torch.compile: torch.
     triton          triton on any device; CPU tensors need TRITON_INTERPRET=1 set before
                     triton is first imported (the interpreter is how tests run it on CPU).
     apex            NVIDIA apex FusedLayerNorm (CUDA only, and only if already built).
@@ -106,7 +106,10 @@ def backend(device=None) -> str:
         if dev.type != "cuda":
             raise RuntimeError(f"{ENV_VAR}=apex needs CUDA tensors, got a {dev.type} tensor")
         return "apex"
-    # auto
+    # auto. Under torch.compile inductor generates its own fused add+LayerNorm; an opaque
+    # autograd.Function with a hand-launched kernel would only cause graph breaks.
+    if torch.compiler.is_compiling():
+        return "torch"
     if dev.type == "cuda":
         if triton_importable():
             return "triton"

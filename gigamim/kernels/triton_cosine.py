@@ -80,6 +80,7 @@ class FusedL2Normalize(torch.autograd.Function):
     """x / max(||x||, eps) * scale_rows over the last dim; scale_rows is (rows,) or None."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # backward runs under the forward's autocast state
     def forward(ctx, x, scale_rows, eps):
         n = x.shape[-1]
         x2 = x.reshape(-1, n).contiguous()
@@ -97,6 +98,7 @@ class FusedL2Normalize(torch.autograd.Function):
         return out.view(x.shape)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         x2, s = ctx.saved_tensors
         m, n = x2.shape

@@ -205,6 +205,7 @@ class FusedResidualLayerNorm(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # backward runs under the forward's autocast state
     def forward(ctx, shortcut, y, weight, bias, scale_rows, eps):
         n = y.shape[-1]
         y2 = y.reshape(-1, n).contiguous()
@@ -228,6 +229,7 @@ class FusedResidualLayerNorm(torch.autograd.Function):
         return out.view(y.shape)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         y2, weight, bias, s, mean, rstd = ctx.saved_tensors
         m, n = y2.shape
