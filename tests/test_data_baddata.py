@@ -10,7 +10,7 @@ import pytest
 
 from gigamim.data.pipeline import SimMIMLoader
 from gigamim.data.tario import iter_samples
-from test_data_helpers import collect, image_bytes, write_dataset, write_tar
+from tests.test_data_helpers import collect, image_bytes, write_dataset, write_tar
 
 TINY = dict(img_size=32, mask_patch_size=16, model_patch_size=4, shuffle_buffer=4, num_workers=0)
 

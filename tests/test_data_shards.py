@@ -13,7 +13,7 @@ from gigamim.cli import main as cli_main
 from gigamim.data.pipeline import SimMIMLoader
 from gigamim.data.shards import parse_size
 from gigamim.data.synthetic import write_synthetic_shards
-from test_data_helpers import collect, image_bytes
+from tests.test_data_helpers import collect, image_bytes
 
 
 def _folder(root):

@@ -14,7 +14,7 @@ from torchvision.transforms import InterpolationMode, Normalize
 from gigamim.data.masking import MaskGenerator
 from gigamim.data.seeding import sample_rng
 from gigamim.data.transforms import SimMIMTransform, normalize_on_device, rrc_params
-from test_data_helpers import image_bytes
+from tests.test_data_helpers import image_bytes
 
 
 @pytest.mark.parametrize("size,mpatch,ratio", [(192, 32, 0.6), (64, 32, 0.6), (224, 32, 0.75)])

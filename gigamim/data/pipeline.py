@@ -215,7 +215,7 @@ class _Stream:
             raise BadSample("no_image", f"members: {sorted(files) if files else []}")
         rng = sample_rng(self.cfg.seed, self.epoch, key, self._salt(copy), *extra)
         self.decoded += 1
-        img, info = self.cfg.transform(found[1], rng)
+        img, info = self.cfg.transform.apply(found[1], rng)
         return img, self.cfg.masker(rng), info
 
     def _account(self, info):
@@ -263,8 +263,13 @@ class _Stream:
                 key, files, copy = good[t % len(good)]
                 imgs[i], masks[i], info = self._make(key, files, copy, "substitute", j, i)
                 keys[i] = key
-            yield self._emit(j, {"image": torch.stack(imgs), "mask": torch.from_numpy(np.stack(masks)),
-                                 "key": keys})
+            s = self.cfg.img_size
+            nhwc = np.empty((mb, s, s, 3), dtype=np.uint8)
+            for i, img in enumerate(imgs):
+                nhwc[i] = np.asarray(img)
+            # (B,3,H,W) view with channels-last strides: see SimMIMTransform.apply.
+            yield self._emit(j, {"image": torch.from_numpy(nhwc).permute(0, 3, 1, 2),
+                                 "mask": torch.from_numpy(np.stack(masks)), "key": keys})
 
     def _emit(self, j: int, batch: dict | None) -> dict:
         meta = {"b": self.batch_ids[j], "epoch": self.epoch, "skips": dict(self.skips), "fixes": dict(self.fixes),
@@ -293,6 +298,9 @@ class _EpochDataset(IterableDataset):
 
 class SimMIMLoader:
     """Batches `{"image": uint8 (B,3,H,W), "mask": bool (B,H/4,W/4), "key": list[str]}` forever.
+
+    "image" has channels-last strides (a view of NHWC memory; `transforms.normalize_on_device`
+    returns contiguous NCHW on the device); call `.contiguous()` for NCHW memory on the CPU.
 
     shards: brace pattern (`/data/train-{000000..000127}.tar`, `pipe:curl -s https://.../x-{0..9}.tar`),
         a list of URLs, or an index.json written by make-shards (counts come from it).

@@ -117,7 +117,8 @@ def decode_rgb(data: bytes, draft_size: tuple[int, int] | None = None) -> tuple[
 
 
 def pil_to_uint8_chw(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    """(3, H, W) uint8 view of an HWC copy (channels-last memory; see SimMIMTransform.apply)."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
 class SimMIMTransform:
@@ -132,8 +133,17 @@ class SimMIMTransform:
         self.use_draft = use_draft
 
     def __call__(self, data: bytes, rng: random.Random) -> tuple[torch.Tensor, dict]:
-        """Returns (tensor, info); info = {"converted": mode-or-None, "upscaled": bool,
+        """Returns (uint8 (3, S, S) tensor, info); info = {"converted": mode-or-None, "upscaled": bool,
         "params": (top, left, h, w, flip)} in original-image pixels."""
+        img, info = self.apply(data, rng)
+        return pil_to_uint8_chw(img), info
+
+    def apply(self, data: bytes, rng: random.Random) -> tuple[Image.Image, dict]:
+        """Same as __call__ but returns the (S, S) RGB PIL image. Batches are assembled as
+        NHWC numpy (plain memcpy) and handed over as a channels-last (B,3,H,W) view: a CPU
+        HWC->CHW transpose costs about as much as the crop, and torch.stack of permuted
+        views is far worse with intra-op threads on a busy CPU; the device does the
+        transpose for free during normalisation."""
         img = open_image(data)
         width, height = img.size
         if width < 1 or height < 1:
@@ -158,16 +168,17 @@ class SimMIMTransform:
         if flip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         info = {"converted": converted, "upscaled": min(w, h) < s, "params": (top, left, h, w, flip)}
-        return pil_to_uint8_chw(out), info
+        return out, info
 
 
 def normalize_on_device(images_uint8: torch.Tensor, device=None, dtype=torch.float32,
                         mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 (B,3,H,W) -> normalised `dtype` on `device`: (x/255 - mean) / std.
+    """uint8 (B,3,H,W) (any memory layout) -> normalised contiguous `dtype` on `device`: (x/255 - mean) / std.
 
     The copy to the device moves uint8 (4x fewer bytes than float32); the arithmetic
     runs in float32 on the device and is cast last, so bf16 inputs are rounded once."""
     x = images_uint8.to(device=device, non_blocking=True).float()
     m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
     sd = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    return ((x - m) / sd).to(dtype)
+    # Loader batches are channels-last views; the result is plain contiguous NCHW.
+    return ((x - m) / sd).to(dtype).contiguous(memory_format=torch.contiguous_format)
