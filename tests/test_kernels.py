@@ -336,3 +336,12 @@ def test_kernels_compile_for_sm90_without_spills():
     assert len(rows) == 7
     spilled = [r for r in rows if r["spill_bytes"] != 0 or not r["registers"] or r["registers"] > 255]
     assert not spilled, spilled
+
+
+def test_gpu_check_without_cuda_says_so(capsys):
+    from gigamim.kernels import gpu_check
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run `python -m gigamim.kernels.gpu_check` instead")
+    assert gpu_check.main(["--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

@@ -52,7 +52,11 @@ def _row_scale(scale, y):
 
 
 def implementation_for(x: torch.Tensor, weight=None, bias=None) -> str:
-    """The backend that will actually run for this input (device, dtype and shape checked)."""
+    """The backend that will run for this input (device, dtype, width and affine shapes checked).
+
+    residual_post_norm / cosine_normalize additionally drop to torch for a scale that is
+    not one value per row (e.g. a full-shape tensor); this does not see that argument.
+    """
     name = backend(x)
     if name == "triton":
         from . import triton_layernorm
@@ -96,6 +100,8 @@ def residual_post_norm(
         raise ValueError(f"shortcut has shape {tuple(shortcut.shape)} but the branch output y has {tuple(y.shape)}")
     _check_affine("weight", weight, n)
     _check_affine("bias", bias, n)
+    if drop_path_scale is not None and not isinstance(drop_path_scale, torch.Tensor):
+        drop_path_scale = torch.as_tensor(drop_path_scale, dtype=y.dtype, device=y.device)
     impl = implementation_for(y, weight, bias)
     if impl == "triton":
         rows = None if drop_path_scale is None else _row_scale(drop_path_scale, y)
