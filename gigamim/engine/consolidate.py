@@ -174,6 +174,11 @@ def check_checkpoint(ckpt_dir: str, tag: str | None = None) -> CheckpointInfo:
 
     meta: dict = {}
     meta_path = os.path.join(tag_dir, META_NAME)
+    if os.path.isfile(os.path.join(tag_dir, CONFIG_NAME)) and not os.path.isfile(meta_path):
+        # gigamim writes the meta file last, after every rank finished: without it the save
+        # was interrupted even if the partition files look whole.
+        raise CheckpointError(f"checkpoint {tag_dir} is incomplete: {META_NAME} is missing (gigamim writes it "
+                              "after every rank finished saving). Use an earlier tag (--tag) or re-save.")
     if os.path.isfile(meta_path):
         try:
             with open(meta_path, encoding="utf-8") as f:

@@ -81,7 +81,13 @@ def fixed_batch(global_batch: int, img_size: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(global_batch, 3, img_size, img_size, generator=g)
     grid = img_size // 32
-    mask32 = torch.rand(global_batch, grid, grid, generator=g) < 0.6
+    # The same number of masked cells in every sample: SimMIM's loss divides by the masked
+    # count of the micro-batch, so only then is the mean over ranks the global-batch loss
+    # on every world size (what the resume-on-another-world-size test compares).
+    cells = grid * grid
+    k = max(1, round(0.6 * cells))
+    order = torch.stack([torch.randperm(cells, generator=g) for _ in range(global_batch)])
+    mask32 = (order < k).reshape(global_batch, grid, grid)
     mask = mask32.repeat_interleave(8, 1).repeat_interleave(8, 2)  # 32-px grid -> 4-px patch grid
     return images, mask
 
