@@ -115,3 +115,29 @@ def test_dotted_keys_are_not_merged(tmp_path):
     write_tar(tmp_path / "d.tar", members)
     got = [(k, sorted(f)) for _, k, f in iter_samples(str(tmp_path / "d.tar"), read_exts=None)]
     assert got == [("img.0001", ["cls", "jpg"]), ("img.0002", ["jpg"]), ("dir.v2/a", ["jpg", "seg.png"])]
+
+
+def test_all_bad_batch_borrows_ahead_then_reuses_last_good(tmp_path):
+    good = [image_bytes(40, 40, seed=i) for i in range(2)]
+    # shuffle_buffer=1 keeps tar order: batch 0 = (bad, bad) -> first good image ahead of it;
+    # batch 2 = (bad, bad) with nothing readable after it -> the rank's last good batch.
+    members = [("b0.jpg", b""), ("b1.jpg", b"junk"), ("g0.jpg", good[0]), ("g1.jpg", good[1]),
+               ("b2.jpg", b""), ("b3.jpg", b"")]
+    write_tar(tmp_path / "x.tar", members)
+    loader = SimMIMLoader([str(tmp_path / "x.tar")], 2, **{**TINY, "shuffle_buffer": 1})
+    batches = _one_epoch(loader)
+    assert [b["key"] for b in batches] == [["g0", "g0"], ["g0", "g1"], ["g0", "g1"]]
+    assert loader.skip_counts == {"empty_member": 3, "not_an_image": 1, "batch_replaced": 1}
+
+
+def test_warnings_are_rate_limited_and_do_not_sleep(tmp_path, caplog):
+    members = [(f"k{i:03d}.jpg", b"\xff\xd8\xff\xe0 broken") for i in range(60)] + [("ok.jpg", image_bytes(40, 40))]
+    write_tar(tmp_path / "c.tar", members)
+    loader = SimMIMLoader([str(tmp_path / "c.tar")], 61, **TINY)
+    import time
+    t = time.perf_counter()
+    with caplog.at_level("WARNING", logger="gigamim.data"):
+        batch = next(iter(loader))
+    assert time.perf_counter() - t < 20          # webdataset's warn_* handlers would sleep 0.5 s x 60 = 30 s
+    assert sum(loader.skip_counts.values()) == 60 and batch["key"] == ["ok"] * 61
+    assert len([r for r in caplog.records if "skipped" in r.getMessage()]) == 3

@@ -41,7 +41,7 @@ from webdataset.shardlists import expand_urls
 from gigamim.data import plan
 from gigamim.data.masking import MaskGenerator
 from gigamim.data.seeding import sample_rng
-from gigamim.data.tario import ShardError, count_samples, is_local, iter_samples, pick_image, shard_name
+from gigamim.data.tario import IMAGE_EXTS, ShardError, count_samples, is_local, iter_samples, pick_image, shard_name
 from gigamim.data.transforms import BadSample, SimMIMTransform
 
 log = logging.getLogger("gigamim.data")
@@ -183,7 +183,8 @@ class _Stream:
             seen = 0
             for idx, key, files in iter_samples(url, seg.start, seg.stop,
                                                 want=lambda i: bool(needed[base + i - start]),
-                                                on_error=errors.append, retries=self.cfg.retries):
+                                                read_exts=IMAGE_EXTS, on_error=errors.append,
+                                                retries=self.cfg.retries):
                 yield base + idx - start, key, files, seg.copy
                 seen += 1
             if seen < len(seg):

@@ -77,8 +77,9 @@ class ShardSink:
 
     def _open(self):
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        # Fixed header fields so equal input gives byte-identical tars.
-        self._writer = self._wds.TarWriter(os.path.join(self.out_dir, name), encoder=False, mtime=0.0,
+        # Fixed header fields so equal input gives byte-identical tars. mtime is an int on
+        # purpose: tarfile writes a float mtime as an extra PAX header block per member.
+        self._writer = self._wds.TarWriter(os.path.join(self.out_dir, name), encoder=False, mtime=0,
                                            user="gigamim", group="gigamim", mode=0o644)
         self.shards.append({"url": name, "num_samples": 0})
         self._count = self._size = 0
