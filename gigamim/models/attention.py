@@ -154,8 +154,9 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B*nW, N, C) windows; mask: (nW, N, N) additive shift mask or None."""
         bw, n, c = x.shape
-        qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, qkv_bias)
+        # Call the qkv module (not F.linear on its weight): under ZeRO-3 a submodule's weights
+        # are gathered only when that submodule itself runs. The bias (q, 0 for k, v) is ours.
+        qkv = self.qkv(x) + torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
         q, k, v = qkv.reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
         bias = self.position_bias()

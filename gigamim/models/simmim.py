@@ -56,7 +56,7 @@ class SimMIM(nn.Module):
 
     def reconstruct(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self._check(images, mask)
-        z = self.encoder.forward_features(images, mask=mask)  # B, h, w, C
+        z = self.encoder(images, mask=mask, features_only=True)  # B, h, w, C (called as a module: ZeRO-3)
         return self.decoder(z.permute(0, 3, 1, 2))
 
     def loss(self, images: torch.Tensor, rec: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -65,5 +65,9 @@ class SimMIM(nn.Module):
         err = F.l1_loss(images.to(rec.dtype), rec, reduction="none")
         return (err * m).sum() / (m.sum() + 1e-5) / self.in_chans
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.loss(images, self.reconstruct(images, mask), mask)
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, return_reconstruction: bool = False) -> torch.Tensor:
+        # return_reconstruction: pictures from a ZeRO-3 engine must come through the module's
+        # __call__ (its hooks gather the partitioned parameters); calling .reconstruct() on a
+        # partitioned model directly would see empty parameters.
+        rec = self.reconstruct(images, mask)
+        return rec if return_reconstruction else self.loss(images, rec, mask)

@@ -360,8 +360,12 @@ class SwinTransformerV2(nn.Module):
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, features_only: bool = False):
+        """Logits, or the final feature map with ``features_only``. Wrappers (SimMIM) call this
+        rather than ``forward_features`` because ZeRO-3 gathers the encoder's own parameters
+        (``mask_token``) in the hook that runs when the encoder module itself is called."""
+        x = self.forward_features(x, mask)
+        return x if features_only else self.forward_head(x)
 
 
 def _build(name: str, defaults: dict, overrides: dict) -> SwinTransformerV2:
