@@ -14,7 +14,9 @@ def supports(x, weight, bias) -> bool:
 
 
 def layer_norm(x, weight, bias, eps):
-    return fused_layer_norm_affine(x, weight, bias, (x.shape[-1],), eps)
+    # Keywords: old apex releases took (input, normalized_shape, weight, bias, eps), new ones
+    # (input, weight, bias, normalized_shape, eps); the names are the same in both.
+    return fused_layer_norm_affine(input=x, weight=weight, bias=bias, normalized_shape=(x.shape[-1],), eps=eps)
 
 
 def residual_post_norm(shortcut, y, weight, bias, eps, drop_path_scale):
