@@ -172,6 +172,7 @@ class _Stream:
         self.bad_shards: set[str] = set()
         self.held: dict[int, tuple] = {}
         self._inputs = self._iter_inputs()
+        self.in_worker = get_worker_info() is not None
 
     # -- reading
     def _iter_inputs(self):
@@ -265,11 +266,14 @@ class _Stream:
                 imgs[i], masks[i], info = self._make(key, files, copy, "substitute", j, i)
                 keys[i] = key
             s = self.cfg.img_size
-            nhwc = np.empty((mb, s, s, 3), dtype=np.uint8)
+            buf = torch.empty((mb, s, s, 3), dtype=torch.uint8)
+            if self.in_worker:
+                buf.share_memory_()   # filled in place: the hand-over to the main process then copies nothing
+            nhwc = buf.numpy()
             for i, img in enumerate(imgs):
                 nhwc[i] = np.asarray(img)
             # (B,3,H,W) view with channels-last strides: see SimMIMTransform.apply.
-            yield self._emit(j, {"image": torch.from_numpy(nhwc).permute(0, 3, 1, 2),
+            yield self._emit(j, {"image": buf.permute(0, 3, 1, 2),
                                  "mask": torch.from_numpy(np.stack(masks)), "key": keys})
 
     def _emit(self, j: int, batch: dict | None) -> dict:
