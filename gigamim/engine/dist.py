@@ -239,6 +239,9 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     import torch
     import torch.distributed as tdist
 
+    global _INFO
+    if _INFO is not None and tdist.is_initialized():
+        return _INFO
     launch = detect_launch()
     use_cuda = _wants_cuda()
     backend = backend or ("nccl" if use_cuda else "gloo")
@@ -279,7 +282,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         else:
             tdist.init_process_group(backend=backend, timeout=timeout, init_method="env://")
 
-    return DistInfo(
+    _INFO = DistInfo(
         rank=tdist.get_rank(),
         world_size=tdist.get_world_size(),
         local_rank=launch.local_rank,
@@ -288,6 +291,12 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         launcher=launch.launcher,
         local_world_size=launch.local_world_size,
     )
+    return _INFO
+
+
+# The first call's answer: after it, RANK & co. are exported, so re-detecting would call a
+# single process an "env" launch.
+_INFO: DistInfo | None = None
 
 
 def _has_mpi4py() -> bool:
@@ -314,6 +323,8 @@ def destroy_distributed() -> None:
     """Leave the process group (so the process exits without gloo/NCCL teardown warnings)."""
     import torch.distributed as tdist
 
+    global _INFO
+    _INFO = None
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
 
