@@ -135,6 +135,10 @@ def test_warnings_are_rate_limited_and_do_not_sleep(tmp_path, caplog):
     write_tar(tmp_path / "c.tar", members)
     loader = SimMIMLoader([str(tmp_path / "c.tar")], 61, **TINY)
     import time
+
+    from gigamim.data import pipeline
+    pipeline._WARN.seen.clear()      # the limiter is per process; earlier tests used up its burst
+    pipeline._WARN.last.clear()
     t = time.perf_counter()
     with caplog.at_level("WARNING", logger="gigamim.data"):
         batch = next(iter(loader))

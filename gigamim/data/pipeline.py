@@ -67,6 +67,10 @@ class RateLimitedLog:
             log.warning("data: skipped (%s, %d so far in this process): %s", reason, n, msg)
 
 
+# One limiter per process (each DataLoader worker is a process), shared by all its streams and epochs.
+_WARN = RateLimitedLog()
+
+
 # ----------------------------------------------------------------------------- shard list
 
 def _read_index(path: str) -> tuple[list[str], list[int]]:
@@ -168,7 +172,7 @@ class _Stream:
         self.skips: Counter = Counter()
         self.fixes: Counter = Counter()
         self.decoded = 0
-        self.warn = RateLimitedLog()
+        self.warn = _WARN
         self.bad_shards: set[str] = set()
         self.held: dict[int, tuple] = {}
         self._inputs = self._iter_inputs()
