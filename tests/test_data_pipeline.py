@@ -52,10 +52,11 @@ def test_deterministic_and_epochs_differ(tmp_path):
     assert [k for x in c for k in x["key"]] != e0
 
 
-@pytest.mark.parametrize("workers,world,mb", [(0, 1, 3), (2, 2, 2)])   # (2, 2, 2): 5 batches, odd per worker
-def test_exact_resume(tmp_path, workers, world, mb):
+@pytest.mark.parametrize("workers,world,mb,mode", [(0, 1, 3, "epoch"), (2, 2, 2, "epoch"),  # 5 batches: odd per worker
+                                                   (0, 2, 2, "resampled")])
+def test_exact_resume(tmp_path, workers, world, mb, mode):
     index, _ = write_dataset(tmp_path, [7, 9, 4])
-    kw = dict(rank=world - 1, world_size=world, num_workers=workers, seed=1, **SMALL)
+    kw = dict(rank=world - 1, world_size=world, num_workers=workers, seed=1, mode=mode, **SMALL)
     loader = SimMIMLoader(index, mb, **kw)
     nb = len(loader)
     full = collect(loader, 2 * nb + 1)
@@ -119,3 +120,12 @@ def test_state_mismatch_starts_next_epoch(tmp_path):
     assert (b.epoch, b.state_dict()["batch"]) == (1, 0)
     with pytest.raises(ValueError, match="not a SimMIMLoader state"):
         b.load_state_dict({"epoch": 0})
+
+
+def test_one_warning_when_fewer_shards_than_streams(tmp_path, caplog):
+    index, _ = write_dataset(tmp_path, [5])
+    with caplog.at_level("WARNING", logger="gigamim.data"):
+        loader = SimMIMLoader(index, 2, rank=3, world_size=4, num_workers=2, **SMALL)
+        collect(loader, len(loader))
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "1 non-empty shard(s) for 4 ranks x 2 workers" in msgs[0]

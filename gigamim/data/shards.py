@@ -11,6 +11,8 @@ Keys are `<input number, 8 digits>_<sanitised source name>`: unique by the numbe
 by the name, and safe: only [A-Za-z0-9_-] (no dots that readers split on, no slashes or `..`).
 Tar headers carry fixed mtime/uid/gid/names/mode, inputs are sorted, and parallel
 workers return results in input order, so the same input gives byte-identical shards.
+Re-sharding copies every member of a sample except pickle-type ones (.pyd .pickle .pkl
+.pth .pt), which are dropped unread; images are decoded once to check they are readable.
 """
 
 from __future__ import annotations
