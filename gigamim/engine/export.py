@@ -23,6 +23,7 @@ export back with safetensors (never pickle): `(state_dict, metadata)`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -137,39 +138,53 @@ def _timm_geometry(m) -> dict[str, Any]:
     }
 
 
-def timm_candidates(arch: Mapping[str, Any]) -> list[tuple[str, dict]]:
-    """timm's registered swinv2_* models with this embed_dim/depths/heads, with their
-    geometry; read from the models themselves (built on the meta device: no memory)."""
+@functools.lru_cache(maxsize=None)
+def _timm_swinv2(name: str) -> tuple[tuple, dict]:
+    """((embed_dim, depths, heads), geometry) of one timm model, read from the model itself,
+    built on the meta device (no memory, no weights)."""
     import timm
     import torch
 
+    with torch.device("meta"):
+        m = timm.create_model(name, num_classes=0)
+    arch = (m.embed_dim, tuple(len(l.blocks) for l in m.layers), tuple(l.blocks[0].attn.num_heads for l in m.layers))
+    return arch, _timm_geometry(m)
+
+
+def timm_candidates(arch: Mapping[str, Any], img_size: int | None = None) -> list[tuple[str, dict]]:
+    """timm's registered swinv2_* models with this embed_dim/depths/heads (and default input
+    size, when given), with their geometry."""
+    import timm
+
+    key = (arch["embed_dim"], tuple(arch["depths"]), tuple(arch["num_heads"]))
     out = []
     for name in timm.list_models("swinv2_*"):
         if name.startswith("swinv2_cr"):  # a different architecture (SwinV2-CR)
             continue
-        with torch.device("meta"):
-            m = timm.create_model(name, num_classes=0)
-        if (m.embed_dim, tuple(len(l.blocks) for l in m.layers),
-                tuple(l.blocks[0].attn.num_heads for l in m.layers)) == (
-                arch["embed_dim"], tuple(arch["depths"]), tuple(arch["num_heads"])):
-            out.append((name, _timm_geometry(m)))
+        # Building models costs seconds on a busy CPU: skip those trained at another size.
+        if img_size is not None and tuple(timm.models.get_pretrained_cfg(name).input_size[1:]) != (img_size,) * 2:
+            continue
+        a, geo = _timm_swinv2(name)
+        if a == key:
+            out.append((name, geo))
     return out
 
 
 def pick_timm_name(arch: Mapping[str, Any], geo: Mapping[str, Any]) -> tuple[str | None, str]:
     """(timm model name or None, a sentence saying why)."""
-    cands = timm_candidates(arch)
-    desc = f"embed_dim {arch['embed_dim']}, depths {list(arch['depths'])}, heads {list(arch['num_heads'])}"
+    cands = timm_candidates(arch, geo.get("img_size"))
+    desc = (f"embed_dim {arch['embed_dim']}, depths {list(arch['depths'])}, heads {list(arch['num_heads'])}, "
+            f"{_geo_text(geo)}")
     if not cands:
-        return None, f"no timm swinv2 model has {desc} (timm covers SwinV2 tiny/small/base/large)"
+        return None, (f"no timm swinv2 model has {desc} (timm has SwinV2 tiny/small/base/large at "
+                      "192/256/384 px)")
     fits = [n for n, g in cands if all(g[k] == geo[k] for k in geo if k in g)
             and (("pretrained_window_sizes" in geo) or g["pretrained_window_sizes"] == (0, 0, 0, 0))]
     if len(fits) == 1:
-        return fits[0], f"{fits[0]} fits ({desc}, {_geo_text(geo)})"
+        return fits[0], f"{fits[0]} fits ({desc})"
     if not fits:
         have = "; ".join(f"{n}: {_geo_text(g)}" for n, g in cands)
-        return None, (f"no timm model has this geometry ({_geo_text(geo)}); same architecture: {have}. "
-                      "Use the printed SwinTransformerV2 arguments")
+        return None, f"no timm model has {desc}; same architecture and size: {have}"
     return None, f"several timm models fit ({', '.join(fits)}); the run's window_size is not recorded"
 
 
