@@ -258,7 +258,7 @@ def export(src: str, out: str, fmt: str = "encoder", tag: str | None = None,
         metadata.update(timm_model=name or "", timm_kwargs=json.dumps(kwargs))
         result.update(timm_model=name, timm_note=note, timm_kwargs=kwargs)
     result["files"] = safetensors_io.save(out, tensors, metadata, max_shard_size=max_shard_size,
-                                          dtype=torch.float32, overwrite=overwrite)
+                                          dtype=torch.float32, overwrite=overwrite, progress=sys.stderr.isatty())
     return result
 
 

@@ -97,11 +97,14 @@ def _header_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None
 
 
 def _write_file(path: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None,
-                dtype: torch.dtype | None) -> None:
+                dtype: torch.dtype | None, progress: bool = False) -> None:
     """Write one safetensors file at `path` (caller handles atomic placement)."""
+    from tqdm import tqdm
+
     with open(path, "wb") as f:
         f.write(_header_bytes(tensors, metadata, dtype))
-        for name, lazy in tensors.items():
+        for name, lazy in tqdm(tensors.items(), desc=os.path.basename(path).split(".partial")[0], unit="tensor",
+                               disable=not progress, leave=False):
             t = lazy.contiguous()
             out = _out_dtype(lazy, dtype)
             if tuple(t.shape) != tuple(lazy.shape):
@@ -135,7 +138,7 @@ def plan_shards(tensors: Mapping[str, Any], max_shard_size: int | str | None,
 
 def save(out: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, *,
          max_shard_size: int | str | None = "5GB", dtype: torch.dtype | None = None,
-         overwrite: bool = False) -> list[str]:
+         overwrite: bool = False, progress: bool = False) -> list[str]:
     """Write `tensors` to `out` (a `.safetensors` file or a folder, see module doc).
     Returns the written weight files. Nothing appears at `out` unless all of it was written."""
     out = os.path.abspath(out)
@@ -147,7 +150,7 @@ def save(out: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | Non
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".partial", dir=parent)
         os.close(fd)
         try:
-            _write_file(tmp, tensors, metadata, dtype)
+            _write_file(tmp, tensors, metadata, dtype, progress)
             _replace(tmp, out)
         except BaseException:
             _remove(tmp)
@@ -161,7 +164,7 @@ def save(out: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | Non
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         weight_map = {}
         for fname, keys in zip(names, shards):
-            _write_file(os.path.join(tmp_dir, fname), {k: tensors[k] for k in keys}, metadata, dtype)
+            _write_file(os.path.join(tmp_dir, fname), {k: tensors[k] for k in keys}, metadata, dtype, progress)
             weight_map.update({k: fname for k in keys})
         if len(shards) > 1:
             total = sum(_nbytes(t, _out_dtype(t, dtype)) for t in tensors.values())
