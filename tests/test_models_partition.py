@@ -36,6 +36,11 @@ def test_partitioned_tiny_forward_equals_unpartitioned(tmp_path):
         assert r["fp32_rel_err"] < 1e-4, r
         assert r["bf16_rel_err"] < 0.02, r
         assert r["no_decay_equal"]
+
+
+@pytest.mark.slow
+def test_simmim_train_step_under_zero3_with_checkpointing(tmp_path):
+    for r in _launch(tmp_path, "train", timeout=900):
         assert r["loss_finite"] and r["param_changed"]
 
 
@@ -55,6 +60,7 @@ def test_giant_under_zero_init_bf16_holds_half_per_rank(tmp_path):
 def _worker(mode, out):
     import copy
     import resource
+    import time
 
     import deepspeed
     import psutil
@@ -64,6 +70,7 @@ def _worker(mode, out):
     from gigamim.models.param_groups import no_weight_decay_names, param_groups
     from gigamim.models.testing import randomize_weights
 
+    t0 = time.time()
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
     result = {}
@@ -77,7 +84,7 @@ def _worker(mode, out):
             "gradient_clipping": 0.0,
         }
 
-    if mode == "forward":
+    if mode in ("forward", "train"):
         kw = dict(img_size=128, window_size=4, drop_path_rate=0.0)
         reference = randomize_weights(create_model("swinv2_tiny", **kw), seed=7).eval()
         weights = reference.state_dict()
@@ -101,6 +108,8 @@ def _worker(mode, out):
             return model
 
         weights = {**weights, **{"encoder." + k: v for k, v in weights.items()}}
+
+    if mode == "forward":
         model = build(torch.float32)
         result["numel_full"] = sum(p.ds_numel for p in model.parameters())
         result["numel_local"] = sum(p.ds_tensor.numel() for p in model.parameters())
@@ -110,6 +119,7 @@ def _worker(mode, out):
         engine.eval()
         with torch.no_grad():
             got = engine.module.forward_features(x)
+        result["t_fp32"] = time.time() - t0
         result["fp32_rel_err"] = ((got - want).norm() / want.norm()).item()
 
         # bf16 construction (the zero.Init dtype trap): geometry still fp32/int64 inside.
@@ -120,9 +130,12 @@ def _worker(mode, out):
             got16 = engine16.module.forward_features(x.bfloat16()).float()
             # reference: the same weights, unpartitioned, cast to bf16 after construction
             want16 = copy.deepcopy(reference).bfloat16().forward_features(x.bfloat16()).float()
+        result["t_bf16"] = time.time() - t0
         result["bf16_rel_err"] = ((got16 - want16).norm() / want16.norm()).item()
 
-        # one SimMIM training step under ZeRO-3 with checkpointing + sequential attention
+    if mode == "train":
+        # one SimMIM training step under ZeRO-3 with checkpointing + sequential attention:
+        # the mask token (an encoder-level parameter) and nested checkpoints under ZeRO-3 hooks
         model_t = build(torch.float32, simmim=True, grad_checkpointing=True, sequential_stages=(0, 1), attn_chunk=8)
         opt = torch.optim.AdamW(param_groups(model_t, 0.05), lr=1e-3)
         engine_t, *_ = deepspeed.initialize(model=model_t, optimizer=opt, config=zero3_config(False))
@@ -133,6 +146,7 @@ def _worker(mode, out):
         loss = engine_t(x, mask)
         engine_t.backward(loss)
         engine_t.step()
+        result["t_train"] = time.time() - t0
         result["loss_finite"] = bool(torch.isfinite(loss).item())
         result["param_changed"] = bool((probe.ds_tensor - before).abs().max().item() > 0)
 
