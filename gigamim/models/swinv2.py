@@ -368,12 +368,6 @@ class SwinTransformerV2(nn.Module):
         return x if features_only else self.forward_head(x)
 
 
-def _build(name: str, defaults: dict, overrides: dict) -> SwinTransformerV2:
-    cfg = dict(defaults)
-    cfg.update(overrides)
-    return SwinTransformerV2(**cfg)
-
-
 # Defaults: SimMIM pretraining geometry (192 px, window 12); nano is the test/demo model.
 _VARIANTS = {
     # nano: C=32, one shifted pair per stage, window 6 so stages 0-2 use shifted windows at 192 px.
@@ -392,7 +386,7 @@ def _register(name: str, arch: dict) -> None:
     defaults = {**_COMMON, **arch}
 
     def factory(**overrides) -> SwinTransformerV2:
-        return _build(name, defaults, overrides)
+        return SwinTransformerV2(**{**defaults, **overrides})
 
     factory.__name__ = name
     factory.__doc__ = f"{name}: {defaults}"
