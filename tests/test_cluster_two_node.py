@@ -107,3 +107,94 @@ def test_two_node_pretrain_matches_single_node_two_ranks(tmp_path):
         ckpt = tmp_path / run / "ckpt"
         tag = (ckpt / "latest").read_text().strip()
         assert json.loads((ckpt / tag / "gigamim_meta.json").read_text())["world_size"] == 2
+
+
+# Local stand-ins for the three SLURM commands pretrain.sbatch calls (SLURM is not installed
+# here). They keep SLURM's semantics that matter: srun starts one task per node, each in its
+# own process group, and whatever outlives a task's main process is killed; `scancel --signal=SIG JOB` signals every process of the step's tasks
+# (as slurmstepd does), not the batch shell; scontrol only records the requeue.
+SRUN = r"""#!/usr/bin/env bash
+nodes=1
+while [[ "$1" == --* ]]; do case "$1" in --nodes=*) nodes="${1#--nodes=}" ;; esac; shift; done
+pids=()
+for ((i = 0; i < nodes; i++)); do
+    SLURM_NODEID=$i GIGAMIM_HOSTFILE="$SHIM_DIR/hostfile.$i" setsid "$@" >"$SHIM_DIR/node$i.log" 2>&1 &
+    pids+=($!); echo $! >>"$SHIM_DIR/pgids"
+done
+rc=0
+for p in "${pids[@]}"; do
+    wait "$p" || rc=$?
+    kill -KILL -- "-$p" 2>/dev/null  # a task's main process is gone: SLURM kills what is left
+done
+exit $rc
+"""
+SCANCEL = r"""#!/usr/bin/env bash
+echo "scancel $*" >>"$SHIM_DIR/calls"
+sig="${1#--signal=}"
+while read -r g; do kill -"$sig" -- "-$g" 2>/dev/null; done <"$SHIM_DIR/pgids"
+"""
+SCONTROL = r"""#!/usr/bin/env bash
+echo "scontrol $*" >>"$SHIM_DIR/calls"
+"""
+
+
+@pytest.mark.slow
+def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path):
+    """USR1 to the batch shell (what `--signal=B:USR1@300` sends) -> SIGTERM to every rank on
+    both nodes -> the trainer checkpoints -> `scontrol requeue`; the restarted job resumes."""
+    import signal
+    import time
+
+    pytest.importorskip("gigamim.engine.trainer")
+    from gigamim.data.synthetic import write_synthetic_shards
+
+    index = write_synthetic_shards(tmp_path / "shards", 48, image_size=192, samples_per_shard=12, seed=0)
+    shim = tmp_path / "shim"
+    (shim / "bin").mkdir(parents=True)
+    for name, text in (("srun", SRUN), ("scancel", SCANCEL), ("scontrol", SCONTROL)):
+        (shim / "bin" / name).write_text(text)
+        (shim / "bin" / name).chmod(0o755)
+    ckpt, logs = tmp_path / "run/ckpt", tmp_path / "run/logs"
+
+    def start(max_steps, restart):
+        (shim / "pgids").unlink(missing_ok=True)
+        env = base_env()
+        env.update(PATH=f"{shim / 'bin'}:{env['PATH']}", SHIM_DIR=str(shim), SLURM_JOB_ID="4343", SLURM_NNODES="2",
+                   SLURM_JOB_NODELIST="127.0.0.1,localhost", GIGAMIM_GPUS_PER_NODE="1", MASTER_PORT=str(free_port()),
+                   GIGAMIM_ENV="/nonexistent", SLURM_RESTART_COUNT=str(restart))
+        args = ["--config", "demo", "--set", f"data.shards={index}", "--set", f"train.max_steps={max_steps}",
+                "--set", "train.micro_batch_size=4", "--set", "train.global_batch_size=8", "--set", "log.every_steps=1",
+                "--set", "data.num_workers=0", "--set", "checkpoint.every_steps=1000",
+                "--set", f"checkpoint.dir={ckpt}", "--set", f"log.dir={logs}"]
+        return subprocess.Popen(["bash", str(ROOT / "cluster/slurm/pretrain.sbatch"), *args], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def node_logs():
+        return "\n----\n".join((shim / f"node{n}.log").read_text()[-3000:] for n in (0, 1) if (shim / f"node{n}.log").exists())
+
+    job = start(max_steps=10_000, restart=0)
+    try:
+        deadline = time.time() + 600
+        while not (logs / "metrics.jsonl").exists() or len(_metrics(logs / "metrics.jsonl")) < 2:
+            assert job.poll() is None, job.stdout.read() + node_logs()
+            assert time.time() < deadline, node_logs()
+            time.sleep(2)
+        job.send_signal(signal.SIGUSR1)
+        out, _ = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, out + node_logs()
+    calls = (shim / "calls").read_text().splitlines()
+    assert calls == ["scancel --signal=TERM 4343", "scontrol requeue 4343"]
+    tag = (ckpt / "latest").read_text().strip()
+    saved = json.loads((ckpt / tag / "gigamim_meta.json").read_text())["step"]
+    assert saved >= 2 and saved == _metrics(logs / "metrics.jsonl")[-1]["step"]
+
+    # The requeued start: same job, `--resume auto` continues after the saved step.
+    job = start(max_steps=saved + 2, restart=1)
+    out, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, out + node_logs()
+    assert (shim / "calls").read_text().splitlines() == calls  # finished: no second requeue
+    steps = [m["step"] for m in _metrics(logs / "metrics.jsonl")]
+    assert steps[-2:] == [saved + 1, saved + 2]

@@ -90,7 +90,9 @@ gigamim_check_config_exists() {
         path=""
         [[ "$prev" == --config ]] && path="$a"
         [[ "$a" == --config=* ]] && path="${a#--config=}"
-        [[ -z "$path" || -f "$path" ]] || gigamim_die "config file '$path' not found (relative to $PWD)"
+        # A bare name ("demo") is one of the packaged configs (gigamim/configs/NAME.yaml).
+        [[ -z "$path" || -f "$path" || ( "$path" != */* && -f "${GIGAMIM_ROOT:-.}/gigamim/configs/${path%.yaml}.yaml" ) ]] ||
+            gigamim_die "config file '$path' not found (relative to $PWD), and it is not a packaged config name"
         prev="$a"
     done
 }
