@@ -157,3 +157,17 @@ def test_launch_multinode_openmpi_exports_master_and_rejects_bad_hostfile(tmp_pa
     out = subprocess.run(["bash", str(LAUNCH), "--hostfile", str(bad), "--dry-run", "--", "--config", "c"],
                          capture_output=True, text=True, cwd=ROOT, env=_clean_env())
     assert out.returncode == 2 and "line 2" in out.stderr and "slots=" in out.stderr
+
+
+def test_giant_recipe_shape_gives_the_paper_batch():
+    """8 nodes x 8 GPUs with the recipe's micro-batch reach the paper's 9216 exactly."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "gigamim/configs/simmim_swinv2_giant_192.yaml").read_text())
+    text = GIANT.read_text()
+    nodes = int(text.split("#SBATCH --nodes=")[1].split()[0])
+    gpus = int(text.split("#SBATCH --gpus-per-node=")[1].split()[0])
+    micro, global_batch = cfg["train"]["micro_batch_size"], cfg["train"]["global_batch_size"]
+    assert (nodes, gpus, global_batch) == (8, 8, 9216)
+    assert global_batch % (nodes * gpus * micro) == 0
+    assert cfg["model"]["name"] == "swinv2_giant" and cfg["model"]["img_size"] == 192
