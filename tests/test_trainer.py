@@ -95,7 +95,7 @@ def test_resume_equals_uninterrupted(straight_run, tmp_path, shards):
     """10 steps, stop (checkpointed), resume, 10 more == 20 straight: same losses, same data."""
     _ok(run(deepspeed_cmd(2, *pretrain_args(tmp_path, shards, 20, "train.stop_at_step=10"))))
     assert complete_tags(tmp_path / "ck") == ["step_00000010"]
-    resumed = _ok(run(deepspeed_cmd(2, "--resume", "auto", *pretrain_args(tmp_path, shards, 20))))
+    resumed = _ok(run(deepspeed_cmd(2, *pretrain_args(tmp_path, shards, 20), "--resume", "auto")))
     assert "resumed from" in resumed.stdout + resumed.stderr
     ref, got = by_step(straight_run), by_step(tmp_path)
     for step in range(11, 21):
@@ -120,22 +120,34 @@ def _logged_steps(wd: Path) -> int:
     return len(f.read_text().splitlines()) if f.exists() else 0
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def test_sigterm_saves_and_resumes(tmp_path, shards):
     log = tmp_path / "job.log"
     job = start(deepspeed_cmd(2, *pretrain_args(tmp_path, shards, 500, "checkpoint.every_steps=0")), log)
     try:
         _wait_for(lambda: _logged_steps(tmp_path) >= 3, 240, job, "step 3")
-        job.send_signal(signal.SIGTERM)  # what `kill <launcher>` or a scheduler's preemption sends
-        job.wait(timeout=120)
+        # A preemption signals every process of the job (SLURM does; the single-node
+        # `deepspeed` runner would not forward a SIGTERM sent to it alone).
+        os.killpg(job.pid, signal.SIGTERM)
+        # poll() reaps the runner, which exits at once; a zombie would keep the group "alive".
+        _wait_for(lambda: job.poll() is not None and not _group_alive(job.pid), 120,
+                  what="the ranks to save and exit")
     finally:
-        if job.poll() is None:
+        if _group_alive(job.pid):
             os.killpg(job.pid, signal.SIGKILL)
     tags = complete_tags(tmp_path / "ck")
     assert tags, log.read_text()[-3000:]
     saved = int(tags[-1].split("_")[1])
     assert saved >= 3 and (tmp_path / "ck" / "latest").read_text() == tags[-1]
     assert "checkpoint saved" in log.read_text()
-    resumed = _ok(run(deepspeed_cmd(2, "--resume", "auto", *pretrain_args(tmp_path, shards, saved + 2))))
+    resumed = _ok(run(deepspeed_cmd(2, *pretrain_args(tmp_path, shards, saved + 2), "--resume", "auto")))
     assert f"at step {saved}" in resumed.stdout + resumed.stderr
     assert max(by_step(tmp_path)) == saved + 2
 
@@ -160,7 +172,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, shards):
     junk.mkdir()
     (junk / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"\x00" * 10)
     saved = int(latest.split("_")[1])
-    resumed = _ok(run(deepspeed_cmd(2, "--resume", "auto", *pretrain_args(tmp_path, shards, saved + 1))))
+    resumed = _ok(run(deepspeed_cmd(2, *pretrain_args(tmp_path, shards, saved + 1), "--resume", "auto")))
     assert f"at step {saved}" in resumed.stdout + resumed.stderr
 
 

@@ -428,7 +428,8 @@ class SimMIMLoader:
             return iter(ds)
         return iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                                prefetch_factor=self.prefetch_factor, persistent_workers=False,
-                               multiprocessing_context=self.multiprocessing_context))
+                               multiprocessing_context=self.multiprocessing_context,
+                               worker_init_fn=_ignore_stop_signals))
 
     def _absorb(self, meta: dict) -> None:
         for src, dst in ((meta["skips"], self.skip_counts), (meta["fixes"], self.fix_counts)):
@@ -476,6 +477,16 @@ class SimMIMLoader:
         if self._batch >= nb:
             self.epoch, self._batch = epoch + 1, 0
         yield {"image": batch["image"], "mask": batch["mask"], "key": list(batch["key"])}
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the main process: a preempted job signals every
+    process, and the trainer must still get batches while it finishes its step and saves.
+    Workers exit when the main process shuts the loader down (or dies: torch's watchdog)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _shard_list(urls, limit: int = 10) -> str:

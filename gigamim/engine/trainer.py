@@ -217,14 +217,12 @@ class Trainer:
         state = (client or {}).get("gigamim", {})
         self.start_step = int(state.get("step", 0))
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
-        loader_state = state.get("loader_per_rank", {}).get(str(self.rank))
-        if loader_state is not None:
-            self.loader.load_state_dict(loader_state)
-        elif self.rank == 0:
-            # A different world size (universal checkpoint): the data order cannot be
-            # continued sample-exactly; start the data stream at the saved epoch instead.
-            print("gigamim: data position not resumable on this world size; continuing from the next epoch",
-                  flush=True)
+        per_rank = state.get("loader_per_rank", {})
+        if per_rank:
+            # On another world size (a universal checkpoint) this rank has no saved position;
+            # any rank's state tells the loader the epoch, and it starts cleanly at the next
+            # one (the sample order of a different split cannot be continued exactly).
+            self.loader.load_state_dict(per_rank.get(str(self.rank), per_rank["0"]))
         rng = state.get("rng_per_rank", {}).get(str(self.rank))
         if rng is not None:
             restore_rng(rng)
