@@ -1,0 +1,132 @@
+"""Which cases each `--profile` runs. A profile is a list of groups; the cases of a group are
+built side by side and their steps alternated (ABAB), so each group's ratios are paired.
+
+smoke  seconds: swinv2_nano at 64 px, every code path of the harness (tests use it).
+quick  < 3 min on a 2-core CPU: SwinV2-T 192 px batch 8 vs the reference (train_step_ratio);
+       SwinV2-B 512 px batch 1 checkpointing + sequential vs the reference (peak_mem_ratio).
+gpu    one H200, < 8 min: SwinV2-B/L/H/G SimMIM steps at 192 px in bf16 (MFU per size), the
+       reference for B and L, attention paths and a resolution sweep for B.
+full   CPU, tens of minutes: quick + attention paths, checkpointing, resolution 192->768,
+       micro-batch sweep, ZeRO 0/1/2/3 on 2 ranks, the data loader.
+"""
+
+from __future__ import annotations
+
+from .train_step import Case
+
+
+def _pair(group, model, img, batch, *, window=None, steps=3, warmup=1, precision="fp32", attn="auto", **gig):
+    """gigamim (best settings unless overridden) and the reference on the same geometry."""
+    common = dict(group=group, model=model, img_size=img, window_size=window, batch=batch, steps=steps,
+                  warmup=warmup, precision=precision)
+    tag = f"{model.replace('swinv2_', '')}_{img}_b{batch}"
+    return [Case(name=f"{group}_{tag}_gigamim", impl="gigamim", attn_impl=attn, **common, **gig),
+            Case(name=f"{group}_{tag}_reference", impl="reference", **common)]
+
+
+def _memory_group(model, img, window, batch, steps, warmup, plain=True, chunk=16, precision="fp32"):
+    common = dict(group="memory", model=model, img_size=img, window_size=window, batch=batch, steps=steps,
+                  warmup=warmup, precision=precision)
+    tag = f"{model.replace('swinv2_', '')}_{img}_b{batch}"
+    cases = [Case(name=f"memory_{tag}_gigamim_ckpt_seq", impl="gigamim", checkpointing=True, sequential=True,
+                  attn_impl="auto", attn_chunk=chunk, **common),
+             Case(name=f"memory_{tag}_reference", impl="reference", **common)]
+    if plain:
+        cases.append(Case(name=f"memory_{tag}_gigamim_plain", impl="gigamim", attn_impl="explicit", **common))
+    return cases
+
+
+def smoke():
+    return {"groups": [
+        _pair("ratio", "swinv2_nano", 64, 2, window=4, steps=2),
+        _memory_group("swinv2_nano", 64, 4, 1, steps=1, warmup=1, chunk=4),
+    ], "zero": None, "data": None}
+
+
+def quick():
+    return {"groups": [
+        _pair("ratio", "swinv2_tiny", 192, 8, steps=3),
+        _memory_group("swinv2_base", 512, 16, 1, steps=0, warmup=1, plain=False),
+    ], "zero": None, "data": None}
+
+
+def _attention(model, img, batch, steps, precision="fp32", window=None):
+    base = dict(group="attention", model=model, img_size=img, batch=batch, steps=steps, precision=precision,
+                window_size=window)
+    tag = f"{model.replace('swinv2_', '')}_{img}_b{batch}"
+    return [Case(name=f"attention_{tag}_explicit", attn_impl="explicit", **base),
+            Case(name=f"attention_{tag}_sdpa", attn_impl="sdpa", **base),
+            Case(name=f"attention_{tag}_sequential", attn_impl="explicit", sequential=True, **base),
+            Case(name=f"attention_{tag}_reference", impl="reference", **base)]
+
+
+def _checkpointing(model, img, batch, steps, precision="fp32"):
+    base = dict(group="checkpointing", model=model, img_size=img, batch=batch, steps=steps, precision=precision)
+    tag = f"{model.replace('swinv2_', '')}_{img}_b{batch}"
+    return [Case(name=f"checkpointing_{tag}_off", **base),
+            Case(name=f"checkpointing_{tag}_on", checkpointing=True, **base),
+            Case(name=f"checkpointing_{tag}_on_seq", checkpointing=True, sequential=True, **base)]
+
+
+def _resolution(model, sizes, batch, steps, precision="fp32", with_reference=True):
+    groups = []
+    for img in sizes:
+        base = dict(group="resolution", model=model, img_size=img, window_size=12, batch=batch, steps=steps,
+                    precision=precision)
+        tag = f"{model.replace('swinv2_', '')}_{img}_b{batch}"
+        g = [Case(name=f"resolution_{tag}_gigamim", label="gigamim", **base),
+             Case(name=f"resolution_{tag}_gigamim_ckpt_seq", label="gigamim ckpt+sequential", checkpointing=True,
+                  sequential=True, **base)]
+        if with_reference:
+            g.append(Case(name=f"resolution_{tag}_reference", label="timm reference", impl="reference", **base))
+        groups.append(g)
+    return groups
+
+
+def _micro_batch(model, img, batches, steps, precision="fp32"):
+    out = []
+    for b in batches:
+        base = dict(group="micro_batch", model=model, img_size=img, batch=b, steps=steps, precision=precision)
+        tag = f"{model.replace('swinv2_', '')}_{img}_b{b}"
+        out.append([Case(name=f"micro_batch_{tag}_gigamim", label="gigamim", **base),
+                    Case(name=f"micro_batch_{tag}_reference", label="timm reference", impl="reference", **base)])
+    return out
+
+
+def full():
+    groups = quick()["groups"]
+    groups += [_attention("swinv2_tiny", 192, 4, 3), _checkpointing("swinv2_tiny", 192, 4, 3)]
+    groups += _resolution("swinv2_tiny", (192, 384, 768), 1, 2)
+    groups += _micro_batch("swinv2_tiny", 192, (1, 4, 16), 2)
+    return {"groups": groups, "zero": dict(stages=(0, 1, 2, 3), model="swinv2_tiny", img_size=96, micro_batch=4, steps=6),
+            "data": dict(num_images=256, repeats=2)}
+
+
+# One H200 (141 GB): batches sized so that model states (16 B/param with fp32 master weights
+# and AdamW) plus bf16 activations stay well inside; G needs checkpointing at any useful batch.
+GPU_SIZES = (
+    ("swinv2_base", 256, False),
+    ("swinv2_large", 256, False),
+    ("swinv2_huge", 128, False),
+    ("swinv2_giant", 128, True),
+)
+
+
+def gpu():
+    groups = []
+    for model, batch, ckpt in GPU_SIZES:
+        common = dict(group="gpu_sizes", model=model, img_size=192, batch=batch, precision="bf16", steps=6, warmup=2,
+                      checkpointing=ckpt)
+        g = [Case(name=f"gpu_{model.replace('swinv2_', '')}_192_b{batch}", **common)]
+        if model in ("swinv2_base", "swinv2_large"):  # timm has no main-branch norms (huge/giant)
+            g.append(Case(name=f"gpu_{model.replace('swinv2_', '')}_192_b{batch}_reference", impl="reference", **common))
+        groups.append(g)
+    # train_step_ratio / peak_mem_ratio on the GPU as well.
+    groups.append(_pair("ratio", "swinv2_base", 192, 64, steps=6, warmup=2, precision="bf16"))
+    groups.append(_memory_group("swinv2_base", 512, 16, 8, steps=3, warmup=1, precision="bf16", chunk=64))
+    groups.append(_attention("swinv2_base", 192, 64, 5, precision="bf16"))
+    groups += _resolution("swinv2_base", (192, 384, 768), 8, 3, precision="bf16")
+    return {"groups": groups, "zero": None, "data": None}
+
+
+PROFILES = {"smoke": smoke, "quick": quick, "gpu": gpu, "full": full}

@@ -1,0 +1,259 @@
+"""summary.json, report.md and PNG plots from the per-case results of one run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import write_json
+
+GROUP_TITLES = {
+    "ratio": "Training step vs the timm reference (same weights, batch, resolution)",
+    "memory": "Peak memory: checkpointing + sequential attention vs the reference",
+    "attention": "Attention path",
+    "checkpointing": "Activation checkpointing",
+    "resolution": "Resolution sweep",
+    "micro_batch": "Micro-batch sweep",
+    "gpu_sizes": "Model sizes on one GPU (bf16)",
+    "zero": "ZeRO stages on 2 ranks (gigamim pretrain)",
+    "smoke": "Smoke",
+}
+
+
+def _fmt(x, nd=2):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def _by_group(results):
+    groups = {}
+    for r in results:
+        groups.setdefault(r["case"]["group"], []).append(r)
+    return groups
+
+
+def _find(results, group, **match):
+    for r in results:
+        c = r["case"]
+        if c["group"] == group and all(c.get(k) == v for k, v in match.items()) and "error" not in r:
+            return r
+    return None
+
+
+def summarize(results: list[dict], meta: dict, data_bench: dict | None) -> dict:
+    """Headline ratios. train_step_ratio: gigamim images/s / reference images/s (group 'ratio');
+    peak_mem_ratio: gigamim checkpointing + sequential / reference peak (group 'memory')."""
+    s = {"profile": meta["profile"], "command": meta["command"], "machine": meta["machine"],
+         "versions": meta["versions"], "cpu_peak_tflops": meta.get("cpu_peak_tflops"),
+         "wall_s": meta.get("wall_s"), "train_step_ratio": None, "peak_mem_ratio": None}
+    g, ref = _find(results, "ratio", impl="gigamim"), _find(results, "ratio", impl="reference")
+    if g and ref:
+        s["train_step_ratio"] = g["images_per_sec"] / ref["images_per_sec"]
+        s["train_step"] = {"model": g["case"]["model"], "img_size": g["case"]["img_size"], "batch": g["case"]["batch"],
+                           "gigamim": g["label"], "gigamim_images_per_sec": g["images_per_sec"],
+                           "reference_images_per_sec": ref["images_per_sec"], "gigamim_mfu": g.get("mfu"),
+                           "reference_mfu": ref.get("mfu")}
+        if g.get("peak_mem_bytes") and ref.get("peak_mem_bytes"):
+            s["train_step"]["peak_mem_ratio"] = g["peak_mem_bytes"] / ref["peak_mem_bytes"]
+    g = _find(results, "memory", impl="gigamim", checkpointing=True, sequential=True)
+    ref = _find(results, "memory", impl="reference")
+    if g and ref and g.get("peak_mem_bytes") and ref.get("peak_mem_bytes"):
+        s["peak_mem_ratio"] = g["peak_mem_bytes"] / ref["peak_mem_bytes"]
+        s["peak_mem"] = {"model": g["case"]["model"], "img_size": g["case"]["img_size"], "batch": g["case"]["batch"],
+                         "gigamim_gb": g["peak_mem_gb"], "reference_gb": ref["peak_mem_gb"],
+                         "method": g.get("peak_mem_method")}
+        plain = _find(results, "memory", impl="gigamim", checkpointing=False, sequential=False)
+        if plain and plain.get("peak_mem_bytes"):
+            s["peak_mem"]["gigamim_plain_gb"] = plain["peak_mem_gb"]
+    checks = [r["plan_check"] for r in results if r.get("plan_check")]
+    if checks:
+        s["planner_check"] = {"cases": checks, "max_abs_error": max(abs(c["error"]) for c in checks)}
+    mfu = {r["case"]["model"]: r.get("mfu") for r in results if r["case"]["group"] == "gpu_sizes" and "error" not in r}
+    if mfu:
+        s["mfu_by_model"] = mfu
+    zero = {r["label"]: {"images_per_sec": r.get("images_per_sec"), "peak_mem_gb": r.get("peak_mem_gb")}
+            for r in results if r["case"]["group"] == "zero"}
+    if zero:
+        s["zero"] = zero
+    if data_bench:
+        s["data_loader"] = {k: data_bench.get(k) for k in ("ratios",)} | {
+            "images_per_sec": {w: v["images_per_sec"] for w, v in data_bench.get("pipeline", {}).items()}}
+    s["failed_cases"] = [r["case"]["name"] for r in results if "error" in r]
+    return s
+
+
+def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: dict | None) -> str:
+    m = summary["machine"]
+    lines = [f"# gigamim benchmark: profile `{summary['profile']}`", "",
+             f"- command: `{summary['command']}`",
+             f"- machine: {m['cpu_model']}, {m['cpu_cores']} cores, torch threads {m['torch_threads']}, "
+             f"GPU {m['gpu']['name'] if m.get('gpu') else 'none'}",
+             f"- load average at start (1/5/15 min): {m['load_avg_1_5_15']}; at end: {summary.get('load_end')}"
+             " — a shared machine: absolute numbers are noisy, ratios come from alternated (ABAB) runs",
+             f"- versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items() if v),
+             f"- CPU matmul peak (fp32 torch.mm, this run): {_fmt(summary.get('cpu_peak_tflops'), 3)} TFLOP/s"
+             if summary.get("cpu_peak_tflops") else "- peak TFLOP/s: from gigamim.engine.metrics.PEAK_TFLOPS",
+             f"- wall time: {_fmt(summary.get('wall_s'), 0)} s", "", "## Headline", ""]
+    ts = summary.get("train_step")
+    if ts:
+        lines.append(f"- **train_step_ratio = {summary['train_step_ratio']:.3f}** ({ts['model']} @ {ts['img_size']} px, "
+                     f"batch {ts['batch']}: {ts['gigamim']} {ts['gigamim_images_per_sec']:.2f} img/s vs "
+                     f"reference {ts['reference_images_per_sec']:.2f} img/s)")
+    pm = summary.get("peak_mem")
+    if pm:
+        lines.append(f"- **peak_mem_ratio = {summary['peak_mem_ratio']:.3f}** ({pm['model']} @ {pm['img_size']} px, "
+                     f"batch {pm['batch']}: gigamim checkpointing + sequential {pm['gigamim_gb']:.3f} GiB vs reference "
+                     f"{pm['reference_gb']:.3f} GiB; gigamim without them {_fmt(pm.get('gigamim_plain_gb'), 3)} GiB)")
+        lines.append(f"- peak memory method: {pm['method']}")
+    pc = summary.get("planner_check")
+    if pc:
+        lines.append(f"- planner (gigamim plan) vs measured peak: max |error| {pc['max_abs_error']:.1%} over "
+                     f"{len(pc['cases'])} cases")
+    if summary.get("skipped_groups"):
+        lines.append(f"- skipped (time budget): {', '.join(summary['skipped_groups'])}")
+    if summary.get("failed_cases"):
+        lines.append(f"- failed cases: {', '.join(summary['failed_cases'])} (see their JSON)")
+    lines.append("")
+    for group, rs in _by_group(results).items():
+        lines += [f"## {GROUP_TITLES.get(group, group)}", ""]
+        if group == "zero":
+            lines += ["| case | images/s | peak mem GB | wall s | note |", "|---|---|---|---|---|"]
+            for r in rs:
+                lines.append(f"| {r['label']} | {_fmt(r.get('images_per_sec'))} | {_fmt(r.get('peak_mem_gb'), 3)} | "
+                             f"{_fmt(r.get('wall_s'), 0)} | {r.get('error', '')[:80]} |")
+            lines.append("")
+            continue
+        lines += ["| case | model | px | batch | images/s | step s (data/fwd/bwd/opt) | TFLOP/s | MFU | peak GiB | plan GiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rs:
+            c = r["case"]
+            if "error" in r:
+                lines.append(f"| {r['label']} | {c['model']} | {c['img_size']} | {c['batch']} | failed: "
+                             f"{r['error'][:60]} | | | | | |")
+                continue
+            b = r["breakdown_s"]
+            bd = "/".join(_fmt(b[k], 3) for k in ("data", "forward", "backward", "optimizer"))
+            plan = r.get("plan_check", {}).get("predicted_gb")
+            lines.append(f"| {r['label']} | {c['model']} | {c['img_size']} | {c['batch']} | {_fmt(r['images_per_sec'])} | "
+                         f"{_fmt(r['step_time_s'], 3)} ({bd}) | {_fmt(r.get('tflops_per_sec'), 3)} | "
+                         f"{_fmt(r.get('mfu'), 3)} | {_fmt(r.get('peak_mem_gb'), 3)} | {_fmt(plan, 3)} |")
+        lines.append("")
+    if data_bench:
+        lines += ["## Data loader (benchmarks/data_bench.py)", "", "| workers | images/s | CPU ms/image |", "|---|---|---|"]
+        for w, v in data_bench.get("pipeline", {}).items():
+            lines.append(f"| {w} | {_fmt(v['images_per_sec'], 1)} | {_fmt(v['cpu_ms_per_image'])} |")
+        for k, v in data_bench.get("floor", {}).items():
+            lines.append(f"| {k} | {_fmt(v['images_per_sec'], 1)} | {_fmt(v['cpu_ms_per_image'])} |")
+        lines.append("")
+    elif summary.get("data_bench_error"):
+        lines += ["## Data loader", "", f"not run: {summary['data_bench_error']}", ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["## Notes", "",
+              "- Each case's JSON holds the per-step times, the breakdown and how memory was measured.",
+              "- MFU counts model FLOPs (3x forward per image); HFU in the JSON adds checkpoint recompute (4x).",
+              "- CPU peak memory: resident tensors (parameters, optimizer states, batch) + the CPU allocator's "
+              "high-water over one extra, untimed step, from torch.profiler(profile_memory=True) allocation events "
+              "(benchmarks/memory.py).", ""]
+    return "\n".join(lines)
+
+
+def plots(results: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    ok = [r for r in results if "error" not in r and r.get("images_per_sec")]
+    bars = [r for r in ok if r["case"]["group"] in ("ratio", "attention", "checkpointing", "memory", "smoke")]
+    if bars:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(bars) + 2))
+        names = [f"{r['case']['group']}: {r['label']} ({r['case']['model'].replace('swinv2_', '')} "
+                 f"{r['case']['img_size']}px b{r['case']['batch']})" for r in bars]
+        colors = ["tab:gray" if r["case"]["impl"] == "reference" else "tab:blue" for r in bars]
+        axes[0].barh(names, [r["images_per_sec"] for r in bars], color=colors)
+        axes[0].set_xlabel("images/s")
+        axes[0].invert_yaxis()
+        axes[1].barh(names, [r.get("peak_mem_gb") or 0 for r in bars], color=colors)
+        axes[1].set_xlabel("peak memory (GiB)")
+        axes[1].invert_yaxis()
+        axes[1].set_yticklabels([])
+        fig.suptitle("gigamim (blue) vs timm reference (gray)")
+        fig.tight_layout()
+        fig.savefig(out / "cases.png", dpi=90)
+        plt.close(fig)
+        made.append("cases.png")
+        fig, ax = plt.subplots(figsize=(10, 0.5 * len(bars) + 2))
+        left = [0.0] * len(bars)
+        for k, col in zip(("data", "forward", "backward", "optimizer"), ("tab:green", "tab:blue", "tab:orange", "tab:red")):
+            vals = [r["breakdown_s"][k] or 0 for r in bars]
+            ax.barh(names, vals, left=left, color=col, label=k)
+            left = [a + b for a, b in zip(left, vals)]
+        ax.invert_yaxis()
+        ax.set_xlabel("median step time (s)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "breakdown.png", dpi=90)
+        plt.close(fig)
+        made.append("breakdown.png")
+    for group, xkey, fname in (("resolution", "img_size", "resolution.png"), ("micro_batch", "batch", "micro_batch.png")):
+        rs = [r for r in ok if r["case"]["group"] == group]
+        if not rs:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for label in sorted({r["label"] for r in rs}):
+            pts = sorted((r["case"][xkey], r) for r in rs if r["label"] == label)
+            xs = [x for x, _ in pts]
+            axes[0].plot(xs, [r["step_time_s"] / r["case"]["batch"] for _, r in pts], "o-", label=label)
+            axes[1].plot(xs, [r.get("peak_mem_gb") or float("nan") for _, r in pts], "o-", label=label)
+        axes[0].set_ylabel("step time per image (s)")
+        axes[1].set_ylabel("peak memory (GiB)")
+        for ax in axes:
+            ax.set_xlabel(xkey)
+            ax.legend()
+            if group == "resolution":
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log", base=2)
+        fig.suptitle(GROUP_TITLES[group])
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=90)
+        plt.close(fig)
+        made.append(fname)
+    gpu = [r for r in ok if r["case"]["group"] == "gpu_sizes" and r["case"]["impl"] == "gigamim"]
+    if gpu:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.bar([r["case"]["model"].replace("swinv2_", "") for r in gpu], [100 * (r.get("mfu") or 0) for r in gpu])
+        ax.set_ylabel("MFU (%)")
+        ax.set_title("SimMIM train step MFU by model size")
+        fig.tight_layout()
+        fig.savefig(out / "mfu.png", dpi=90)
+        plt.close(fig)
+        made.append("mfu.png")
+    zero = [r for r in results if r["case"]["group"] == "zero" and "error" not in r]
+    if zero:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        axes[0].bar([r["label"] for r in zero], [r["images_per_sec"] for r in zero])
+        axes[0].set_ylabel("images/s (2 ranks)")
+        axes[1].bar([r["label"] for r in zero], [r["peak_mem_gb"] for r in zero])
+        axes[1].set_ylabel("peak memory GB (rank 0)")
+        fig.tight_layout()
+        fig.savefig(out / "zero.png", dpi=90)
+        plt.close(fig)
+        made.append("zero.png")
+    return made
+
+
+def write_report(out: Path, results: list[dict], meta: dict, data_bench: dict | None) -> dict:
+    summary = summarize(results, meta, data_bench)
+    summary["load_end"] = meta.get("load_end")
+    summary["skipped_groups"] = meta.get("skipped_groups", [])
+    if meta.get("data_bench_error"):
+        summary["data_bench_error"] = meta["data_bench_error"]
+    made = plots(results, out)
+    summary["plots"] = made
+    write_json(out / "summary.json", summary)
+    (out / "report.md").write_text(markdown(results, summary, made, data_bench))
+    return summary

@@ -1,0 +1,339 @@
+"""`gigamim plan`: what fits on a GPU, before a job is queued.
+
+    gigamim plan --model swinv2_giant --gpus 64 --gpu-mem 80 [--img-size 192] [--micro-batch N]
+
+Per GPU: model-state memory for ZeRO 1/2/3 with and without offload, activation memory per
+image with and without checkpointing / sequential attention, the largest micro-batch that
+fits under a safety margin, and the resulting global batch. All of it is arithmetic on the
+architecture, no model is run (parameters are counted on the meta device).
+
+Model states (mixed-precision Adam, the ZeRO paper's K=12): 2 bytes bf16 parameters +
+2 bytes bf16 gradients + 12 bytes fp32 master/m/v per parameter. Stage 1 partitions the
+12, stage 2 the 2+12, stage 3 all 16 over the data-parallel ranks. Offload moves the
+optimizer (and with stage 3 the parameters) to host memory; what stays on the GPU then is
+the working set (gathered parameters of the layers in flight).
+
+Activations: the tensors autograd saves for backward, counted op by op for the blocks as
+gigamim implements them (see `block_saved_elements`), plus patch embedding, merges, the
+final norm and the SimMIM decoder + loss. Checkpointed blocks keep only their input; in
+backward one block at a time is recomputed, so the peak adds one block's full set.
+Sequential attention never keeps the (windows, heads, N, N) scores: one chunk at a time.
+`tests/test_plan.py` checks the counts against saved-tensor bytes measured on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+GiB = 2**30
+# Mixed-precision Adam bytes per parameter: bf16 weights, bf16 grads, fp32 master + m + v.
+PARAM_BYTES, GRAD_BYTES, OPTIM_BYTES = 2, 2, 12
+# fp32 training (the CPU check): weights, grads, Adam m + v; no master copy.
+FP32_STATE_BYTES = (4, 4, 8)
+ATTN_MODES = ("explicit", "fused", "sequential")
+
+
+@dataclass
+class Stage:
+    side: int  # feature-map side (tokens per image = side**2)
+    dim: int
+    heads: int
+    window: int
+    shift: int
+    depth: int
+    extra_norms: int  # huge/giant main-branch norms in this stage
+
+
+def geometry(name: str, img_size: int | None = None, window_size=None) -> tuple[dict, list[Stage]]:
+    """The variant's defaults (with overrides) and its per-stage geometry at img_size."""
+    from gigamim.models import model_defaults
+    from gigamim.models.swinv2 import stage_geometry
+
+    cfg = model_defaults(name)
+    if img_size is not None:
+        cfg["img_size"] = img_size
+    if window_size is not None:
+        cfg["window_size"] = window_size
+    depths, heads = cfg["depths"], cfg["num_heads"]
+    geo = stage_geometry(cfg["img_size"], 4, len(depths), cfg["window_size"])
+    period = cfg.get("extra_norm_period", 0)
+    stages = [
+        Stage(side, cfg["embed_dim"] * 2**i, heads[i], ws, shift, depths[i],
+              (depths[i] // period) if period else 0)
+        for i, ((side, ws, shift)) in enumerate(geo)
+    ]
+    return cfg, stages
+
+
+def count_parameters(name: str, img_size: int | None = None, window_size=None) -> int:
+    """Parameters of SimMIM(encoder) (mask token and decoder included), counted on the meta device."""
+    import torch
+
+    from gigamim.models import SimMIM, create_model
+
+    kw = {} if img_size is None else {"img_size": img_size}
+    if window_size is not None:
+        kw["window_size"] = window_size
+    with torch.device("meta"):
+        model = SimMIM(create_model(name, **kw))
+    return sum(p.numel() for p in model.parameters())
+
+
+def block_saved_elements(st: Stage, mlp_ratio: float, attn: str, shifted: bool) -> dict:
+    """Elements (per image) autograd keeps for one block; 'scores' and 'stats' listed apart.
+
+    Op by op (T tokens, C channels, h heads, N tokens per window, H hidden = mlp_ratio*C):
+    qkv linear input (window copy) TC; qkv output 3TC (q, k, v are views of it, saved by
+    normalize); the batched matmuls' contiguous copies of normalised q, k and of v 3TC
+    (explicit path; the norms ~4Th); scores before the scale and after softmax 2ThN;
+    proj input TC; norm1 input TC;
+    fc1 input TC; GELU input HT; fc2 input HT; norm2 input TC; LayerNorm mean/rstd 2T each.
+    'fused' (SDPA kernels on GPU): q*scale, q and k normalised, attention output TC each and
+    a logsumexp Th instead of the scores. 'sequential': q/k normalisation and scores live
+    inside recomputed chunks; the chunk's shift mask (N per token) is kept.
+    """
+    t, c, h, n = st.side**2, st.dim, st.heads, st.window**2
+    hidden = int(c * mlp_ratio)
+    tc = 11 * t * c + 2 * hidden * t  # qkv in, qkv out (3), q/k/v copies (3), proj in, norm1, fc1, norm2 + MLP
+    out = {"tensors": tc, "scores": 0, "stats": 2 * 2 * t}
+    if attn == "explicit":
+        out["scores"] = 2 * t * h * n
+        out["stats"] += 4 * t * h
+    elif attn == "fused":
+        out["tensors"] += t * c  # q*scale, q and k normalised, v and the output kept by the kernel
+        out["stats"] += 4 * t * h + t * h
+    elif attn == "sequential":
+        out["tensors"] -= 3 * t * c  # no q, k, v copies outside the recomputed chunks
+        out["stats"] += t * n if shifted else 0
+    else:
+        raise ValueError(f"attention mode {attn!r} is not one of {ATTN_MODES}")
+    return out
+
+
+def block_constant_elements(st: Stage) -> int:
+    """Elements one block saves once per micro-batch, whatever the batch: the CPB MLP's hidden
+    layer ((2W-1)^2 x 512) and output, and the gathered (heads, N, N) bias under its sigmoid."""
+    cells, n = (2 * st.window - 1) ** 2, st.window**2
+    return cells * 512 + cells * st.heads + n * n * st.heads
+
+
+def chunk_transient_elements(st: Stage, attn: str, batch: int, chunk: int) -> int:
+    """Elements alive at once inside one recomputed attention chunk (sequential mode), whole batch."""
+    if attn != "sequential":
+        return 0
+    n, h, d = st.window**2, st.heads, st.dim // st.heads
+    windows = min(chunk, batch * (st.side // st.window) ** 2)
+    return windows * h * (3 * n * n + 4 * n * d)
+
+
+def activation_bytes(name: str, img_size: int | None = None, *, window_size=None, batch: int = 1,
+                     dtype_bytes: int = 2, attn: str = "explicit", checkpointing: bool = False,
+                     attn_chunk: int = 64) -> dict:
+    """Activation memory of one micro-batch: 'saved' (kept from forward to backward) and
+    'transient' (the recompute of one checkpointed block / one attention chunk), bytes."""
+    cfg, stages = geometry(name, img_size, window_size)
+    size, mlp = cfg["img_size"], cfg.get("mlp_ratio", 4.0)
+    stat_bytes = 4  # LayerNorm statistics and softmax logsumexp stay fp32 under autocast
+    px = size * size
+    # Patch embed: conv input (3HW), norm input + stats, mask-token blend (two T-sized masks).
+    t0, c0 = stages[0].side ** 2, stages[0].dim
+    fixed = (3 * px + t0 * c0 + 2 * t0) * dtype_bytes + 2 * t0 * stat_bytes
+    blocks = []
+    for i, st in enumerate(stages):
+        t = st.side**2
+        if i > 0:
+            prev = stages[i - 1]
+            # PatchMerging: the 2x2-concat copy (input of the reduction) + LayerNorm input + stats.
+            fixed += (prev.side**2 * prev.dim + t * st.dim) * dtype_bytes + 2 * t * stat_bytes
+        for j in range(st.depth):
+            shifted = j % 2 == 1 and st.shift > 0
+            e = block_saved_elements(st, mlp, attn, shifted)
+            b = (e["tensors"] + e["scores"]) * dtype_bytes + e["stats"] * stat_bytes
+            blocks.append((b, t * st.dim * dtype_bytes, st))
+        # huge/giant main-branch norms: input + stats.
+        fixed += st.extra_norms * (t * st.dim * dtype_bytes + 2 * t * stat_bytes)
+    last = stages[-1]
+    # Final norm input + stats; decoder: |x - x_rec| (3HW) and the pixel mask (HW).
+    fixed += last.side**2 * last.dim * dtype_bytes + 2 * last.side**2 * stat_bytes + 4 * px * dtype_bytes
+    per_image_blocks = sum(b for b, _, _ in blocks)
+    constant = sum(block_constant_elements(st) * st.depth for st in stages) * dtype_bytes
+    if checkpointing:
+        saved = fixed + sum(inp for _, inp, _ in blocks)
+        transient = max(b for b, _, _ in blocks)  # one block recomputed in backward
+        constant_saved, constant_transient = 0, max(block_constant_elements(st) for st in stages) * dtype_bytes
+    else:
+        saved = fixed + per_image_blocks
+        transient = 0
+        constant_saved, constant_transient = constant, 0
+    chunk = max(chunk_transient_elements(st, attn, batch, attn_chunk) for st in stages) * dtype_bytes
+    return {
+        "saved": saved * batch + constant_saved,
+        "transient": transient * batch + chunk + constant_transient,
+        "per_image_saved": saved,
+        "per_image_blocks_full": per_image_blocks,
+        "total": saved * batch + transient * batch + chunk + constant_saved + constant_transient,
+    }
+
+
+def model_state_bytes(params: int, gpus: int, stage: int, offload: bool, largest_layer: int = 0,
+                      state_bytes=(PARAM_BYTES, GRAD_BYTES, OPTIM_BYTES)) -> dict:
+    """Per-GPU bytes of parameters, gradients and optimizer states (and host bytes under offload)."""
+    p, g, o = (b * params for b in state_bytes)
+    n = max(gpus, 1)
+    if stage == 0:
+        gpu = {"params": p, "grads": g, "optim": o}
+    elif stage == 1:
+        gpu = {"params": p, "grads": g, "optim": o / n}
+    elif stage == 2:
+        gpu = {"params": p, "grads": g / n, "optim": o / n}
+    elif stage == 3:
+        # Gathered parameters of the layers in flight (current + prefetched) come on top.
+        gpu = {"params": p / n + 2 * state_bytes[0] * largest_layer, "grads": g / n, "optim": o / n}
+    else:
+        raise ValueError(f"ZeRO stage must be 0..3, got {stage}")
+    host = 0.0
+    if offload:
+        if stage == 0:
+            raise ValueError("offload needs ZeRO stage 1, 2 or 3")
+        host += gpu["optim"] + (gpu["grads"] if stage >= 2 else 0)
+        gpu["optim"] = 0.0
+        if stage >= 2:
+            gpu["grads"] = 0.0
+        if stage == 3:  # offload_param: only the working set stays on the GPU
+            host += p / n
+            gpu["params"] = 2 * state_bytes[0] * largest_layer
+    gpu["total"] = sum(gpu.values())
+    return {"gpu": gpu, "host_per_gpu": host}
+
+
+def largest_layer_params(name: str, img_size: int | None = None) -> int:
+    """Parameters of the largest block (what ZeRO-3 gathers at once)."""
+    _, stages = geometry(name, img_size)
+    c = max(st.dim for st in stages)
+    heads = max(st.heads for st in stages)
+    return 3 * c * c + c * c + 8 * c * c + 2 * 512 + 512 * heads + 10 * c
+
+
+def fit_micro_batch(budget: float, states: float, act_per_image: float, act_fixed: float = 0.0,
+                    cap: int = 4096) -> int:
+    """Largest micro-batch with states + fixed + mb * act_per_image <= budget (0 if none)."""
+    room = budget - states - act_fixed
+    if room <= 0 or act_per_image <= 0:
+        return 0
+    return int(min(cap, room // act_per_image))
+
+
+def make_plan(name: str, gpus: int, gpu_mem_gb: float, img_size: int | None = None, micro_batch: int | None = None,
+              window_size=None, margin: float = 0.1, reserved_gb: float = 2.0, attn_chunk: int = 64) -> dict:
+    """The whole plan as a JSON-able dict (what `gigamim plan --json` prints)."""
+    cfg, _ = geometry(name, img_size, window_size)
+    size = cfg["img_size"]
+    params = count_parameters(name, size, window_size)
+    largest = largest_layer_params(name, size)
+    # Safety: a fraction for fragmentation / allocator rounding + a fixed reserve for the CUDA
+    # context, NCCL and DeepSpeed's communication buckets.
+    budget = gpu_mem_gb * GiB * (1 - margin) - reserved_gb * GiB
+    act = {}
+    for attn in ATTN_MODES:
+        for ckpt in (False, True):
+            a1 = activation_bytes(name, size, window_size=window_size, batch=1, attn=attn, checkpointing=ckpt,
+                                  attn_chunk=attn_chunk)
+            a2 = activation_bytes(name, size, window_size=window_size, batch=2, attn=attn, checkpointing=ckpt,
+                                  attn_chunk=attn_chunk)
+            per_image = a2["total"] - a1["total"]
+            act[f"{attn}{'+ckpt' if ckpt else ''}"] = {
+                "per_image_gb": per_image / GiB, "fixed_gb": (a1["total"] - per_image) / GiB,
+            }
+    rows = []
+    for stage in (1, 2, 3):
+        for offload in (False, True):
+            st = model_state_bytes(params, gpus, stage, offload, largest)
+            for key, a in act.items():
+                per, fixed = a["per_image_gb"] * GiB, a["fixed_gb"] * GiB
+                mb = fit_micro_batch(budget, st["gpu"]["total"], per, fixed)
+                row = {"zero_stage": stage, "offload": offload, "activations": key,
+                       "model_states_gb": st["gpu"]["total"] / GiB, "host_gb_per_gpu": st["host_per_gpu"] / GiB,
+                       "max_micro_batch": mb, "global_batch": mb * gpus}
+                if micro_batch:
+                    need = st["gpu"]["total"] + fixed + micro_batch * per
+                    row["mem_at_micro_batch_gb"] = need / GiB
+                    row["fits_micro_batch"] = need <= budget
+                rows.append(row)
+    return {"model": name, "img_size": size, "window_size": cfg["window_size"], "params": params,
+            "gpus": gpus, "gpu_mem_gb": gpu_mem_gb, "budget_gb": budget / GiB, "margin": margin,
+            "reserved_gb": reserved_gb, "micro_batch": micro_batch, "activations_per_image": act, "rows": rows}
+
+
+def _best(plan: dict) -> dict | None:
+    """Fewest moving parts that fit: no offload before offload, lower stage first, then the
+    largest micro-batch; checkpointing only when it buys a bigger batch."""
+    fits = [r for r in plan["rows"] if r["max_micro_batch"] > 0 and (not plan["micro_batch"] or r["fits_micro_batch"])]
+    if not fits:
+        return None
+    return max(fits, key=lambda r: (not r["offload"], r["max_micro_batch"] >= 8, -r["zero_stage"], r["max_micro_batch"]))
+
+
+def format_plan(plan: dict) -> str:
+    lines = [
+        f"{plan['model']} @ {plan['img_size']} px (window {plan['window_size']}): {plan['params'] / 1e6:,.1f}M parameters "
+        f"(SimMIM: encoder + mask token + decoder)",
+        f"{plan['gpus']} GPUs x {plan['gpu_mem_gb']:g} GB; usable per GPU {plan['budget_gb']:.1f} GiB "
+        f"({plan['margin']:.0%} margin + {plan['reserved_gb']:g} GiB reserved for context/buffers)",
+        "",
+        "activation memory per image (bf16, GiB):",
+    ]
+    for key, a in plan["activations_per_image"].items():
+        lines.append(f"  {key:<20} {a['per_image_gb']:8.3f}   (+{a['fixed_gb']:.3f} once per micro-batch)")
+    lines += ["", f"{'ZeRO':>4} {'offload':>7} {'activations':<20} {'states GiB':>10} {'host GiB':>8} "
+                  f"{'max mb':>6} {'global':>7}" + ("  at --micro-batch" if plan["micro_batch"] else "")]
+    for r in plan["rows"]:
+        extra = ""
+        if plan["micro_batch"]:
+            extra = f"  {r['mem_at_micro_batch_gb']:.1f} GiB {'fits' if r['fits_micro_batch'] else 'OOM'}"
+        lines.append(f"{r['zero_stage']:>4} {str(r['offload']):>7} {r['activations']:<20} {r['model_states_gb']:>10.2f} "
+                     f"{r['host_gb_per_gpu']:>8.2f} {r['max_micro_batch']:>6} {r['global_batch']:>7}{extra}")
+    best = _best(plan)
+    lines.append("")
+    if best is None:
+        lines.append("nothing fits: more GPUs, offload, or a smaller image")
+    else:
+        lines.append(f"suggested: ZeRO-{best['zero_stage']}{' + offload' if best['offload'] else ''}, "
+                     f"{best['activations']}, micro-batch {best['max_micro_batch']} -> global batch "
+                     f"{best['global_batch']} per step without accumulation")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="gigamim plan", description="Per-GPU memory plan for SimMIM pretraining.")
+    p.add_argument("--model", default="swinv2_giant")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GB of memory per GPU")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--window-size", type=int, default=None)
+    p.add_argument("--micro-batch", type=int, default=None, help="check whether this micro-batch fits")
+    p.add_argument("--margin", type=float, default=0.1, help="fraction of GPU memory kept free (fragmentation)")
+    p.add_argument("--reserved", type=float, default=2.0, help="GiB reserved for CUDA context and buffers")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    args = p.parse_args(argv)
+    if args.gpus < 1 or args.gpu_mem <= 0:
+        print(f"gigamim plan: --gpus ({args.gpus}) and --gpu-mem ({args.gpu_mem}) must be positive", file=sys.stderr)
+        return 2
+    if args.micro_batch is not None and args.micro_batch < 1:
+        print(f"gigamim plan: --micro-batch must be >= 1, got {args.micro_batch}", file=sys.stderr)
+        return 2
+    try:
+        plan = make_plan(args.model, args.gpus, args.gpu_mem, args.img_size, args.micro_batch, args.window_size,
+                         args.margin, args.reserved)
+    except ValueError as e:
+        print(f"gigamim plan: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
