@@ -170,7 +170,9 @@ class WindowAttention(nn.Module):
                 return None
             return mask[torch.arange(start, stop, device=mask.device) % mask.shape[0]]
 
-        if not self.sequential or bw <= self.chunk:
+        # Sequential even when one chunk holds every window: the recompute is what keeps the
+        # scores out of the saved activations (e.g. 4 windows of a 32x32 map at window 16).
+        if not self.sequential:
             out = _attend(q, k, v, scale, bias, window_mask(0, bw), self.impl, dropout_p)
         else:
             recompute = torch.is_grad_enabled()
