@@ -20,17 +20,19 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
+from gigamim.kernels import ResPostLayerNorm, drop_path_scale
 from gigamim.models.attention import TruncNormalLinear, WindowAttention
 from gigamim.models.registry import register_model
 
 IntOrSeq = Union[int, Sequence[int]]
 
 
-class ZeroInitLayerNorm(nn.LayerNorm):
-    """LayerNorm whose weight and bias start at 0: the official res-post-norm init, under which
+class ZeroInitLayerNorm(ResPostLayerNorm):
+    """The res-post-norm LayerNorm: `norm(y, shortcut=x, drop_path_scale=s)` is
+    `x + s * LayerNorm(y)` in one fused kernel where one runs (gigamim.kernels: Triton on
+    GPUs, apex, else PyTorch). Weight and bias start at 0: the official init, under which
     every residual branch outputs exactly 0 at initialisation."""
 
     def reset_parameters(self) -> None:
@@ -132,10 +134,9 @@ class SwinTransformerV2Block(nn.Module):
             impl=attn_impl, sequential=sequential, chunk=attn_chunk,
         )
         self.norm1 = ZeroInitLayerNorm(dim)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
         self.norm2 = ZeroInitLayerNorm(dim)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = drop_path  # per-sample, drawn as timm's DropPath draws it
         if extra_norm:
             self.norm3 = nn.LayerNorm(dim)  # huge/giant: keeps the main branch's scale bounded
         self.checkpointed = False
@@ -160,8 +161,9 @@ class SwinTransformerV2Block(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.norm1(self._window_attention(x)))
-        x = x + self.drop_path2(self.norm2(self.mlp(x)))
+        x = self.norm1(self._window_attention(x), shortcut=x,
+                       drop_path_scale=drop_path_scale(x, self.drop_path, self.training))
+        x = self.norm2(self.mlp(x), shortcut=x, drop_path_scale=drop_path_scale(x, self.drop_path, self.training))
         if hasattr(self, "norm3"):
             x = self.norm3(x)
         return x
