@@ -68,10 +68,10 @@ def _checkpointing(model, img, batch, steps, precision="fp32"):
             Case(name=f"checkpointing_{tag}_on_seq", checkpointing=True, sequential=True, **base)]
 
 
-def _resolution(model, sizes, batch, steps, precision="fp32", with_reference=True):
+def _resolution(model, sizes, batch, steps, precision="fp32", with_reference=True, window=12):
     groups = []
     for img in sizes:
-        base = dict(group="resolution", model=model, img_size=img, window_size=12, batch=batch, steps=steps,
+        base = dict(group="resolution", model=model, img_size=img, window_size=window, batch=batch, steps=steps,
                     precision=precision)
         tag = f"{model.replace('swinv2_', '')}_{img}_b{batch}"
         g = [Case(name=f"resolution_{tag}_gigamim", label="gigamim", **base),
@@ -94,11 +94,13 @@ def _micro_batch(model, img, batches, steps, precision="fp32"):
 
 
 def full():
+    # Sized for a shared 2-core CPU: the sweeps use small batches (resolution and micro-batch
+    # on nano, whose geometry scales the same way); the GPU profile runs them on SwinV2-B.
     groups = quick()["groups"]
-    groups += [_attention("swinv2_tiny", 192, 4, 3), _checkpointing("swinv2_tiny", 192, 4, 3)]
-    groups += _resolution("swinv2_tiny", (192, 384, 768), 1, 2)
-    groups += _micro_batch("swinv2_tiny", 192, (1, 4, 16), 2)
-    return {"groups": groups, "zero": dict(stages=(0, 1, 2, 3), model="swinv2_tiny", img_size=96, micro_batch=4, steps=6),
+    groups += [_attention("swinv2_tiny", 192, 2, 2), _checkpointing("swinv2_tiny", 192, 2, 2)]
+    groups += _resolution("swinv2_nano", (192, 384, 768), 1, 2)
+    groups += _micro_batch("swinv2_nano", 192, (1, 4, 16), 2)
+    return {"groups": groups, "zero": dict(stages=(0, 1, 2, 3), model="swinv2_tiny", img_size=96, micro_batch=4, steps=4),
             "data": dict(num_images=256, repeats=2)}
 
 

@@ -23,10 +23,8 @@ def timm_encoder_for(encoder) -> nn.Module:
 
     if getattr(encoder, "extra_norm_period", 0):
         raise ValueError("timm's SwinTransformerV2 has no main-branch norms (huge/giant): no timm reference")
-    drop_path = 0.0
-    dprs = [getattr(b.drop_path1, "drop_prob", 0.0) for b in encoder.blocks()]
-    if dprs:
-        drop_path = max(dprs)
+    # The last block has the full rate (both draw rates linearly over depth, timm per stage).
+    drop_path = max([_drop_rate(b) for b in encoder.blocks()] or [0.0])
     return SwinTransformerV2(
         img_size=encoder.img_size,
         patch_size=encoder.patch_size,
@@ -40,6 +38,14 @@ def timm_encoder_for(encoder) -> nn.Module:
         drop_path_rate=drop_path,
         pretrained_window_sizes=tuple(blk.attn.pretrained_window_size[0] for blk in _first_blocks(encoder)),
     )
+
+
+def _drop_rate(block) -> float:
+    """A gigamim block's drop-path rate (a float attribute, or a timm DropPath module)."""
+    dp = getattr(block, "drop_path", None)
+    if isinstance(dp, (int, float)):
+        return float(dp)
+    return float(getattr(getattr(block, "drop_path1", None), "drop_prob", 0.0) or 0.0)
 
 
 def _first_blocks(encoder):

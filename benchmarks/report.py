@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import write_json
+from .common import median, write_json
 
 GROUP_TITLES = {
     "ratio": "Training step vs the timm reference (same weights, batch, resolution)",
@@ -31,7 +31,8 @@ def _by_group(results):
     groups = {}
     for r in results:
         groups.setdefault(r["case"]["group"], []).append(r)
-    return groups
+    order = list(GROUP_TITLES)
+    return dict(sorted(groups.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
 def _find(results, group, **match):
@@ -49,8 +50,15 @@ def summarize(results: list[dict], meta: dict, data_bench: dict | None) -> dict:
          "versions": meta["versions"], "cpu_peak_tflops": meta.get("cpu_peak_tflops"),
          "wall_s": meta.get("wall_s"), "train_step_ratio": None, "peak_mem_ratio": None}
     g, ref = _find(results, "ratio", impl="gigamim"), _find(results, "ratio", impl="reference")
-    if g and ref:
+    if g and ref and g.get("images_per_sec") and ref.get("images_per_sec"):
         s["train_step_ratio"] = g["images_per_sec"] / ref["images_per_sec"]
+        # ABAB pairs: round i of one side ran next to round i of the other.
+        pairs = [b / a for a, b in zip(g["step_times_s"], ref["step_times_s"])]
+        s["train_step_ratio_paired_median"] = median(pairs)
+        if g.get("min_step_time_s") and ref.get("min_step_time_s"):
+            s["train_step_ratio_best_of"] = ref["min_step_time_s"] / g["min_step_time_s"]
+        if g.get("cpu_time_per_step_s") and ref.get("cpu_time_per_step_s"):
+            s["train_step_ratio_cpu_time"] = ref["cpu_time_per_step_s"] / g["cpu_time_per_step_s"]
         s["train_step"] = {"model": g["case"]["model"], "img_size": g["case"]["img_size"], "batch": g["case"]["batch"],
                            "gigamim": g["label"], "gigamim_images_per_sec": g["images_per_sec"],
                            "reference_images_per_sec": ref["images_per_sec"], "gigamim_mfu": g.get("mfu"),
@@ -64,6 +72,11 @@ def summarize(results: list[dict], meta: dict, data_bench: dict | None) -> dict:
         s["peak_mem"] = {"model": g["case"]["model"], "img_size": g["case"]["img_size"], "batch": g["case"]["batch"],
                          "gigamim_gb": g["peak_mem_gb"], "reference_gb": ref["peak_mem_gb"],
                          "method": g.get("peak_mem_method")}
+        if g.get("resident_bytes") and ref.get("resident_bytes"):
+            # The part checkpointing / sequential attention act on: peak minus resident states.
+            s["activation_mem_ratio"] = ((g["peak_mem_bytes"] - g["resident_bytes"])
+                                         / (ref["peak_mem_bytes"] - ref["resident_bytes"]))
+            s["peak_mem"]["resident_gb"] = g["resident_bytes"] / 2**30
         plain = _find(results, "memory", impl="gigamim", checkpointing=False, sequential=False)
         if plain and plain.get("peak_mem_bytes"):
             s["peak_mem"]["gigamim_plain_gb"] = plain["peak_mem_gb"]
@@ -101,11 +114,19 @@ def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: d
         lines.append(f"- **train_step_ratio = {summary['train_step_ratio']:.3f}** ({ts['model']} @ {ts['img_size']} px, "
                      f"batch {ts['batch']}: {ts['gigamim']} {ts['gigamim_images_per_sec']:.2f} img/s vs "
                      f"reference {ts['reference_images_per_sec']:.2f} img/s)")
+        lines.append(f"- same comparison, other statistics: median of paired (ABAB) ratios "
+                     f"{_fmt(summary.get('train_step_ratio_paired_median'), 3)}, best step vs best step "
+                     f"{_fmt(summary.get('train_step_ratio_best_of'), 3)}, process CPU time per step "
+                     f"{_fmt(summary.get('train_step_ratio_cpu_time'), 3)} (least sensitive to other jobs)")
     pm = summary.get("peak_mem")
     if pm:
         lines.append(f"- **peak_mem_ratio = {summary['peak_mem_ratio']:.3f}** ({pm['model']} @ {pm['img_size']} px, "
                      f"batch {pm['batch']}: gigamim checkpointing + sequential {pm['gigamim_gb']:.3f} GiB vs reference "
                      f"{pm['reference_gb']:.3f} GiB; gigamim without them {_fmt(pm.get('gigamim_plain_gb'), 3)} GiB)")
+        if summary.get("activation_mem_ratio") is not None:
+            lines.append(f"- of which model states (fp32 weights, AdamW m/v) + batch: {pm['resident_gb']:.3f} GiB on both "
+                         f"sides; above them (activations, gradients, temporaries) gigamim/reference = "
+                         f"**{summary['activation_mem_ratio']:.3f}**")
         lines.append(f"- peak memory method: {pm['method']}")
     pc = summary.get("planner_check")
     if pc:
@@ -125,19 +146,20 @@ def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: d
                              f"{_fmt(r.get('wall_s'), 0)} | {r.get('error', '')[:80]} |")
             lines.append("")
             continue
-        lines += ["| case | model | px | batch | images/s | step s (data/fwd/bwd/opt) | TFLOP/s | MFU | peak GiB | plan GiB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| case | model | px | batch | images/s | step s (data/fwd/bwd/opt) | CPU s/step | TFLOP/s | MFU | "
+                  "peak GiB | plan GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rs:
             c = r["case"]
             if "error" in r:
                 lines.append(f"| {r['label']} | {c['model']} | {c['img_size']} | {c['batch']} | failed: "
-                             f"{r['error'][:60]} | | | | | |")
+                             f"{r['error'][:60]} | | | | | | |")
                 continue
             b = r["breakdown_s"]
             bd = "/".join(_fmt(b[k], 3) for k in ("data", "forward", "backward", "optimizer"))
             plan = r.get("plan_check", {}).get("predicted_gb")
             lines.append(f"| {r['label']} | {c['model']} | {c['img_size']} | {c['batch']} | {_fmt(r['images_per_sec'])} | "
-                         f"{_fmt(r['step_time_s'], 3)} ({bd}) | {_fmt(r.get('tflops_per_sec'), 3)} | "
+                         f"{_fmt(r['step_time_s'], 3)} ({bd}) | {_fmt(r.get('cpu_time_per_step_s'), 3)} | "
+                         f"{_fmt(r.get('tflops_per_sec'), 3)} | "
                          f"{_fmt(r.get('mfu'), 3)} | {_fmt(r.get('peak_mem_gb'), 3)} | {_fmt(plan, 3)} |")
         lines.append("")
     if data_bench:
@@ -167,14 +189,14 @@ def plots(results: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
-    ok = [r for r in results if "error" not in r and r.get("images_per_sec")]
+    ok = [r for r in results if "error" not in r and (r.get("images_per_sec") or r.get("peak_mem_gb"))]
     bars = [r for r in ok if r["case"]["group"] in ("ratio", "attention", "checkpointing", "memory", "smoke")]
     if bars:
         fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(bars) + 2))
         names = [f"{r['case']['group']}: {r['label']} ({r['case']['model'].replace('swinv2_', '')} "
                  f"{r['case']['img_size']}px b{r['case']['batch']})" for r in bars]
         colors = ["tab:gray" if r["case"]["impl"] == "reference" else "tab:blue" for r in bars]
-        axes[0].barh(names, [r["images_per_sec"] for r in bars], color=colors)
+        axes[0].barh(names, [r.get("images_per_sec") or 0 for r in bars], color=colors)
         axes[0].set_xlabel("images/s")
         axes[0].invert_yaxis()
         axes[1].barh(names, [r.get("peak_mem_gb") or 0 for r in bars], color=colors)
@@ -189,7 +211,7 @@ def plots(results: list[dict], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(10, 0.5 * len(bars) + 2))
         left = [0.0] * len(bars)
         for k, col in zip(("data", "forward", "backward", "optimizer"), ("tab:green", "tab:blue", "tab:orange", "tab:red")):
-            vals = [r["breakdown_s"][k] or 0 for r in bars]
+            vals = [r["breakdown_s"].get(k) or 0 for r in bars]
             ax.barh(names, vals, left=left, color=col, label=k)
             left = [a + b for a, b in zip(left, vals)]
         ax.invert_yaxis()
@@ -207,7 +229,7 @@ def plots(results: list[dict], out: Path) -> list[str]:
         for label in sorted({r["label"] for r in rs}):
             pts = sorted((r["case"][xkey], r) for r in rs if r["label"] == label)
             xs = [x for x, _ in pts]
-            axes[0].plot(xs, [r["step_time_s"] / r["case"]["batch"] for _, r in pts], "o-", label=label)
+            axes[0].plot(xs, [(r["step_time_s"] or float("nan")) / r["case"]["batch"] for _, r in pts], "o-", label=label)
             axes[1].plot(xs, [r.get("peak_mem_gb") or float("nan") for _, r in pts], "o-", label=label)
         axes[0].set_ylabel("step time per image (s)")
         axes[1].set_ylabel("peak memory (GiB)")

@@ -23,7 +23,7 @@ def _plan_check(res: dict) -> dict | None:
     from gigamim.engine.plan import FP32_STATE_BYTES, activation_bytes, model_state_bytes
 
     c = res["case"]
-    if c["impl"] != "gigamim" or c["precision"] != "fp32" or not res.get("peak_mem_bytes"):
+    if c.get("impl") != "gigamim" or c.get("precision") != "fp32" or not res.get("peak_mem_bytes"):
         return None
     if c["attn_impl"] == "sdpa" and not c["sequential"]:
         return None  # SDPA's CPU math path saves its own set of tensors: not modelled
@@ -52,6 +52,44 @@ def _run_data_bench(out: Path, kwargs: dict, log):
         return None, f"{type(e).__name__}: {e}"
 
 
+def _rebuild(dirs, out: Path, command: str) -> int:
+    import json
+
+    from .report import write_report
+
+    results, data, meta = [], None, None
+    for d in map(Path, dirs):
+        summary = d / "summary.json"
+        if meta is None and summary.exists():
+            s = json.loads(summary.read_text())
+            meta = {k: s.get(k) for k in ("profile", "machine", "versions", "cpu_peak_tflops", "wall_s", "load_end")}
+            meta["command"] = s.get("command")
+        for f in sorted(d.glob("*.json")):
+            if f.name == "summary.json":
+                continue
+            if f.name == "data_bench.json":
+                data = json.loads(f.read_text())
+                continue
+            res = json.loads(f.read_text())
+            if "error" not in res and res.get("device", "cpu") == "cpu":
+                check = _plan_check(res)  # with the planner as it is now
+                if check:
+                    res["plan_check"] = check
+            results.append(res)
+    if meta is None:
+        print(f"gigamim bench: no summary.json in {dirs}", file=sys.stderr)
+        return 2
+    meta["command"] = f"{meta['command']}  (report rebuilt: {command})"
+    out.mkdir(parents=True, exist_ok=True)
+    if data is not None:
+        (out / "data_bench.json").write_text(json.dumps(data, indent=1) + "\n")
+    for r in results:
+        (out / f"{r['case']['name']}.json").write_text(json.dumps(r, indent=1, default=str) + "\n")
+    summary = write_report(out, results, meta, data)
+    print(f"rebuilt {out}/report.md from {len(results)} cases; plots: {', '.join(summary['plots'])}")
+    return 0
+
+
 def main(argv=None) -> int:
     from .profiles import PROFILES
 
@@ -64,6 +102,9 @@ def main(argv=None) -> int:
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="override every case's precision")
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds: groups not started by then are skipped (the report is still written)")
+    p.add_argument("--report-from", nargs="+", default=None, metavar="DIR",
+                   help="run nothing: rebuild report.md/summary.json/plots in --out from the case JSONs of "
+                        "earlier runs (machine and command taken from the first DIR's summary.json)")
     p.add_argument("--list", action="store_true", help="print the profile's cases and exit (nothing is built)")
     p.add_argument("--only", default=None, help="comma-separated groups to run (ratio, memory, attention, "
                                                 "checkpointing, resolution, micro_batch, gpu_sizes, zero, data)")
@@ -75,6 +116,8 @@ def main(argv=None) -> int:
     from .report import write_report
     from .train_step import run_group
 
+    if args.report_from:
+        return _rebuild(args.report_from, Path(args.out), command_line(argv))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cuda" and not torch.cuda.is_available():

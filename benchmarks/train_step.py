@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import random
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
@@ -146,6 +147,7 @@ class StepRunner:
 
         b = self.batches[self.i % len(self.batches)]
         self.i += 1
+        c0 = time.process_time()
         t0 = self.clock()
         images = normalize_on_device(b["image"], self.device)
         mask = b["mask"].to(self.device, non_blocking=True)
@@ -160,8 +162,10 @@ class StepRunner:
         t4 = self.clock()
         if not torch.isfinite(loss.detach()):
             raise FloatingPointError(f"case {self.case.name}: non-finite loss {loss.item()}")
+        # CPU seconds of this process: on a shared machine, time other jobs take from us
+        # inflates wall time but not this (with one thread it is close to the work done).
         return {"data": t1 - t0, "forward": t2 - t1, "backward": t3 - t2, "optimizer": t4 - t3, "total": t4 - t0,
-                "loss": float(loss.detach())}
+                "cpu": time.process_time() - c0, "loss": float(loss.detach())}
 
     def warmup(self) -> None:
         for _ in range(self.case.warmup):
@@ -175,6 +179,7 @@ class StepRunner:
         gc.collect()
         extra = [self.batches[0]["image"]]
         resident = resident_bytes(self.model, self.opt, extra)
+        self.resident = resident
         if self.device.type == "cuda":
             before = torch.cuda.memory_allocated(self.device)
             peak, how = step_peak_bytes(self._step, self.device, 0)
@@ -199,6 +204,9 @@ class StepRunner:
             "step_time_s": step_s,
             "breakdown_s": {k: phases[k] for k in ("data", "forward", "backward", "optimizer")},
             "step_times_s": [t["total"] for t in self.times],
+            "step_cpu_times_s": [t["cpu"] for t in self.times],
+            "cpu_time_per_step_s": median([t["cpu"] for t in self.times]),
+            "min_step_time_s": min((t["total"] for t in self.times), default=None),
             "loss_last": self.times[-1]["loss"] if self.times else None,
             "flops_per_image_train": flops_per_image,
             "tflops_per_sec": tflops,
@@ -258,6 +266,8 @@ def run_group(cases: list[Case], device, peak_tflops: float | None, peak_src: st
             try:
                 peak, how = r.peak_memory()
                 res["peak_mem_bytes"], res["peak_mem_gb"], res["peak_mem_method"] = peak, peak / 2**30, how
+                # Parameters + optimizer states + batch: what no activation trick can remove.
+                res["resident_bytes"] = r.resident
             except Exception as e:  # noqa: BLE001
                 res["peak_mem_error"] = f"{type(e).__name__}: {e}"
         results[r.case.name] = res

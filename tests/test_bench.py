@@ -80,6 +80,12 @@ def test_smoke_profile_writes_json_markdown_png(tmp_path):
     for png in summary["plots"]:
         data = (out / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    # Rebuilding the report from the case files gives the same headline.
+    again = tmp_path / "rebuilt"
+    assert main(["--report-from", str(out), "--out", str(again)]) == 0
+    rebuilt = json.loads((again / "summary.json").read_text())
+    assert rebuilt["train_step_ratio"] == summary["train_step_ratio"]
+    assert (again / "report.md").exists()
 
 
 def test_bench_rejects_unknown_profile(capsys):

@@ -24,6 +24,7 @@ Sequential attention never keeps the (windows, heads, N, N) scores: one chunk at
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -69,6 +70,7 @@ def geometry(name: str, img_size: int | None = None, window_size=None) -> tuple[
     return cfg, stages
 
 
+@functools.lru_cache(maxsize=32)
 def count_parameters(name: str, img_size: int | None = None, window_size=None) -> int:
     """Parameters of SimMIM(encoder) (mask token and decoder included), counted on the meta device."""
     import torch
@@ -142,20 +144,27 @@ def activation_bytes(name: str, img_size: int | None = None, *, window_size=None
     # Patch embed: conv input (3HW), norm input + stats, mask-token blend (two T-sized masks).
     t0, c0 = stages[0].side ** 2, stages[0].dim
     fixed = (3 * px + t0 * c0 + 2 * t0) * dtype_bytes + 2 * t0 * stat_bytes
-    blocks = []
+    blocks = []  # (full saved bytes, input bytes, bytes saved before this block when checkpointed)
+    before = fixed
     for i, st in enumerate(stages):
         t = st.side**2
         if i > 0:
             prev = stages[i - 1]
             # PatchMerging: the 2x2-concat copy (input of the reduction) + LayerNorm input + stats.
-            fixed += (prev.side**2 * prev.dim + t * st.dim) * dtype_bytes + 2 * t * stat_bytes
+            merge = (prev.side**2 * prev.dim + t * st.dim) * dtype_bytes + 2 * t * stat_bytes
+            fixed += merge
+            before += merge
         for j in range(st.depth):
             shifted = j % 2 == 1 and st.shift > 0
             e = block_saved_elements(st, mlp, attn, shifted)
             b = (e["tensors"] + e["scores"]) * dtype_bytes + e["stats"] * stat_bytes
-            blocks.append((b, t * st.dim * dtype_bytes, st))
+            inp = t * st.dim * dtype_bytes
+            blocks.append((b, inp, before))
+            before += inp
         # huge/giant main-branch norms: input + stats.
-        fixed += st.extra_norms * (t * st.dim * dtype_bytes + 2 * t * stat_bytes)
+        extra = st.extra_norms * (t * st.dim * dtype_bytes + 2 * t * stat_bytes)
+        fixed += extra
+        before += extra
     last = stages[-1]
     # Final norm input + stats; decoder: |x - x_rec| (3HW) and the pixel mask (HW).
     fixed += last.side**2 * last.dim * dtype_bytes + 2 * last.side**2 * stat_bytes + 4 * px * dtype_bytes
@@ -163,7 +172,9 @@ def activation_bytes(name: str, img_size: int | None = None, *, window_size=None
     constant = sum(block_constant_elements(st) * st.depth for st in stages) * dtype_bytes
     if checkpointing:
         saved = fixed + sum(inp for _, inp, _ in blocks)
-        transient = max(b for b, _, _ in blocks)  # one block recomputed in backward
+        # Backward recomputes one block at a time, last block first; by the time block i is
+        # recomputed, what later blocks and the decoder saved is gone, what came before is not.
+        transient = max(0, max(pre + inp + b for b, inp, pre in blocks) - saved)
         constant_saved, constant_transient = 0, max(block_constant_elements(st) for st in stages) * dtype_bytes
     else:
         saved = fixed + per_image_blocks
