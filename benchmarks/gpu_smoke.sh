@@ -12,7 +12,7 @@
 # Everything lands in $OUT: smoke.json, kernels.json, gpu/ (report.md, summary.json, PNGs), logs.
 set -uo pipefail
 OUT=${OUT:-gpu_smoke_out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 START=$(date +%s)
 log() { echo "[gpu_smoke $(( $(date +%s) - START ))s] $*" | tee -a "$OUT/gpu_smoke.log"; }
 
@@ -21,6 +21,12 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   pip install --no-deps --no-index -q .whl/*.whl >> "$OUT/pip.log" 2>&1 || log "some wheels failed (see pip.log)"
 fi
 pip install -e . --no-deps --no-build-isolation -q >> "$OUT/pip.log" 2>&1 || log "pip install -e . failed (see pip.log)"
+if ! python -c "import gigamim, gigamim_benchmarks" 2>/dev/null; then
+  # Not installed (no network for build deps?): import both from the checkout instead.
+  log "gigamim not importable after install: using the checkout via PYTHONPATH"
+  mkdir -p "$OUT/pypath" && ln -sfn "$PWD/benchmarks" "$OUT/pypath/gigamim_benchmarks"
+  export PYTHONPATH="$PWD:$OUT/pypath:${PYTHONPATH:-}"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia_smi.csv" 2>&1
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
   2>&1 | tee -a "$OUT/gpu_smoke.log"
@@ -69,7 +75,7 @@ log "kernels exit $? (see kernels.log)"
 ELAPSED=$(( $(date +%s) - START ))
 BUDGET=$(( 390 - ELAPSED ))   # groups not started after this many seconds are skipped
 log "gigamim bench --profile gpu (time budget ${BUDGET}s)"
-timeout $(( BUDGET + 80 )) gigamim bench --profile gpu --out "$OUT/gpu" --time-budget "$BUDGET" \
+timeout $(( BUDGET + 80 )) python -m gigamim bench --profile gpu --out "$OUT/gpu" --time-budget "$BUDGET" \
   > "$OUT/bench.log" 2>&1
 log "bench exit $? (see bench.log, gpu/report.md)"
 tail -n 5 "$OUT/bench.log"
