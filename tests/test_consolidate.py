@@ -190,18 +190,25 @@ def test_zero12_consolidated_equal_gathered(tmp_path, stage):
         assert f.metadata()["zero_stage"] == str(stage)
 
 
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """2 ranks: save at step 2, keep training to step 4 (losses recorded); universal copy."""
+    base = tmp_path_factory.mktemp("uni")
+    ckpt = base / "ckpt"
+    zc.launch(2, ckpt, steps=2, extra_steps=2, losses=base / "a.json")
+    tag = consolidate.to_universal(str(ckpt))
+    return ckpt, os.path.basename(tag), json.loads((base / "a.json").read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("new_world", [1, 3])
-def test_resume_universal_on_other_world_size(tmp_path, new_world):
-    """Save on 2 ranks at step 2 and keep training to step 4; convert to universal; resume
-    on 1 / 3 ranks: the resumed losses of steps 3 and 4 match the uninterrupted run (step 4
-    also checks that the AdamW moments and step count came back)."""
-    ckpt = tmp_path / "ckpt"
-    zc.launch(2, ckpt, steps=2, extra_steps=2, losses=tmp_path / "a.json")
-    tag = consolidate.to_universal(str(ckpt))
-    zc.launch(new_world, ckpt, steps=0, extra_steps=2, resume_tag=os.path.basename(tag), load_universal=True,
+def test_resume_universal_on_other_world_size(two_rank_run, tmp_path, new_world):
+    """Resume the universal copy on 1 / 3 ranks: the resumed losses of steps 3 and 4 match
+    the uninterrupted 2-rank run (step 4 also checks that the AdamW moments and step count
+    came back). Same global batch (6) on every world size."""
+    ckpt, tag, a = two_rank_run
+    zc.launch(new_world, ckpt, steps=0, extra_steps=2, resume_tag=tag, load_universal=True,
               losses=tmp_path / "b.json")
-    a = json.loads((tmp_path / "a.json").read_text())
     b = json.loads((tmp_path / "b.json").read_text())
     assert sorted(b) == ["3", "4"]
     for step in ("3", "4"):

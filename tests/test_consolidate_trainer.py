@@ -5,6 +5,11 @@ The trainer cannot continue the data stream sample-exactly on another world size
 starts the next epoch), so here the resumed losses are compared loosely; the exact
 first-resumed-loss match on a new world size is shown with a fixed global batch in
 tests/test_consolidate.py::test_resume_universal_on_other_world_size.
+
+Known at the time of writing (07:45 UTC): `gigamim pretrain` saves its final checkpoint
+and then rank 0 does not exit (the launcher waits until killed), so these tests time
+out until the trainer's shutdown is fixed; the resume itself was checked by hand (1 rank:
+"resumed from .../step_00000004_universal at step 4", lr of steps 5-6 identical).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from gigamim.models import create_model
 from tests.launch import deepspeed_cmd, run, tail
 from tests.test_trainer import by_step, pretrain_args
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 # Global batch 12 = micro 2 x {1, 2, 3} ranks x {6, 3, 2} accumulation steps.
 BATCH = ("train.micro_batch_size=2", "train.global_batch_size=12")
@@ -37,7 +42,7 @@ def shards(tmp_path_factory):
 def trained(tmp_path_factory, shards):
     """6 steps on 2 ranks, checkpoints at 4 and 6: the reference run."""
     wd = tmp_path_factory.mktemp("ref")
-    r = run(deepspeed_cmd(2, *pretrain_args(wd, shards, 6, "checkpoint.every_steps=4", *BATCH)), timeout=900)
+    r = run(deepspeed_cmd(2, *pretrain_args(wd, shards, 6, "checkpoint.every_steps=4", *BATCH)), timeout=600)
     assert r.returncode == 0, tail(r.stdout + r.stderr)
     return wd
 
@@ -59,7 +64,7 @@ def test_trainer_resumes_universal_on_other_world_size(trained, tmp_path, shards
     uni = tmp_path / "uni" / "step_00000004_universal"
     consolidate.to_universal(str(trained / "ck"), tag="step_00000004", out=str(uni))
     r = run(deepspeed_cmd(new_world, *pretrain_args(tmp_path, shards, 6, "checkpoint.every_steps=100", *BATCH),
-                          "--resume", str(uni)), timeout=900)
+                          "--resume", str(uni)), timeout=600)
     assert r.returncode == 0, tail(r.stdout + r.stderr)
     assert "resumed from" in r.stdout + r.stderr
     ref, got = by_step(trained), by_step(tmp_path)
