@@ -80,8 +80,14 @@ def test_plan_cli(capsys):
 
 
 def test_plan_giant():
-    p = plan.make_plan("swinv2_giant", 64, 80, micro_batch=16)
-    assert "suggested:" in plan.format_plan(p)
+    p = plan.make_plan("swinv2_giant", 64, 80, micro_batch=16, global_batch=9216)
+    text = plan.format_plan(p)
+    assert "suggested:" in text and "for global batch 9216" in text
+    for r in p["rows"]:
+        if r["max_micro_batch"]:
+            # micro x GPUs x accumulation covers the global batch with a micro-batch that fits.
+            assert r["micro_batch_for_global"] <= r["max_micro_batch"]
+            assert r["micro_batch_for_global"] * 64 * r["accumulation"] >= 9216
     assert 2.9e9 < p["params"] < 3.1e9
     rows = {(r["zero_stage"], r["offload"], r["activations"]): r for r in p["rows"]}
     # ZeRO-1 keeps 4 bytes/param of bf16 weights + grads: ~12 GB for 3B; ZeRO-3 shards them.

@@ -239,7 +239,8 @@ def fit_micro_batch(budget: float, states: float, act_per_image: float, act_fixe
 
 
 def make_plan(name: str, gpus: int, gpu_mem_gb: float, img_size: int | None = None, micro_batch: int | None = None,
-              window_size=None, margin: float = 0.1, reserved_gb: float = 2.0, attn_chunk: int = 64) -> dict:
+              window_size=None, margin: float = 0.1, reserved_gb: float = 2.0, attn_chunk: int = 64,
+              global_batch: int | None = None) -> dict:
     """The whole plan as a JSON-able dict (what `gigamim plan --json` prints)."""
     cfg, _ = geometry(name, img_size, window_size)
     size = cfg["img_size"]
@@ -269,6 +270,11 @@ def make_plan(name: str, gpus: int, gpu_mem_gb: float, img_size: int | None = No
                 row = {"zero_stage": stage, "offload": offload, "activations": key,
                        "model_states_gb": st["gpu"]["total"] / GiB, "host_gb_per_gpu": st["host_per_gpu"] / GiB,
                        "max_micro_batch": mb, "global_batch": mb * gpus}
+                if global_batch and mb:
+                    # Reach the recipe's global batch with the fewest accumulation steps.
+                    accum = math.ceil(global_batch / (gpus * mb))
+                    row["accumulation"] = accum
+                    row["micro_batch_for_global"] = math.ceil(global_batch / (gpus * accum))
                 if micro_batch:
                     need = st["gpu"]["total"] + fixed + micro_batch * per
                     row["mem_at_micro_batch_gb"] = need / GiB
@@ -276,7 +282,8 @@ def make_plan(name: str, gpus: int, gpu_mem_gb: float, img_size: int | None = No
                 rows.append(row)
     return {"model": name, "img_size": size, "window_size": cfg["window_size"], "params": params,
             "gpus": gpus, "gpu_mem_gb": gpu_mem_gb, "budget_gb": budget / GiB, "margin": margin,
-            "reserved_gb": reserved_gb, "micro_batch": micro_batch, "activations_per_image": act, "rows": rows}
+            "reserved_gb": reserved_gb, "micro_batch": micro_batch, "global_batch": global_batch,
+            "activations_per_image": act, "rows": rows}
 
 
 def _best(plan: dict) -> dict | None:
@@ -315,6 +322,9 @@ def format_plan(plan: dict) -> str:
         lines.append(f"suggested: ZeRO-{best['zero_stage']}{' + offload' if best['offload'] else ''}, "
                      f"{best['activations']}, micro-batch {best['max_micro_batch']} -> global batch "
                      f"{best['global_batch']} per step without accumulation")
+        if plan.get("global_batch"):
+            lines.append(f"for global batch {plan['global_batch']}: micro-batch {best['micro_batch_for_global']} x "
+                         f"{plan['gpus']} GPUs x {best['accumulation']} accumulation step(s)")
     return "\n".join(lines)
 
 
@@ -326,6 +336,8 @@ def main(argv=None) -> int:
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--window-size", type=int, default=None)
     p.add_argument("--micro-batch", type=int, default=None, help="check whether this micro-batch fits")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="target global batch (e.g. 9216 for SwinV2-G SimMIM): micro-batch x accumulation to reach it")
     p.add_argument("--margin", type=float, default=0.1, help="fraction of GPU memory kept free (fragmentation)")
     p.add_argument("--reserved", type=float, default=2.0, help="GiB reserved for CUDA context and buffers")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -333,12 +345,15 @@ def main(argv=None) -> int:
     if args.gpus < 1 or args.gpu_mem <= 0:
         print(f"gigamim plan: --gpus ({args.gpus}) and --gpu-mem ({args.gpu_mem}) must be positive", file=sys.stderr)
         return 2
+    if args.global_batch is not None and args.global_batch < 1:
+        print(f"gigamim plan: --global-batch must be >= 1, got {args.global_batch}", file=sys.stderr)
+        return 2
     if args.micro_batch is not None and args.micro_batch < 1:
         print(f"gigamim plan: --micro-batch must be >= 1, got {args.micro_batch}", file=sys.stderr)
         return 2
     try:
         plan = make_plan(args.model, args.gpus, args.gpu_mem, args.img_size, args.micro_batch, args.window_size,
-                         args.margin, args.reserved)
+                         args.margin, args.reserved, global_batch=args.global_batch)
     except ValueError as e:
         print(f"gigamim plan: {e}", file=sys.stderr)
         return 2
