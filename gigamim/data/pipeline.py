@@ -440,37 +440,50 @@ class SimMIMLoader:
     def __iter__(self):
         while True:
             epoch, first, nb = self.epoch, self._batch, len(self)
-            pending: dict[int, dict] = {}
-            expected = first
-            missing: list[int] = []     # batches with no readable image, waiting for a good batch
-            bad_shards: set[str] = set()
-            for item in self._epoch_batches(epoch, first):
-                meta = item["meta"]
-                pending[meta["b"]] = item
-                while expected in pending:
-                    item = pending.pop(expected)
-                    self._absorb(item["meta"])
-                    bad_shards.update(item["meta"]["bad_shards"])
-                    batch = item["batch"]
-                    if batch is None:
-                        self.skip_counts["batch_replaced"] = self.skip_counts.get("batch_replaced", 0) + 1
-                        if self._last_good is None:
-                            missing.append(expected)
-                            expected += 1
-                            continue
-                        batch = self._last_good
-                    self._last_good = batch
-                    for _ in missing:       # batches that came before any readable one
-                        yield from self._advance(batch, epoch, nb)
-                    missing = []
+            batches = self._epoch_batches(epoch, first)
+            try:
+                yield from self._ordered(batches, epoch, first, nb)
+            finally:
+                # Stop the workers now, not at garbage collection: a generator left suspended
+                # at exit would leave them to multiprocessing's atexit, which SIGTERMs and
+                # joins them, and they ignore SIGTERM (see _ignore_stop_signals).
+                shutdown = getattr(batches, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+
+    def _ordered(self, batches, epoch: int, first: int, nb: int):
+        """The epoch's batches in order, bad ones replaced, the position advanced."""
+        pending: dict[int, dict] = {}
+        expected = first
+        missing: list[int] = []     # batches with no readable image, waiting for a good batch
+        bad_shards: set[str] = set()
+        for item in batches:
+            meta = item["meta"]
+            pending[meta["b"]] = item
+            while expected in pending:
+                item = pending.pop(expected)
+                self._absorb(item["meta"])
+                bad_shards.update(item["meta"]["bad_shards"])
+                batch = item["batch"]
+                if batch is None:
+                    self.skip_counts["batch_replaced"] = self.skip_counts.get("batch_replaced", 0) + 1
+                    if self._last_good is None:
+                        missing.append(expected)
+                        expected += 1
+                        continue
+                    batch = self._last_good
+                self._last_good = batch
+                for _ in missing:       # batches that came before any readable one
                     yield from self._advance(batch, epoch, nb)
-                    expected += 1
-            if missing or expected < nb:
-                shards = sorted(bad_shards) or self.cfg.urls
-                raise RuntimeError(
-                    f"data: rank {self.cfg.rank} found no readable image in epoch {epoch} "
-                    f"({nb - first} batches planned, {expected - first} produced); skip counts "
-                    f"{self.skip_counts}; shards: {_shard_list(shards)}")
+                missing = []
+                yield from self._advance(batch, epoch, nb)
+                expected += 1
+        if missing or expected < nb:
+            shards = sorted(bad_shards) or self.cfg.urls
+            raise RuntimeError(
+                f"data: rank {self.cfg.rank} found no readable image in epoch {epoch} "
+                f"({nb - first} batches planned, {expected - first} produced); skip counts "
+                f"{self.skip_counts}; shards: {_shard_list(shards)}")
 
     def _advance(self, batch, epoch, nb):
         self._batch += 1

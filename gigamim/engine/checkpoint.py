@@ -26,6 +26,7 @@ from pathlib import Path
 META_FILE = "gigamim_meta.json"
 CONFIG_FILE = "gigamim_config.yaml"
 LATEST_FILE = "latest"
+UNIVERSAL_SUFFIX = "_universal"  # `gigamim consolidate --universal` writes <tag>_universal
 _TAG_RE = re.compile(r"^step_(\d{8})(_universal)?$")
 
 
@@ -50,9 +51,11 @@ def is_complete(tag_dir: Path) -> bool:
     return (tag_dir / META_FILE).is_file()
 
 
-def is_universal(tag_dir: Path) -> bool:
-    """DeepSpeed's universal format (ds_to_universal) keeps per-parameter folders in zero/."""
-    return (tag_dir / "zero").is_dir()
+def is_universal(tag_dir: str | os.PathLike) -> bool:
+    """DeepSpeed's universal format (ds_to_universal) keeps per-parameter folders in zero/
+    beside the model-states file."""
+    tag_dir = Path(tag_dir)
+    return (tag_dir / "zero").is_dir() and any(tag_dir.glob("*_model_states.pt"))
 
 
 def read_meta(tag_dir: Path) -> dict:

@@ -43,13 +43,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 
-CONFIG_NAME = "gigamim_config.yaml"
-META_NAME = "gigamim_meta.json"
-UNIVERSAL_SUFFIX = "_universal"
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be converted; the message names the file and the fix."""
+from gigamim.engine.checkpoint import CONFIG_FILE, META_FILE, UNIVERSAL_SUFFIX, CheckpointError, is_universal
 
 
 @dataclass
@@ -176,11 +170,11 @@ def check_checkpoint(ckpt_dir: str, tag: str | None = None) -> CheckpointInfo:
             "Remove the extra files or re-save into a fresh tag.")
 
     meta: dict = {}
-    meta_path = os.path.join(tag_dir, META_NAME)
-    if os.path.isfile(os.path.join(tag_dir, CONFIG_NAME)) and not os.path.isfile(meta_path):
+    meta_path = os.path.join(tag_dir, META_FILE)
+    if os.path.isfile(os.path.join(tag_dir, CONFIG_FILE)) and not os.path.isfile(meta_path):
         # gigamim writes the meta file last, after every rank finished: without it the save
         # was interrupted even if the partition files look whole.
-        raise CheckpointError(f"checkpoint {tag_dir} is incomplete: {META_NAME} is missing (gigamim writes it "
+        raise CheckpointError(f"checkpoint {tag_dir} is incomplete: {META_FILE} is missing (gigamim writes it "
                               "after every rank finished saving). Use an earlier tag (--tag) or re-save.")
     if os.path.isfile(meta_path):
         try:
@@ -192,8 +186,8 @@ def check_checkpoint(ckpt_dir: str, tag: str | None = None) -> CheckpointInfo:
             raise CheckpointError(f"world size mismatch: {meta_path} says {meta['world_size']} but "
                                   f"{first_model} records {world}")
     config_yaml = None
-    if os.path.isfile(os.path.join(tag_dir, CONFIG_NAME)):
-        with open(os.path.join(tag_dir, CONFIG_NAME), encoding="utf-8") as f:
+    if os.path.isfile(os.path.join(tag_dir, CONFIG_FILE)):
+        with open(os.path.join(tag_dir, CONFIG_FILE), encoding="utf-8") as f:
             config_yaml = f.read()
 
     for f in want_model[1:] + want_optim:
@@ -440,9 +434,6 @@ def consolidate(ckpt_dir: str, out: str, tag: str | None = None, max_shard_size:
                                dtype=torch.float32, overwrite=overwrite, progress=not quiet or sys.stderr.isatty())
 
 
-def is_universal(path: str) -> bool:
-    """True for a folder written by `to_universal` / ds_to_universal (it has `zero/<param>/`)."""
-    return os.path.isdir(os.path.join(path, "zero")) and bool(glob.glob(os.path.join(path, "*_model_states.pt")))
 
 
 def to_universal(ckpt_dir: str, tag: str | None = None, out: str | None = None, overwrite: bool = False,
@@ -468,10 +459,10 @@ def to_universal(ckpt_dir: str, tag: str | None = None, out: str | None = None, 
     try:
         with _quiet(quiet):
             ds_to_universal.main(args)
-        if os.path.isfile(os.path.join(info.tag_dir, CONFIG_NAME)):
-            shutil.copy2(os.path.join(info.tag_dir, CONFIG_NAME), os.path.join(tmp, CONFIG_NAME))
+        if os.path.isfile(os.path.join(info.tag_dir, CONFIG_FILE)):
+            shutil.copy2(os.path.join(info.tag_dir, CONFIG_FILE), os.path.join(tmp, CONFIG_FILE))
         meta = dict(info.meta, universal=True, source_tag=info.tag, source_world_size=info.world_size)
-        with open(os.path.join(tmp, META_NAME), "w", encoding="utf-8") as f:
+        with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
         from gigamim.engine.safetensors_io import _replace
 

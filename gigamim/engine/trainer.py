@@ -161,6 +161,12 @@ class Trainer:
         from gigamim.models.param_groups import param_groups
 
         cfg = self.cfg
+        if cfg.model.window_size is None:
+            # Record the variant's window in the resolved config, so that exports and
+            # resumes never have to guess the geometry.
+            from gigamim.models.registry import model_defaults
+
+            cfg.model.window_size = model_defaults(cfg.model.name).get("window_size")
         self.dist = init_distributed()
         self.rank, self.world = self.dist.rank, self.dist.world_size
         self.device = self.dist.device
@@ -398,6 +404,7 @@ class Trainer:
                 self._save(step)
             return exit_code
         finally:
+            data_iter.close()  # stops the loader's workers now, before interpreter exit
             stop.restore()
             if bar is not None:
                 bar.close()
