@@ -25,6 +25,8 @@ import re
 import sys
 from typing import Iterable, Iterator
 
+from gigamim.sizes import parse_size
+
 from gigamim.data.tario import IMAGE_EXTS, ShardError, iter_samples, pick_image
 
 INDEX_NAME = "index.json"
@@ -36,15 +38,6 @@ def sanitize_key(name: str, limit: int = 64) -> str:
     return safe[-limit:] if safe else "x"
 
 
-def parse_size(text: str | int | None) -> int | None:
-    """'500M', '1.5GB', '4096' -> bytes (powers of 1000 for K/M/G/T, 1024 for Ki/Mi/Gi/Ti)."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(text))
-    if not m:
-        raise argparse.ArgumentTypeError(f"cannot parse size {text!r} (examples: 4096, 500M, 1GB, 2GiB)")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " kmgt".index((m.group(2) or " ").lower()))
 
 
 def _tar_bytes(sample: dict) -> int:

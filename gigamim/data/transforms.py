@@ -23,9 +23,8 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 
 class BadSample(Exception):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import struct
 import tempfile
@@ -34,6 +33,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from gigamim.sizes import parse_size
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -50,17 +51,6 @@ class SafetensorsError(Exception):
     """A safetensors file/folder that cannot be read or written; the message names it."""
 
 
-def parse_size(size: int | str) -> int:
-    """'5GB' -> 5*10**9, '500MiB' -> 500*2**20, 1234 -> 1234 (units as Hugging Face reads them)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
-    if not m:
-        raise ValueError(f"cannot read size {size!r}: use e.g. 5GB, 500MB, 2GiB or a number of bytes")
-    number, unit = float(m.group(1)), (m.group(2) or "B")
-    base = 1024 if "I" in unit else 1000
-    power = "BKMGT".index(unit[0]) if unit != "B" else 0
-    return int(number * base**power)
 
 
 def _nbytes(t: Any, dtype: torch.dtype | None) -> int:
