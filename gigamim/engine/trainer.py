@@ -197,7 +197,7 @@ class Trainer:
         else:
             model = build_model(cfg)
         self.flops_per_image = train_flops(model, cfg.model.img_size,
-                                           recompute=cfg.model.grad_checkpointing not in (False, 0))
+                                           recompute=bool(cfg.model.grad_checkpointing))
         groups = param_groups(model, cfg.optim.weight_decay)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=groups, config=ds_config,
@@ -263,9 +263,9 @@ class Trainer:
 
         if not self._local_weights_finite():
             raise RuntimeError(f"weights are not finite at step {step}; refusing to write a checkpoint")
-        # Each rank stores its own data position and RNG; ZeRO-3 writes a model-states file
-        # per rank, so gathering them is not needed — but keep them keyed by rank so that a
-        # rank-0-only format (ZeRO-1/2) still restores every rank. Gather them to all.
+        # Every rank's data position and RNG, gathered and stored keyed by rank: ZeRO-1/2
+        # write the client state from rank 0 only, and a resume on another world size needs
+        # some rank's position to know the epoch.
         import torch.distributed as dist
 
         mine = {"loader": self.loader.state_dict(), "rng": capture_rng()}
