@@ -116,3 +116,17 @@ def test_clear_errors(tmp_path, capsys):
     assert "no image files" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["make-shards", "--synthetic", "3"])
+
+
+def test_imagefolder_classes_are_mixed_across_shards(tmp_path):
+    """Sorted ImageFolder order would give one class per shard; the writer shuffles (seeded)."""
+    for c in ("a", "b", "c", "d"):
+        os.makedirs(tmp_path / "src" / c)
+        for i in range(12):
+            (tmp_path / "src" / c / f"{i:02d}.jpg").write_bytes(image_bytes(16, 16, seed=i))
+    assert cli_main(["make-shards", str(tmp_path / "src"), str(tmp_path / "out"), "--max-count", "12",
+                     "--workers", "1", "--no-progress"]) == 0
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    for shard in index["shards"]:
+        classes = {int(data) for name, data, *_ in _members(tmp_path / "out" / shard["url"]) if name.endswith(".cls")}
+        assert len(classes) >= 3, (shard["url"], classes)  # unshuffled: exactly 1 per shard

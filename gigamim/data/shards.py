@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import random
 import re
 import sys
 from typing import Iterable, Iterator
@@ -268,17 +269,17 @@ def _source_kind(src: str) -> str:
 
 def make_shards(src: str, out: str, *, max_count: int = 1000, max_size: int | None = None,
                 resize_max_side: int | None = None, quality: int = 90, workers: int = 1, prefix: str = "shard",
-                layout: str = "auto", progress: bool = True, overwrite: bool = False) -> dict:
+                layout: str = "auto", progress: bool = True, overwrite: bool = False, shuffle_seed: int = 0) -> dict:
     """Write shards from `src` into `out`; returns the report dict (also written to OUT/make_shards_report.json)."""
     kind = _source_kind(src)
     skipped: list[dict] = []
     classes: list[str] = []
-    if kind == "folder":
-        entries, classes = scan_folder(src, layout)
-        jobs = [(i, p, c, n, resize_max_side, quality) for i, (p, c, n) in enumerate(entries)]
-        fn, total = _load_file, len(jobs)
-    elif kind == "list":
-        entries = read_file_list(src)
+    if kind in ("folder", "list"):
+        entries, classes = scan_folder(src, layout) if kind == "folder" else (read_file_list(src), [])
+        # A fixed-seed shuffle before writing: sorted ImageFolder order would put one or two
+        # classes in each shard, and the reader's shuffle buffer cannot mix across a stream's
+        # whole shard list. Deterministic: the same input still gives the same shards.
+        random.Random(shuffle_seed).shuffle(entries)
         jobs = [(i, p, c, n, resize_max_side, quality) for i, (p, c, n) in enumerate(entries)]
         fn, total = _load_file, len(jobs)
     else:
