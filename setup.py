@@ -18,7 +18,7 @@ setup(
     # `gigamim_benchmarks`, so `gigamim bench` works from any directory.
     packages=find_packages(include=["gigamim", "gigamim.*"]) + ["gigamim_benchmarks"],
     package_dir={"gigamim_benchmarks": "benchmarks"},
-    package_data={"gigamim": ["configs/*.yaml", "ds_configs/*.json"]},
+    package_data={"gigamim": ["configs/*.yaml"]},
     include_package_data=True,
     install_requires=[
         # torchvision comes with timm; on these machines torch 2.14.1 / torchvision 0.29.1.

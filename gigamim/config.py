@@ -287,12 +287,15 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
         "optim.lr": cfg.optim.lr,
         "log.every_steps": cfg.log.every_steps,
         "model.attn_chunk": cfg.model.attn_chunk,
+        "data.mask_patch_size": cfg.data.mask_patch_size,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be > 0; got {value!r}")
     if cfg.model.img_size % 32:
         raise ConfigError(f"model.img_size={cfg.model.img_size} must be divisible by 32 (SwinV2's total stride)")
+    if cfg.data.mask_patch_size % 4:
+        raise ConfigError(f"data.mask_patch_size={cfg.data.mask_patch_size} must be a multiple of the model's 4-px patch")
     if cfg.model.img_size % cfg.data.mask_patch_size:
         raise ConfigError(
             f"model.img_size={cfg.model.img_size} must be divisible by data.mask_patch_size={cfg.data.mask_patch_size}"

@@ -13,17 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
 
     import torch
+
+    from gigamim.engine.dist import free_port
 
     on_gpu = torch.cuda.is_available()
     nproc = args.nproc or (torch.cuda.device_count() if on_gpu else 2)
@@ -67,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.global_batch_size={16 * nproc}")
     overrides += args.overrides
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-           "--master_port", str(_free_port()), "--module", "gigamim", "pretrain", "--config", "demo"]
+           "--master_port", str(free_port()), "--module", "gigamim", "pretrain", "--config", "demo"]
     for o in overrides:
         cmd += ["--set", o]
     env = dict(os.environ)
@@ -90,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. pictures from the consolidated weights
     print("[4/4] reconstruction picture and loss curve from the consolidated weights")
-    picture = save_demo_reconstruction(weights, index, out / "reconstruction.png")
+    picture = save_demo_reconstruction(weights, index, out / "reconstruction.png", args.overrides)
     from gigamim.engine.metrics import read_metrics
 
     metrics = read_metrics(log_dir / "metrics.jsonl")
@@ -108,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def save_demo_reconstruction(weights: Path, index: Path, path: Path) -> Path:
+def save_demo_reconstruction(weights: Path, index: Path, path: Path, overrides: list[str] = ()) -> Path:
     """Load consolidated weights into a fresh (unpartitioned) SimMIM and reconstruct a few
     images, so the picture also proves the consolidated file is complete."""
     import torch
@@ -120,7 +115,7 @@ def save_demo_reconstruction(weights: Path, index: Path, path: Path) -> Path:
     from gigamim.engine.trainer import build_model
     from gigamim.engine.visualize import save_reconstruction_png
 
-    cfg = load_config("demo")
+    cfg = load_config("demo", list(overrides))  # the same model the run trained
     model = build_model(cfg).eval()
     state, _ = load_export(str(weights))
     model.load_state_dict(state, strict=True)

@@ -7,20 +7,14 @@ training, an ordinary single-node 2-rank launch, whose per-step losses must matc
 
 import json
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
+from tests.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_SH = ROOT / "cluster/slurm/node.sh"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def base_env():

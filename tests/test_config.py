@@ -46,6 +46,8 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
         ("train.micro_batch_size=eight", "expects an integer"),
         ("model.attn_impl=flash", "must be one of explicit, sdpa"),
         ("model.img_size=200", "divisible by 32"),
+        ("data.mask_patch_size=0", "must be > 0"),
+        ("data.mask_patch_size=6", "multiple of the model's 4-px patch"),
     ],
 )
 def test_bad_keys_and_values(override, message, tmp_path, capsys, shard):
@@ -76,6 +78,14 @@ def test_ds_template_may_not_set_owned_keys(tmp_path, capsys, shard):
     cfg = load_config(None, [f"deepspeed.config={bad}", f"data.shards={shard}"])
     with pytest.raises(ConfigError, match="gradient_clipping"):
         build_ds_config(cfg, world_size=1, on_gpu=False, peak_lr=1e-3)
+    # ... and `gigamim pretrain` says so in one line before any rank starts work
+    code, err = _run(["--set", f"data.shards={shard}", "--set", f"deepspeed.config={bad}"], tmp_path, capsys)
+    assert code == 2 and "gradient_clipping" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_resume_from_missing_checkpoint_is_one_line(tmp_path, capsys, shard):
+    code, err = _run(["--set", f"data.shards={shard}", "--resume", str(tmp_path / "nope")], tmp_path, capsys)
+    assert code == 2 and "no such checkpoint folder" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_ds_config_written_from_gigamim_config(shard):

@@ -147,9 +147,26 @@ def test_sigterm_saves_and_resumes(tmp_path, shards):
     saved = int(tags[-1].split("_")[1])
     assert saved >= 3 and (tmp_path / "ck" / "latest").read_text() == tags[-1]
     assert "checkpoint saved" in log.read_text()
-    resumed = _ok(run(deepspeed_cmd(2, *pretrain_args(tmp_path, shards, saved + 2), "--resume", "auto")))
+    # Resume with a different LR: the config, not the checkpoint's schedule, decides it.
+    new = ("optim.lr=5e-4", "optim.warmup_steps=0")
+    resumed = _ok(run(deepspeed_cmd(2, *pretrain_args(tmp_path, shards, saved + 2, *new), "--resume", "auto")))
     assert f"at step {saved}" in resumed.stdout + resumed.stderr
-    assert max(by_step(tmp_path)) == saved + 2
+    metrics = by_step(tmp_path)
+    assert max(metrics) == saved + 2 and sorted(metrics) == list(range(1, saved + 3))  # no step logged twice
+    from gigamim.config import load_config
+    from gigamim.engine.optim import lr_at
+
+    cfg = load_config("demo", [f"train.max_steps={saved + 2}", *new])
+    assert metrics[saved + 1]["lr"] == pytest.approx(lr_at(saved, cfg), rel=1e-9)
+    assert metrics[saved + 2]["lr"] == pytest.approx(lr_at(saved + 1, cfg), rel=1e-9)
+
+
+def test_resume_on_another_world_size_says_convert(straight_run, tmp_path, shards):
+    ck = straight_run / "ck"
+    result = run(["python", "-m", "gigamim", *pretrain_args(tmp_path, shards, 25, f"checkpoint.dir={ck}"),
+                  "--resume", "auto"])
+    assert result.returncode == 2, tail(result.stdout + result.stderr)
+    assert "saved by 2 ranks" in result.stderr and "--universal" in result.stderr
 
 
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path, shards):

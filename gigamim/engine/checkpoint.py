@@ -38,7 +38,9 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: str | os.PathLike, text: str) -> None:
+    """Write-to-temp + fsync + rename: readers see the old or the new content, never half."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -115,9 +117,9 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, met
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     # save_checkpoint ends with a barrier: every rank's files are on disk from here on.
     if rank0:
-        _atomic_write(tag_dir / CONFIG_FILE, config_yaml)
-        _atomic_write(tag_dir / META_FILE, json.dumps(meta, indent=1))
-        _atomic_write(root / LATEST_FILE, tag)
+        atomic_write(tag_dir / CONFIG_FILE, config_yaml)
+        atomic_write(tag_dir / META_FILE, json.dumps(meta, indent=1))
+        atomic_write(root / LATEST_FILE, tag)
         prune(root, keep_last, current=tag)
     dist.barrier()
     return tag_dir
@@ -127,9 +129,12 @@ def prune(root: Path, keep_last: int, current: str) -> None:
     """Keep the newest `keep_last` complete tags; drop older ones and older crash remnants."""
     if keep_last <= 0:
         return
-    complete = [t for t in complete_tags(root) if not t.endswith("_universal")]
-    doomed = complete[:-keep_last]
     current_step = int(_TAG_RE.match(current).group(1))
+    # Only this run's history counts: tags past the current step (left by an earlier run
+    # that went further before this one resumed from an older tag) are kept, not counted.
+    complete = [t for t in complete_tags(root)
+                if not t.endswith(UNIVERSAL_SUFFIX) and int(_TAG_RE.match(t).group(1)) <= current_step]
+    doomed = complete[:-keep_last]
     for p in root.iterdir():
         m = _TAG_RE.match(p.name)
         if p.is_dir() and m and not m.group(2) and not is_complete(p) and int(m.group(1)) < current_step:

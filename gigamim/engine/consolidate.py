@@ -43,7 +43,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 
-from gigamim.engine.checkpoint import CONFIG_FILE, META_FILE, UNIVERSAL_SUFFIX, CheckpointError, is_universal
+from gigamim.engine.checkpoint import (CONFIG_FILE, META_FILE, UNIVERSAL_SUFFIX, CheckpointError, atomic_write,
+                                       is_universal)
 
 
 @dataclass
@@ -477,8 +478,7 @@ def to_universal(ckpt_dir: str, tag: str | None = None, out: str | None = None, 
             with open(latest_universal, "w", encoding="utf-8") as f:
                 f.write(previous)
         raise
-    with open(latest_universal, "w", encoding="utf-8") as f:
-        f.write(os.path.basename(out))
+    atomic_write(latest_universal, os.path.basename(out))
     return out
 
 

@@ -211,7 +211,7 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -259,7 +259,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         "WORLD_SIZE": launch.world_size,
         "LOCAL_RANK": launch.local_rank,
         "MASTER_ADDR": launch.master_addr,
-        "MASTER_PORT": launch.master_port if launch.master_port else _free_port(),
+        "MASTER_PORT": launch.master_port if launch.master_port else free_port(),
     }
     for key, value in defaults.items():
         if value is not None:

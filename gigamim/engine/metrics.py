@@ -44,10 +44,17 @@ def peak_memory_gb(device: torch.device) -> float:
 class MetricsLogger:
     """Rank 0 only: appends one JSON line per logged step and mirrors scalars to TensorBoard."""
 
-    def __init__(self, log_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, log_dir: str | Path, tensorboard: bool = True, after_step: int = 0):
+        """after_step: a resumed run continues the file from that step; records beyond it
+        (a crashed run's steps after its last checkpoint) are dropped, so steps stay unique."""
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        path = self.dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= after_step]
+            path.write_text("".join(f"{line}\n" for line in kept))
+        self.file = open(path, "a", buffering=1)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -15,6 +15,10 @@ def lr_scale(cfg: Config) -> float:
     return cfg.train.global_batch_size / 512.0 if cfg.optim.lr_scaling == "linear" else 1.0
 
 
+def peak_lr(cfg: Config) -> float:
+    return cfg.optim.lr * lr_scale(cfg)
+
+
 def lr_at(step: int, cfg: Config) -> float:
     """The LR used for optimizer step `step` (0-based)."""
     s = lr_scale(cfg)
@@ -30,7 +34,7 @@ def make_lr_scheduler(cfg: Config):
     """A callable DeepSpeed gives the optimizer to; the engine steps it and saves its state."""
     import torch
 
-    peak = cfg.optim.lr * lr_scale(cfg)
+    peak = peak_lr(cfg)
 
     def build(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / peak)

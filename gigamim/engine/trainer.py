@@ -25,6 +25,7 @@ import zlib
 from pathlib import Path
 
 from gigamim.config import Config, ConfigError, gradient_accumulation_steps, load_config, validate
+from gigamim.engine.checkpoint import CheckpointError
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3
@@ -51,13 +52,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.dump(), end="")
             return 0
+        from gigamim.engine.checkpoint import find_resume
         from gigamim.engine.dist import detect_launch
+        from gigamim.engine.ds_config import load_template
 
         validate(cfg, world_size=detect_launch().world_size)
-    except ConfigError as e:
-        print(f"gigamim pretrain: config error: {e}", file=sys.stderr)
+        load_template(cfg.deepspeed.config)
+        if args.resume:
+            find_resume(args.resume, cfg.checkpoint.dir)
+        return Trainer(cfg, resume=args.resume).run()
+    except (ConfigError, CheckpointError) as e:
+        # Raised before any rank has built a model or touched data, on every rank alike.
+        kind = "config" if isinstance(e, ConfigError) else "checkpoint"
+        print(f"gigamim pretrain: {kind} error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    return Trainer(cfg, resume=args.resume).run()
 
 
 # --------------------------------------------------------------------------- pieces
@@ -156,7 +164,7 @@ class Trainer:
         from gigamim.engine import checkpoint as ckpt
         from gigamim.engine.dist import init_distributed
         from gigamim.engine.ds_config import build_ds_config, resolve_precision, zero_stage
-        from gigamim.engine.optim import lr_at, make_lr_scheduler
+        from gigamim.engine.optim import make_lr_scheduler, peak_lr
         from gigamim.models.flops import train_flops
         from gigamim.models.param_groups import param_groups
 
@@ -180,9 +188,16 @@ class Trainer:
             if self.resume_from is None and self.rank == 0:
                 print(f"gigamim: no checkpoint in {cfg.checkpoint.dir}; starting from step 0", flush=True)
 
-        ds_config = build_ds_config(cfg, self.world, on_gpu, peak_lr=lr_at(cfg.optim.warmup_steps, cfg))
-        if self.resume_from and ckpt.is_universal(self.resume_from[0] / self.resume_from[1]):
-            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        ds_config = build_ds_config(cfg, self.world, on_gpu, peak_lr=peak_lr(cfg))
+        if self.resume_from:
+            tag_dir = self.resume_from[0] / self.resume_from[1]
+            if ckpt.is_universal(tag_dir):
+                ds_config.setdefault("checkpoint", {})["load_universal"] = True
+            elif ckpt.read_meta(tag_dir).get("world_size") != self.world:
+                raise CheckpointError(
+                    f"{tag_dir} was saved by {ckpt.read_meta(tag_dir).get('world_size')} ranks and this run has "
+                    f"{self.world}: convert it first (`gigamim consolidate {self.resume_from[0]} --tag "
+                    f"{self.resume_from[1]} --universal`) and resume from {tag_dir}_universal")
         self.zero_stage = zero_stage(ds_config)
 
         # Same seed on every rank for the weights; the training RNG (drop path) differs per rank.
@@ -222,6 +237,14 @@ class Trainer:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
         state = (client or {}).get("gigamim", {})
         self.start_step = int(state.get("step", 0))
+        # The restored LR schedule carries the old run's peak (LambdaLR.base_lrs) and the
+        # optimizer its last LR; the config is the source of truth, so a resume with a new
+        # optim.lr or global batch follows the new schedule from this step on.
+        from gigamim.engine.optim import lr_at, peak_lr
+
+        self.scheduler.base_lrs = [peak_lr(self.cfg)] * len(self.scheduler.base_lrs)
+        for group in self.scheduler.optimizer.param_groups:
+            group["lr"] = lr_at(self.start_step, self.cfg)
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         per_rank = state.get("loader_per_rank", {})
         if per_rank:
@@ -313,17 +336,22 @@ class Trainer:
 
     # ---- the loop
     def run(self) -> int:
-        import math
+        stop = _StopFlag()
+        try:
+            self._setup()
+            return self._loop(stop)
+        finally:
+            stop.restore()
 
-        import torch
+    def _loop(self, stop: "_StopFlag") -> int:
+        import math
 
         from gigamim.engine.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 
-        stop = _StopFlag()
-        self._setup()
         cfg = self.cfg
         rank0 = self.rank == 0
-        logger = MetricsLogger(cfg.log.dir, cfg.log.tensorboard) if rank0 else None
+        # On a resume, records past the checkpoint (a crashed run's tail) are dropped.
+        logger = MetricsLogger(cfg.log.dir, cfg.log.tensorboard, after_step=self.start_step) if rank0 else None
         if rank0:
             Path(cfg.log.dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.log.dir) / "config.yaml").write_text(cfg.dump())
@@ -336,7 +364,6 @@ class Trainer:
 
         data_iter = iter(self.loader)
         step = self.start_step
-        last_saved = self.start_step if self.resume_from else -1
         consecutive_bad = 0
         window = {"loss": 0.0, "n": 0, "steps": 0, "data_s": 0.0, "t0": time.perf_counter()}
         last_batch = None
@@ -374,6 +401,7 @@ class Trainer:
                         continue
                     consecutive_bad = 0
                     self.engine.backward(loss)
+                    window["lr"] = self.engine.get_lr()[0]  # the LR this step applies (read before step())
                     self.engine.step()
                     window["loss"] += value
                     window["n"] += 1
@@ -392,7 +420,6 @@ class Trainer:
                 every = cfg.checkpoint.every_steps
                 if stopping or (every and step % every == 0) or step == end:
                     self._save(step)
-                    last_saved = step
                 if stopping:
                     if rank0:
                         print(f"gigamim: got signal {stop.signum}; checkpoint saved at step {step}, exiting. "
@@ -400,12 +427,9 @@ class Trainer:
                     return 0
             if last_batch is not None:
                 self._reconstruction_png(last_batch, step)
-            if last_saved != step:
-                self._save(step)
             return exit_code
         finally:
             data_iter.close()  # stops the loader's workers now, before interpreter exit
-            stop.restore()
             if bar is not None:
                 bar.close()
             if logger is not None:
@@ -424,7 +448,7 @@ class Trainer:
         record = {
             "step": step,
             "loss": loss_sum / max(n, 1.0),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": window.get("lr"),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "images_per_sec": images_per_sec,
             "tflops_per_sec": tflops,

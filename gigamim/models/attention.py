@@ -10,6 +10,15 @@ Three ways to compute the same thing, chosen per model / per stage:
   tensors of forward *and* backward exist for one chunk only. This is SwinV2's
   "sequential self-attention" for high resolutions.
 
+Both impls get their operands from ``gigamim.kernels.cosine_normalize`` (normalised q times
+the clamped per-head temperature, normalised k; a fused Triton kernel on GPUs), so the scores
+are ``q_out @ k_out^T + bias (+ mask)``. The shift mask is never gathered per window: the
+windows of a block are viewed as (images, windows per image) and the (nW, N, N) mask is
+broadcast over the images, as in the official code. For SDPA the windows are folded into the
+head dim, ``(B, nW*heads, N, d)`` with an ``attn_mask`` of shape ``(1, nW*heads, N, N)``:
+fused SDPA kernels take 4-d inputs only, and a leading 1 is a broadcast they accept, so the
+mask SDPA keeps for backward is one image's worth, not the batch's.
+
 Nothing here is a registered buffer: the coordinate table, the index and the masks are
 computed lazily in forward (fp32/int64) and cached per device. DeepSpeed's ``zero.Init``
 casts every float tensor created inside it (``torch.arange`` included) to bf16, and engines
@@ -27,9 +36,9 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
+from gigamim.kernels import MAX_LOGIT_SCALE, cosine_normalize
+
 ATTN_IMPLS = ("explicit", "sdpa")
-# Official SwinV2 clamps the learned temperature at 1/0.01.
-LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
 
 
 class TruncNormalLinear(nn.Linear):
@@ -66,28 +75,51 @@ def relative_position_index(window: Tuple[int, int], device=None) -> torch.Tenso
     return ((rel[0] + window[0] - 1) * (2 * window[1] - 1) + rel[1] + window[1] - 1).reshape(-1)
 
 
-def _attend(q, k, v, scale, bias, mask, impl: str, dropout_p: float) -> torch.Tensor:
+def _attend(q, k, v, logit_scale, bias, mask, impl: str, dropout_p: float) -> torch.Tensor:
     """Cosine attention core for a group of windows; no parameters are touched in here.
 
-    q, k, v: (Bw, heads, N, d) raw projections; scale: (heads, 1, 1) exp(clamped logit scale);
-    bias: (heads, N, N) CPB bias; mask: (Bw, N, N) shift mask or None. Keeping parameters out
-    makes this safe to recompute in backward under ZeRO-3 (parameters may be released then).
+    q, k, v: (Bw, heads, N, d) raw projections; logit_scale: (heads, 1, 1) unclamped log
+    temperature (a non-parameter tensor); bias: (heads, N, N) CPB bias; mask: (nW, N, N) shift
+    mask or None, where the Bw windows are Bw // nW whole groups of nW consecutive windows that
+    each use the nW masks in order (an image's windows, or a run of them inside one image).
+    Keeping parameters out makes this safe to recompute in backward under ZeRO-3 (parameters
+    may be released then).
     """
-    q = F.normalize(q, dim=-1)
-    k = F.normalize(k, dim=-1)
+    bw, heads, n, d = q.shape
+    q, k = cosine_normalize(q, k, logit_scale, MAX_LOGIT_SCALE)
+    nw = 1 if mask is None else mask.shape[0]
     if impl == "sdpa":
-        add = bias.unsqueeze(0)
-        if mask is not None:
-            add = add + mask.unsqueeze(1)
-        add = add.expand(q.shape[0], -1, -1, -1)
-        return F.scaled_dot_product_attention(q * scale, k, v, attn_mask=add, dropout_p=dropout_p, scale=1.0)
-    attn = (q @ k.transpose(-2, -1)) * scale + bias.unsqueeze(0)
+        # (nW, heads, N, N) once, broadcast over the Bw // nW groups: fold the windows into the
+        # head dim so the inputs stay 4-d (fused kernels reject other ranks).
+        add = bias.unsqueeze(0) if mask is None else bias.unsqueeze(0) + mask.unsqueeze(1)
+        shape = (bw // nw, nw * heads, n, d)
+        out = F.scaled_dot_product_attention(
+            q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=add.reshape(1, nw * heads, n, n),
+            dropout_p=dropout_p, scale=1.0,
+        )
+        return out.view(bw, heads, n, d)
+    attn = q @ k.transpose(-2, -1) + bias.unsqueeze(0)
     if mask is not None:
-        attn = attn + mask.unsqueeze(1)
+        attn = (attn.view(bw // nw, nw, heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(bw, heads, n, n)
     attn = attn.softmax(dim=-1)
     if dropout_p > 0:
         attn = F.dropout(attn, p=dropout_p, training=True)
     return attn @ v
+
+
+def _chunks(bw: int, nw: int, chunk: int):
+    """[start, stop) window ranges of at most ``chunk`` windows that never split the mask's
+    period unevenly: with a shift mask (nw > 1) a chunk is whole images (chunk rounded down to
+    a multiple of nw) or, when chunk < nw, a run inside one image. Yields (start, stop, offset)
+    with offset the index of the chunk's first window within its image."""
+    if nw <= 1 or chunk >= nw:
+        step = chunk if nw <= 1 else chunk - chunk % nw
+        for s in range(0, bw, step):
+            yield s, min(s + step, bw), 0
+        return
+    for img in range(0, bw, nw):
+        for j in range(0, nw, chunk):
+            yield img + j, img + min(j + chunk, nw), j
 
 
 class WindowAttention(nn.Module):
@@ -143,11 +175,14 @@ class WindowAttention(nn.Module):
             )
         return self._geometry[key]
 
-    def position_bias(self) -> torch.Tensor:
-        """(heads, N, N) continuous position bias, 16*sigmoid(CPB MLP(log-spaced offsets))."""
-        table, index = self._tables(self.qkv.weight.device)
+    def position_bias(self, device, dtype) -> torch.Tensor:
+        """(heads, N, N) continuous position bias, 16*sigmoid(CPB MLP(log-spaced offsets)).
+
+        device/dtype come from the activations: under ZeRO-3 (offload) another module's
+        parameter seen from outside its forward is a placeholder that need not match them."""
+        table, index = self._tables(device)
         n = self.window_size[0] * self.window_size[1]
-        out = self.cpb_mlp(table.to(self.cpb_mlp[0].weight.dtype))  # ((2W-1)^2, heads): run once, then gather
+        out = self.cpb_mlp(table.to(dtype))  # ((2W-1)^2, heads): run once, then gather
         bias = out[index].view(n, n, self.num_heads).permute(2, 0, 1)
         return 16 * torch.sigmoid(bias)
 
@@ -157,29 +192,30 @@ class WindowAttention(nn.Module):
         # Call the qkv module (not F.linear on its weight): under ZeRO-3 a submodule's weights
         # are gathered only when that submodule itself runs. The bias (q, 0 for k, v) is ours.
         qkv = self.qkv(x) + torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        q, k, v = qkv.reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()
-        bias = self.position_bias()
+        # One contiguous copy of q, k, v: every later reshape is a view (SDPA's window-into-head
+        # fold, the explicit path's batched matmuls) and the qkv output itself is not kept.
+        q, k, v = qkv.reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+        # A non-parameter copy of the temperature: what the (re)computed core may hold on to.
+        logit_scale = self.logit_scale.clone()
+        bias = self.position_bias(x.device, x.dtype)
         dropout_p = self.attn_drop if self.training else 0.0
         if mask is not None:
             mask = mask.to(q.dtype)
-
-        def window_mask(start: int, stop: int):
-            # Window i of the flattened (B*nW) batch uses mask i % nW.
-            if mask is None:
-                return None
-            return mask[torch.arange(start, stop, device=mask.device) % mask.shape[0]]
+            if bw % mask.shape[0]:
+                raise ValueError(f"{bw} windows are not a whole number of images of {mask.shape[0]} windows")
+        nw = 1 if mask is None else mask.shape[0]
 
         # Sequential even when one chunk holds every window: the recompute is what keeps the
         # scores out of the saved activations (e.g. 4 windows of a 32x32 map at window 16).
         if not self.sequential:
-            out = _attend(q, k, v, scale, bias, window_mask(0, bw), self.impl, dropout_p)
+            out = _attend(q, k, v, logit_scale, bias, mask, self.impl, dropout_p)
         else:
             recompute = torch.is_grad_enabled()
             outs = []
-            for s in range(0, bw, self.chunk):
-                e = min(s + self.chunk, bw)
-                args = (q[s:e], k[s:e], v[s:e], scale, bias, window_mask(s, e), self.impl, dropout_p)
+            for s, e, j in _chunks(bw, nw, self.chunk):
+                # Whole images share the full mask; a run inside one image uses its slice (a view).
+                m = None if mask is None else (mask if e - s >= nw else mask[j:j + e - s])
+                args = (q[s:e], k[s:e], v[s:e], logit_scale, bias, m, self.impl, dropout_p)
                 if recompute:
                     # Backward recomputes this chunk's scores instead of keeping them: the
                     # quadratic tensors never exist for more than one chunk at a time.
