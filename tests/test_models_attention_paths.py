@@ -1,0 +1,116 @@
+"""Window attention paths: the shift mask reaches SDPA broadcast over the images (never
+gathered per window), and explicit / SDPA / sequential outputs and gradients equal a plain
+fp64 reference written here (cosine attention, clamped per-head temperature, CPB bias, one
+mask per window looked up the naive way, window i -> mask i % nW)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gigamim.models import create_model
+from gigamim.models.attention import WindowAttention
+
+
+def test_sdpa_gets_mask_broadcast_over_images(monkeypatch):
+    torch.manual_seed(0)
+    batch = 4
+    model = create_model("swinv2_nano", img_size=192, attn_impl="sdpa").eval()
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, *args, **kwargs):
+        calls.append((tuple(q.shape), tuple(attn_mask.shape), attn_mask.stride()))
+        return real(q, k, v, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)  # restored after the test
+    with torch.no_grad():
+        model(torch.randn(batch, 3, 192, 192), features_only=True)
+    monkeypatch.undo()
+
+    blocks = model.blocks()
+    assert len(calls) == len(blocks)
+    shifted = 0
+    for blk, (q_shape, m_shape, m_stride) in zip(blocks, calls):
+        side, ws = blk.resolution[0], blk.window_size[0]
+        nw, heads, n = (side // ws) ** 2, blk.attn.num_heads, ws * ws
+        assert len(m_shape) == 4 and m_shape[-2:] == (n, n)
+        # Leading (batch) dim broadcast: one copy of the mask for all images.
+        assert m_shape[0] == 1 or m_stride[0] == 0, (blk.shift_size, m_shape, m_stride)
+        if any(blk.shift_size):
+            shifted += 1
+            # One distinct mask per window of an image (and per head), not per window of the batch.
+            assert m_shape[1] == nw * heads
+            assert q_shape == (batch, nw * heads, n, blk.attn.dim // heads)
+    assert shifted == 3  # nano at 192 px: stages 0-2 have a shifted block each
+
+
+def _reference(attn: WindowAttention, x: torch.Tensor, mask):
+    """Plain SwinV2 window attention from the paper / official code, per-window mask by index."""
+    wh, ww = attn.window_size
+    n, heads = wh * ww, attn.num_heads
+    bw, _, c = x.shape
+    # CPB inputs: offsets scaled to [-8, 8] (by the window itself: no pretrained window), log-spaced;
+    # in fp32 as the official code and timm build this table (a float32 buffer), then cast.
+    dh = torch.arange(-(wh - 1), wh, dtype=torch.float32) / (wh - 1)
+    dw = torch.arange(-(ww - 1), ww, dtype=torch.float32) / (ww - 1)
+    table = torch.stack(torch.meshgrid(dh, dw, indexing="ij"), -1).reshape(-1, 2) * 8
+    table = (torch.sign(table) * torch.log2(table.abs() + 1) / math.log2(8)).to(x.dtype)
+    mlp = F.linear(F.relu(F.linear(table, attn.cpb_mlp[0].weight, attn.cpb_mlp[0].bias)), attn.cpb_mlp[2].weight)
+    bias = torch.empty(heads, n, n, dtype=x.dtype)
+    for i in range(n):
+        for j in range(n):
+            ri, rj = i // ww - j // ww, i % ww - j % ww
+            bias[:, i, j] = 16 * torch.sigmoid(mlp[(ri + wh - 1) * (2 * ww - 1) + rj + ww - 1])
+    qkv_bias = torch.cat((attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias))
+    qkv = F.linear(x, attn.qkv.weight, qkv_bias).reshape(bw, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+    scores = scores * torch.clamp(attn.logit_scale, max=math.log(100.0)).exp() + bias
+    if mask is not None:
+        per_window = torch.stack([mask[i % mask.shape[0]] for i in range(bw)])  # (bw, N, N)
+        scores = scores + per_window[:, None]
+    out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(bw, n, c)
+    return F.linear(out, attn.proj.weight, attn.proj.bias)
+
+
+@pytest.mark.parametrize("impl,sequential,chunk", [
+    ("explicit", False, 32),
+    ("sdpa", False, 32),
+    ("explicit", True, 3),   # chunk < windows per image, not a divisor: runs inside one image
+    ("sdpa", True, 20),      # chunk > windows per image: rounded down to whole images
+    ("explicit", True, 100),  # one chunk holds the batch
+])
+@pytest.mark.parametrize("shifted", [True, False])
+def test_paths_equal_plain_reference_fp64(impl, sequential, chunk, shifted):
+    torch.manual_seed(0)
+    batch, side, ws, dim, heads = 2, 16, 4, 32, 4
+    nw, n = (side // ws) ** 2, ws * ws
+    attn = WindowAttention(dim, (ws, ws), heads, impl=impl, sequential=sequential, chunk=chunk).double()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+        attn.logit_scale.copy_(torch.tensor([0.5, 2.0, 5.0, 6.0]).view(heads, 1, 1))  # 5, 6 > log(100): clamped
+    # A different random 0/-100 pattern per window of an image: any window -> mask mix-up shows.
+    mask = (torch.rand(nw, n, n) > 0.7).double() * -100.0 if shifted else None
+    x = torch.randn(batch * nw, n, dim, dtype=torch.float64)
+
+    def run(fn):
+        attn.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        out = fn(xi)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
+        return out.detach(), xi.grad, {k: p.grad for k, p in attn.named_parameters()}
+
+    ref = run(lambda xi: _reference(attn, xi, mask))
+    got = run(lambda xi: attn(xi, mask=mask))
+    # fp64 rounding only (outputs are O(10) here; a real slip, e.g. an fp64 CPB table, is ~1e-6).
+    tol = dict(rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(got[0], ref[0], **tol)
+    torch.testing.assert_close(got[1], ref[1], **tol)
+    for name, g in ref[2].items():
+        torch.testing.assert_close(got[2][name], g, **tol, msg=lambda m: f"{name}: {m}")
+    assert attn.logit_scale.grad[2:].abs().max() == 0  # clamped heads get no gradient
