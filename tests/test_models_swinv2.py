@@ -138,8 +138,8 @@ def test_sdpa_equals_explicit_fp64(ref_weights, x128):
 
 @pytest.mark.parametrize("impl,chunk", [("explicit", 3), ("explicit", 16), ("sdpa", 5)])
 def test_sequential_equals_batched_fp64(ref_weights, x128, impl, chunk):
-    # chunk 3 does not divide the 128 windows of stage 0 (B=2 x 64): ragged last chunk and
-    # chunks that straddle images, so the per-window shift-mask gather is exercised.
+    # chunk 3 does not divide the 64 windows of an image in stage 0: runs of windows inside
+    # one image with a ragged last run, each using its slice of the shift mask.
     batched = _run(ref_weights, x128, attn_impl=impl)
     seq = _run(ref_weights, x128, attn_impl=impl, sequential_stages=(0, 1, 2), attn_chunk=chunk)
     _assert_same(batched, seq, atol=1e-12)

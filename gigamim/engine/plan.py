@@ -91,7 +91,8 @@ def block_saved_elements(st: Stage, mlp_ratio: float, attn: str, shifted: bool) 
     Op by op (T tokens, C channels, h heads, N tokens per window, H hidden = mlp_ratio*C):
     qkv linear input (window copy) TC; qkv output 3TC (q, k, v are views of it, saved by
     normalize); the batched matmuls' contiguous copies of normalised q, k and of v 3TC
-    (explicit path; the norms ~4Th); scores before the scale and after softmax 2ThN;
+    (explicit path; the norms ~4Th); the softmax output ThN (the logit scale is folded into
+    q, so the raw scores are not kept);
     proj input TC; norm1 input TC;
     fc1 input TC; GELU input HT; fc2 input HT; norm2 input TC; LayerNorm mean/rstd 2T each.
     'fused' (SDPA kernels on GPU): q*scale, q and k normalised, attention output TC each and
@@ -103,7 +104,7 @@ def block_saved_elements(st: Stage, mlp_ratio: float, attn: str, shifted: bool) 
     tc = 11 * t * c + 2 * hidden * t  # qkv in, qkv out (3), q/k/v copies (3), proj in, norm1, fc1, norm2 + MLP
     out = {"tensors": tc, "scores": 0, "stats": 2 * 2 * t}
     if attn == "explicit":
-        out["scores"] = 2 * t * h * n
+        out["scores"] = t * h * n
         out["stats"] += 4 * t * h
     elif attn == "fused":
         out["tensors"] += t * c  # q*scale, q and k normalised, v and the output kept by the kernel
