@@ -124,6 +124,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _new_window() -> dict:
+    """Sums over the steps since the last metrics record."""
+    return {"loss": 0.0, "n": 0, "steps": 0, "data_s": 0.0, "t0": time.perf_counter()}
+
+
 class _StopFlag:
     """SIGTERM/SIGINT -> finish the current step, save, exit. A second SIGINT aborts."""
 
@@ -365,9 +370,8 @@ class Trainer:
         data_iter = iter(self.loader)
         step = self.start_step
         consecutive_bad = 0
-        window = {"loss": 0.0, "n": 0, "steps": 0, "data_s": 0.0, "t0": time.perf_counter()}
+        window = _new_window()
         last_batch = None
-        exit_code = 0
         end = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
         try:
             while step < end:
@@ -396,8 +400,7 @@ class Trainer:
                                       f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}). Lower optim.lr, "
                                       f"check the data, or resume from the last checkpoint. No checkpoint written.",
                                       file=sys.stderr, flush=True)
-                            exit_code = EXIT_NONFINITE
-                            return exit_code
+                            return EXIT_NONFINITE
                         continue
                     consecutive_bad = 0
                     self.engine.backward(loss)
@@ -412,7 +415,7 @@ class Trainer:
                 stopping = self._all_reduce([1.0 if stop.signum else 0.0], op="max")[0] > 0
                 if step % cfg.log.every_steps == 0 or step == end or stopping:
                     self._log(logger, step, window, peak_tflops, peak_memory_gb(self.device))
-                    window = {"loss": 0.0, "n": 0, "steps": 0, "data_s": 0.0, "t0": time.perf_counter()}
+                    window = _new_window()
                 if bar is not None:
                     bar.update(1)
                 if cfg.log.image_every_steps and step % cfg.log.image_every_steps == 0:
@@ -427,7 +430,7 @@ class Trainer:
                     return 0
             if last_batch is not None:
                 self._reconstruction_png(last_batch, step)
-            return exit_code
+            return 0
         finally:
             data_iter.close()  # stops the loader's workers now, before interpreter exit
             if bar is not None:
