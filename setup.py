@@ -18,7 +18,7 @@ setup(
     # `gigamim_benchmarks`, so `gigamim bench` works from any directory.
     packages=find_packages(include=["gigamim", "gigamim.*"]) + ["gigamim_benchmarks"],
     package_dir={"gigamim_benchmarks": "benchmarks"},
-    package_data={"gigamim": ["configs/*.yaml"]},
+    package_data={"gigamim": ["configs/*.yaml", "configs/deepspeed/*.json"]},
     include_package_data=True,
     install_requires=[
         # torchvision comes with timm; on these machines torch 2.14.1 / torchvision 0.29.1.
@@ -27,13 +27,11 @@ setup(
         "deepspeed>=0.19,<0.20",
         "webdataset>=1.0.2,<1.1",
         "pyyaml>=6",
-        "fairscale>=0.4.13",
         "triton>=3.0; platform_system == 'Linux'",
         "safetensors>=0.4",
         "numpy",
         "pillow>=10",
         "tqdm",
-        "rich",
         "matplotlib",
         "tensorboard",
     ],

@@ -29,7 +29,7 @@ def _cpu_children() -> float:
 
 
 def _load_raw(index_path: str, limit: int) -> list[bytes]:
-    from gigamim.data.pipeline import resolve_shards
+    from gigamim.data.loader import resolve_shards
     from gigamim.data.tario import iter_samples, pick_image
 
     urls, _ = resolve_shards(index_path)
@@ -70,7 +70,7 @@ def _floor(raw: list[bytes], img_size: int) -> dict:
 
 
 def _pipeline(index_path: str, workers: int, mb: int, img_size: int) -> dict:
-    from gigamim.data.pipeline import SimMIMLoader
+    from gigamim.data.loader import SimMIMLoader
 
     loader = SimMIMLoader(index_path, mb, num_workers=workers, img_size=img_size, seed=0)
     n = len(loader)

@@ -6,7 +6,7 @@
 # 1. installs carried wheels (.whl/*.whl) without touching the network, then gigamim (editable);
 # 2. smoke test: swinv2_base SimMIM forward/backward in bf16 on the GPU, loss and gradients
 #    against the timm reference on identical weights, peak memory;
-# 3. the fused kernels' GPU check (python -m gigamim.kernels.gpu_check --quick);
+# 3. the fused kernels' GPU check (python -m gigamim_benchmarks.gpu_check --quick);
 # 4. gigamim bench --profile gpu (SwinV2-B/L/H/G at 192 px in bf16, MFU per size, ratios
 #    against the reference), under a time budget so the whole script ends in time.
 # Everything lands in $OUT: smoke.json, kernels.json, gpu/ (report.md, summary.json, PNGs), logs.
@@ -36,7 +36,7 @@ timeout 120 python - "$OUT/smoke.json" <<'PY' 2>&1 | tee -a "$OUT/gpu_smoke.log"
 import json, sys, time
 import torch
 from gigamim.models import SimMIM, create_model
-from gigamim.models.testing import randomize_weights
+from tests.helpers.randomize import randomize_weights
 from gigamim_benchmarks.reference import reference_for
 
 dev = torch.device("cuda")
@@ -69,7 +69,7 @@ PY
 log "smoke exit ${PIPESTATUS[0]}"
 
 log "fused kernels GPU check"
-timeout 150 python -m gigamim.kernels.gpu_check --quick --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+timeout 150 python -m gigamim_benchmarks.gpu_check --quick --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
 log "kernels exit $? (see kernels.log)"
 
 ELAPSED=$(( $(date +%s) - START ))

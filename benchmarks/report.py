@@ -107,7 +107,7 @@ def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: d
              " — a shared machine: absolute numbers are noisy, ratios come from alternated (ABAB) runs",
              f"- versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items() if v),
              f"- CPU matmul peak (fp32 torch.mm, this run): {_fmt(summary.get('cpu_peak_tflops'), 3)} TFLOP/s"
-             if summary.get("cpu_peak_tflops") else "- peak TFLOP/s: from gigamim.engine.metrics.PEAK_TFLOPS",
+             if summary.get("cpu_peak_tflops") else "- peak TFLOP/s: from gigamim.train.metrics.PEAK_TFLOPS",
              f"- wall time: {_fmt(summary.get('wall_s'), 0)} s", "", "## Headline", ""]
     ts = summary.get("train_step")
     if ts:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 def _plan_check(res: dict) -> dict | None:
     """`gigamim plan`'s prediction of this case's peak (CPU fp32 cases), and its error."""
-    from gigamim.engine.plan import FP32_STATE_BYTES, activation_bytes, model_state_bytes
+    from gigamim.tools.plan import FP32_STATE_BYTES, activation_bytes, model_state_bytes
 
     c = res["case"]
     if c.get("impl") != "gigamim" or c.get("precision") != "fp32" or not res.get("peak_mem_bytes"):
@@ -161,9 +161,9 @@ def main(argv=None) -> int:
     meta = {"profile": args.profile, "command": command_line(argv), "machine": machine_info(), "versions": versions(),
             "device": str(device)}
     if device.type == "cuda":
-        from gigamim.engine.metrics import device_peak_tflops
+        from gigamim.train.metrics import device_peak_tflops
 
-        peak, peak_src = device_peak_tflops(device, "bf16"), "gigamim.engine.metrics.PEAK_TFLOPS (bf16 dense)"
+        peak, peak_src = device_peak_tflops(device, "bf16"), "gigamim.train.metrics.PEAK_TFLOPS (bf16 dense)"
         peak_fp32 = device_peak_tflops(device, "fp32")
     else:
         peak = cpu_matmul_peak_tflops()

@@ -1,7 +1,7 @@
 """ZeRO stage 0/1/2/3 on 2 ranks, through `gigamim pretrain` itself (deepspeed launcher).
 
 Each stage is a real run: synthetic shards, the packaged demo config with --set overrides,
-DeepSpeed templates ds_configs/zero1.json, zero2.json, cpu.json (stage 3) and a stage-0
+DeepSpeed templates zero1, zero2.json, cpu.json (stage 3) and a stage-0
 template written next to the results. images_per_sec and peak_mem_gb are read from the
 run's metrics.jsonl (median images/s over logged steps after the first; the largest
 peak_mem_gb). On CPU ranks the trainer's peak_mem_gb is rank 0's peak RSS, which includes
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .common import median
 
-TEMPLATES = {0: None, 1: "ds_configs/zero1.json", 2: "ds_configs/zero2.json", 3: "ds_configs/cpu.json"}
+TEMPLATES = {0: None, 1: "zero1", 2: "zero2", 3: "cpu"}
 
 
 def _free_port() -> int:
@@ -41,7 +41,7 @@ def run_zero_sweep(out_dir, *, stages=(0, 1, 2, 3), model: str = "swinv2_tiny", 
                    micro_batch: int = 4, steps: int = 6, nproc: int = 2, timeout: float = 600, log=print) -> list[dict]:
     """One `gigamim pretrain` per ZeRO stage; returns one result dict per stage."""
     from gigamim.data.synthetic import write_synthetic_shards
-    from gigamim.engine.metrics import read_metrics
+    from gigamim.train.metrics import read_metrics
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,14 +13,14 @@ import sys
 
 # verb -> ("module:function", one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "pretrain": ("gigamim.engine.trainer:main", "SimMIM pretraining under DeepSpeed (ZeRO-3)"),
+    "pretrain": ("gigamim.train.trainer:main", "SimMIM pretraining under DeepSpeed (ZeRO-3)"),
     "demo": ("gigamim.demo:main", "write synthetic shards, pretrain swinv2_nano on 2 CPU ranks, consolidate, picture"),
-    "make-shards": ("gigamim.data.shards:main", "write webdataset tar shards from images, lists, shards or synthetic data"),
-    "consolidate": ("gigamim.engine.consolidate:main", "ZeRO checkpoint -> fp32 safetensors (or universal format)"),
-    "export": ("gigamim.engine.export:main", "consolidated weights -> encoder / timm / simmim safetensors"),
+    "make-shards": ("gigamim.data.make_shards:main", "write webdataset tar shards from images, lists, shards or synthetic data"),
+    "consolidate": ("gigamim.checkpoint.consolidate:main", "ZeRO checkpoint -> fp32 safetensors (or universal format)"),
+    "export": ("gigamim.checkpoint.export:main", "consolidated weights -> encoder / timm / simmim safetensors"),
     "bench": ("gigamim_benchmarks.run:main", "throughput / MFU / memory benchmarks against a timm reference"),
-    "plan": ("gigamim.engine.plan:main", "per-GPU memory plan: ZeRO stage, offload, checkpointing, micro-batch"),
-    "doctor": ("gigamim.engine.doctor:main", "versions, devices and all-reduce bandwidth of a launch"),
+    "plan": ("gigamim.tools.plan:main", "per-GPU memory plan: ZeRO stage, offload, checkpointing, micro-batch"),
+    "doctor": ("gigamim.launch.doctor:main", "versions, devices and all-reduce bandwidth of a launch"),
 }
 
 

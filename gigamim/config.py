@@ -2,7 +2,7 @@
 
 Precedence is CLI (`--set`) > YAML file > dataclass defaults. The resolved config is the
 single source of truth for a run: the trainer writes batch sizes, precision, clipping and
-optimizer settings from it into the DeepSpeed config (see `engine/ds_config.py`), so they
+optimizer settings from it into the DeepSpeed config (see `train/deepspeed_init.py`), so they
 are never set in two places.
 
 Errors are `ConfigError`s with one clear line (unknown key with the closest valid one,
@@ -96,7 +96,7 @@ class LogConfig:
 
 @dataclass
 class DeepSpeedSection:
-    config: str = "ds_configs/zero3_bf16.json"  # template: ZeRO stage, offload, comms
+    config: str = "zero3_bf16"  # template file, or a packaged name (configs/deepspeed/): ZeRO stage, offload, comms
 
 
 @dataclass
@@ -325,12 +325,15 @@ def missing_local_shards(spec: str) -> list[str]:
 
 
 def resolve_ds_config_path(path: str) -> Path:
-    """The DeepSpeed template as given, else relative to the gigamim checkout (ds_configs/)."""
+    """The DeepSpeed template as given, else a packaged one (`gigamim/configs/deepspeed/`) by
+    name: `zero3_bf16`, `zero3_bf16.json`, or the pre-0.2 spelling `ds_configs/zero3_bf16.json`
+    (still in the configs saved with old checkpoints, so they resume)."""
     p = Path(path)
     if p.is_file():
         return p
-    repo_root = Path(__file__).resolve().parent.parent
-    for candidate in (repo_root / p, repo_root / "ds_configs" / p.name):
+    packaged = Path(__file__).parent / "configs" / "deepspeed"
+    for candidate in (packaged / p.name, packaged / f"{p.name}.json"):
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"deepspeed.config: DeepSpeed config file '{path}' not found")
+    names = sorted(c.stem for c in packaged.glob("*.json"))
+    raise ConfigError(f"deepspeed.config: DeepSpeed config file '{path}' not found (packaged: {', '.join(names)})")

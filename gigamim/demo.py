@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from gigamim.engine.dist import free_port
+    from gigamim.launch.dist import free_port
 
     on_gpu = torch.cuda.is_available()
     nproc = args.nproc or (torch.cuda.device_count() if on_gpu else 2)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return result.returncode
 
     # 3. consolidate
-    from gigamim.engine.consolidate import consolidate
+    from gigamim.checkpoint.consolidate import consolidate
 
     weights = out / "swinv2_nano_simmim_fp32.safetensors"
     print(f"[3/4] consolidating the ZeRO-3 checkpoint in {ckpt_dir} -> {weights}")
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     # 4. pictures from the consolidated weights
     print("[4/4] reconstruction picture and loss curve from the consolidated weights")
     picture = save_demo_reconstruction(weights, index, out / "reconstruction.png", args.overrides)
-    from gigamim.engine.metrics import read_metrics
+    from gigamim.train.metrics import read_metrics
 
     metrics = read_metrics(log_dir / "metrics.jsonl")
     curve = save_loss_curve(metrics, out / "loss.png")
@@ -109,11 +109,11 @@ def save_demo_reconstruction(weights: Path, index: Path, path: Path, overrides: 
     import torch
 
     from gigamim.config import load_config
-    from gigamim.data.pipeline import SimMIMLoader
+    from gigamim.data.loader import SimMIMLoader
     from gigamim.data.transforms import normalize_on_device
-    from gigamim.engine.export import load_export
-    from gigamim.engine.trainer import build_model
-    from gigamim.engine.visualize import save_reconstruction_png
+    from gigamim.checkpoint.export import load_export
+    from gigamim.train.trainer import build_model
+    from gigamim.train.visualize import save_reconstruction_png
 
     cfg = load_config("demo", list(overrides))  # the same model the run trained
     model = build_model(cfg).eval()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gigamim.models import SimMIM, create_model
-from gigamim.models.testing import randomize_weights
+from tests.helpers.randomize import randomize_weights
 from gigamim_benchmarks.memory import profiled_peak_bytes
 from gigamim_benchmarks.reference import reference_for
 

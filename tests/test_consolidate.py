@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from gigamim.engine import consolidate
+from gigamim.checkpoint import consolidate
 from tests.helpers import zero_checkpoints as zc
 
 

@@ -19,7 +19,7 @@ import math
 import pytest
 from safetensors.torch import load_file
 
-from gigamim.engine import consolidate, export
+from gigamim.checkpoint import consolidate, export
 from gigamim.models import create_model
 from tests.launch import deepspeed_cmd, run, tail
 from tests.test_trainer import by_step, pretrain_args

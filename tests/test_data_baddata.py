@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from gigamim.data.pipeline import SimMIMLoader
+from gigamim.data.loader import SimMIMLoader
 from gigamim.data.tario import iter_samples
 from tests.test_data_helpers import collect, image_bytes, write_dataset, write_tar
 
@@ -99,7 +99,7 @@ def test_pickle_member_is_never_unpickled(tmp_path):
     write_tar(tmp_path / "p.tar", members)
     loader = SimMIMLoader([str(tmp_path / "p.tar")], 2, **TINY)
     assert sorted(k for b in _one_epoch(loader) for k in b["key"]) == ["k0", "k1", "k2", "k3"]
-    from gigamim.data.shards import make_shards
+    from gigamim.data.make_shards import make_shards
     make_shards(str(tmp_path / "p.tar"), str(tmp_path / "out"), progress=False)   # re-sharding copies no pickles
     assert not canary.exists()
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tf:
@@ -136,7 +136,7 @@ def test_warnings_are_rate_limited_and_do_not_sleep(tmp_path, caplog):
     loader = SimMIMLoader([str(tmp_path / "c.tar")], 61, **TINY)
     import time
 
-    from gigamim.data import pipeline
+    from gigamim.data import loader as pipeline
     pipeline._WARN.seen.clear()      # the limiter is per process; earlier tests used up its burst
     pipeline._WARN.last.clear()
     t = time.perf_counter()

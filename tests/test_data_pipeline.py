@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from gigamim.data.pipeline import SimMIMLoader
+from gigamim.data.loader import SimMIMLoader
 from tests.test_data_helpers import collect, write_dataset
 
 SMALL = dict(img_size=64, mask_patch_size=32, model_patch_size=4, shuffle_buffer=8)

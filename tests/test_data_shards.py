@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from gigamim.cli import main as cli_main
-from gigamim.data.pipeline import SimMIMLoader
+from gigamim.data.loader import SimMIMLoader
 from gigamim.sizes import parse_size
 from gigamim.data.synthetic import write_synthetic_shards
 from tests.test_data_helpers import collect, image_bytes

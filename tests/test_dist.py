@@ -1,4 +1,4 @@
-"""gigamim.engine.dist: hostlist expansion, launcher detection, single-process start-up.
+"""gigamim.launch.dist: hostlist expansion, launcher detection, single-process start-up.
 
 References: expected host lists written out by hand from SLURM's hostlist rules; the
 environments each launcher sets (deepspeed/launcher/launch.py, torchrun, srun, mpirun)."""
@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from gigamim.engine.dist import detect_launch, expand_hostlist, slurm_master_port
+from gigamim.launch.dist import detect_launch
+from gigamim.launch.hostlist import expand_hostlist, slurm_master_port
 
 
 @pytest.mark.parametrize(
@@ -37,7 +38,7 @@ def test_expand_hostlist_rejects_bad_input_naming_it(expr):
 
 
 def test_hostlist_cli():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "gigamim.engine.dist", "hostlist", *a], capture_output=True, text=True)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "gigamim.launch.hostlist", *a], capture_output=True, text=True)
     assert run("gpu[01-03]").stdout.split() == ["gpu01", "gpu02", "gpu03"]
     assert run("gpu[01-03]", "--first").stdout.strip() == "gpu01"
     assert run("gpu[01-03],x", "--count").stdout.strip() == "4"
@@ -93,7 +94,7 @@ def test_init_distributed_single_process():
     # In a subprocess: DeepSpeed keeps a process-wide comm backend once initialised.
     code = """
 import json, torch, torch.distributed as dist
-from gigamim.engine.dist import init_distributed, is_rank0, destroy_distributed
+from gigamim.launch.dist import init_distributed, is_rank0, destroy_distributed
 info = init_distributed(timeout_s=60)
 again = init_distributed()
 t = torch.ones(3); dist.all_reduce(t)

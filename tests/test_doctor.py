@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from gigamim.engine import doctor
+from gigamim.launch import doctor
 
 
 def free_port():

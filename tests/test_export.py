@@ -15,9 +15,9 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from gigamim.engine import consolidate, export
+from gigamim.checkpoint import consolidate, export
 from gigamim.models import SimMIM, create_model
-from gigamim.models.testing import randomize_weights
+from tests.helpers.randomize import randomize_weights
 from tests.helpers import zero_checkpoints as zc
 
 

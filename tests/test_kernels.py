@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import gigamim.kernels as K
-from gigamim.kernels.bench import bench_residual_post_norm
+from gigamim_benchmarks.kernel_bench import bench_residual_post_norm
 
 
 # --- independent float64 references -------------------------------------------------
@@ -326,7 +326,7 @@ def test_kernels_compile_for_sm90_without_spills():
         pytest.skip("this triton wheel ships no ptxas")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "GIGAMIM_KERNELS")}
     proc = subprocess.run(
-        [sys.executable, "-m", "gigamim.kernels.aot_check", "--arch", "90", "--widths", "96", "4096", "--head-dims", "32"],
+        [sys.executable, "-m", "gigamim_benchmarks.aot_check", "--arch", "90", "--widths", "96", "4096", "--head-dims", "32"],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -339,9 +339,9 @@ def test_kernels_compile_for_sm90_without_spills():
 
 
 def test_gpu_check_without_cuda_says_so(capsys):
-    from gigamim.kernels import gpu_check
+    from gigamim_benchmarks import gpu_check
 
     if torch.cuda.is_available():
-        pytest.skip("a GPU is present: run `python -m gigamim.kernels.gpu_check` instead")
+        pytest.skip("a GPU is present: run `python -m gigamim_benchmarks.gpu_check` instead")
     assert gpu_check.main(["--device", "cuda"]) == 2
     assert "no CUDA device" in capsys.readouterr().err

@@ -68,7 +68,7 @@ def _worker(mode, out):
 
     from gigamim.models import SimMIM, create_model
     from gigamim.models.param_groups import no_weight_decay_names, param_groups
-    from gigamim.models.testing import randomize_weights
+    from tests.helpers.randomize import randomize_weights
 
     t0 = time.time()
     deepspeed.init_distributed(dist_backend="gloo")

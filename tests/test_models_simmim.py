@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gigamim.models import SimMIM, create_model
-from gigamim.models.testing import randomize_weights
+from tests.helpers.randomize import randomize_weights
 
 
 def _simmim(**kw):

@@ -11,7 +11,7 @@ import timm
 import torch
 
 from gigamim.models import create_model, list_models
-from gigamim.models.testing import randomize_weights
+from tests.helpers.randomize import randomize_weights
 
 VARIANTS = ["swinv2_nano", "swinv2_tiny", "swinv2_small", "swinv2_base", "swinv2_large", "swinv2_huge", "swinv2_giant"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gigamim.engine import plan
+from gigamim.tools import plan
 from gigamim.models import SimMIM, create_model
 from gigamim_benchmarks.memory import SavedTensorBytes, profiled_peak_bytes
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gigamim.engine.checkpoint import META_FILE, complete_tags
-from gigamim.engine.metrics import read_metrics
+from gigamim.checkpoint.layout import META_FILE, complete_tags
+from gigamim.train.metrics import read_metrics
 from tests.launch import deepspeed_cmd, run, start, tail, torchrun_cmd
 
 pytestmark = pytest.mark.timeout(600)
@@ -76,7 +76,7 @@ def test_zero3_really_partitions(straight_run):
     """Each rank's fp32 optimizer partition holds about half of the model's parameters,
     counted independently on a meta-device copy of the model."""
     from gigamim.config import load_config
-    from gigamim.engine.trainer import build_model
+    from gigamim.train.trainer import build_model
 
     cfg = load_config("demo", ["model.img_size=96"])
     with torch.device("meta"):
@@ -154,7 +154,7 @@ def test_sigterm_saves_and_resumes(tmp_path, shards):
     metrics = by_step(tmp_path)
     assert max(metrics) == saved + 2 and sorted(metrics) == list(range(1, saved + 3))  # no step logged twice
     from gigamim.config import load_config
-    from gigamim.engine.optim import lr_at
+    from gigamim.train.optim import lr_at
 
     cfg = load_config("demo", [f"train.max_steps={saved + 2}", *new])
     assert metrics[saved + 1]["lr"] == pytest.approx(lr_at(saved, cfg), rel=1e-9)

@@ -61,7 +61,7 @@ def measure(cmd: list[str]) -> dict:
 
 def main() -> None:
     ckpt, out, *rest = sys.argv[1:]
-    base = measure([sys.executable, "-c", "import torch, deepspeed, gigamim.engine.consolidate"])
+    base = measure([sys.executable, "-c", "import torch, deepspeed, gigamim.checkpoint.consolidate"])
     run = measure([sys.executable, "-m", "gigamim", "consolidate", ckpt, out, *rest])
     size = 0
     if os.path.isdir(out):

@@ -1,6 +1,6 @@
 """One short GPU run: fused kernels vs a float64 formula on CUDA, then timings.
 
-    python -m gigamim.kernels.gpu_check [--out results.json] [--quick]
+    python -m gigamim_benchmarks.gpu_check [--out results.json] [--quick]
 
 Checks forward and every gradient of residual_post_norm (fp32 and bf16 io) and of
 cosine_normalize against float64 references at SwinV2 shapes, then times eager torch vs

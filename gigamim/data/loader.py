@@ -1,6 +1,6 @@
 """SimMIMLoader: the training reader (tar shards -> uint8 image batches + SimMIM masks).
 
-Position model (why resume is exact): plan.py fixes, from (seed, epoch, world size,
+Position model (why resume is exact): assign.py fixes, from (seed, epoch, world size,
 workers, micro-batch), which samples each (rank, worker) stream reads and in what order.
 Worker k of a rank makes the rank's batches k, k+K, k+2K, ...; the main process puts
 them back in batch order (DataLoader already delivers in order; the reorder buffer only
@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
-from gigamim.data import plan
+from gigamim.data import assign
 from gigamim.data.masking import MaskGenerator
 from gigamim.data.seeding import sample_rng
 from gigamim.data.tario import IMAGE_EXTS, ShardError, count_samples, is_local, iter_samples, pick_image, shard_name
@@ -143,7 +143,7 @@ class _Config:
 
     @property
     def batches_per_rank(self) -> int:
-        return plan.batches_per_rank(sum(self.counts), self.world_size, self.micro_batch_size)
+        return assign.batches_per_rank(sum(self.counts), self.world_size, self.micro_batch_size)
 
 
 class _Lost:
@@ -158,14 +158,14 @@ class _Stream:
 
     def __init__(self, cfg: _Config, epoch: int, k: int, first_batch: int):
         self.cfg, self.epoch, self.k = cfg, epoch, k
-        self.batch_ids = plan.worker_batch_ids(cfg.batches_per_rank, cfg.streams, k)
+        self.batch_ids = assign.worker_batch_ids(cfg.batches_per_rank, cfg.streams, k)
         # Local index of the first batch >= first_batch that this stream makes.
         self.j0 = len(range(k, first_batch, cfg.streams)) if first_batch > k else 0
-        self.segments = plan.stream_segments(cfg.counts, seed=cfg.seed, epoch=epoch, rank=cfg.rank,
+        self.segments = assign.stream_segments(cfg.counts, seed=cfg.seed, epoch=epoch, rank=cfg.rank,
                                              world_size=cfg.world_size, streams_per_rank=cfg.streams, k=k,
                                              micro_batch_size=cfg.micro_batch_size, mode=cfg.mode)
         self.length = sum(len(s) for s in self.segments)
-        self.order = plan.window_shuffle_order(self.length, cfg.shuffle_buffer,
+        self.order = assign.window_shuffle_order(self.length, cfg.shuffle_buffer,
                                                [cfg.seed, epoch, cfg.rank, k, 0xB0F])
         self.needed = np.ones(self.length, dtype=bool)
         self.needed[self.order[: self.j0 * cfg.micro_batch_size]] = False

@@ -1,6 +1,6 @@
 """Build the DeepSpeed config from a template plus the gigamim config.
 
-The template (ds_configs/*.json) says how to partition and communicate (ZeRO stage,
+The template (gigamim/configs/deepspeed/*.json, by name: zero3_bf16, cpu, ...) says how to partition and communicate (ZeRO stage,
 offload, buckets). Everything that must agree with the gigamim config (batch sizes,
 precision, gradient clipping, the optimizer) is written here from it, and a template
 that sets any of those is rejected, so nothing is ever set twice.

@@ -25,7 +25,7 @@ import zlib
 from pathlib import Path
 
 from gigamim.config import Config, ConfigError, gradient_accumulation_steps, load_config, validate
-from gigamim.engine.checkpoint import CheckpointError
+from gigamim.checkpoint.layout import CheckpointError
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NONFINITE = 3
@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.dump(), end="")
             return 0
-        from gigamim.engine.checkpoint import find_resume
-        from gigamim.engine.dist import detect_launch
-        from gigamim.engine.ds_config import load_template
+        from gigamim.checkpoint.layout import find_resume
+        from gigamim.launch.dist import detect_launch
+        from gigamim.train.deepspeed_init import load_template
 
         validate(cfg, world_size=detect_launch().world_size)
         load_template(cfg.deepspeed.config)
@@ -165,11 +165,11 @@ class Trainer:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        from gigamim.data.pipeline import SimMIMLoader
-        from gigamim.engine import checkpoint as ckpt
-        from gigamim.engine.dist import init_distributed
-        from gigamim.engine.ds_config import build_ds_config, resolve_precision, zero_stage
-        from gigamim.engine.optim import make_lr_scheduler, peak_lr
+        from gigamim.data.loader import SimMIMLoader
+        from gigamim.checkpoint import layout as ckpt
+        from gigamim.launch.dist import init_distributed
+        from gigamim.train.deepspeed_init import build_ds_config, resolve_precision, zero_stage
+        from gigamim.train.optim import make_lr_scheduler, peak_lr
         from gigamim.models.flops import train_flops
         from gigamim.models.param_groups import param_groups
 
@@ -245,7 +245,7 @@ class Trainer:
         # The restored LR schedule carries the old run's peak (LambdaLR.base_lrs) and the
         # optimizer its last LR; the config is the source of truth, so a resume with a new
         # optim.lr or global batch follows the new schedule from this step on.
-        from gigamim.engine.optim import lr_at, peak_lr
+        from gigamim.train.optim import lr_at, peak_lr
 
         self.scheduler.base_lrs = [peak_lr(self.cfg)] * len(self.scheduler.base_lrs)
         for group in self.scheduler.optimizer.param_groups:
@@ -287,7 +287,7 @@ class Trainer:
     # ---- checkpoint
     def _save(self, step: int):
         from gigamim import __version__
-        from gigamim.engine import checkpoint as ckpt
+        from gigamim.checkpoint import layout as ckpt
 
         if not self._local_weights_finite():
             raise RuntimeError(f"weights are not finite at step {step}; refusing to write a checkpoint")
@@ -318,7 +318,7 @@ class Trainer:
         """Collective under ZeRO-3 (the forward gathers parameters): every rank calls it."""
         import torch
 
-        from gigamim.engine.visualize import save_reconstruction_png
+        from gigamim.train.visualize import save_reconstruction_png
 
         n = min(self.cfg.log.num_images, batch["image"].shape[0])
         images = self._normalize(batch["image"][:n])
@@ -351,7 +351,7 @@ class Trainer:
     def _loop(self, stop: "_StopFlag") -> int:
         import math
 
-        from gigamim.engine.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
+        from gigamim.train.metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 
         cfg = self.cfg
         rank0 = self.rank == 0

@@ -30,8 +30,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from gigamim.engine import safetensors_io
-from gigamim.engine.consolidate import CheckpointError
+from gigamim.checkpoint import safetensors_io
+from gigamim.checkpoint.consolidate import CheckpointError
 
 FORMATS = ("encoder", "timm", "simmim")
 ENCODER_PREFIX = "encoder."
@@ -52,7 +52,7 @@ def load_export(path: str):
 
 def open_source(src: str, tag: str | None = None, quiet: bool = True) -> tuple[dict[str, Any], dict[str, str]]:
     """Lazy full-model tensors + metadata from a safetensors source or a ZeRO checkpoint folder."""
-    from gigamim.engine import consolidate
+    from gigamim.checkpoint import consolidate
 
     if os.path.isdir(src) and (os.path.isfile(os.path.join(src, "latest")) or tag is not None
                                or consolidate._is_tag_dir(src)):

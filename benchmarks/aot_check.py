@@ -5,7 +5,7 @@ to PTX: it is lax about types and never allocates registers. This compiles the s
 specialisations the launches use (tile sizes from `tile_shape`) through Triton's real
 pipeline and the ptxas it ships, and reports registers and spill bytes per kernel.
 
-    python -m gigamim.kernels.aot_check --arch 90 --widths 96 4096
+    python -m gigamim_benchmarks.aot_check --arch 90 --widths 96 4096
 
 Must run without TRITON_INTERPRET set (the kernels are decorated at import time).
 """

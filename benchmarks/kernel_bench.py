@@ -1,6 +1,6 @@
 """Micro benchmark of the res-post-norm kernel: eager torch vs the dispatched fused path.
 
-    from gigamim.kernels.bench import bench_residual_post_norm
+    from gigamim_benchmarks.kernel_bench import bench_residual_post_norm
     bench_residual_post_norm((64, 2304, 512), torch.bfloat16, "cuda")
 
 Timing uses torch.utils.benchmark (it synchronises CUDA and warms up). On CPU only the

@@ -43,7 +43,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 
-from gigamim.engine.checkpoint import (CONFIG_FILE, META_FILE, UNIVERSAL_SUFFIX, CheckpointError, atomic_write,
+from gigamim.checkpoint.layout import (CONFIG_FILE, META_FILE, UNIVERSAL_SUFFIX, CheckpointError, atomic_write,
                                        is_universal)
 
 
@@ -423,7 +423,7 @@ def consolidate(ckpt_dir: str, out: str, tag: str | None = None, max_shard_size:
                 overwrite: bool = False, quiet: bool = True) -> list[str]:
     """Check, then stream the fp32 weights of a ZeRO checkpoint into safetensors at `out`
     (a `.safetensors` file or an HF-style folder). Returns the written files."""
-    from gigamim.engine import safetensors_io
+    from gigamim.checkpoint import safetensors_io
 
     info = check_checkpoint(ckpt_dir, tag)
     if os.path.lexists(out) and not overwrite:
@@ -465,7 +465,7 @@ def to_universal(ckpt_dir: str, tag: str | None = None, out: str | None = None, 
         meta = dict(info.meta, universal=True, source_tag=info.tag, source_world_size=info.world_size)
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        from gigamim.engine.safetensors_io import _replace
+        from gigamim.checkpoint.safetensors_io import _replace
 
         _replace(tmp, out)
     except BaseException:
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.out:
             p.error("OUT is required (or pass --universal)")
         try:
-            from gigamim.engine.safetensors_io import parse_size
+            from gigamim.checkpoint.safetensors_io import parse_size
 
             parse_size(args.max_shard_size)
         except ValueError as e:
