@@ -9,7 +9,7 @@ import pytest
 from gigamim.config import ConfigError, load_config, validate
 from gigamim.train.deepspeed_init import build_ds_config
 from gigamim.train.optim import lr_at
-from gigamim.train.trainer import main as pretrain_main
+from gigamim.train.main import main as pretrain_main
 
 
 @pytest.fixture
