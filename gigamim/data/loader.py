@@ -21,14 +21,12 @@ Warnings are rate-limited and never sleep. Pickle members are never read (tario.
 Why not webdataset's split_by_node/split_by_worker/shuffle stages: they split before
 shuffling (or shuffle per worker with worker-local epoch counters), cut at shard
 granularity (so 1 shard cannot feed 8 streams equally) and have no notion of position.
-webdataset is still used for URL expansion (braces, `::`, env) and for opening `pipe:` URLs.
+webdataset is still used for opening `pipe:` and remote URLs; specs are parsed by shardspec.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,12 +34,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.shardlists import expand_urls
 
-from gigamim.data import assign
+from gigamim.data import assign, shardspec
 from gigamim.data.masking import MaskGenerator
 from gigamim.data.seeding import sample_rng
-from gigamim.data.tario import IMAGE_EXTS, ShardError, count_samples, is_local, iter_samples, pick_image, shard_name
+from gigamim.data.tario import IMAGE_EXTS, ShardError, count_samples, iter_samples, pick_image, shard_name
 from gigamim.data.transforms import BadSample, SimMIMTransform
 
 log = logging.getLogger("gigamim.data")
@@ -73,44 +70,19 @@ _WARN = RateLimitedLog()
 
 # ----------------------------------------------------------------------------- shard list
 
-def _read_index(path: str) -> tuple[list[str], list[int]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-        entries = index["shards"]
-        base = os.path.dirname(os.path.abspath(path))
-        urls, counts = [], []
-        for e in entries:
-            url = str(e["url"])
-            if is_local(url) and not url.startswith("file:") and not os.path.isabs(url):
-                url = os.path.join(base, url)
-            urls.append(url)
-            counts.append(int(e["num_samples"]))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"shard index {path!r} does not exist") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"shard index {path!r} is not a gigamim index "
-                         f'({{"shards": [{{"url": ..., "num_samples": n}}], "total": N}}): {exc}') from None
-    return urls, counts
-
-
 def resolve_shards(shards, index=None) -> tuple[list[str], list[int | None]]:
-    """(urls, counts) from a brace pattern / '::'-joined string, a list, or an index.json path.
-    counts[i] is None when no index gives it."""
-    if isinstance(shards, (str, os.PathLike)) and str(shards).endswith(".json"):
-        return _read_index(str(shards))
-    if isinstance(shards, (str, os.PathLike)):
-        urls = expand_urls(str(shards))
-    else:
-        urls = [str(u) for u in shards]
-    if not urls:
-        raise ValueError(f"no shards in {shards!r}")
-    counts: list[int | None] = [None] * len(urls)
+    """(urls, counts) of a shard spec, by the one parser (`shardspec.resolve`: brace patterns,
+    `,`/`::` lists, folders, index.json, pipe:/remote URLs). counts[i] is None when no index
+    gives it; `index` (an index.json or {url: count}) supplies counts by shard basename."""
+    found = shardspec.resolve(shards)
+    urls, counts = found.urls, found.counts
     if index is not None:
-        iurls, icounts = _read_index(str(index)) if not isinstance(index, dict) else (
-            list(index), list(index.values()))
+        if isinstance(index, dict):
+            iurls, icounts = list(index), list(index.values())
+        else:
+            iurls, icounts, _ = shardspec.read_index(str(index))
         by_name = {shard_name(u): c for u, c in zip(iurls, icounts)}
-        counts = [by_name.get(shard_name(u)) for u in urls]
+        counts = [c if c is not None else by_name.get(shard_name(u)) for u, c in zip(urls, counts)]
     return urls, counts
 
 

@@ -283,9 +283,9 @@ def make_shards(src: str, out: str, *, max_count: int = 1000, max_size: int | No
         jobs = [(i, p, c, n, resize_max_side, quality) for i, (p, c, n) in enumerate(entries)]
         fn, total = _load_file, len(jobs)
     else:
-        from gigamim.data.loader import resolve_shards
+        from gigamim.data.shardspec import resolve
 
-        urls, _ = resolve_shards(os.path.join(src, INDEX_NAME) if os.path.isdir(src) else src)
+        urls = resolve(src).urls
         jobs = _shard_jobs(urls, resize_max_side, quality, skipped)
         fn, total = _load_sample, None
     if kind != "shards" and not jobs:

@@ -19,18 +19,17 @@ The shard writer never produces keys with dots (make-shards sanitises them).
 from __future__ import annotations
 
 import os
-import re
 import tarfile
 import time
 from typing import Callable, Iterator
 
 from webdataset.gopen import gopen as wds_gopen
 
+from gigamim.data.shardspec import local_path, url_kind
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "jp2")
 # Never unpickled anywhere in gigamim; listed so the reader can refuse to even read them.
 PICKLE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt", "npy_pickle")
-
-_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 
 
 class ShardError(Exception):
@@ -44,11 +43,7 @@ class ShardError(Exception):
 
 
 def is_local(url: str) -> bool:
-    return url.startswith("file:") or not _SCHEME.match(url) or bool(re.match(r"^[a-zA-Z]:[\\/]", url))
-
-
-def local_path(url: str) -> str:
-    return re.sub(r"^file://?", "/", url) if url.startswith("file:") else url
+    return url_kind(url) == "local"
 
 
 def open_tar(url: str, retries: int = 2, retry_wait: float = 0.5):
