@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 import warnings
 
 import numpy as np
@@ -107,6 +108,11 @@ def upright(img: Image.Image, orientation: int) -> Image.Image:
     return img.transpose(_ORIENTATION[orientation]) if orientation in _ORIENTATION else img
 
 
+def clean_message(exc: BaseException) -> str:
+    """PIL's message without object reprs (`cannot identify image file <_io.BytesIO object at 0x7f..>`)."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
+
+
 def open_image(data: bytes) -> Image.Image:
     """PIL image with only its header parsed; raises BadSample with a counter reason."""
     if not data:
@@ -114,11 +120,11 @@ def open_image(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
-        raise BadSample("not_an_image", str(exc)) from None
+        raise BadSample("not_an_image", clean_message(exc)) from None
     except Image.DecompressionBombError as exc:
         raise BadSample("too_large", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any parser failure is a bad sample, never a crash
-        raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+        raise BadSample("corrupt_image", f"{type(exc).__name__}: {clean_message(exc)}") from None
 
 
 def decode_rgb(data: bytes, draft_size: tuple[int, int] | None = None) -> tuple[Image.Image, str | None]:
@@ -134,7 +140,7 @@ def decode_rgb(data: bytes, draft_size: tuple[int, int] | None = None) -> tuple[
     except Image.DecompressionBombError as exc:
         raise BadSample("too_large", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - truncated / corrupt data
-        raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+        raise BadSample("corrupt_image", f"{type(exc).__name__}: {clean_message(exc)}") from None
 
 
 def pil_to_uint8_chw(img: Image.Image) -> torch.Tensor:
@@ -187,7 +193,7 @@ class SimMIMTransform:
         except Image.DecompressionBombError as exc:
             raise BadSample("too_large", str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - truncated / corrupt data
-            raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+            raise BadSample("corrupt_image", f"{type(exc).__name__}: {clean_message(exc)}") from None
         img = upright(img, orient)
         fx, fy = img.size[0] / width, img.size[1] / height
         img, converted = _to_rgb(img)
