@@ -12,7 +12,7 @@ from PIL import Image, features
 
 from gigamim.cli import main as cli_main
 from gigamim.data.loader import ClassificationLoader, SimMIMLoader
-from tests.test_data_helpers import collect, image_bytes, write_dataset, write_tar
+from tests.test_data_helpers import image_bytes, write_dataset, write_tar
 
 
 def _encode(fmt, size=(40, 30), colour=(20, 120, 220)):

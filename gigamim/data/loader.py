@@ -208,24 +208,32 @@ class _Stream:
             base, start, needed = pos, seg.start, self.needed
             errors: list[ShardError] = []
             seen = 0
+            wanted = np.flatnonzero(needed[base:base + len(seg)])
+            if not len(wanted):
+                # Nothing of this segment is needed (a resume stepped past it): do not open the
+                # shard at all; a pipe/remote URL would stream every byte of it.
+                pos = base + len(seg)
+                continue
+            # Read only up to the last needed sample: a pipe ends there instead of at seg.stop.
+            stop = seg.start + int(wanted[-1]) + 1
             try:
                 source = _open_url(self.cfg, url)
             except ShardError as exc:
                 errors.append(exc)
                 source = None
             if source is not None:
-                for idx, key, files in iter_samples(source, seg.start, seg.stop,
+                for idx, key, files in iter_samples(source, seg.start, stop,
                                                     want=lambda i: bool(needed[base + i - start]),
                                                     read_exts=self.cfg.read_exts(), read_images=True,
                                                     on_error=errors.append, retries=self.cfg.retries):
                     yield base + idx - start, (key, files, seg.copy, seg.shard, idx)
                     seen += 1
-            if seen < len(seg):
+            if seen < stop - seg.start:
                 reason = errors[0].reason if errors else "missing_sample"
                 detail = errors[0].detail if errors else f"index says {seg.stop} samples, shard has {seg.start + seen}"
-                self.warn.warn(reason, f"{shard_name(url)}: {detail} ({len(seg) - seen} planned samples lost)")
+                self.warn.warn(reason, f"{shard_name(url)}: {detail} ({stop - seg.start - seen} planned samples lost)")
                 self.bad_shards.add(url)
-                for p in range(base + seen, base + len(seg)):
+                for p in range(base + seen, base + stop - seg.start):
                     yield p, (None, _Lost(reason), seg.copy, seg.shard, seg.start + p - base)
             pos = base + len(seg)
 
