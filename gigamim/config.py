@@ -304,8 +304,8 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
         raise ConfigError(f"data.mask_ratio must be in (0, 1); got {cfg.data.mask_ratio}")
     gradient_accumulation_steps(cfg, world_size)
     if check_files:
-        if not cfg.data.shards:
-            raise ConfigError("data.shards is empty: give a brace pattern, a list or an index.json of tar shards")
+        if not str(cfg.data.shards).strip():
+            raise ConfigError("data.shards is empty: give a brace pattern, a list, a folder or an index.json of tar shards")
         missing = missing_local_shards(cfg.data.shards)
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -313,15 +313,16 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
         resolve_ds_config_path(cfg.deepspeed.config)
 
 
-def missing_local_shards(spec: str) -> list[str]:
-    """Local shard paths in `spec` that do not exist (remote and `pipe:` URLs are not checked)."""
-    import braceexpand
+def missing_local_shards(spec) -> list[str]:
+    """Local shard files in `spec` that do not exist (remote and `pipe:` URLs are not checked),
+    by the one shard-spec parser (`gigamim.data.shardspec`, which the loader uses too). A spec
+    that means no shard list (unbalanced braces, empty folder, bad index) is a ConfigError."""
+    from gigamim.data import shardspec
 
-    if spec.endswith(".json"):
-        return [] if Path(spec).is_file() else [spec]
-    urls = [u for part in spec.split(",") for u in braceexpand.braceexpand(part.strip()) if u]
-    local = [u[len("file:"):] if u.startswith("file:") else u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    return [u for u in local if not Path(u).is_file()]
+    try:
+        return shardspec.missing_local_shards(spec)
+    except shardspec.ShardSpecError as exc:
+        raise ConfigError(f"data.shards: {exc}") from None
 
 
 def resolve_ds_config_path(path: str) -> Path:
