@@ -149,3 +149,58 @@ def test_bad_sources_give_clear_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "encoder." in err and "Traceback" not in err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- ViT / Swin V1
+@pytest.mark.parametrize("name,kw,timm_path,cls_kwargs_want", [
+    ("vit_nano_patch16", {}, "timm.models.vision_transformer.VisionTransformer",
+     dict(img_size=64, patch_size=16, embed_dim=64, depth=4, num_heads=2)),
+    ("swin_nano", dict(img_size=64, window_size=4), "timm.models.swin_transformer.SwinTransformer",
+     dict(img_size=64, embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=4)),
+])
+def test_timm_export_vit_and_swin_load_strictly_same_forward(tmp_path, capsys, name, kw, timm_path, cls_kwargs_want):
+    torch.manual_seed(0)
+    model = randomize_weights(SimMIM(create_model(name, **kw)), seed=5).eval()
+    src = tmp_path / "consolidated.safetensors"
+    cfg = {"model": {"name": name, **kw}}
+    save_file(model.state_dict(), str(src), metadata={"gigamim_config": yaml.safe_dump(cfg), "step": "3",
+                                                       "format": "simmim"})
+    out = tmp_path / "timm.safetensors"
+    assert export.main([str(src), str(out), "--format", "timm"]) == 0
+    assert timm_path in capsys.readouterr().out
+    sd, md = export.load_export(str(out))
+    kwargs = json.loads(md["timm_kwargs"])
+    assert {k: kwargs[k] for k in cls_kwargs_want} == cls_kwargs_want
+    module, cls = timm_path.rsplit(".", 1)
+    tm = getattr(__import__(module, fromlist=[cls]), cls)(**kwargs).eval()
+    tm.load_state_dict(sd, strict=True)
+    img = model.encoder.img_size
+    x = torch.randn(2, 3, img, img, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encoder.forward_features(x), tm.forward_features(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,kw,expected", [
+    ("vit_base_patch16", {}, "vit_base_patch16_224"),
+    ("vit_small_patch16", {}, "vit_small_patch16_224"),
+    ("vit_base_patch16", dict(img_size=192), None),  # timm has no ViT-B/16 at 192
+    ("swin_base", dict(img_size=224, window_size=7), "swin_base_patch4_window7_224"),
+    ("swin_large", dict(img_size=384, window_size=12), "swin_large_patch4_window12_384"),
+    ("swin_base", {}, None),  # SimMIM's 192 px / window 6: no timm name
+])
+def test_timm_names_vit_swin_against_timm_registry(name, kw, expected):
+    with torch.device("meta"):
+        enc = create_model(name, **kw).state_dict()
+    from gigamim.models import model_defaults
+
+    geo = {"img_size": kw.get("img_size", model_defaults(name)["img_size"])}
+    arch = export.read_arch(enc, geo)
+    got, why = export.pick_timm_name(arch, geo, enc)
+    assert got == expected, why
+
+
+def test_timm_export_refuses_another_family_of_keys():
+    with torch.device("meta"):
+        enc = create_model("swin_nano").state_dict()
+    with pytest.raises(export.ExportError, match="does not load strictly into timm VisionTransformer"):
+        export.check_timm_keys(enc, dict(img_size=192, embed_dim=32, depth=2, num_heads=1, num_classes=0), "vit")

@@ -8,10 +8,11 @@ nothing is written besides OUT). Formats:
 
   encoder  the encoder alone for fine-tuning: `encoder.*` without the prefix and without
            `mask_token` (the decoder is dropped).
-  timm     the encoder keys that timm's `SwinTransformerV2(num_classes=0)` loads with
-           `load_state_dict(strict=True)`; gigamim's encoder already uses timm's key names,
-           so this is `encoder` checked key-by-key and shape-by-shape against a timm model
-           built on the meta device. The fitting timm model name (if any) is printed and
+  timm     the encoder keys that timm's `SwinTransformerV2` / `SwinTransformer` (V1) /
+           `VisionTransformer` (num_classes=0) loads with `load_state_dict(strict=True)`;
+           gigamim's encoders already use timm's key names, so this is `encoder` checked
+           key-by-key and shape-by-shape against a timm model built on the meta device
+           (gigamim.models.timm_compat). The fitting timm model name (if any) is printed and
            stored in the metadata (`timm_model`, `timm_kwargs`).
   simmim   the full SimMIM model (encoder with mask token + decoder).
 
@@ -23,7 +24,6 @@ export back with safetensors (never pickle): `(state_dict, metadata)`.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -32,14 +32,25 @@ from typing import Any
 
 from gigamim.checkpoint import safetensors_io
 from gigamim.checkpoint.layout import LATEST_FILE, CheckpointError, complete_tags, is_tag_dir
+from gigamim.models.timm_compat import (  # noqa: F401  (re-exported: the helpers live next to the models)
+    TimmCompatError,
+    check_timm_keys,
+    encoder_family,
+    pick_timm_name,
+    read_arch,
+    swinv2_arch,
+    timm_candidates,
+    timm_kwargs,
+)
 
 FORMATS = ("encoder", "timm", "simmim")
 ENCODER_PREFIX = "encoder."
 MASK_TOKEN = "mask_token"
 
 
-class ExportError(Exception):
-    """An export that cannot be made as asked; the message names the key/value and the fix."""
+# An export that cannot be made as asked; the message names the key/value and the fix. One class
+# with timm_compat's, so a timm mismatch is an export error too.
+ExportError = TimmCompatError
 
 
 def load_export(path: str):
@@ -82,25 +93,6 @@ def encoder_state(full: Mapping[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- timm
 
 
-def swinv2_arch(enc: Mapping[str, Any]) -> dict[str, Any]:
-    """embed_dim, depths and heads of a SwinV2 encoder, read from its key names and shapes."""
-    try:
-        embed_dim = int(enc["patch_embed.proj.weight"].shape[0])
-    except KeyError:
-        raise ExportError("encoder has no 'patch_embed.proj.weight': not a SwinV2 encoder") from None
-    depths, heads = [], []
-    while any(k.startswith(f"layers.{len(depths)}.") for k in enc):
-        i = len(depths)
-        n = 0
-        while f"layers.{i}.blocks.{n}.attn.logit_scale" in enc:
-            n += 1
-        if n == 0:
-            raise ExportError(f"encoder stage {i} has no 'layers.{i}.blocks.0.attn.logit_scale'")
-        depths.append(n)
-        heads.append(int(enc[f"layers.{i}.blocks.0.attn.logit_scale"].shape[0]))
-    return {"embed_dim": embed_dim, "depths": tuple(depths), "num_heads": tuple(heads)}
-
-
 def _run_config(metadata: Mapping[str, str]) -> dict:
     """The gigamim config of the run (from the metadata's YAML), {} when absent."""
     text = metadata.get("gigamim_config")
@@ -127,106 +119,18 @@ def run_geometry(metadata: Mapping[str, str]) -> dict[str, Any]:
         geo["window_size"] = int(model["window_size"])
     if model.get("pretrained_window_sizes") is not None:
         geo["pretrained_window_sizes"] = tuple(int(w) for w in model["pretrained_window_sizes"])
+    name = model.get("name")
+    if name:  # what the weights cannot show (ViT heads; geometry the config left at defaults)
+        try:
+            from gigamim.models import model_defaults
+
+            defaults = model_defaults(str(name))
+        except ValueError:
+            defaults = {}
+        for k in ("img_size", "window_size", "num_heads"):
+            if k not in geo and isinstance(defaults.get(k), int):
+                geo[k] = defaults[k]
     return geo
-
-
-def _timm_geometry(m) -> dict[str, Any]:
-    attn = m.layers[0].blocks[0].attn
-    return {
-        "img_size": int(m.patch_embed.img_size[0]),
-        "window_size": int(attn.window_size[0]),
-        "pretrained_window_sizes": tuple(int(layer.blocks[0].attn.pretrained_window_size[0]) for layer in m.layers),
-    }
-
-
-@functools.lru_cache(maxsize=None)
-def _timm_swinv2(name: str) -> tuple[tuple, dict]:
-    """((embed_dim, depths, heads), geometry) of one timm model, read from the model itself,
-    built on the meta device (no memory, no weights)."""
-    import timm
-    import torch
-
-    with torch.device("meta"):
-        m = timm.create_model(name, num_classes=0)
-    arch = (m.embed_dim, tuple(len(l.blocks) for l in m.layers), tuple(l.blocks[0].attn.num_heads for l in m.layers))
-    return arch, _timm_geometry(m)
-
-
-def timm_candidates(arch: Mapping[str, Any], img_size: int | None = None) -> list[tuple[str, dict]]:
-    """timm's registered swinv2_* models with this embed_dim/depths/heads (and default input
-    size, when given), with their geometry."""
-    import timm
-
-    key = (arch["embed_dim"], tuple(arch["depths"]), tuple(arch["num_heads"]))
-    out = []
-    for name in timm.list_models("swinv2_*"):
-        if name.startswith("swinv2_cr"):  # a different architecture (SwinV2-CR)
-            continue
-        # Building models costs seconds on a busy CPU: skip those trained at another size.
-        if img_size is not None and tuple(timm.models.get_pretrained_cfg(name).input_size[1:]) != (img_size,) * 2:
-            continue
-        a, geo = _timm_swinv2(name)
-        if a == key:
-            out.append((name, geo))
-    return out
-
-
-def pick_timm_name(arch: Mapping[str, Any], geo: Mapping[str, Any]) -> tuple[str | None, str]:
-    """(timm model name or None, a sentence saying why)."""
-    cands = timm_candidates(arch, geo.get("img_size"))
-    desc = (f"embed_dim {arch['embed_dim']}, depths {list(arch['depths'])}, heads {list(arch['num_heads'])}, "
-            f"{_geo_text(geo)}")
-    if not cands:
-        return None, (f"no timm swinv2 model has {desc} (timm has SwinV2 tiny/small/base/large at "
-                      "192/256/384 px)")
-    fits = [n for n, g in cands if all(g[k] == geo[k] for k in geo if k in g)
-            and (("pretrained_window_sizes" in geo) or g["pretrained_window_sizes"] == (0, 0, 0, 0))]
-    if len(fits) == 1:
-        return fits[0], f"{fits[0]} fits ({desc})"
-    if not fits:
-        have = "; ".join(f"{n}: {_geo_text(g)}" for n, g in cands)
-        return None, f"no timm model has {desc}; same architecture and size: {have}"
-    return None, f"several timm models fit ({', '.join(fits)}); the run's window_size is not recorded"
-
-
-def _geo_text(g: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in g.items()) or "geometry unknown"
-
-
-def timm_kwargs(arch: Mapping[str, Any], geo: Mapping[str, Any]) -> dict[str, Any]:
-    kw = {"embed_dim": arch["embed_dim"], "depths": list(arch["depths"]), "num_heads": list(arch["num_heads"]),
-          "num_classes": 0}
-    for k in ("img_size", "window_size"):
-        if k in geo:
-            kw[k] = geo[k]
-    if "pretrained_window_sizes" in geo:
-        kw["pretrained_window_sizes"] = list(geo["pretrained_window_sizes"])
-    return kw
-
-
-def check_timm_keys(enc: Mapping[str, Any], kwargs: Mapping[str, Any]) -> None:
-    """Raise ExportError unless timm's SwinTransformerV2(**kwargs) has exactly these keys/shapes."""
-    import torch
-    from timm.models.swin_transformer_v2 import SwinTransformerV2
-
-    with torch.device("meta"):
-        ref = SwinTransformerV2(**kwargs).state_dict()
-    missing = sorted(set(ref) - set(enc))
-    extra = sorted(set(enc) - set(ref))
-    shapes = [f"{k}: ours {tuple(enc[k].shape)} vs timm {tuple(ref[k].shape)}"
-              for k in sorted(set(ref) & set(enc)) if tuple(enc[k].shape) != tuple(ref[k].shape)]
-    if missing or extra or shapes:
-        parts = []
-        if extra:
-            parts.append(f"keys timm does not have: {extra[:8]}{' ...' if len(extra) > 8 else ''}")
-        if missing:
-            parts.append(f"timm keys missing here: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if shapes:
-            parts.append(f"shape mismatches: {shapes[:4]}")
-        raise ExportError("encoder does not load strictly into timm SwinTransformerV2"
-                          f"({json.dumps(dict(kwargs))}): " + "; ".join(parts)
-                          + ". (SwinV2-H/G's extra main-branch norms have no timm counterpart: "
-                          "use --format encoder.)")
 
 
 # ----------------------------------------------------------------------------- export
@@ -252,15 +156,25 @@ def export(src: str, out: str, fmt: str = "encoder", tag: str | None = None,
     if fmt == "timm":
         # timm's num_classes=0 model has no head; a classifier head is not part of pretraining.
         tensors = {k: v for k, v in tensors.items() if not k.startswith("head.")}
-        arch, geo = swinv2_arch(tensors), run_geometry(metadata)
+        geo = run_geometry(metadata)
+        arch = read_arch(tensors, geo)
+        family = arch["family"]
+        if family == "swinv2":
+            arch = swinv2_arch(tensors)
         kwargs = timm_kwargs(arch, geo)
-        check_timm_keys(tensors, kwargs)
-        name, note = pick_timm_name(arch, geo)
-        metadata.update(timm_model=name or "", timm_kwargs=json.dumps(kwargs))
-        result.update(timm_model=name, timm_note=note, timm_kwargs=kwargs)
+        check_timm_keys(tensors, kwargs, family)
+        name, note = pick_timm_name(arch, geo, tensors)
+        metadata.update(timm_model=name or "", timm_kwargs=json.dumps(kwargs), timm_class=timm_class_name(family))
+        result.update(timm_model=name, timm_note=note, timm_kwargs=kwargs, timm_class=timm_class_name(family))
     result["files"] = safetensors_io.save(out, tensors, metadata, max_shard_size=max_shard_size,
                                           dtype=torch.float32, overwrite=overwrite, progress=sys.stderr.isatty())
     return result
+
+
+def timm_class_name(family: str) -> str:
+    return {"swinv2": "timm.models.swin_transformer_v2.SwinTransformerV2",
+            "swin": "timm.models.swin_transformer.SwinTransformer",
+            "vit": "timm.models.vision_transformer.VisionTransformer"}[family]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="a .safetensors file, or a folder (sharded above --max-shard-size)")
     p.add_argument("--format", choices=FORMATS, default="encoder",
                    help="encoder: encoder only, no mask token (default); timm: strict-loadable into timm "
-                        "SwinTransformerV2(num_classes=0); simmim: full model")
+                        "SwinTransformerV2 / SwinTransformer / VisionTransformer (num_classes=0); simmim: full model")
     p.add_argument("--tag", help="tag of a DeepSpeed checkpoint SRC (default: its 'latest')")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -294,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                   ".load_state_dict(weights, strict=True)")
         else:
             print(f"timm model: none fits: {res['timm_note']}")
-            print(f"load with timm.models.swin_transformer_v2.SwinTransformerV2({kw})")
+            print(f"load with {res['timm_class']}({kw})")
     return 0
 
 

@@ -1,6 +1,9 @@
-"""SwinV2 encoders (nano..giant) and the SimMIM wrapper; plain PyTorch, never imports deepspeed."""
+"""SwinV2 (nano..giant), Swin V1 and ViT encoders and the SimMIM wrapper; plain PyTorch, never
+imports deepspeed."""
 
 from gigamim.models import swinv2 as _swinv2  # noqa: F401  (registers the variants)
+from gigamim.models import swin as _swin  # noqa: F401
+from gigamim.models import vit as _vit  # noqa: F401
 from gigamim.models.registry import create_model, list_models, model_defaults, register_model
 from gigamim.models.simmim import SimMIM
 from gigamim.models.swinv2 import SwinTransformerV2

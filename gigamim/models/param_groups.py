@@ -8,7 +8,9 @@ Shapes are read from ``ds_shape`` when present: under ZeRO-3 a partitioned param
 Layer ids (official SimMIM fine-tuning convention, mapped to timm's layout): patch embed and
 mask token 0; block j of stage i is ``sum(depths[:i]) + j + 1``; the PatchMerging at the start
 of stage i belongs with the last block of stage i-1 (``sum(depths[:i])``, where the official
-code keeps it); everything else (final norm, head, decoder) gets ``sum(depths) + 1``.
+code keeps it); everything else (final norm, head, decoder) gets ``sum(depths) + 1``. Swin V1 (timm layout)
+uses the same map. ViT (official SimMIM ``get_vit_layer``): patch embed, ``cls_token``,
+``pos_embed`` and ``mask_token`` 0; ``blocks.{i}`` ``i + 1``; everything else ``depth + 1``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Callable, Dict, List, Optional, Set
 
 import torch.nn as nn
 
-NO_DECAY_KEYWORDS = ("logit_scale", "cpb_mlp", "mask_token", "relative_position", "pos_embed")
+NO_DECAY_KEYWORDS = ("logit_scale", "cpb_mlp", "mask_token", "relative_position", "pos_embed", "cls_token")
+_VIT_LAYER0 = ("cls_token", "pos_embed", "mask_token", "reg_token")
 
 
 def _shape(p) -> tuple:
@@ -37,21 +40,36 @@ def _encoder_and_prefix(model: nn.Module):
     return (enc, "encoder.") if enc is not None else (model, "")
 
 
+def _is_vit(enc: nn.Module) -> bool:
+    return getattr(enc, "family", None) == "vit"
+
+
 def num_layer_ids(model: nn.Module) -> int:
     enc, _ = _encoder_and_prefix(model)
-    return sum(enc.depths) + 2
+    return (enc.depth if _is_vit(enc) else sum(enc.depths)) + 2
+
+
+def _vit_layer_id(n: str, depth: int) -> int:
+    if n in _VIT_LAYER0 or n.startswith("patch_embed."):
+        return 0
+    if n.startswith("blocks."):
+        return int(n.split(".")[1]) + 1
+    return depth + 1
 
 
 def layer_id_map(model: nn.Module) -> Dict[str, int]:
     """Parameter name -> layer id (see module docstring); works for encoders and SimMIM."""
     enc, prefix = _encoder_and_prefix(model)
-    depths = enc.depths
+    vit = _is_vit(enc)
+    depths = (enc.depth,) if vit else enc.depths
     last = sum(depths) + 1
     ids = {}
     for name, _ in model.named_parameters():
         n = name[len(prefix):] if name.startswith(prefix) else None
         if n is None:
             ids[name] = last
+        elif vit:
+            ids[name] = _vit_layer_id(n, enc.depth)
         elif n.startswith("patch_embed.") or n == "mask_token":
             ids[name] = 0
         elif n.startswith("layers."):

@@ -12,14 +12,43 @@ from typing import Callable, Dict, List
 
 _REGISTRY: Dict[str, Callable] = {}
 _DEFAULTS: Dict[str, dict] = {}
+_CLASSES: Dict[str, type] = {}
 
 
-def register_model(name: str, factory: Callable, defaults: dict | None = None) -> Callable:
+def register_model(name: str, factory: Callable, defaults: dict | None = None, model_class: type | None = None) -> Callable:
+    """``model_class``: the class the factory builds; its ``__init__`` arguments (and those of
+    its bases, e.g. timm's) are the valid overrides. Default: gigamim's SwinTransformerV2."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
     _REGISTRY[name] = factory
     _DEFAULTS[name] = dict(defaults or {})
+    if model_class is not None:
+        _CLASSES[name] = model_class
     return factory
+
+
+def model_class(name: str) -> type:
+    """The class variant ``name`` builds."""
+    _check_name(name)
+    if name not in _CLASSES:
+        from gigamim.models.swinv2 import SwinTransformerV2
+
+        return SwinTransformerV2
+    return _CLASSES[name]
+
+
+def _allowed_arguments(cls: type) -> set:
+    """Named ``__init__`` arguments of ``cls`` and of the bases it passes ``**kwargs`` on to."""
+    allowed = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass.__module__.startswith("torch."):
+            continue
+        params = inspect.signature(init).parameters
+        allowed |= {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)} - {"self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            break
+    return allowed - {"weight_init"}
 
 
 def list_models() -> List[str]:
@@ -42,10 +71,7 @@ def create_model(name: str, **overrides):
     """Build variant ``name`` with ``overrides`` (img_size, window_size, pretrained_window_sizes,
     drop_path_rate, num_classes, attn_impl, sequential_stages, attn_chunk, grad_checkpointing,
     checkpoint_offload, ...). Unknown names/arguments raise ValueError listing the valid ones."""
-    _check_name(name)
-    from gigamim.models.swinv2 import SwinTransformerV2  # the signature is the list of valid overrides
-
-    allowed = set(inspect.signature(SwinTransformerV2.__init__).parameters) - {"self"}
+    allowed = _allowed_arguments(model_class(name))  # the signature is the list of valid overrides
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise ValueError(f"create_model({name!r}): unknown argument(s) {unknown}; valid: {sorted(allowed)}")

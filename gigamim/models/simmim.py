@@ -5,6 +5,16 @@ decoder is a 1x1 conv to stride^2*3 channels + PixelShuffle(stride); the loss is
 error over masked pixels, divided by the number of masked pixels and by the channel count:
 ``sum(|x - x_rec| * m) / (sum(m) + 1e-5) / C`` with ``m`` the mask at pixel resolution
 (one channel, so the division by C turns the channel sum into a mean).
+
+``norm_target=True`` (the official SwinV2 SimMIM config: ``NORM_TARGET.ENABLE``, patch 47)
+first normalises the target image per pixel by the mean and unbiased variance of its
+``norm_target_patch`` x ``norm_target_patch`` neighbourhood (windows cut by the image border
+count only the pixels inside): ``(x - mean) / sqrt(var + 1e-6)``.
+
+The encoder says its own geometry: ``encoder.encoder_stride`` (total reduction: 32 for Swin,
+16 for ViT-B/16), ``encoder.patch_size`` (the mask grid), ``encoder.img_size``,
+``encoder.in_chans``, ``encoder.embed_dim``, ``encoder.num_features``, and accepts
+``encoder(images, mask=..., features_only=True) -> (B, H/stride, W/stride, C)``.
 """
 
 from __future__ import annotations
@@ -15,20 +25,53 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 
+def norm_targets(targets: torch.Tensor, patch_size: int = 47) -> torch.Tensor:
+    """Local normalisation of the target image (official SimMIM ``norm_targets``): per pixel
+    and channel, subtract the mean and divide by sqrt(unbiased variance + 1e-6) over the
+    ``patch_size``^2 window centred on it (only pixels inside the image count)."""
+    if patch_size < 1 or patch_size % 2 == 0:
+        raise ValueError(f"norm_target_patch must be an odd positive number, got {patch_size}")
+    pad = patch_size // 2
+    pool = dict(kernel_size=patch_size, stride=1, padding=pad)
+    mean = F.avg_pool2d(targets, count_include_pad=False, **pool)
+    mean_sq = F.avg_pool2d(targets**2, count_include_pad=False, **pool)
+    # Pixels inside each window (fewer at the border): the unbiased-variance correction.
+    count = F.avg_pool2d(torch.ones_like(targets[:1, :1]), count_include_pad=True, **pool) * patch_size**2
+    var = ((mean_sq - mean**2) * (count / (count - 1))).clamp(min=0.0)
+    return (targets - mean) / (var + 1.0e-6) ** 0.5
+
+
+def encoder_stride_of(encoder: nn.Module) -> int:
+    """Total reduction of an encoder: its ``encoder_stride`` (ViT, Swin V1 here), else, for a
+    hierarchical encoder that does not say it (SwinV2), patch size x 2^(stages - 1)."""
+    stride = getattr(encoder, "encoder_stride", None)
+    if stride is None:
+        stride = encoder.patch_size * 2 ** (len(encoder.depths) - 1)
+    return int(stride)
+
+
 class SimMIM(nn.Module):
     """``SimMIM(encoder, encoder_stride=32)``; state dict ``encoder.*`` (+ ``encoder.mask_token``)
     and ``decoder.0.{weight,bias}``. ``forward(images, mask) -> loss``;
     ``reconstruct(images, mask) -> (B, C, H, W)`` in the (normalised) input space."""
 
-    def __init__(self, encoder: nn.Module, encoder_stride: int = 32):
+    def __init__(self, encoder: nn.Module, encoder_stride: int | None = None, norm_target: bool = False,
+                 norm_target_patch: int = 47):
         super().__init__()
+        reduction = encoder_stride_of(encoder)
+        if encoder_stride is None:
+            encoder_stride = reduction
+        if encoder_stride != reduction:
+            raise ValueError(f"encoder_stride={encoder_stride} must equal the encoder's total reduction {reduction} "
+                             "(pass encoder.encoder_stride)")
+        if norm_target and (norm_target_patch < 1 or norm_target_patch % 2 == 0):
+            raise ValueError(f"norm_target_patch must be an odd positive number, got {norm_target_patch}")
         self.encoder = encoder
         self.encoder_stride = encoder_stride
         self.in_chans = encoder.in_chans
         self.patch_size = encoder.patch_size
-        reduction = encoder.patch_size * 2 ** (len(encoder.depths) - 1)
-        if encoder_stride != reduction:
-            raise ValueError(f"encoder_stride={encoder_stride} must equal the encoder's total reduction {reduction}")
+        self.norm_target = bool(norm_target)
+        self.norm_target_patch = int(norm_target_patch)
         # The token belongs to the encoder (key encoder.mask_token, as in the official code) but
         # is created here so that a bare encoder still loads strictly into timm.
         token = torch.zeros(1, 1, 1, encoder.embed_dim)
@@ -66,7 +109,10 @@ class SimMIM(nn.Module):
         rec = rec.to(dtype)
         m = mask.to(dtype).repeat_interleave(self.patch_size, 1).repeat_interleave(self.patch_size, 2)
         m = m.unsqueeze(1)  # B, 1, H, W
-        err = F.l1_loss(images.to(dtype), rec, reduction="none")
+        target = images.to(dtype)
+        if self.norm_target:
+            target = norm_targets(target, self.norm_target_patch)
+        err = F.l1_loss(target, rec, reduction="none")
         return (err * m).sum() / (m.sum() + 1e-5) / self.in_chans
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, return_reconstruction: bool = False) -> torch.Tensor:

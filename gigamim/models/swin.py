@@ -1,0 +1,94 @@
+"""Swin Transformer (V1) encoders for SimMIM, built from timm's ``SwinTransformer``.
+
+As in the official ``SwinTransformerForSimMIM`` (microsoft/SimMIM, Swin-Transformer): the
+mask token replaces masked patch embeddings right after patch embedding + norm. Keys are
+timm's (``swin_base_patch4_window7_224`` layout: ``layers.{i}.downsample`` at the start of
+stages 1-3, ``relative_position_bias_table`` per block), so an encoder without ``mask_token``
+loads strictly into timm's ``SwinTransformer`` of the same geometry. Defaults follow the
+SimMIM pretraining configs: Swin-B 192 px window 6, Swin-L 192 px window 12.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from timm.models.swin_transformer import SwinTransformer
+
+from gigamim.models.registry import register_model
+from gigamim.models.timm_init import linear_init_in_place
+
+
+class SwinTransformerForSimMIM(SwinTransformer):
+    """timm Swin V1 + SimMIM's mask input. ``forward(x, mask=None, features_only=False)``:
+    logits, or with ``features_only`` the final normed (B, H/32, W/32, C) map."""
+
+    family = "swin"
+
+    def __init__(self, img_size: int = 192, patch_size: int = 4, in_chans: int = 3, num_classes: int = 0,
+                 embed_dim: int = 128, depths: Sequence[int] = (2, 2, 18, 2),
+                 num_heads: Sequence[int] = (4, 8, 16, 32), window_size: int = 6, mlp_ratio: float = 4.0,
+                 drop_path_rate: float = 0.0, **timm_kwargs):
+        reduction = patch_size * 2 ** (len(depths) - 1)
+        if not isinstance(img_size, int) or img_size <= 0 or img_size % reduction:
+            raise ValueError(f"img_size={img_size!r} must be a positive multiple of {reduction} "
+                             f"(patch {patch_size} x {2 ** (len(depths) - 1)} downsamplings)")
+        with linear_init_in_place():
+            super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                             embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(num_heads),
+                             window_size=window_size, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
+                             weight_init="skip", **timm_kwargs)
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.encoder_stride = reduction
+        self.depths = tuple(depths)
+        self.num_heads = tuple(num_heads)
+        self.window_size = window_size
+
+    def stage_modules(self):
+        return list(self.layers)
+
+    def embed(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
+            raise ValueError(f"expected images (B, {self.in_chans}, {self.img_size}, {self.img_size}), got "
+                             f"{tuple(x.shape)}; build the model with img_size matching the input")
+        x = self.patch_embed(x)  # B, H/4, W/4, C (normed)
+        if mask is not None:
+            if not hasattr(self, "mask_token"):
+                raise ValueError("a mask was given but this encoder has no mask_token (wrap it in SimMIM)")
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1.0 - w) + self.mask_token.reshape(1, 1, 1, -1).to(x.dtype) * w
+        return x
+
+    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.norm(self.layers(self.embed(x, mask)))
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, features_only: bool = False):
+        x = self.forward_features(x, mask)
+        return x if features_only else self.forward_head(x)
+
+
+_VARIANTS = {
+    # nano: the test size, like swinv2_nano (C=32, one shifted pair per stage, window 6)
+    "swin_nano": dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=6),
+    "swin_tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    "swin_small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    "swin_base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=6),
+    "swin_large": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12),
+}
+_COMMON = dict(img_size=192, window_size=6, drop_path_rate=0.0)
+
+
+def _register(name: str, arch: dict) -> None:
+    defaults = {**_COMMON, **arch}
+
+    def factory(**overrides) -> SwinTransformerForSimMIM:
+        return SwinTransformerForSimMIM(**{**defaults, **overrides})
+
+    factory.__name__ = name
+    factory.__doc__ = f"{name}: {defaults}"
+    register_model(name, factory, defaults, model_class=SwinTransformerForSimMIM)
+
+
+for _name, _arch in _VARIANTS.items():
+    _register(_name, _arch)

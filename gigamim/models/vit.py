@@ -1,0 +1,119 @@
+"""ViT encoders for SimMIM, built from timm's ``VisionTransformer`` (its modules, its keys).
+
+As in the official ``VisionTransformerForSimMIM`` (microsoft/SimMIM): the mask token replaces
+masked patch embeddings right after patch embedding, before the class token and the position
+embedding are added. The state dict is timm's (``vit_base_patch16_224`` layout), so an encoder
+without ``mask_token`` loads strictly into ``timm.create_model('vit_base_patch16_224',
+num_classes=0)``. The encoder stride is the patch size (16: SimMIM's ViT-B/16 decoder).
+
+Note: the official SimMIM ViT-B adds layer scale (0.1) and a shared relative position bias;
+this is timm's standard ViT (absolute position embedding); ``init_values=0.1`` adds timm's
+layer scale (keys ``ls1``/``ls2``, which timm has too).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+
+from gigamim.models.registry import register_model
+from gigamim.models.timm_init import linear_init_in_place
+
+
+class VisionTransformerForSimMIM(VisionTransformer):
+    """timm ViT + SimMIM's mask input. ``forward(x, mask=None, features_only=False)``: logits,
+    or with ``features_only`` the normed patch tokens as a (B, H/p, W/p, C) map."""
+
+    family = "vit"
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 0,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 drop_path_rate: float = 0.1, init_values: Optional[float] = None, global_pool: str = "token",
+                 **timm_kwargs):
+        if not isinstance(img_size, int) or img_size <= 0 or img_size % patch_size:
+            raise ValueError(f"img_size={img_size!r} must be a positive multiple of patch_size={patch_size}")
+        with linear_init_in_place():
+            super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                             drop_path_rate=drop_path_rate, init_values=init_values, global_pool=global_pool,
+                             weight_init="skip", **timm_kwargs)
+        # The rest of timm's init_weights: top-level parameters, still whole here (zero.Init
+        # partitions them when this __init__ returns).
+        with torch.no_grad():
+            if self.pos_embed is not None:
+                trunc_normal_(self.pos_embed, std=0.02)
+            if self.cls_token is not None:
+                nn.init.normal_(self.cls_token, std=1e-6)
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.encoder_stride = patch_size
+        self.depth = depth
+        self.num_heads = num_heads
+
+    def stage_modules(self):
+        """The blocks, for intermediate features (probe) and layer-wise LR decay."""
+        return list(self.blocks)
+
+    def tokens_to_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, prefix + L, C) tokens -> (B, H/p, W/p, C) map of the patch tokens."""
+        side = self.img_size // self.patch_size
+        return x[:, self.num_prefix_tokens:].reshape(x.shape[0], side, side, x.shape[-1])
+
+    def embed(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
+            raise ValueError(f"expected images (B, {self.in_chans}, {self.img_size}, {self.img_size}), got "
+                             f"{tuple(x.shape)}; build the model with img_size matching the input")
+        x = self.patch_embed(x)  # B, L, C
+        if mask is not None:
+            if not hasattr(self, "mask_token"):
+                raise ValueError("a mask was given but this encoder has no mask_token (wrap it in SimMIM)")
+            w = mask.flatten(1).unsqueeze(-1).to(x.dtype)
+            x = x * (1.0 - w) + self.mask_token.reshape(1, 1, -1).to(x.dtype) * w
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        return self.norm_pre(x)
+
+    def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """timm's forward_features (normed tokens, class token first), with the mask input."""
+        x = self.embed(x, mask)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            from timm.models._manipulate import checkpoint_seq
+
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, features_only: bool = False):
+        x = self.forward_features(x, mask)
+        return self.tokens_to_map(x) if features_only else self.forward_head(x)
+
+
+_VARIANTS = {
+    # nano: the test size (64 px, 4x4 patches of 16 px), 4 blocks
+    "vit_nano_patch16": dict(img_size=64, embed_dim=64, depth=4, num_heads=2, drop_path_rate=0.0),
+    "vit_tiny_patch16": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12),  # SimMIM ViT-B/16, 224 px
+    "vit_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+_COMMON = dict(img_size=224, patch_size=16, drop_path_rate=0.1)
+
+
+def _register(name: str, arch: dict) -> None:
+    defaults = {**_COMMON, **arch}
+
+    def factory(**overrides) -> VisionTransformerForSimMIM:
+        return VisionTransformerForSimMIM(**{**defaults, **overrides})
+
+    factory.__name__ = name
+    factory.__doc__ = f"{name}: {defaults}"
+    register_model(name, factory, defaults, model_class=VisionTransformerForSimMIM)
+
+
+for _name, _arch in _VARIANTS.items():
+    _register(_name, _arch)
