@@ -112,13 +112,14 @@ def relative_position_index(window: Tuple[int, int], device=None) -> torch.Tenso
 _compiled_flex = None
 
 
-def _flex_attention():
-    """flex_attention, compiled once on first use when called eagerly (the eager version is a
-    reference implementation that materialises the scores); as is inside a compiled graph."""
+def _flex_attention(device_type: str):
+    """flex_attention; on a GPU called eagerly, compiled once on first use (the eager version
+    is a reference implementation that materialises the scores). Inside a compiled graph, and
+    on CPU (forward only there: inference), as is."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or device_type == "cpu":
         return flex_attention
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
@@ -140,7 +141,7 @@ def _flex(q, k, v, bias, mask) -> torch.Tensor:
 
         def score_mod(score, b, h, qi, ki):
             return torch.where(allowed[b % nw, qi, ki], score + bias[h, qi, ki], -float("inf"))
-    return _flex_attention()(q, k, v, score_mod=score_mod, scale=1.0)
+    return _flex_attention(q.device.type)(q, k, v, score_mod=score_mod, scale=1.0)
 
 
 def _attend(q, k, v, logit_scale, bias, mask, impl: str, dropout_p: float) -> torch.Tensor:
