@@ -86,7 +86,7 @@ def _block_flops(enc: SwinTransformerV2, size: int, batch_size: int):
 
 def recompute_flops(model: nn.Module, img_size: Optional[int] = None, batch_size: int = 1) -> int:
     """Forward FLOPs per image that backward runs a second time: the whole forward of every
-    activation-checkpointed block, and the attention core of sequential (chunk-recomputed)
+    activation-checkpointed block, and the QK^T half of the attention core of sequential (chunk-recomputed)
     blocks that are not checkpointed already. Read from the model's own settings."""
     enc = _encoder(model)
     extra = 0
@@ -94,7 +94,9 @@ def recompute_flops(model: nn.Module, img_size: Optional[int] = None, batch_size
         if blk.checkpointed:
             extra += fwd
         elif blk.attn.sequential:
-            extra += core
+            # Non-reentrant checkpoint stops recomputing once backward has what it needs: the
+            # softmax output (for AV's backward), so only QK^T, half of the core, runs again.
+            extra += core // 2
     return extra
 
 
