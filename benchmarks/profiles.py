@@ -6,6 +6,8 @@ quick  < 3 min on a 2-core CPU: SwinV2-T 192 px batch 8 vs the reference (train_
        SwinV2-B 512 px batch 1 checkpointing + sequential vs the reference (peak_mem_ratio).
 gpu    one H200, < 8 min: SwinV2-B/L/H/G SimMIM steps at 192 px in bf16 (MFU per size), the
        reference for B and L, attention paths and a resolution sweep for B.
+compile CPU, ~10 min: eager vs per-block compiled (gigamim and reference), and ZeRO-1 vs
+       ZeRO-3 eager/compiled on 2 CPU ranks with collectives counted (the issue-15 numbers).
 full   CPU, tens of minutes: quick + attention paths, checkpointing, resolution 192->768,
        micro-batch sweep, ZeRO 0/1/2/3 on 2 ranks, the data loader.
 """
@@ -93,15 +95,36 @@ def _micro_batch(model, img, batches, steps, precision="fp32"):
     return out
 
 
+def _compile_group(model, img, batch, steps, warmup=2, precision="fp32", attn="explicit"):
+    """Eager vs per-block compiled, gigamim and the timm reference alike, ABAB in one group."""
+    base = dict(group="compile", model=model, img_size=img, batch=batch, steps=steps, warmup=warmup,
+                precision=precision, memory=False)
+    tag = f"{model.replace('swinv2_', '')}_{img}_b{batch}"
+    return [Case(name=f"compile_{tag}_gigamim_eager", impl="gigamim", attn_impl=attn, **base),
+            Case(name=f"compile_{tag}_gigamim_compiled", impl="gigamim", attn_impl=attn, compile=True, **base),
+            Case(name=f"compile_{tag}_reference_eager", impl="reference", **base),
+            Case(name=f"compile_{tag}_reference_compiled", impl="reference", compile=True, **base)]
+
+
+def compile_profile():
+    """CPU, ~10 min: the compile axis (SwinV2-T 192 px batch 8, both sides eager and compiled),
+    then the ZeRO x compile axis on 2 CPU ranks (ZeRO-1 vs ZeRO-3, eager vs compiled)."""
+    return {"groups": [_compile_group("swinv2_tiny", 192, 8, steps=4)], "zero": None, "data": None,
+            "zero_compile": dict(variants=("zero1_eager", "zero3_eager", "zero3_leaf_eager", "zero3_compiled",
+                                               "zero3_ckpt_eager", "zero3_ckpt_compiled"),
+                                 model="swinv2_tiny", img_size=192, micro_batch=4, warmup=2, steps=4)}
+
+
 def full():
     # Sized for a shared 2-core CPU: the sweeps use small batches (resolution and micro-batch
     # on nano, whose geometry scales the same way); the GPU profile runs them on SwinV2-B.
     groups = quick()["groups"]
     groups += [_attention("swinv2_tiny", 192, 2, 2), _checkpointing("swinv2_tiny", 192, 2, 2)]
+    groups += [_compile_group("swinv2_tiny", 192, 8, steps=3)]
     groups += _resolution("swinv2_nano", (192, 384, 768), 1, 2)
     groups += _micro_batch("swinv2_nano", 192, (1, 4, 16), 2)
     return {"groups": groups, "zero": dict(stages=(0, 1, 2, 3), model="swinv2_tiny", img_size=96, micro_batch=4, steps=4),
-            "data": dict(num_images=256, repeats=2)}
+            "data": dict(num_images=256, repeats=2), "zero_compile": compile_profile()["zero_compile"]}
 
 
 # One H200 (141 GB): batches sized so that model states (16 B/param with fp32 master weights
@@ -131,4 +154,4 @@ def gpu():
     return {"groups": groups, "zero": None, "data": None}
 
 
-PROFILES = {"smoke": smoke, "quick": quick, "gpu": gpu, "full": full}
+PROFILES = {"smoke": smoke, "quick": quick, "gpu": gpu, "full": full, "compile": compile_profile}
