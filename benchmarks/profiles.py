@@ -52,12 +52,14 @@ def quick():
     ], "zero": None, "data": None}
 
 
-def _attention(model, img, batch, steps, precision="fp32", window=None):
+def _attention(model, img, batch, steps, precision="fp32", window=None, with_flex=False):
+    """Attention paths side by side. flex only where it trains (CUDA; CPU has no flex backward)."""
     base = dict(group="attention", model=model, img_size=img, batch=batch, steps=steps, precision=precision,
                 window_size=window)
     tag = f"{model.replace('swinv2_', '')}_{img}_b{batch}"
+    flex = [Case(name=f"attention_{tag}_flex", attn_impl="flex", **base)] if with_flex else []
     return [Case(name=f"attention_{tag}_explicit", attn_impl="explicit", **base),
-            Case(name=f"attention_{tag}_sdpa", attn_impl="sdpa", **base),
+            Case(name=f"attention_{tag}_sdpa", attn_impl="sdpa", **base), *flex,
             Case(name=f"attention_{tag}_sequential", attn_impl="explicit", sequential=True, **base),
             Case(name=f"attention_{tag}_reference", impl="reference", **base)]
 
@@ -139,6 +141,12 @@ GPU_SIZES = (
 
 def gpu():
     groups = []
+    # The compile axis first among the comparisons (B at 192 px, bf16): both sides compiled alike,
+    # plus gigamim's flex path compiled.
+    cg = _compile_group("swinv2_base", 192, 64, steps=5, warmup=2, precision="bf16", attn="sdpa")
+    cg.insert(2, Case(name="compile_base_192_b64_gigamim_flex_compiled", group="compile", model="swinv2_base",
+                      img_size=192, batch=64, steps=5, warmup=2, precision="bf16", memory=False, attn_impl="flex",
+                      compile=True, label="gigamim flex compiled"))
     for model, batch, ckpt in GPU_SIZES:
         common = dict(group="gpu_sizes", model=model, img_size=192, batch=batch, precision="bf16", steps=6, warmup=2,
                       checkpointing=ckpt)
@@ -146,10 +154,12 @@ def gpu():
         if model in ("swinv2_base", "swinv2_large"):  # timm has no main-branch norms (huge/giant)
             g.append(Case(name=f"gpu_{model.replace('swinv2_', '')}_192_b{batch}_reference", impl="reference", **common))
         groups.append(g)
+    groups.append(cg)
+    # The attention paths (eager model; flex runs its compiled kernel) before the longer sweeps.
+    groups.append(_attention("swinv2_base", 192, 64, 5, precision="bf16", with_flex=True))
     # train_step_ratio / peak_mem_ratio on the GPU as well.
     groups.append(_pair("ratio", "swinv2_base", 192, 64, steps=6, warmup=2, precision="bf16"))
     groups.append(_memory_group("swinv2_base", 512, 16, 8, steps=3, warmup=1, precision="bf16", chunk=64))
-    groups.append(_attention("swinv2_base", 192, 64, 5, precision="bf16"))
     groups += _resolution("swinv2_base", (192, 384, 768), 8, 3, precision="bf16")
     return {"groups": groups, "zero": None, "data": None}
 

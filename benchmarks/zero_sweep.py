@@ -200,7 +200,11 @@ def _zero_worker(argv) -> int:
     counter.install()  # before DeepSpeed caches any torch.distributed function
     import torch
 
-    torch.set_num_threads(1)
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        torch.set_num_threads(1)
     import deepspeed
 
     from gigamim.models import SimMIM, create_model
@@ -209,7 +213,8 @@ def _zero_worker(argv) -> int:
 
     from .train_step import Case, synthetic_batches
 
-    deepspeed.init_distributed("gloo")
+    deepspeed.init_distributed("nccl" if on_gpu else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     names = a.variants.split(",")
     unknown = [n for n in names if n not in ZERO_VARIANTS]
@@ -223,7 +228,7 @@ def _zero_worker(argv) -> int:
         stage, comp, leaf, ckpt = ZERO_VARIANTS[name]
         ds = load_template("cpu" if stage == 3 else f"zero{stage}")
         ds.update(train_micro_batch_size_per_gpu=a.micro_batch, gradient_accumulation_steps=1,
-                  train_batch_size=a.micro_batch * world, gradient_clipping=1.0, bf16={"enabled": False},
+                  train_batch_size=a.micro_batch * world, gradient_clipping=1.0, bf16={"enabled": on_gpu},
                   optimizer={"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.05, "torch_adam": True}})
         t0 = _time.perf_counter()
         torch.manual_seed(0)
@@ -234,7 +239,8 @@ def _zero_worker(argv) -> int:
             with deepspeed.zero.Init(config_dict_or_path=ds):
                 model = SimMIM(create_model(a.model, **kw))
         else:
-            model = SimMIM(create_model(a.model, **kw))
+            with torch.device(device):
+                model = SimMIM(create_model(a.model, **kw))
         if leaf:
             mark_z3_leaf_blocks(model)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
@@ -247,11 +253,17 @@ def _zero_worker(argv) -> int:
 
     def step(engine, i):
         b = batches[i % len(batches)]
-        images = normalize_on_device(b["image"], torch.device("cpu"))
+        images = normalize_on_device(b["image"], device)
+        mask = b["mask"].to(device)
+        if on_gpu:
+            images = images.bfloat16()
+            torch.cuda.synchronize()
         t0 = _time.perf_counter()
-        loss = engine(images, b["mask"])
+        loss = engine(images, mask)
         engine.backward(loss)
         engine.step()
+        if on_gpu:
+            torch.cuda.synchronize()
         return _time.perf_counter() - t0, float(loss.detach())
 
     res = {n: {"warmup_s": [], "step_s": [], "loss": [], "calls": [], "bytes": [], "build_s": t_build[n]} for n in names}
@@ -290,8 +302,9 @@ def run_zero_compile(out_dir, *, variants=("zero1_eager", "zero3_eager", "zero3_
            "-m", "gigamim_benchmarks.zero_sweep", "--zero-worker", str(raw), "--variants", ",".join(variants),
            "--model", model, "--img-size", str(img_size), "--micro-batch", str(micro_batch), "--warmup",
            str(warmup), "--steps", str(steps)] + (["--window-size", str(window_size)] if window_size else [])
-    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if not _cuda_visible():
+        env.setdefault("DS_ACCELERATOR", "cpu")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), _benchmarks_path(repo), env.get("PYTHONPATH")) if p)
     t0 = time.perf_counter()
     try:
@@ -329,6 +342,12 @@ def run_zero_compile(out_dir, *, variants=("zero1_eager", "zero3_eager", "zero3_
             f"({res['collective_bytes_per_step'].get('all_gather', 0) / 2**20:.1f} MiB)  "
             f"reduce_scatter {calls.get('reduce_scatter', 0)}  all_reduce {calls.get('all_reduce', 0)}")
     return results
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _benchmarks_path(repo: Path) -> str:

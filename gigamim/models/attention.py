@@ -122,6 +122,9 @@ def _flex_attention(device_type: str):
     if torch.compiler.is_compiling() or device_type == "cpu":
         return flex_attention
     if _compiled_flex is None:
+        # One compiled kernel per (stage shape, masked or not): more than dynamo's default 8.
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, 64)
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
 
