@@ -203,4 +203,7 @@ def test_wrong_input_size():
 def test_meta_construction_giant_has_no_storage():
     m = _meta("swinv2_giant", img_size=384, window_size=12)
     assert all(p.is_meta for p in m.parameters())
-    assert list(m.buffers()) == []  # nothing for zero.Init / .bfloat16() to cast
+    # Geometry only, integer and non-persistent: nothing zero.Init / .bfloat16() casts, nothing saved.
+    bufs = dict(m.named_buffers())
+    assert bufs and all(not b.is_floating_point() for b in bufs.values())
+    assert not set(bufs) & set(m.state_dict())
