@@ -1,0 +1,141 @@
+"""The calibration table: `gigamim.tools.step_model` predictions vs the measured 2-rank CPU runs.
+
+Reads DIR/raw.json (written by benchmarks/plan_calibration.py), writes DIR/table.json and
+DIR/table.md. The model gets only the measured inputs (GEMM peak, efficiency of a plain
+swinv2_tiny forward + backward, gloo latency + bandwidth per collective kind, copy
+bandwidth, AdamW seconds per parameter) and each run's shape; nothing from the run itself.
+
+    python -m benchmarks.plan_calibration_report DIR
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+BYTES_TOL, TIME_TOL = 0.05, 0.25
+
+
+def calibration_inputs(inputs: dict):
+    from gigamim.tools.hardware import Network, cpu_device
+    from gigamim.tools.step_model import Costs, Precision
+
+    device = cpu_device(inputs["gemm_tflops"], inputs["mem_gbps"])
+    net = Network(per_kind_bps={k: v["bytes_per_s"] for k, v in inputs["gloo"].items()},
+                  per_kind_latency_s={k: v["latency_s"] for k, v in inputs["gloo"].items()})
+    costs = Costs(efficiency=inputs["efficiency"], overlap=0.0, optim_s_per_param=inputs["optim_s_per_param"],
+                  cpu_ms_per_image=0.0)  # random tensors: no data loading
+    return device, net, costs, Precision(param_bytes=4, grad_bytes=4, master_bytes=4)  # fp32 on CPU
+
+
+def knobs_of(ds_zero: dict):
+    from gigamim.tools.step_model import ZeroKnobs
+
+    return ZeroKnobs(reduce_bucket=float(ds_zero.get("reduce_bucket_size", 5e8)),
+                     allgather_bucket=float(ds_zero.get("allgather_bucket_size", 5e8)),
+                     prefetch_bucket=float(ds_zero.get("stage3_prefetch_bucket_size", 5e7)),
+                     max_live=float(ds_zero.get("stage3_max_live_parameters", 1e9)),
+                     persistence_threshold=float(ds_zero.get("stage3_param_persistence_threshold", 1e5)))
+
+
+def predict(run: dict, inputs: dict, img_size: int, window: int) -> dict:
+    from gigamim.tools.step_model import Candidate, model_facts, step_time
+
+    case = run["case"]
+    device, net, costs, prec = calibration_inputs(inputs)
+    facts = model_facts(case["model"], img_size, window)
+    cand = Candidate(zero_stage=case["stage"], micro_batch=case["micro_batch"], accumulation=case["accumulation"],
+                     ckpt_every=1 if case["ckpt"] else 0)
+    return step_time(facts, cand, run["world"], run["world"], device, net, knobs_of(run["ds_zero"]), prec, costs)
+
+
+def build_table(raw: dict) -> list:
+    meta, inputs = raw["meta"], raw["inputs"]
+    rows = []
+    for run in raw["runs"]:
+        pred = predict(run, inputs, meta["img_size"], meta["window_size"])
+        measured_bytes = {k: v for k, v in run["bytes_per_step"].items() if v >= 1024}  # scalars (grad norm) aside
+        kinds = sorted(set(measured_bytes) | set(pred["comm_bytes"]))
+        byte_err = {k: pred["comm_bytes"].get(k, 0.0) / measured_bytes[k] - 1 if measured_bytes.get(k) else None
+                    for k in kinds}
+        total_m, total_p = sum(measured_bytes.values()), sum(pred["comm_bytes"].values())
+        c = run["case"]
+        rows.append({
+            "model": c["model"], "zero_stage": c["stage"], "ckpt": bool(c["ckpt"]), "micro_batch": c["micro_batch"],
+            "accumulation": c["accumulation"], "steps": c["steps"],
+            "measured_bytes": measured_bytes, "predicted_bytes": pred["comm_bytes"], "bytes_rel_err": byte_err,
+            "bytes_total_rel_err": total_p / total_m - 1 if total_m else None,
+            "measured_calls": run["calls_per_step"],
+            "predicted_calls": {k: sum(x["calls"] for x in pred["comm"] if x["kind"] == k) for k in pred["comm_bytes"]},
+            "measured_step_s": run["step_s"], "measured_step_times": run["step_times"],
+            "predicted_step_s": pred["step_s"], "time_rel_err": pred["step_s"] / run["step_s"] - 1,
+            "predicted_parts_s": {k: pred[k] for k in ("compute_s", "comm_exposed_s", "optimizer_s", "zero_copies_s",
+                                                       "hooks_s")},
+            "measured_comm_s": run["comm_s_per_step"], "measured_phase_s": run["phase_s_per_step"],
+            "bytes_ok": all(abs(e) <= BYTES_TOL for e in byte_err.values() if e is not None)
+            and all(k in measured_bytes for k in pred["comm_bytes"]),
+            "time_ok": abs(pred["step_s"] / run["step_s"] - 1) <= TIME_TOL,
+        })
+    return rows
+
+
+def markdown(raw: dict, rows: list) -> str:
+    meta, inp = raw["meta"], raw["inputs"]
+    g = inp["gloo"]
+    lines = [
+        f"# `gigamim plan` step-time model vs 2-rank CPU runs ({meta['machine']['cpu_model']})",
+        "",
+        f"Command: `{meta['command']}` (under the shared heavy lock). Versions: torch {meta['versions'].get('torch')}, "
+        f"deepspeed {meta['versions'].get('deepspeed')}, commit {meta['versions'].get('git_commit')}. "
+        f"Load average at start {meta['machine']['load_avg_1_5_15']}, at end {meta.get('load_avg_end')}. "
+        f"Wall {meta['wall_s']:.0f} s.",
+        "",
+        f"Runs: 2 ranks (gloo, one thread each), `deepspeed.initialize` directly, SimMIM + create_model, "
+        f"{meta['img_size']} px, window {meta['window_size']}, fp32, random images; overlap_comm off; "
+        f"stage 3 with persistence threshold 0, max_live 1e7, max_reuse_distance 0 (every parameter partitioned). "
+        f"Bytes: logical buffer per collective, counted by wrapping torch.distributed (benchmarks/comm_count.py), "
+        f"per step after {rows[0]['steps'] and raw['runs'][0]['case']['warmup']} warm-up step(s).",
+        "",
+        "Model inputs, all measured in the same 2-process harness before the runs: "
+        f"fp32 GEMM {inp['gemm_tflops'] * 1e3:.1f} GFLOP/s per rank; efficiency {inp['efficiency']:.3f} "
+        f"(plain swinv2_tiny forward + backward, no DeepSpeed); copy bandwidth {inp['mem_gbps']:.2f} GB/s; "
+        f"AdamW {inp['optim_s_per_param'] * 1e9:.1f} ns/parameter; gloo latency + algorithm bandwidth: "
+        + ", ".join(f"{k} {v['latency_s'] * 1e6:.0f} us + {v['bytes_per_s'] / 1e9:.2f} GB/s" for k, v in g.items()) + ".",
+        "",
+        "| model | ZeRO | ckpt | mb x acc | kind | measured MB/step | predicted MB/step | error | measured s/step | "
+        "predicted s/step | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kinds = sorted(set(r["measured_bytes"]) | set(r["predicted_bytes"]))
+        for i, k in enumerate(kinds):
+            m, p = r["measured_bytes"].get(k, 0.0), r["predicted_bytes"].get(k, 0.0)
+            e = r["bytes_rel_err"].get(k)
+            head = (f"| {r['model']} | {r['zero_stage']} | {'on' if r['ckpt'] else 'off'} | "
+                    f"{r['micro_batch']} x {r['accumulation']} |") if i == 0 else "| | | | |"
+            tail = (f" {r['measured_step_s']:.3f} | {r['predicted_step_s']:.3f} | {r['time_rel_err']:+.1%} |"
+                    if i == 0 else " | | |")
+            lines.append(f"{head} {k} | {m / 1e6:.2f} | {p / 1e6:.2f} | "
+                         f"{'n/a' if e is None else f'{e:+.2%}'} |{tail}")
+    nb = sum(r["bytes_ok"] for r in rows)
+    nt = sum(r["time_ok"] for r in rows)
+    worst_b = max(abs(e) for r in rows for e in r["bytes_rel_err"].values() if e is not None)
+    worst_t = max(abs(r["time_rel_err"]) for r in rows)
+    lines += ["", f"Bytes within {BYTES_TOL:.0%}: {nb}/{len(rows)} runs (worst {worst_b:.2%}). "
+                  f"Step time within {TIME_TOL:.0%}: {nt}/{len(rows)} runs (worst {worst_t:.1%})."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path) -> str:
+    out = Path(out)
+    raw = json.loads((out / "raw.json").read_text())
+    rows = build_table(raw)
+    (out / "table.json").write_text(json.dumps({"meta": raw["meta"], "inputs": raw["inputs"], "rows": rows}, indent=1))
+    md = markdown(raw, rows)
+    (out / "table.md").write_text(md)
+    return md
+
+
+if __name__ == "__main__":
+    print(write_report(Path(sys.argv[1])))
