@@ -1,0 +1,33 @@
+"""Preemption: SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits 0.
+
+The handler only records the signal, so a step is never cut in half; all ranks agree on it
+(the flag rides on the step's one agreement all-reduce, see `step.py`). A second SIGINT
+aborts at once (an impatient Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import signal
+
+
+class StopFlag:
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
