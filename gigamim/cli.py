@@ -21,6 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("gigamim_benchmarks.run:main", "throughput / MFU / memory benchmarks against a timm reference"),
     "plan": ("gigamim.tools.plan:main", "per-GPU memory plan: ZeRO stage, offload, checkpointing, micro-batch"),
     "doctor": ("gigamim.launch.doctor:main", "versions, devices and all-reduce bandwidth of a launch"),
+    "launch": ("gigamim.launch.launcher:main", "start N ranks of a verb; forward SIGTERM once, wait for their save"),
 }
 
 

@@ -21,6 +21,7 @@ from gigamim.checkpoint.layout import CheckpointError
 from gigamim.config import Config, ConfigError, load_config, validate
 
 EXIT_CONFIG_ERROR = 2
+EXIT_PEER_LOST = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto' (newest complete checkpoint in checkpoint.dir, else start fresh), "
                         "a checkpoint folder, or one tag folder (also a universal one)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take checkpoint.dir's run lock even though another run (on another host) holds it")
     # The deepspeed launcher appends --local_rank=N; torchrun sets LOCAL_RANK instead.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -74,9 +77,25 @@ def resolve_resume(spec: str | None, ckpt_dir: str, world_size: int, say=print) 
     return ResumePoint(resolved.root, resolved.tag, universal, meta)
 
 
+def check_compatible(meta: dict, cfg: Config, tag_dir: Path, say=print) -> None:
+    """Before any weight is read: the tag's model must be this run's model (else one line
+    instead of a wall of missing state_dict keys after DeepSpeed has read every partition).
+    SwinV2 weights follow another image size or window (the position bias is a continuous
+    MLP of relative offsets and the index tables are rebuilt), so those are warnings."""
+    saved = meta.get("model")
+    if saved and saved != cfg.model.name:
+        raise CheckpointError(f"{tag_dir} holds model {saved} and this run is model.name={cfg.model.name}: "
+                              f"resume with --set model.name={saved}, or start fresh in another checkpoint.dir")
+    for key, now in (("img_size", cfg.model.img_size), ("window_size", cfg.model.window_size)):
+        old = meta.get(key)
+        if old is not None and now is not None and old != now:
+            say(f"gigamim: warning: model.{key} changed since {tag_dir.name}: {old} -> {now}; "
+                f"the weights follow (SwinV2's position bias is continuous), the numbers will not be those of {old}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from gigamim.launch.dist import detect_launch
+    from gigamim.launch.dist import detect_launch, peer_lost
 
     launch = detect_launch()
     rank0 = launch.rank == 0
@@ -89,11 +108,27 @@ def main(argv: list[str] | None = None) -> int:
 
         validate(cfg, world_size=launch.world_size)
         load_template(cfg.deepspeed.config)
-        resume = resolve_resume(args.resume, cfg.checkpoint.dir, launch.world_size,
-                                say=(lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None))
+        say = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
+        resume = resolve_resume(args.resume, cfg.checkpoint.dir, launch.world_size, say=say)
+        if resume is not None:
+            if cfg.model.window_size is None:
+                from gigamim.models.registry import model_defaults
+
+                cfg.model.window_size = model_defaults(cfg.model.name).get("window_size")
+            check_compatible(resume.meta, cfg, resume.tag_dir, say=say)
         from gigamim.train.trainer import Trainer
 
-        return Trainer(cfg, resume=resume).run()
+        try:
+            return Trainer(cfg, resume=resume, force_unlock=args.force_unlock).run()
+        except RuntimeError as e:
+            if not peer_lost(e):
+                raise
+            # The rank that died printed (or could not print) its own reason; the survivors
+            # say one line, not a traceback per rank. Rank 0 speaks unless it is the dead one.
+            if rank0:
+                print(f"gigamim pretrain: another rank exited ({str(e).splitlines()[0][:200]}); "
+                      "stopping. Resume with --resume auto", file=sys.stderr, flush=True)
+            return EXIT_PEER_LOST
     except (ConfigError, CheckpointError) as e:
         # Raised before any rank has built a model or touched data, on every rank alike.
         if rank0:

@@ -12,6 +12,7 @@ A checkpoint is never written from non-finite weights.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import sys
@@ -23,17 +24,24 @@ EXIT_NONFINITE = 3
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume=None):
-        """resume: a `train.main.ResumePoint` (already resolved and checked) or None."""
+    def __init__(self, cfg: Config, resume=None, force_unlock: bool = False):
+        """resume: a `train.main.ResumePoint` (already resolved and checked) or None.
+        force_unlock: take checkpoint.dir's run lock even from a holder that cannot be checked."""
         self.cfg = cfg
         self.resume = resume
+        self.force_unlock = force_unlock
+        self.lock = None
 
     def run(self) -> int:
         from gigamim.train.signals import StopFlag
 
         with StopFlag() as stop:
-            self.setup()
-            return self.fit(stop)
+            try:
+                self.setup()
+                return self.fit(stop)
+            finally:
+                if self.lock is not None:
+                    self.lock.release()
 
     # ------------------------------------------------------------------ set-up
 
@@ -59,6 +67,7 @@ class Trainer:
             cfg.model.window_size = model_defaults(cfg.model.name).get("window_size")
         self.dist = init_distributed()
         self.rank, self.world, self.device = self.dist.rank, self.dist.world_size, self.dist.device
+        self._take_run_lock()
         self.accum = gradient_accumulation_steps(cfg, self.world)
         self.precision = resolve_precision(cfg, self.device.type == "cuda")
 
@@ -72,16 +81,40 @@ class Trainer:
         self.hardware_flops = train_flops(model, cfg.model.img_size, recompute=bool(cfg.model.grad_checkpointing))
         seed_everything(cfg.train.seed + 1000 * (self.rank + 1))
 
-        self.loader = SimMIMLoader(
-            cfg.data.shards, cfg.train.micro_batch_size, rank=self.rank, world_size=self.world,
-            num_workers=cfg.data.num_workers, seed=cfg.train.seed, img_size=cfg.model.img_size,
-            mask_patch_size=cfg.data.mask_patch_size, model_patch_size=model.patch_size,
-            mask_ratio=cfg.data.mask_ratio, mode=cfg.data.mode, shuffle_buffer=cfg.data.shuffle_buffer,
-        )
+        self.num_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+        try:
+            self.loader = SimMIMLoader(
+                cfg.data.shards, cfg.train.micro_batch_size, rank=self.rank, world_size=self.world,
+                num_workers=cfg.data.num_workers, seed=cfg.train.seed, img_size=cfg.model.img_size,
+                mask_patch_size=cfg.data.mask_patch_size, model_patch_size=model.patch_size,
+                mask_ratio=cfg.data.mask_ratio, mode=cfg.data.mode, shuffle_buffer=cfg.data.shuffle_buffer,
+            )
+        except (ValueError, FileNotFoundError) as e:
+            # Every rank counts the same shards, so every rank gets here alike.
+            from gigamim.config import ConfigError
+
+            raise ConfigError(f"data.shards: {e}") from None
         self.state = TrainState(self.loader, rank=self.rank, world_size=self.world)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         if self.resume:
             self.load()
+
+    def _take_run_lock(self) -> None:
+        """Rank 0 locks checkpoint.dir before anything is written; all ranks stop if it cannot."""
+        import torch.distributed as dist
+
+        from gigamim.checkpoint.layout import CheckpointError
+        from gigamim.checkpoint.lock import RunLock, RunLockError
+
+        refused = [None]
+        if self.rank == 0:
+            try:
+                self.lock = RunLock(self.cfg.checkpoint.dir, force=self.force_unlock).acquire()
+            except RunLockError as e:
+                refused = [str(e)]
+        dist.broadcast_object_list(refused, src=0)
+        if refused[0]:
+            raise RunLockError(refused[0]) if self.rank == 0 else CheckpointError("run lock refused on rank 0")
 
     def load(self) -> None:
         from gigamim.train.optim import lr_at, peak_lr
@@ -100,6 +133,9 @@ class Trainer:
         for group in self.scheduler.optimizer.param_groups:
             group["lr"] = lr_at(self.state.step, self.cfg)
         self.say(f"gigamim: resumed from {self.resume.tag_dir} at step {self.state.step}")
+        change = lr_schedule_change(self.resume.meta.get("lr_schedule"), self.cfg, self.state.step)
+        if change:
+            self.say(f"gigamim: warning: {change}", err=True)
 
     def _agree_on_resume_tag(self) -> None:
         """Every rank resolved the tag on its own (shared file system): all load the same one or none."""
@@ -232,11 +268,15 @@ class Trainer:
         step = self.state.step
         if not self._weights_finite():
             raise RuntimeError(f"weights are not finite at step {step}; refusing to write a checkpoint")
+        from gigamim.checkpoint.space import estimate_tag_bytes
+
         meta = {"step": step, "model": self.cfg.model.name, "img_size": self.cfg.model.img_size,
+                "window_size": self.cfg.model.window_size,
                 "world_size": self.world, "zero_stage": self.zero_stage, "precision": self.precision,
-                "version": __version__}
+                "lr_schedule": lr_schedule_record(self.cfg), "version": __version__}
         tag_dir = save(self.engine, self.cfg.checkpoint.dir, step, {CLIENT_KEY: self.state.state_dict()}, meta,
-                       self.cfg.dump(), self.cfg.checkpoint.keep_last)
+                       self.cfg.dump(), self.cfg.checkpoint.keep_last,
+                       size_estimate=estimate_tag_bytes(self.num_params))
         self.say(f"gigamim: saved checkpoint {tag_dir}")
 
     def _weights_finite(self) -> bool:
@@ -272,3 +312,35 @@ class Trainer:
         if self.rank == 0:
             path = Path(self.cfg.log.dir) / "reconstructions" / f"step_{self.state.step:08d}.png"
             save_reconstruction_png(path, batch["image"][:n], batch["mask"][:n], rec, title=f"step {self.state.step}")
+
+
+# ---------------------------------------------------------------------- the LR schedule in the meta
+
+# The config keys the LR at a step depends on (`train.optim.lr_at`).
+LR_SCHEDULE_KEYS = ("optim.lr", "optim.min_lr", "optim.warmup_lr", "optim.warmup_steps", "optim.lr_scaling",
+                    "train.max_steps", "train.global_batch_size")
+
+
+def lr_schedule_record(cfg: Config) -> dict:
+    return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in LR_SCHEDULE_KEYS}
+
+
+def lr_schedule_change(saved: dict | None, cfg: Config, step: int) -> str | None:
+    """One line when the config's schedule gives another LR at `step` than the saved run's did
+    (the config wins; the line says what changed), else None. Tags without a record: None."""
+    from gigamim.train.optim import lr_at
+
+    if not saved:
+        return None
+    old_cfg = copy.deepcopy(cfg)
+    for key, value in saved.items():
+        section, leaf = key.split(".")
+        if hasattr(getattr(old_cfg, section, None), leaf):
+            setattr(getattr(old_cfg, section), leaf, value)
+    old, new = lr_at(step, old_cfg), lr_at(step, cfg)
+    if abs(old - new) <= 1e-9 * max(abs(old), abs(new), 1e-30):
+        return None
+    now = lr_schedule_record(cfg)
+    changed = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in LR_SCHEDULE_KEYS if k in saved and saved[k] != now[k])
+    return (f"the LR schedule changed since the checkpoint ({changed}): the LR at step {step} is now {new:.4g} "
+            f"(the saved run would use {old:.4g}); the config is followed")
