@@ -12,13 +12,13 @@ import sys
 
 import pytest
 
+from tests.launch import cpu_env
+
 HERE = os.path.abspath(__file__)
 
 
 def _launch(tmp_path, mode, timeout):
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
-    # The worker imports tests.helpers: the repository root must be importable in the ranks.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.dirname(os.path.dirname(HERE)), env.get("PYTHONPATH")) if p)
+    env = cpu_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            HERE, mode, str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
