@@ -118,7 +118,9 @@ class Candidate:
 
     @property
     def ckpt_label(self) -> str:
-        return {0: "none", 1: "every block"}.get(self.ckpt_every, f"every {self.ckpt_every}th block")
+        k = self.ckpt_every
+        nth = {2: "2nd", 3: "3rd"}.get(k, f"{k}th")
+        return {0: "none", 1: "every block"}.get(k, f"every {nth} block")
 
 
 @dataclass
