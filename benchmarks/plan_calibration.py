@@ -95,6 +95,19 @@ def _measure_inputs(out: dict, counter) -> None:
     dist.barrier()
     best = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
     out["mem_gbps"] = 2 * src.numel() * 4 / best / 1e9
+    # First touch: filling a freshly allocated 64 MB tensor (new pages from the kernel each time,
+    # as DeepSpeed's per-micro-step flat buffers are on CPU; a GPU's caching allocator reuses them).
+    del dst
+
+    def fresh():
+        t = torch.empty(16 * 2**20)
+        t.fill_(1.0)
+        return t
+
+    fresh()
+    dist.barrier()
+    best = min(_timed(fresh) for _ in range(5))
+    out["fresh_gbps"] = 16 * 2**20 * 4 / best / 1e9
     # gloo: time per call vs size for each collective kind, fitted as latency + bytes / bandwidth.
     world = dist.get_world_size()
     sizes = [2**14, 2**20, 2**23, 2**25]  # bytes of the logical buffer

@@ -44,11 +44,11 @@ Optimizer: AdamW over the rank's fp32 partition, memory-bound: `optim_bytes_per_
 (36: fp32 master, m, v read + written, gradient read and converted, bf16 copy written) / the
 device's memory bandwidth; with offload, DeepSpeedCPUAdam at `cpu_adam_params_per_s` per GPU
 (1.0e9: ~12 AVX-512 cores) plus gradients down / parameters up over PCIe (25 GB/s).
-ZeRO bookkeeping copies (flat buffers, DeepSpeed's own): stage 1/2 three passes over the
-gradient bytes per reduction (flatten into the bucket, copy back, copy into the fp32
-partition) + one over the parameter partition; stage 3 one pass over the gathered bytes and
-two over the reduce-scattered ones; plus `hook_s` per module hook (4 per module per micro:
-pre/post forward and backward; 20 us). All at the device memory bandwidth.
+ZeRO bookkeeping (DeepSpeed's flat buffers: gradient buckets, gather outputs, fp32
+partitions): `zero_passes[stage]` passes over P x grad_bytes per micro-step at the device
+memory bandwidth (on CPU ranks: the first-touch bandwidth of fresh memory, which is what
+those buffers cost there), calibrated on 2 CPU ranks; plus `hook_s` per ZeRO-3 module hook
+(4 per module per micro-step: pre/post forward and backward; 20 us).
 Data (stated, overlapped by the loader workers): `cpu_ms_per_image` of decode + crop per
 host core / `host_cores_per_gpu`; a step is never faster than its data.
 """
@@ -91,6 +91,13 @@ class Costs:
     cpu_adam_params_per_s: float = 1.0e9
     pcie_bps: float = 25e9
     hook_s: float = 20e-6
+    # DeepSpeed's per-micro-step host work on its flat buffers (gradient buckets, gather outputs,
+    # fp32 partitions), in passes over P x grad_bytes per micro-step, per ZeRO stage, at
+    # `buffer_bps` (None: the device memory bandwidth; CPU: first-touch bandwidth of fresh
+    # memory). Calibrated on 2 CPU ranks (benchmarks/plan_calibration.py, swinv2_tiny without
+    # checkpointing; checked on the other runs): see benchmarks/results/plan_calibration_*.
+    zero_passes: tuple = (0.0, 2.0, 3.0, 3.0)
+    buffer_bps: float | None = None
     cpu_ms_per_image: float = 2.5
     host_cores_per_gpu: float = 11.0
 
@@ -308,18 +315,11 @@ def step_time(facts: ModelFacts, cand: Candidate, ranks: int, gpus_per_node: int
         optim = n_opt * costs.optim_s_per_param
     else:
         optim = n_opt * costs.optim_bytes_per_param / bw
-    # DeepSpeed's flat-buffer copies (read + write each) and per-module hooks.
+    # DeepSpeed's flat-buffer work and per-module hooks (ZeRO-3: pre/post forward and backward).
     kinds = comm_bytes_by_kind(plan)
-    if cand.zero_stage in (1, 2):
-        copies = 2 * (3 * kinds.get("all_reduce", 0.0) + n_opt * prec.master_bytes + P * prec.param_bytes) / bw
-        hooks = 0.0
-    elif cand.zero_stage == 3:
-        gathered = kinds.get("all_gather", 0.0)
-        reduced = kinds.get("reduce_scatter", 0.0) + 4 * kinds.get("all_to_all", 0.0)
-        copies = 2 * (gathered + 2 * reduced + n_opt * prec.master_bytes) / bw
-        hooks = acc * 4 * facts.modules_with_params * costs.hook_s
-    else:
-        copies = hooks = 0.0
+    buf_bw = costs.buffer_bps or bw
+    copies = acc * costs.zero_passes[cand.zero_stage] * P * prec.grad_bytes / buf_bw
+    hooks = acc * 4 * facts.modules_with_params * costs.hook_s if cand.zero_stage == 3 else 0.0
     gpu_step = acc * compute_micro + exposed + optim + copies + hooks
     images = mb * acc  # per rank
     data = images * costs.cpu_ms_per_image * 1e-3 / costs.host_cores_per_gpu if costs.cpu_ms_per_image else 0.0
