@@ -66,7 +66,8 @@ def fit_zero_passes(raw: dict, model: str = "swinv2_tiny") -> tuple:
             continue
         base = predict(run, inputs, meta["img_size"], meta["window_size"])["step_s"]
         P = model_facts(c["model"], meta["img_size"], meta["window_size"]).params
-        passes[c["stage"]] = max(0.0, (run["step_s"] - base) / (c["accumulation"] * P * 4 / fresh))
+        reps = 1 if c["stage"] == 1 else c["accumulation"]  # as step_model counts them
+        passes[c["stage"]] = max(0.0, (run["step_s"] - base) / (reps * P * 4 / fresh))
     return tuple(passes)
 
 
@@ -130,8 +131,8 @@ def markdown(raw: dict, rows: list) -> str:
         + ", ".join(f"{k} {v['latency_s'] * 1e6:.0f} us + {v['bytes_per_s'] / 1e9:.2f} GB/s" for k, v in g.items()) + ".",
         "",
         f"Step time, two ways: *first principles* (compute at GEMM peak x efficiency, gloo collectives, AdamW; "
-        f"nothing fitted) and *calibrated*: plus DeepSpeed's flat-buffer work, `zero_passes` per micro-step over "
-        f"P x 4 bytes at the first-touch bandwidth, fitted per stage on the three swinv2_tiny runs without "
+        f"nothing fitted) and *calibrated*: plus DeepSpeed's flat-buffer work, `zero_passes` per micro-step (ZeRO-1: per step) over "
+        f"P x 4 bytes at the first-touch bandwidth (copy bandwidth where the run predates that input), fitted per stage on the three swinv2_tiny runs without "
         f"checkpointing (marked `fit`) and applied unchanged to the other nine: passes "
         f"{', '.join(f'ZeRO-{i} {p:.2f}' for i, p in enumerate(rows[0]['zero_passes']) if i)}.",
         "",

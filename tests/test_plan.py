@@ -114,7 +114,7 @@ def test_plan_giant():
     (["--gpus", "12", "--gpus-per-node", "8"], "not a whole number of nodes"),
     (["--gpus", "64", "--global-batch", "1000"], "cannot be split over 64 GPUs"),
     (["--gpus", "8", "--global-batch", "64", "--micro-batch", "3"], "cannot be split into micro-batches of 3"),
-    (["--gpus", "1", "--gpus-per-node", "1", "--gpu-mem", "8"], "nothing fits swinv2_giant on 1 x 8 GB"),
+    (["--gpus", "1", "--gpus-per-node", "1", "--gpu-mem", "2"], "nothing fits swinv2_giant on 1 x 2 GB"),
     (["--ib", "lots"], "--ib 'lots'"),
 ])
 def test_plan_cli_bad_input(argv, msg, capsys):

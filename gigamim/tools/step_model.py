@@ -45,7 +45,7 @@ Optimizer: AdamW over the rank's fp32 partition, memory-bound: `optim_bytes_per_
 device's memory bandwidth; with offload, DeepSpeedCPUAdam at `cpu_adam_params_per_s` per GPU
 (1.0e9: ~12 AVX-512 cores) plus gradients down / parameters up over PCIe (25 GB/s).
 ZeRO bookkeeping (DeepSpeed's flat buffers: gradient buckets, gather outputs, fp32
-partitions): `zero_passes[stage]` passes over P x grad_bytes per micro-step at the device
+partitions): `zero_passes[stage]` passes over P x grad_bytes per micro-step (ZeRO-1: per step) at the device
 memory bandwidth (on CPU ranks: the first-touch bandwidth of fresh memory, which is what
 those buffers cost there), calibrated on 2 CPU ranks; plus `hook_s` per ZeRO-3 module hook
 (4 per module per micro-step: pre/post forward and backward; 20 us).
@@ -92,11 +92,13 @@ class Costs:
     pcie_bps: float = 25e9
     hook_s: float = 20e-6
     # DeepSpeed's per-micro-step host work on its flat buffers (gradient buckets, gather outputs,
-    # fp32 partitions), in passes over P x grad_bytes per micro-step, per ZeRO stage, at
+    # fp32 partitions), in passes over P x grad_bytes per micro-step (ZeRO-1: per step), at
     # `buffer_bps` (None: the device memory bandwidth; CPU: first-touch bandwidth of fresh
     # memory). Calibrated on 2 CPU ranks (benchmarks/plan_calibration.py, swinv2_tiny without
     # checkpointing; checked on the other runs): see benchmarks/results/plan_calibration_*.
-    zero_passes: tuple = (0.0, 2.0, 3.0, 3.0)
+    # GPU default: ~3 passes (flatten into the bucket, copy back, copy into the fp32 partition) at
+    # HBM speed; the CPU fit is larger because fresh host memory is paged in on first touch.
+    zero_passes: tuple = (0.0, 3.0, 3.0, 3.0)
     buffer_bps: float | None = None
     cpu_ms_per_image: float = 2.5
     host_cores_per_gpu: float = 11.0
@@ -318,7 +320,9 @@ def step_time(facts: ModelFacts, cand: Candidate, ranks: int, gpus_per_node: int
     # DeepSpeed's flat-buffer work and per-module hooks (ZeRO-3: pre/post forward and backward).
     kinds = comm_bytes_by_kind(plan)
     buf_bw = costs.buffer_bps or bw
-    copies = acc * costs.zero_passes[cand.zero_stage] * P * prec.grad_bytes / buf_bw
+    # ZeRO-1 touches its flat buffers once per step (gradients accumulate in place); 2/3 per micro-step.
+    reps = 1 if cand.zero_stage == 1 else acc
+    copies = reps * costs.zero_passes[cand.zero_stage] * P * prec.grad_bytes / buf_bw
     hooks = acc * 4 * facts.modules_with_params * costs.hook_s if cand.zero_stage == 3 else 0.0
     gpu_step = acc * compute_micro + exposed + optim + copies + hooks
     images = mb * acc  # per rank
