@@ -228,9 +228,9 @@ def model_state_bytes(params: int, gpus: int, stage: int, offload: bool, largest
     return {"gpu": gpu, "host_per_gpu": host}
 
 
-def largest_layer_params(name: str, img_size: int | None = None) -> int:
+def largest_layer_params(name: str, img_size: int | None = None, window_size=None) -> int:
     """Parameters of the largest block (what ZeRO-3 gathers at once)."""
-    _, stages = geometry(name, img_size)
+    _, stages = geometry(name, img_size, window_size)
     c = max(st.dim for st in stages)
     heads = max(st.heads for st in stages)
     return 3 * c * c + c * c + 8 * c * c + 2 * 512 + 512 * heads + 10 * c
@@ -255,7 +255,7 @@ def make_plan(name: str, gpus: int, gpu_mem_gb: float, img_size: int | None = No
     cfg, _ = geometry(name, img_size, window_size)
     size = cfg["img_size"]
     params = count_parameters(name, size, window_size)
-    largest = largest_layer_params(name, size)
+    largest = largest_layer_params(name, size, window_size)
     # Safety: a fraction for fragmentation / allocator rounding + a fixed reserve for the CUDA
     # context, NCCL and DeepSpeed's communication buckets.
     budget = gpu_mem_gb * GiB * (1 - margin) - reserved_gb * GiB
