@@ -287,3 +287,9 @@ def test_zero3_bytes_match_counted_collectives(tmp_path):
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero12_bytes_match_counted_collectives(stage, tmp_path):
     _counted_vs_predicted(stage, 0, tmp_path)
+
+
+def test_plan_cli_non_default_window(capsys):
+    # 512 px needs a window dividing 128: the override must reach every part of the plan.
+    assert plan.main(["--model", "swinv2_nano", "--img-size", "512", "--window-size", "16", "--gpus", "8"]) == 0
+    assert "recommended:" in capsys.readouterr().out
