@@ -39,7 +39,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ds_config(stage: int, micro_batch: int, accumulation: int, world: int) -> dict:
+def ds_config(stage: int, micro_batch: int, accumulation: int, world: int, max_live: float = 1e7) -> dict:
     """fp32 (CPU), no overlap (gloo has no streams). Stage 3: no persistent parameters, no reuse
     window, and max_live 1e7 (a third of swinv2_tiny, a fifth of swinv2_small) so that the
     backward gathers what forward could not keep (DeepSpeed keeps up to max_live gathered)."""
@@ -47,7 +47,7 @@ def ds_config(stage: int, micro_batch: int, accumulation: int, world: int) -> di
             "allgather_bucket_size": 5e8}
     if stage == 3:
         zero.update({"reduce_bucket_size": 5e6, "stage3_prefetch_bucket_size": 5e6,
-                     "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": 1e7,
+                     "stage3_param_persistence_threshold": 0, "stage3_max_live_parameters": max_live,
                      "stage3_max_reuse_distance": 0})
     return {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accumulation,
             "train_batch_size": micro_batch * accumulation * world, "zero_optimization": zero,
@@ -95,6 +95,19 @@ def _measure_inputs(out: dict, counter) -> None:
     dist.barrier()
     best = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
     out["mem_gbps"] = 2 * src.numel() * 4 / best / 1e9
+    # First touch: filling a freshly allocated 64 MB tensor (new pages from the kernel each time,
+    # as DeepSpeed's per-micro-step flat buffers are on CPU; a GPU's caching allocator reuses them).
+    del dst
+
+    def fresh():
+        t = torch.empty(16 * 2**20)
+        t.fill_(1.0)
+        return t
+
+    fresh()
+    dist.barrier()
+    best = min(_timed(fresh) for _ in range(5))
+    out["fresh_gbps"] = 16 * 2**20 * 4 / best / 1e9
     # gloo: time per call vs size for each collective kind, fitted as latency + bytes / bandwidth.
     world = dist.get_world_size()
     sizes = [2**14, 2**20, 2**23, 2**25]  # bytes of the logical buffer
@@ -189,12 +202,12 @@ def worker(case: dict, out_file: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {"case": case, "world": world}
     if not case.get("inputs"):
-        result["ds_zero"] = ds_config(case["stage"], 1, 1, world)["zero_optimization"]
+        result["ds_zero"] = ds_config(case["stage"], 1, 1, world, case.get("max_live", 1e7))["zero_optimization"]
     if case.get("inputs"):
         result["micro_batch"] = case["micro_batch"]
         _measure_inputs(result, counter)
     else:
-        cfg = ds_config(case["stage"], case["micro_batch"], case["accumulation"], world)
+        cfg = ds_config(case["stage"], case["micro_batch"], case["accumulation"], world, case.get("max_live", 1e7))
         torch.manual_seed(0)
         # zero.Init patches tensor construction; anything imported lazily inside it (timm pulls
         # in torch._dynamo) breaks, so import the model code first.

@@ -19,10 +19,10 @@ Communication, per rank, logical bytes (the buffer a collective works on; what
 - ZeRO-2: the gradient all-reduce on EVERY micro-step (gradients are partitioned, so
   they cannot accumulate unreduced), then the parameter all-gather once per step.
 - ZeRO-3, per micro-step: forward all-gather of the partitioned parameters; backward
-  all-gather of those not still resident: DeepSpeed keeps up to
-  `stage3_max_live_parameters` gathered from forward into backward, so the backward gather
-  is max(0, P - max_live) (measured: 2 P - max_live within 1%); a reduce-scatter of all
-  gradients. Activation checkpointing adds NO gathers while max_live covers a block (the
+  all-gather of those not still resident: DeepSpeed keeps the modules at the end of forward
+  (backward's first) gathered as long as they fit in `stage3_max_live_parameters`
+  (`ModelFacts.kept_from_forward`; measured on CPU), so the backward gather is P - kept; a
+  reduce-scatter of all gradients. Activation checkpointing adds NO gathers while max_live covers a block (the
   recompute's gather serves that block's backward); otherwise one more gather of the
   recomputed blocks. Parameters under `stage3_param_persistence_threshold` elements are
   never partitioned (no gathers).
@@ -44,11 +44,11 @@ Optimizer: AdamW over the rank's fp32 partition, memory-bound: `optim_bytes_per_
 (36: fp32 master, m, v read + written, gradient read and converted, bf16 copy written) / the
 device's memory bandwidth; with offload, DeepSpeedCPUAdam at `cpu_adam_params_per_s` per GPU
 (1.0e9: ~12 AVX-512 cores) plus gradients down / parameters up over PCIe (25 GB/s).
-ZeRO bookkeeping copies (flat buffers, DeepSpeed's own): stage 1/2 three passes over the
-gradient bytes per reduction (flatten into the bucket, copy back, copy into the fp32
-partition) + one over the parameter partition; stage 3 one pass over the gathered bytes and
-two over the reduce-scattered ones; plus `hook_s` per module hook (4 per module per micro:
-pre/post forward and backward; 20 us). All at the device memory bandwidth.
+ZeRO bookkeeping (DeepSpeed's flat buffers: gradient buckets, gather outputs, fp32
+partitions): `zero_passes[stage]` passes over P x grad_bytes per micro-step (ZeRO-1: per step) at the device
+memory bandwidth (on CPU ranks: the first-touch bandwidth of fresh memory, which is what
+those buffers cost there), calibrated on 2 CPU ranks; plus `hook_s` per ZeRO-3 module hook
+(4 per module per micro-step: pre/post forward and backward; 20 us).
 Data (stated, overlapped by the loader workers): `cpu_ms_per_image` of decode + crop per
 host core / `host_cores_per_gpu`; a step is never faster than its data.
 """
@@ -91,6 +91,15 @@ class Costs:
     cpu_adam_params_per_s: float = 1.0e9
     pcie_bps: float = 25e9
     hook_s: float = 20e-6
+    # DeepSpeed's per-micro-step host work on its flat buffers (gradient buckets, gather outputs,
+    # fp32 partitions), in passes over P x grad_bytes per micro-step (ZeRO-1: per step), at
+    # `buffer_bps` (None: the device memory bandwidth; CPU: first-touch bandwidth of fresh
+    # memory). Calibrated on 2 CPU ranks (benchmarks/plan_calibration.py, swinv2_tiny without
+    # checkpointing; checked on the other runs): see benchmarks/results/plan_calibration_*.
+    # GPU default: ~3 passes (flatten into the bucket, copy back, copy into the fp32 partition) at
+    # HBM speed; the CPU fit is larger because fresh host memory is paged in on first touch.
+    zero_passes: tuple = (0.0, 3.0, 3.0, 3.0)
+    buffer_bps: float | None = None
     cpu_ms_per_image: float = 2.5
     host_cores_per_gpu: float = 11.0
 
@@ -118,7 +127,9 @@ class Candidate:
 
     @property
     def ckpt_label(self) -> str:
-        return {0: "none", 1: "every block"}.get(self.ckpt_every, f"every {self.ckpt_every}th block")
+        k = self.ckpt_every
+        nth = {2: "2nd", 3: "3rd"}.get(k, f"{k}th")
+        return {0: "none", 1: "every block"}.get(k, f"every {nth} block")
 
 
 @dataclass
@@ -134,6 +145,20 @@ class ModelFacts:
     cpb_flops: float  # the CPB MLP, once per forward pass (shared by the micro-batch)
     modules_with_params: int
     small_params: dict = field(default_factory=dict)  # threshold -> parameters in tensors below it
+    module_param_sizes: list = field(default_factory=list)  # per parameter-holding module, forward order
+
+    def kept_from_forward(self, max_live: float, threshold: float) -> int:
+        """Partitioned parameters ZeRO-3 still holds gathered when backward starts: the longest
+        run of modules at the END of forward (backward's first) whose parameters fit in
+        `stage3_max_live_parameters`. Measured on 2 CPU ranks (swinv2_tiny, max_live 1e7):
+        9.47M kept; this rule gives 9.46M (the decoder + the last block)."""
+        kept = 0
+        for sizes in reversed(self.module_param_sizes):
+            n = sum(x for x in sizes if x >= threshold)
+            if kept + n > max_live:
+                break
+            kept += n
+        return kept
 
 
 @functools.lru_cache(maxsize=32)
@@ -170,10 +195,12 @@ def model_facts(name: str, img_size: int | None = None, window_size=None) -> Mod
     small = {}
     for thr in (0, 1e5, 1e6, 1e7):
         small[thr] = sum(n for n in sizes if n < thr)
-    mods = sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
+    per_module = [[p.numel() for p in m.parameters(recurse=False)] for m in model.modules()]
+    per_module = [x for x in per_module if x]
+    mods = len(per_module)
     per_image = float(forward_flops(model, size, batch_size=10**12))  # the CPB term vanishes
     cpb = float(forward_flops(model, size, batch_size=1)) - per_image
-    return ModelFacts(name, size, sum(sizes), bp, bf, ba, bs, per_image, cpb, mods, small)
+    return ModelFacts(name, size, sum(sizes), bp, bf, ba, bs, per_image, cpb, mods, small, per_module)
 
 
 def _small_params(facts: ModelFacts, threshold: float) -> int:
@@ -221,7 +248,7 @@ def comm_plan(facts: ModelFacts, cand: Candidate, ranks: int, gpus_per_node: int
         add("all_gather", P * pb, math.ceil(P / knobs.allgather_bucket), "post", what="updated parameters")
     elif cand.zero_stage == 3:
         part = P - _small_params(facts, knobs.persistence_threshold)
-        kept = min(part, knobs.max_live)
+        kept = facts.kept_from_forward(knobs.max_live, knobs.persistence_threshold)
         bwd = part - kept
         if cand.ckpt_every and knobs.max_live < max(facts.block_params):
             bwd += sum(p for p, on in zip(facts.block_params, recomputed_blocks(facts, cand.ckpt_every)) if on)
@@ -290,18 +317,13 @@ def step_time(facts: ModelFacts, cand: Candidate, ranks: int, gpus_per_node: int
         optim = n_opt * costs.optim_s_per_param
     else:
         optim = n_opt * costs.optim_bytes_per_param / bw
-    # DeepSpeed's flat-buffer copies (read + write each) and per-module hooks.
+    # DeepSpeed's flat-buffer work and per-module hooks (ZeRO-3: pre/post forward and backward).
     kinds = comm_bytes_by_kind(plan)
-    if cand.zero_stage in (1, 2):
-        copies = 2 * (3 * kinds.get("all_reduce", 0.0) + n_opt * prec.master_bytes + P * prec.param_bytes) / bw
-        hooks = 0.0
-    elif cand.zero_stage == 3:
-        gathered = kinds.get("all_gather", 0.0)
-        reduced = kinds.get("reduce_scatter", 0.0) + 4 * kinds.get("all_to_all", 0.0)
-        copies = 2 * (gathered + 2 * reduced + n_opt * prec.master_bytes) / bw
-        hooks = acc * 4 * facts.modules_with_params * costs.hook_s
-    else:
-        copies = hooks = 0.0
+    buf_bw = costs.buffer_bps or bw
+    # ZeRO-1 touches its flat buffers once per step (gradients accumulate in place); 2/3 per micro-step.
+    reps = 1 if cand.zero_stage == 1 else acc
+    copies = reps * costs.zero_passes[cand.zero_stage] * P * prec.grad_bytes / buf_bw
+    hooks = acc * 4 * facts.modules_with_params * costs.hook_s if cand.zero_stage == 3 else 0.0
     gpu_step = acc * compute_micro + exposed + optim + copies + hooks
     images = mb * acc  # per rank
     data = images * costs.cpu_ms_per_image * 1e-3 / costs.host_cores_per_gpu if costs.cpu_ms_per_image else 0.0
