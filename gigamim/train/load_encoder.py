@@ -1,0 +1,128 @@
+"""Encoder weights for probing and fine-tuning: from a consolidated SimMIM checkpoint, an
+exported encoder, a DeepSpeed checkpoint folder, or nothing (random init).
+
+The model comes from ``--model`` or the run's config recorded in the weights' metadata
+(``model.name``, ``img_size``, ``window_size``); CLI overrides win. Weights of another
+architecture, or of a shape the model cannot take, are refused with one line naming the
+first differing keys. ``mask_token`` (SimMIM only) and any classifier head are left out:
+probe and fine-tune build their own heads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class EncoderLoadError(ValueError):
+    """Weights that do not fit the requested encoder; the message says why and what to do."""
+
+
+def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(encoder state without prefix, mask token and head; metadata) of any gigamim weights."""
+    from gigamim.checkpoint.consolidate import CheckpointError
+    from gigamim.checkpoint.export import ExportError, open_source
+
+    try:
+        full, metadata = open_source(path)
+        keys = list(full)
+        if any(k.startswith("encoder.") for k in keys):
+            keys = [k for k in keys if k.startswith("encoder.")]
+            enc = {k[len("encoder."):]: full[k] for k in keys}
+        else:
+            enc = {k: full[k] for k in keys}
+        enc = {k: (v if isinstance(v, torch.Tensor) else v.contiguous()) for k, v in enc.items()
+               if k != "mask_token" and not k.startswith("head.") and not k.startswith("decoder.")}
+    except (ExportError, CheckpointError, OSError) as e:
+        raise EncoderLoadError(f"cannot read weights {path}: {e}") from None
+    if not enc:
+        raise EncoderLoadError(f"{path} holds no encoder weights")
+    return enc, dict(metadata)
+
+
+def run_model_config(metadata: dict[str, str]) -> dict[str, Any]:
+    """The ``model`` section of the run's config recorded in the metadata ({} if none)."""
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(metadata.get("gigamim_config") or "") or {}
+    except yaml.YAMLError:
+        return {}
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    return dict(model) if isinstance(model, dict) else {}
+
+
+_GEOMETRY_KEYS = ("img_size", "window_size", "pretrained_window_sizes")
+
+
+def build_encoder(name: str | None, weights: str | None, overrides: dict[str, Any] | None = None,
+                  num_classes: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(encoder, info). ``weights`` None = random init (``name`` required)."""
+    from gigamim.models import create_model
+    from gigamim.models.timm_compat import TimmCompatError, encoder_family
+
+    overrides = dict(overrides or {})
+    enc_sd, metadata, run_model = None, {}, {}
+    if weights:
+        enc_sd, metadata = read_weights(weights)
+        run_model = run_model_config(metadata)
+    name = name or run_model.get("name")
+    if not name:
+        raise EncoderLoadError("no model name: pass --model (the weights' metadata records no run config)")
+    kwargs = {k: run_model[k] for k in _GEOMETRY_KEYS if run_model.get(k) is not None}
+    kwargs.update(overrides)
+    try:
+        encoder = create_model(str(name), num_classes=num_classes, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise EncoderLoadError(f"cannot build {name} with {kwargs}: {e}") from None
+    info = {"model": str(name), "kwargs": kwargs, "weights": weights or "random init",
+            "step": metadata.get("step")}
+    if enc_sd is None:
+        return encoder, info
+    want = {k: v for k, v in encoder.state_dict().items() if not k.startswith("head.")}
+    try:
+        got_family = encoder_family(enc_sd)
+    except TimmCompatError:
+        got_family = "unknown"
+    model_family = getattr(encoder, "family", "swinv2")
+    missing = sorted(set(want) - set(enc_sd))
+    extra = sorted(set(enc_sd) - set(want))
+    if got_family != model_family or missing or extra:
+        raise EncoderLoadError(
+            f"{weights} is a {got_family} encoder, not one of {name} ({model_family}): "
+            f"{len(missing)} keys missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]}); "
+            "pass the --model the weights were trained as")
+    enc_sd = adapt_shapes(encoder, enc_sd, str(weights))
+    result = encoder.load_state_dict(enc_sd, strict=False)
+    if result.missing_keys and any(not k.startswith("head.") for k in result.missing_keys):
+        raise EncoderLoadError(f"{weights}: keys missing for {name}: {result.missing_keys[:5]}")
+    return encoder, info
+
+
+def adapt_shapes(encoder: torch.nn.Module, enc_sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """Weights whose shape depends on the geometry, resized to this encoder's: Swin V1 relative
+    position tables (another window: timm's resize_rel_pos_bias_table), ViT position
+    embeddings (another image size: timm's resample_abs_pos_embed). SwinV2's CPB MLP does not
+    depend on the window (that is why it exists). Any other shape mismatch is an error."""
+    from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
+
+    want = encoder.state_dict()
+    out = dict(enc_sd)
+    for k, v in enc_sd.items():
+        if k not in want or tuple(v.shape) == tuple(want[k].shape):
+            continue
+        target = tuple(want[k].shape)
+        if k.endswith("relative_position_bias_table"):
+            new_w = (int(round(target[0] ** 0.5)) + 1) // 2
+            old_w = (int(round(v.shape[0] ** 0.5)) + 1) // 2
+            out[k] = resize_rel_pos_bias_table(v, new_window_size=(new_w, new_w), new_bias_shape=target,
+                                               old_window_size=(old_w, old_w))
+        elif k == "pos_embed":
+            prefix = getattr(encoder, "num_prefix_tokens", 1)
+            side = int(round((target[1] - prefix) ** 0.5))
+            out[k] = resample_abs_pos_embed(v, new_size=(side, side), num_prefix_tokens=prefix)
+        else:
+            raise EncoderLoadError(f"{where}: {k} has shape {tuple(v.shape)}, the model needs {target}; "
+                                   "the weights are of another size of this architecture")
+    return out

@@ -1,0 +1,142 @@
+"""`gigamim probe`: linear probe of a frozen encoder on labelled shards.
+
+    gigamim probe --train SHARDS --val SHARDS [--weights PATH | --model NAME] [--stage K]
+                  [--img-size N] [--window-size N] [--wd 1e-4] [--max-iter 300] [--out probe.json]
+
+Features: the encoder in eval mode, no gradients; the (B, h, w, C) map of the final stage (or
+of stage/block ``--stage K``, 0-based; for ViT K is a block index) average-pooled over space
+(ViT: over the patch tokens). A linear classifier (multinomial logistic regression, L2
+``--wd``) is fitted by full-batch L-BFGS on standardised training features; top-1/top-5 on
+the held-out shards are printed as one JSON line (and written to ``--out``). Weights: a
+consolidated SimMIM checkpoint, an exported encoder, a DeepSpeed checkpoint folder, or
+none (random init of ``--model``). Labels come from each sample's ``.cls`` member.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def stage_features(encoder: torch.nn.Module, x: torch.Tensor, stage: int | None = None) -> torch.Tensor:
+    """(B, C) average-pooled features of the final normed map, or of stage ``stage``."""
+    vit = getattr(encoder, "family", None) == "vit"
+    n = len(encoder.blocks) if vit else len(encoder.layers)
+    if stage is None or stage in (-1, n - 1):
+        return encoder(x, features_only=True).mean(dim=(1, 2))
+    if not -n <= stage < n:
+        raise ValueError(f"--stage {stage} is out of range for this encoder ({n} {'blocks' if vit else 'stages'})")
+    stage %= n
+    if vit:
+        t = encoder.embed(x)
+        for blk in encoder.blocks[: stage + 1]:
+            t = blk(t)
+        return t[:, encoder.num_prefix_tokens:].mean(dim=1)
+    t = encoder.patch_embed(x)
+    for layer in encoder.layers[: stage + 1]:
+        t = layer(t)
+    return t.mean(dim=(1, 2))
+
+
+@torch.no_grad()
+def extract(encoder: torch.nn.Module, images_uint8: torch.Tensor, stage: int | None = None,
+            batch_size: int = 128) -> torch.Tensor:
+    from gigamim.data.transforms import normalize_on_device
+
+    encoder.eval()
+    out = [stage_features(encoder, normalize_on_device(images_uint8[i:i + batch_size]), stage)
+           for i in range(0, len(images_uint8), batch_size)]
+    return torch.cat(out).double()
+
+
+def fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, wd: float = 1e-4,
+               max_iter: int = 300) -> torch.nn.Linear:
+    """Multinomial logistic regression on standardised features (full-batch L-BFGS, fp64)."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
+    z = (train_x - mean) / std
+    lin = torch.nn.Linear(z.shape[1], num_classes, dtype=torch.float64)
+    torch.nn.init.zeros_(lin.weight)
+    torch.nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(z), train_y) + 0.5 * wd * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    # fold the standardisation into the layer: it then takes raw features
+    with torch.no_grad():
+        lin.weight.div_(std)
+        lin.bias.sub_((lin.weight * mean).sum(1))
+    return lin
+
+
+def topk(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == y[:, None]).any(1).double().mean().item()
+
+
+def probe(encoder: torch.nn.Module, train: tuple, val: tuple, stage: int | None = None, wd: float = 1e-4,
+          max_iter: int = 300, num_classes: int | None = None) -> dict:
+    """top-1 / top-5 of a linear probe; ``train``/``val`` = (uint8 images, labels)."""
+    t0 = time.time()
+    ftr, fva = extract(encoder, train[0], stage), extract(encoder, val[0], stage)
+    n_cls = num_classes or int(max(train[1].max(), val[1].max())) + 1
+    lin = fit_linear(ftr, train[1], n_cls, wd, max_iter)
+    with torch.no_grad():
+        lt, lv = lin(ftr), lin(fva)
+    return {"top1": topk(lv, val[1], 1), "top5": topk(lv, val[1], 5), "train_top1": topk(lt, train[1], 1),
+            "n_train": len(train[1]), "n_val": len(val[1]), "num_classes": n_cls, "feature_dim": ftr.shape[1],
+            "stage": "final" if stage is None else stage, "seconds": round(time.time() - t0, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gigamim probe", description="Linear probe of a frozen encoder on labelled shards.")
+    p.add_argument("--train", required=True, help="labelled training shards (index.json, brace pattern)")
+    p.add_argument("--val", required=True, help="labelled held-out shards")
+    p.add_argument("--weights", help="consolidated SimMIM checkpoint / exported encoder / DeepSpeed checkpoint "
+                   "folder; omit for random init")
+    p.add_argument("--model", help="model name (default: from the weights' recorded config)")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--window-size", type=int)
+    p.add_argument("--stage", type=int, help="features of this stage (ViT: block), 0-based; default: final")
+    p.add_argument("--wd", type=float, default=1e-4, help="L2 on the classifier weights")
+    p.add_argument("--max-iter", type=int, default=300)
+    p.add_argument("--limit", type=int, help="read at most this many samples per split")
+    p.add_argument("--seed", type=int, default=0, help="random init seed (no --weights)")
+    p.add_argument("--out", help="also write the result JSON here")
+    args = p.parse_args(argv)
+
+    from gigamim.train.labelled import LabelError, load_labelled
+    from gigamim.train.load_encoder import EncoderLoadError, build_encoder
+
+    torch.manual_seed(args.seed)
+    overrides = {k: v for k, v in (("img_size", args.img_size), ("window_size", args.window_size)) if v is not None}
+    try:
+        encoder, info = build_encoder(args.model, args.weights, overrides)
+        train = load_labelled(args.train, encoder.img_size, args.limit)
+        val = load_labelled(args.val, encoder.img_size, args.limit)
+        result = probe(encoder, train, val, args.stage, args.wd, args.max_iter)
+    except (EncoderLoadError, LabelError, ValueError) as e:
+        print(f"gigamim probe: error: {e}", file=sys.stderr)
+        return 2
+    result.update(info)
+    line = json.dumps(result)
+    print(line)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
