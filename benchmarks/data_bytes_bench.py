@@ -64,7 +64,8 @@ def _rank(args):
     for _ in range(n_batches if n_batches else n_epoch - start_batch):
         keys += next(it)["key"]
     with open(out, "w") as f:
-        json.dump({"keys": keys, "n_epoch": n_epoch, "bytes_read": getattr(loader, "bytes_read", None)}, f)
+        json.dump({"keys": keys, "n_epoch": n_epoch, "bytes_read": getattr(loader, "bytes_read", None),
+                   "bytes_fetched": getattr(loader, "bytes_fetched", None)}, f)
 
 
 def run_case(urls, mb, start, n, kw, tmp, tag):
@@ -110,15 +111,16 @@ def main(argv=None) -> int:
               "dataset_tar_bytes": dataset, "micro_batch": args.mb, "world": 2, "workers": 2, "cases": {}}
     index = {f"b-{s:03d}.tar": args.per_shard for s in range(args.shards)}
 
-    def case(name, start, kw, n=None):
+    def case(name, start, kw, n=None, shard_urls=None):
         t = time.perf_counter()
-        ranks = run_case(urls, args.mb, start, n, {"index": index, **kw}, tmp, name)
+        ranks = run_case(shard_urls or urls, args.mb, start, n, {"index": index, **kw}, tmp, name)
         read, opens = read_log(log)
         needed = [sum(sizes[k] for k in set(r["keys"])) for r in ranks]
         result["cases"][name] = {"pipe_bytes_read_total": read, "pipe_opens": opens,
                                  "bytes_needed_per_rank": needed, "bytes_needed_total": sum(needed),
                                  "read_over_needed": round(read / max(sum(needed), 1), 3),
                                  "reader_bytes_read_per_rank": [r["bytes_read"] for r in ranks],
+                                 "cache_bytes_fetched_per_rank": [r["bytes_fetched"] for r in ranks],
                                  "wall_s": round(time.perf_counter() - t, 2)}
         print(name, json.dumps(result["cases"][name]), flush=True)
         return ranks
@@ -127,6 +129,8 @@ def main(argv=None) -> int:
     half = ranks[0]["n_epoch"] // 2
     case("resume_mid_epoch", half, {})
     if args.cache:
+        case("local_epoch", 0, {}, shard_urls=files)
+        case("local_resume_mid_epoch", half, {}, shard_urls=files)
         cache = os.path.join(tmp, "cache")
         case("cache_epoch1", 0, {"cache_dir": cache})
         case("cache_epoch2", 0, {"cache_dir": cache})

@@ -74,3 +74,20 @@ def test_elastic_twice_with_padding(tmp_path):
     assert lens == {5}                                                           # ceil(9 / 2): 1 padding slot
     seen = Counter(a + b + c)
     assert set(seen) == set(all_keys) and sum(seen.values()) == 30              # 29 + 1 padding repeat
+
+
+def test_resume_inside_an_elastic_stage_is_exact(tmp_path):
+    """2 ranks -> 3 ranks, then a plain resume (same 3 ranks) inside that stage: the same batches."""
+    index, _ = write_dataset(tmp_path, [7, 9, 13], w=40, h=40)
+    _, _, s1 = _epoch_from(index, None, 2, 2, 1, n_batches=2)
+    full = []
+    for r in range(3):
+        loader = SimMIMLoader(index, 2, rank=r, world_size=3, num_workers=2, seed=11, **SMALL)
+        loader.load_state_dict(json.loads(json.dumps(s1.get(str(r), s1["0"]))))
+        full.append(collect(loader, len(loader)))
+    for r in range(3):
+        resumed = SimMIMLoader(index, 2, rank=r, world_size=3, num_workers=2, seed=11, **SMALL)
+        resumed.load_state_dict(json.loads(json.dumps(full[r][0]["state"])))
+        got = collect(resumed, len(full[r]) - 1)
+        assert [b["key"] for b in got] == [b["key"] for b in full[r][1:]]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(got, full[r][1:]))

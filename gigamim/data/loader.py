@@ -28,8 +28,9 @@ same global position). Only a different seed, mode or dataset starts the next ep
 
 Counters for the trainer to log per step (cumulative for this rank, all workers):
 `skip_counts` (reason -> samples skipped), `fix_counts` (reason -> samples repaired:
-converted_<mode>, upscaled_small, exif_orientation), `bytes_read` (bytes pulled from
-shard sources, cache downloads included), `decode_count`.
+converted_<mode>, upscaled_small, exif_orientation), `bytes_read` (bytes read from the
+shards it opened: files, pipes, cached copies), `bytes_fetched` (bytes downloaded into the
+shard cache), `decode_count`.
 
 Why not webdataset's split_by_node/split_by_worker/shuffle stages: they split before
 shuffling (or shuffle per worker with worker-local epoch counters), cut at shard
@@ -198,7 +199,7 @@ class _Stream:
         self.held: dict[int, tuple] = {}
         self._inputs = self._iter_inputs()
         self.in_worker = get_worker_info() is not None
-        self._bytes_mark = tario.BYTES_READ["n"]
+        self._bytes_mark = dict(tario.BYTES_READ)
 
     # -- reading
     def _iter_inputs(self):
@@ -310,9 +311,10 @@ class _Stream:
             yield self._emit(j, _assemble(self.cfg, made, self.in_worker), [m[4] for m in made])
 
     def _emit(self, j: int, batch: dict | None, slots) -> dict:
-        now = tario.BYTES_READ["n"]
+        now = dict(tario.BYTES_READ)
         meta = {"b": self.batch_ids[j], "epoch": self.epoch, "skips": dict(self.skips), "fixes": dict(self.fixes),
-                "decoded": self.decoded, "bad_shards": sorted(self.bad_shards), "bytes": now - self._bytes_mark}
+                "decoded": self.decoded, "bad_shards": sorted(self.bad_shards),
+                "bytes": {k: now[k] - self._bytes_mark.get(k, 0) for k in now}}
         self.skips, self.fixes, self.decoded, self.bad_shards, self._bytes_mark = Counter(), Counter(), 0, set(), now
         desc = {"epoch": self.epoch, "slots": slots} if slots is not None else None
         return {"batch": batch, "meta": meta, "desc": desc}
@@ -390,7 +392,8 @@ class _ShardLoader:
         urls, counts = resolve_shards(shards, index)
         self.skip_counts: dict[str, int] = {}
         self.fix_counts: dict[str, int] = {}
-        self.bytes_read = 0
+        self.bytes_read = 0      # bytes read from opened shards (local files, pipes, cached copies)
+        self.bytes_fetched = 0   # bytes downloaded into the shard cache
         self.classes = shardspec.resolve(shards).classes if labels else None
         if any(c is None for c in counts):
             counts = self._count(urls, counts, cache_dir, cache_size)
@@ -470,7 +473,8 @@ class _ShardLoader:
                 "num_shards": len(cfg.urls), "batches_per_epoch": len(self), "stages": [dict(s) for s in self._stages],
                 "last_good": self._last_good_desc,
                 "skip_counts": dict(self.skip_counts), "fix_counts": dict(self.fix_counts),
-                "decode_count": self.decode_count, "bytes_read": self.bytes_read}
+                "decode_count": self.decode_count, "bytes_read": self.bytes_read,
+                "bytes_fetched": self.bytes_fetched}
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("format") not in (self.STATE_FORMAT,) + self._OLD_FORMATS:
@@ -508,6 +512,7 @@ class _ShardLoader:
             self.skip_counts = dict(state.get("skip_counts", {}))
             self.fix_counts = dict(state.get("fix_counts", {}))
             self.bytes_read = int(state.get("bytes_read", 0))
+            self.bytes_fetched = int(state.get("bytes_fetched", 0))
         self._last_good, self._last_good_desc = None, state.get("last_good")
         self.decode_count = 0
 
@@ -530,7 +535,8 @@ class _ShardLoader:
             for k, v in src.items():
                 dst[k] = dst.get(k, 0) + v
         self.decode_count += meta["decoded"]
-        self.bytes_read += meta.get("bytes", 0)
+        self.bytes_read += meta["bytes"]["n"]
+        self.bytes_fetched += meta["bytes"]["fetched"]
 
     def __iter__(self):
         while True:

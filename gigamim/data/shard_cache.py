@@ -62,7 +62,7 @@ def fetch(url: str, cache_dir: str, cache_size: int | None = None, chunk: int = 
                     data = src.read(chunk)
                     if not data:
                         break
-                    tario.BYTES_READ["n"] += len(data)
+                    tario.BYTES_READ["fetched"] += len(data)
                     dst.write(data)
             os.replace(tmp, path)
         finally:

@@ -20,9 +20,9 @@ otherwise the first ext of IMAGE_EXTS present as a whole ext (`jpg` before `jpeg
 ...), else the multi-part ext whose last part ranks first in IMAGE_EXTS (ties: the
 alphabetically first), so `input.jpg` wins over `target.png`.
 
-Bytes: every stream counts the bytes it actually pulls from its source (`BYTES_READ`,
-per process); seeks over skipped members on local files cost nothing, while pipe:/remote
-streams read everything up to the last member they need.
+Bytes: every stream counts the bytes it actually reads from the shards it opens
+(`BYTES_READ`, per process); seeks over skipped members on local files cost nothing, while
+pipe:/remote streams read everything up to the last member they need.
 """
 
 from __future__ import annotations
@@ -91,8 +91,9 @@ def _quiet_close(stream) -> None:
 _BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")     # webdataset.tariterators.base_plus_ext
 _META = re.compile(r"__[^/]*__($|/)")                              # webdataset's skip_meta
 
-# Bytes pulled from shard sources by this process (each DataLoader worker is a process).
-BYTES_READ = {"n": 0}
+# Bytes this process (each DataLoader worker is one) read from the shards it opened ("n")
+# and downloaded into the shard cache ("fetched", shard_cache.py).
+BYTES_READ = {"n": 0, "fetched": 0}
 
 
 class _Counting:
