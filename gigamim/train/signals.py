@@ -31,3 +31,21 @@ class StopFlag:
 
     def __bool__(self) -> bool:
         return self.signum is not None
+
+
+class Deadline:
+    """`train.stop_after` measured from the start of this process's run."""
+
+    def __init__(self, stop_after):
+        import time
+
+        from gigamim.config import parse_duration
+
+        self.seconds = parse_duration(stop_after)
+        self.spec = stop_after
+        self._end = time.monotonic() + self.seconds if self.seconds else None
+
+    def __bool__(self) -> bool:
+        import time
+
+        return self._end is not None and time.monotonic() >= self._end
