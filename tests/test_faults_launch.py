@@ -119,7 +119,7 @@ def test_bad_launch_arguments_one_line():
                           (["--nproc-per-node", "2", "pretrian"], "unknown verb 'pretrian'"),
                           (["--nproc-per-node", "2", "--nnodes", "2", "pretrain"], "--master-addr"),
                           (["pretrain"], "--nproc-per-node")):
-        done = subprocess.run(launch_cmd(0, "x")[:3] + args, capture_output=True, text=True, cwd=REPO,
+        done = subprocess.run(launch_cmd(0, "x")[:4] + args, capture_output=True, text=True, cwd=REPO,
                               env=cpu_env(), timeout=60)
         assert done.returncode == 2, (args, done.stderr)
         lines = done.stderr.strip().splitlines()

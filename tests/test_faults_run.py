@@ -81,25 +81,26 @@ def test_binary_latest_is_treated_as_absent(four_steps, tmp_path, shards):
     assert "does not hold a readable tag name" in done.stdout + done.stderr
     assert "at step 4" in done.stdout
     no_traceback(done.stdout + done.stderr)
-    consolidate = subprocess.run([sys.executable, "-m", "gigamim", "consolidate", str(four_steps / "ck"),
+    consolidate = subprocess.run([sys.executable, "-m", "gigamim", "consolidate", str(wd / "ck"),
                                   str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO, env=cpu_env())
+    assert consolidate.returncode == 0, consolidate.stderr[-3000:]
     no_traceback(consolidate.stdout + consolidate.stderr)
 
 
 @pytest.mark.slow
 def test_other_model_refused_before_any_weight_is_read_other_size_warned(four_steps, tmp_path, shards):
     wd = _copy_run(four_steps, tmp_path)
-    done = run(launch_cmd(2, *pretrain_args(wd, shards, 6, "model.name=swinv2_tiny"), "--resume", "auto"))
+    done = run(launch_cmd(2, *pretrain_args(wd, shards, 6, "model.name=swinv2_tiny", "model.window_size=6"), "--resume", "auto"))
     assert done.returncode == 2
     line = _one_line_error(done, "holds model swinv2_nano", "model.name=swinv2_tiny")
     assert "step_00000004" in line
     assert "saved checkpoint" not in done.stdout and complete_tags(wd / "ck") == ["step_00000002", "step_00000004"]
     # Another image size: SwinV2's weights follow, with one warning naming the change; and the
     # LR schedule, changed by the new max_steps, says so once.
-    done = run(launch_cmd(2, *pretrain_args(wd, shards, 6, "model.img_size=128"), "--resume", "auto"))
+    done = run(launch_cmd(2, *pretrain_args(wd, shards, 6, "model.img_size=192"), "--resume", "auto"))
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout + done.stderr
-    assert out.count("model.img_size changed since step_00000004: 96 -> 128") == 1, out[-3000:]
+    assert out.count("model.img_size changed since step_00000004: 96 -> 192") == 1, out[-3000:]
     lr_lines = [line for line in out.splitlines() if "LR schedule changed" in line]
     assert len(lr_lines) == 1 and "train.max_steps 4 -> 6" in lr_lines[0]
 
@@ -227,7 +228,6 @@ def test_finite_check_ignores_nan_in_zero3_padding(tmp_path):
     """Issue 14.6: NaN in a partition's alignment padding is not a non-finite weight (the
     gathered parameters, DeepSpeed's own view of the real elements, are the reference);
     a NaN in a real element is."""
-    from tests.launch import deepspeed_cmd  # noqa: F401  (same launcher as the trainer tests)
     from tests.launch import free_port
 
     out = tmp_path / "result"

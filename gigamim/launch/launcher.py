@@ -120,6 +120,8 @@ def _make_agent_class():
         def _shutdown(self, death_sig=signal.SIGTERM, timeout=30):
             # Reached with the signal the agent caught (run()'s SignalException path), and
             # again from run()'s finally after the workers are gone (harmless then).
+            if death_sig == signal.SIGHUP:
+                death_sig = signal.SIGTERM  # a closed terminal: the ranks save (they handle TERM, not HUP)
             if self._pcontext is not None and self.forwarded is None and self._any_alive():
                 self._ignore_further_signals()
                 self.forwarded = signal.Signals(death_sig).name
