@@ -109,7 +109,7 @@ def _make_agent_class():
         stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
         peer_grace_s: float = DEFAULT_PEER_GRACE_S
         forwarded: str | None = None  # the signal passed on to the ranks
-        first_failed: dict[int, int] = {}  # global rank -> exit status, of the ranks that failed first
+        first_failed: dict[int, int] | None = None  # global rank -> exit status, of the ranks that failed first
         stop_started: float | None = None
 
         def _ignore_further_signals(self):

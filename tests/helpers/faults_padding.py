@@ -8,8 +8,6 @@ only real elements), not the partition. Writes one JSON line per rank to OUT.
 """
 
 import json
-import math
-import os
 import sys
 
 import torch
@@ -57,7 +55,7 @@ def main(out: str) -> None:
     result = {"rank": info.rank, "padded_params": len(padded), "planted": planted,
               "reference_finite": gathered_finite(), "check_with_padding_nan": trainer._weights_finite()}
     # Now a real element: the first padded parameter's element 0 on rank 0.
-    name, p = padded[0]
+    _, p = padded[0]
     if info.rank == 0:
         p.ds_tensor.view(-1)[0] = float("nan")
     result["reference_after_real_nan"] = gathered_finite()
