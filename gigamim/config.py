@@ -63,6 +63,9 @@ class TrainConfig:
     # End this job after this step, checkpointed (0: run to max_steps). For scheduler time
     # limits: the LR schedule still spans max_steps, and `--resume auto` continues.
     stop_at_step: int = 0
+    # Also end it, checkpointed (exit 0), this long after start: seconds or "3h50m", "90m",
+    # "1d2h", "HH:MM:SS" (0: no time limit). Set it below the scheduler's limit minus a save.
+    stop_after: int | str = 0
 
 
 @dataclass
@@ -241,7 +244,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         try:
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {e}".splitlines()[0]) from None
+            # PyYAML's own text spans lines; its mark says where (0-based line and column).
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"config file '{p}' is not valid YAML{where}: {problem}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{p}' must be a mapping of sections")
         for key, value in _flatten(tree).items():
@@ -274,6 +281,10 @@ def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
 
 def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None:
     """Everything that can be checked before a rank builds a model or reads a shard."""
+    try:
+        parse_duration(cfg.train.stop_after)
+    except ValueError as e:
+        raise ConfigError(f"config key 'train.stop_after': {e}") from None
     for key, choices in _CHOICES.items():
         section, leaf = key.split(".")
         value = getattr(getattr(cfg, section), leaf)
@@ -338,3 +349,30 @@ def resolve_ds_config_path(path: str) -> Path:
             return candidate
     names = sorted(c.stem for c in packaged.glob("*.json"))
     raise ConfigError(f"deepspeed.config: DeepSpeed config file '{path}' not found (packaged: {', '.join(names)})")
+
+
+_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(value) -> float:
+    """`train.stop_after` -> seconds (0: none). Seconds as a number, "3h50m" / "90m" / "1d2h" /
+    "45s" (units d h m s, each at most once, in that order), or SLURM's "[D-]HH:MM:SS"."""
+    import re
+
+    if value in (None, "", 0):
+        return 0.0
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 3h50m, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative, got {value!r}")
+        return float(value)
+    text = str(value).strip().lower()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d{2}):(\d{2})", text)
+    if m:
+        days, h, mi, sec = (int(g or 0) for g in m.groups())
+        return float(days * 86400 + h * 3600 + mi * 60 + sec)
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text)
+    if not text or not m:
+        raise ValueError(f"expected a duration such as 3h50m, 90m, 45s or 03:50:00, got {value!r}")
+    return float(sum(float(g) * _UNITS[u] for g, u in zip(m.groups(), "dhms") if g))

@@ -41,6 +41,9 @@ import uuid
 
 EXIT_USAGE = 2
 EXIT_RANK_FAILED = 1
+# Exit codes with which gigamim's ranks stop on purpose, all alike, after rank 0 said why
+# (2: bad input or config, 3: non-finite losses): passed through without a "rank N exited".
+SELF_EXPLAINED_EXITS = {2, 3}
 FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP")
 DEFAULT_STOP_TIMEOUT_S = 900  # a SwinV2-G save on a slow file system takes minutes, not 30 s
 DEFAULT_PEER_GRACE_S = 2.0
@@ -106,7 +109,7 @@ def _make_agent_class():
         stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S
         peer_grace_s: float = DEFAULT_PEER_GRACE_S
         forwarded: str | None = None  # the signal passed on to the ranks
-        first_failed: dict[int, int] = {}  # global rank -> exit status, of the ranks that failed first
+        first_failed: dict[int, int] | None = None  # global rank -> exit status, of the ranks that failed first
         stop_started: float | None = None
 
         def _ignore_further_signals(self):
@@ -120,6 +123,8 @@ def _make_agent_class():
         def _shutdown(self, death_sig=signal.SIGTERM, timeout=30):
             # Reached with the signal the agent caught (run()'s SignalException path), and
             # again from run()'s finally after the workers are gone (harmless then).
+            if death_sig == signal.SIGHUP:
+                death_sig = signal.SIGTERM  # a closed terminal: the ranks save (they handle TERM, not HUP)
             if self._pcontext is not None and self.forwarded is None and self._any_alive():
                 self._ignore_further_signals()
                 self.forwarded = signal.Signals(death_sig).name
@@ -248,8 +253,9 @@ def run_ranks(args) -> int:
         # The agent polls every 0.1 s: first_failed holds the rank(s) that died first; the
         # others failed after them (in their next collective) or were stopped by us.
         first = agent.first_failed or {r: f.exitcode for r, f in result.failures.items()}
-        if all(code == EXIT_USAGE for code in first.values()):
-            return EXIT_USAGE  # bad input: the rank printed its one line already
+        codes = set(first.values())
+        if len(codes) == 1 and codes <= SELF_EXPLAINED_EXITS:
+            return codes.pop()  # bad input / non-finite stop: rank 0 printed its one line already
         rank, code = min(first.items())
         _err(f"rank {rank} exited ({_signal_name(code)}); stopped the other ranks. Resume with --resume auto")
         return EXIT_RANK_FAILED

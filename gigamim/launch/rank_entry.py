@@ -33,9 +33,16 @@ def die_with_launcher() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_launcher()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pretrain"]:
+        # A SIGTERM forwarded while this rank is still importing torch/DeepSpeed must not kill
+        # it: the trainer picks it up, finishes step 1 and saves.
+        from gigamim.train.signals import catch_early
+
+        catch_early()
     from gigamim.cli import main as cli_main
 
-    return cli_main(sys.argv[1:] if argv is None else argv)
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

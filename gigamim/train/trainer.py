@@ -35,6 +35,9 @@ class Trainer:
     def run(self) -> int:
         from gigamim.train.signals import StopFlag
 
+        from gigamim.train.signals import Deadline
+
+        self.deadline = Deadline(self.cfg.train.stop_after)  # the clock starts with the run
         with StopFlag() as stop:
             try:
                 self.setup()
@@ -163,7 +166,7 @@ class Trainer:
         try:
             while state.step < end:
                 result = train_step(self.engine, batches, self.accum, self.to_inputs, self.guard,
-                                    stop_requested=lambda: bool(stop), device=self.device,
+                                    stop_requested=lambda: bool(stop) or bool(self.deadline), device=self.device,
                                     on_dropped=self._warn_dropped)
                 state.nonfinite_total = self.guard.total
                 if result.gave_up:
@@ -185,8 +188,10 @@ class Trainer:
                 if stopping or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or step == end:
                     self.save()
                 if stopping:
-                    self.say(f"gigamim: got signal {stop.signum}; checkpoint saved at step {step}, exiting. "
-                             "Continue with --resume auto.")
+                    # Agreed over ranks: rank 0 names its reason (its own signal, else the clock).
+                    why = (f"got signal {stop.signum}" if stop else
+                           f"train.stop_after={cfg.train.stop_after} reached" if self.deadline else "another rank got a signal")
+                    self.say(f"gigamim: {why}; checkpoint saved at step {step}, exiting. Continue with --resume auto.")
                     return 0
             if last_batch is not None:
                 self.picture(last_batch)

@@ -71,3 +71,56 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# --------------------------------------------------------------------------- real runs
+
+import sys  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def pretrain_args(workdir: Path, shards: str, steps: int, *extra: str) -> list[str]:
+    """`gigamim pretrain` arguments of a tiny swinv2_nano run (96 px, batch 8 on 2 ranks)."""
+    sets = [
+        f"data.shards={shards}", "model.img_size=96", "train.micro_batch_size=4", "train.global_batch_size=8",
+        f"train.max_steps={steps}", "data.num_workers=1", "data.shuffle_buffer=32", "optim.warmup_steps=2",
+        f"checkpoint.dir={workdir}/ck", f"log.dir={workdir}/log", "log.every_steps=1", "log.tensorboard=false",
+        "log.progress_bar=false", "log.num_images=2", "checkpoint.every_steps=0", *extra,
+    ]
+    args = ["pretrain", "--config", "demo"]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def launch_cmd(nproc: int, *verb_args: str, launch_args: tuple = ()) -> list[str]:
+    return [sys.executable, "-m", "gigamim", "launch", "--nproc-per-node", str(nproc), *launch_args, *verb_args]
+
+
+def logged_steps(workdir: Path) -> int:
+    f = workdir / "log" / "metrics.jsonl"
+    return len(f.read_text().splitlines()) if f.exists() else 0
+
+
+def wait_for(predicate, timeout: float, proc=None, what: str = ""):
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"job exited ({proc.returncode}) before {what}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    import json
+
+    return {r["step"]: r["loss"] for r in map(json.loads, (workdir / "log" / "metrics.jsonl").read_text().splitlines())}
+
+
+def no_traceback(text: str) -> None:
+    assert "Traceback" not in text, text[-4000:]
