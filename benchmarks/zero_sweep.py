@@ -258,15 +258,24 @@ def _zero_worker(argv) -> int:
         if on_gpu:
             images = images.bfloat16()
             torch.cuda.synchronize()
-        t0 = _time.perf_counter()
-        loss = engine(images, mask)
-        engine.backward(loss)
-        engine.step()
-        if on_gpu:
-            torch.cuda.synchronize()
-        return _time.perf_counter() - t0, float(loss.detach())
+        def now():
+            if on_gpu:
+                torch.cuda.synchronize()
+            return _time.perf_counter()
 
-    res = {n: {"warmup_s": [], "step_s": [], "loss": [], "calls": [], "bytes": [], "build_s": t_build[n]} for n in names}
+        t0 = now()
+        loss = engine(images, mask)
+        t1 = now()
+        engine.backward(loss)
+        t2 = now()
+        engine.step()
+        t3 = now()
+        phases.append({"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2})
+        return t3 - t0, float(loss.detach())
+
+    res = {n: {"warmup_s": [], "step_s": [], "loss": [], "calls": [], "bytes": [], "phases_s": [], "build_s": t_build[n]}
+           for n in names}
+    phases = []
     for i in range(a.warmup):
         for n in names:
             dt, loss = step(engines[n], i)
@@ -278,6 +287,7 @@ def _zero_worker(argv) -> int:
             counter.reset()
             dt, loss = step(engines[n], a.warmup + i)
             calls, nbytes = counter.snapshot()
+            res[n]["phases_s"].append(phases[-1])
             res[n]["step_s"].append(dt)
             res[n]["loss"].append(loss)
             res[n]["calls"].append(calls)
@@ -334,11 +344,14 @@ def run_zero_compile(out_dir, *, variants=("zero1_eager", "zero3_eager", "zero3_
                "label": v.replace("_", " "), "step_time_s": median(steps_s), "step_times_s": steps_s,
                "images_per_sec": micro_batch * nproc / median(steps_s), "warmup_s": r0["warmup_s"],
                "build_s": r0["build_s"], "loss": r0["loss"],
+               "phases_s_median": {k: median([ph[k] for ph in r0["phases_s"]]) for k in ("forward", "backward", "step")},
                "collective_calls_per_step": r0["calls"][-1], "collective_bytes_per_step": r0["bytes"][-1],
                "collective_calls_all_steps": r0["calls"], "wall_s": wall, "command": " ".join(cmd[1:])}
         results.append(res)
         calls = res["collective_calls_per_step"]
-        log(f"  {v:<18} {res['step_time_s']:.3f} s/step  all_gather {calls.get('all_gather', 0)} "
+        ph = res["phases_s_median"]
+        log(f"  {v:<20} {res['step_time_s']:.3f} s/step (fwd {ph['forward']:.3f} bwd {ph['backward']:.3f} "
+            f"opt {ph['step']:.3f})  all_gather {calls.get('all_gather', 0)} "
             f"({res['collective_bytes_per_step'].get('all_gather', 0) / 2**20:.1f} MiB)  "
             f"reduce_scatter {calls.get('reduce_scatter', 0)}  all_reduce {calls.get('all_reduce', 0)}")
     return results
