@@ -205,17 +205,18 @@ def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: d
     for group, rs in _by_group(results).items():
         lines += [f"## {GROUP_TITLES.get(group, group)}", ""]
         if group == "zero_compile":
-            lines += ["| variant | step s (median) | fwd/bwd/opt s | images/s | all-gather calls / MiB | "
+            lines += ["| variant | step s (median) | fwd/bwd/opt s | s in collectives | images/s | all-gather calls / MiB | "
                       "reduce-scatter calls / MiB | all-reduce calls | warm-up s (compile) | losses |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for r in rs:
                 if "error" in r:
-                    lines.append(f"| {r['label']} | failed: {r['error'][-100:]!r} | | | | | | | |")
+                    lines.append(f"| {r['label']} | failed: {r['error'][-100:]!r} | | | | | | | | |")
                     continue
                 c, b = r["collective_calls_per_step"], r["collective_bytes_per_step"]
                 ph = r.get("phases_s_median") or {}
                 lines.append(f"| {r['label']} | {_fmt(r['step_time_s'], 3)} | "
                              f"{'/'.join(_fmt(ph.get(k), 3) for k in ('forward', 'backward', 'step'))} | "
+                             f"{_fmt(sum((r.get('collective_seconds_per_step_median') or {}).values()), 3)} | "
                              f"{_fmt(r['images_per_sec'])} | "
                              f"{c.get('all_gather', 0)} / {b.get('all_gather', 0) / 2**20:.1f} | "
                              f"{c.get('reduce_scatter', 0)} / {b.get('reduce_scatter', 0) / 2**20:.1f} | "

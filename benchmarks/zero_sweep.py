@@ -127,7 +127,7 @@ class CollectiveCounter:
             "reduce_scatter": "reduce_scatter", "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce"}
 
     def __init__(self):
-        self.calls, self.bytes = {}, {}
+        self.calls, self.bytes, self.seconds = {}, {}, {}
         self._depth = 0
 
     @staticmethod
@@ -161,6 +161,7 @@ class CollectiveCounter:
         def counted(*args, **kwargs):
             outer = self._depth == 0  # one torch-level call may call another (all_gather -> base)
             self._depth += 1
+            t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
@@ -169,6 +170,9 @@ class CollectiveCounter:
                     kind = self.KIND.get(name, "other")
                     self.calls[kind] = self.calls.get(kind, 0) + 1
                     self.bytes[kind] = self.bytes.get(kind, 0) + self._payload(name, args, kwargs)
+                    # Wall time inside the call: the whole collective for synchronous gloo calls
+                    # (CPU ranks); only the launch for async ones (NCCL, async_op=True).
+                    self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - t0
 
         counted._gigamim_counted = True
         return counted
@@ -177,7 +181,7 @@ class CollectiveCounter:
         return dict(self.calls), dict(self.bytes)
 
     def reset(self):
-        self.calls, self.bytes = {}, {}
+        self.calls, self.bytes, self.seconds = {}, {}, {}
 
 
 def _zero_worker(argv) -> int:
@@ -273,8 +277,8 @@ def _zero_worker(argv) -> int:
         phases.append({"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2})
         return t3 - t0, float(loss.detach())
 
-    res = {n: {"warmup_s": [], "step_s": [], "loss": [], "calls": [], "bytes": [], "phases_s": [], "build_s": t_build[n]}
-           for n in names}
+    res = {n: {"warmup_s": [], "step_s": [], "loss": [], "calls": [], "bytes": [], "comm_s": [], "phases_s": [],
+               "build_s": t_build[n]} for n in names}
     phases = []
     for i in range(a.warmup):
         for n in names:
@@ -288,6 +292,7 @@ def _zero_worker(argv) -> int:
             dt, loss = step(engines[n], a.warmup + i)
             calls, nbytes = counter.snapshot()
             res[n]["phases_s"].append(phases[-1])
+            res[n]["comm_s"].append(dict(counter.seconds))
             res[n]["step_s"].append(dt)
             res[n]["loss"].append(loss)
             res[n]["calls"].append(calls)
@@ -345,13 +350,15 @@ def run_zero_compile(out_dir, *, variants=("zero1_eager", "zero3_eager", "zero3_
                "images_per_sec": micro_batch * nproc / median(steps_s), "warmup_s": r0["warmup_s"],
                "build_s": r0["build_s"], "loss": r0["loss"],
                "phases_s_median": {k: median([ph[k] for ph in r0["phases_s"]]) for k in ("forward", "backward", "step")},
+               "collective_seconds_per_step_median": {
+                   k: median([c.get(k, 0.0) for c in r0["comm_s"]]) for k in sorted({k for c in r0["comm_s"] for k in c})},
                "collective_calls_per_step": r0["calls"][-1], "collective_bytes_per_step": r0["bytes"][-1],
                "collective_calls_all_steps": r0["calls"], "wall_s": wall, "command": " ".join(cmd[1:])}
         results.append(res)
         calls = res["collective_calls_per_step"]
         ph = res["phases_s_median"]
         log(f"  {v:<20} {res['step_time_s']:.3f} s/step (fwd {ph['forward']:.3f} bwd {ph['backward']:.3f} "
-            f"opt {ph['step']:.3f})  all_gather {calls.get('all_gather', 0)} "
+            f"opt {ph['step']:.3f}; in collectives {sum(res['collective_seconds_per_step_median'].values()):.3f})  all_gather {calls.get('all_gather', 0)} "
             f"({res['collective_bytes_per_step'].get('all_gather', 0) / 2**20:.1f} MiB)  "
             f"reduce_scatter {calls.get('reduce_scatter', 0)}  all_reduce {calls.get('all_reduce', 0)}")
     return results
