@@ -138,7 +138,7 @@ def test_collective_counter_counts_real_gloo_calls():
         p.join(60)
     assert calls == {"all_gather": 2, "all_reduce": 2}
     assert nbytes == {"all_gather": 2 * 8000, "all_reduce": 2 * 4000}  # the gathered output; the reduced tensor
-    assert head == [2.0, 2.0]  # the wrapped collectives still did their work (x was all-reduced twice)
+    assert head == [4.0, 4.0]  # the wrapped calls did their work: x = 1 -> 2 -> 4 (two all-reduces), gathered
 
 
 def test_compile_and_zero_summaries_from_known_results():
