@@ -140,7 +140,8 @@ def _zero_compile_summary(results):
     t = {v: r["step_time_s"] for v, r in rs.items()}
     out = {"step_time_s": t, "collective_calls_per_step": {v: r["collective_calls_per_step"] for v, r in rs.items()},
            "collective_bytes_per_step": {v: r["collective_bytes_per_step"] for v, r in rs.items()}}
-    for a, b in (("zero3_compiled", "zero3_eager"), ("zero3_ckpt_compiled", "zero3_ckpt_eager"), ("zero3_eager", "zero1_eager"), ("zero3_compiled", "zero1_eager"),
+    for a, b in (("zero3_compiled", "zero3_eager"), ("zero3_ckpt_compiled", "zero3_ckpt_eager"),
+                 ("zero3_eager", "zero1_eager"), ("zero3_compiled", "zero1_eager"),
                  ("zero3_leaf_eager", "zero3_eager"), ("zero1_compiled", "zero1_eager")):
         if a in t and b in t:
             out[f"{a}_over_{b}_step_time"] = t[a] / t[b]
@@ -204,18 +205,23 @@ def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: d
     for group, rs in _by_group(results).items():
         lines += [f"## {GROUP_TITLES.get(group, group)}", ""]
         if group == "zero_compile":
-            lines += ["| variant | step s (median) | images/s | all-gather calls / MiB | reduce-scatter calls / MiB | "
-                      "all-reduce calls | warm-up s (compile) | losses | note |", "|---|---|---|---|---|---|---|---|---|"]
+            lines += ["| variant | step s (median) | fwd/bwd/opt s | s in collectives | images/s | all-gather calls / MiB | "
+                      "reduce-scatter calls / MiB | all-reduce calls | warm-up s (compile) | losses |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for r in rs:
                 if "error" in r:
-                    lines.append(f"| {r['label']} | failed | | | | | | | {r['error'][:100]} |")
+                    lines.append(f"| {r['label']} | failed: {r['error'][-100:]!r} | | | | | | | | |")
                     continue
                 c, b = r["collective_calls_per_step"], r["collective_bytes_per_step"]
-                lines.append(f"| {r['label']} | {_fmt(r['step_time_s'], 3)} | {_fmt(r['images_per_sec'])} | "
+                ph = r.get("phases_s_median") or {}
+                lines.append(f"| {r['label']} | {_fmt(r['step_time_s'], 3)} | "
+                             f"{'/'.join(_fmt(ph.get(k), 3) for k in ('forward', 'backward', 'step'))} | "
+                             f"{_fmt(sum((r.get('collective_seconds_per_step_median') or {}).values()), 3)} | "
+                             f"{_fmt(r['images_per_sec'])} | "
                              f"{c.get('all_gather', 0)} / {b.get('all_gather', 0) / 2**20:.1f} | "
                              f"{c.get('reduce_scatter', 0)} / {b.get('reduce_scatter', 0) / 2**20:.1f} | "
                              f"{c.get('all_reduce', 0)} | {'/'.join(_fmt(x, 1) for x in r['warmup_s'])} | "
-                             f"{', '.join(f'{x:.4f}' for x in r['loss'][:3])} | |")
+                             f"{', '.join(f'{x:.4f}' for x in r['loss'][:3])} |")
             lines.append("")
             continue
         if group == "zero":

@@ -111,6 +111,9 @@ ZERO_VARIANTS = {
     "zero3_compiled": (3, True, True, False),
     "zero3_ckpt_eager": (3, False, False, True),
     "zero3_ckpt_compiled": (3, True, True, True),
+    # DeepSpeed's own engine.compile(): module.compile() of the whole model, ZeRO-3 hooks on
+    # every module (their disabled hooks split the graph at each module boundary).
+    "zero3_engine_compile": (3, "engine", False, False),
 }
 
 _COLLECTIVES = ("all_gather_into_tensor", "_all_gather_base", "all_gather", "reduce_scatter_tensor",
@@ -127,7 +130,7 @@ class CollectiveCounter:
             "reduce_scatter": "reduce_scatter", "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce"}
 
     def __init__(self):
-        self.calls, self.bytes = {}, {}
+        self.calls, self.bytes, self.seconds = {}, {}, {}
         self._depth = 0
 
     @staticmethod
@@ -161,6 +164,7 @@ class CollectiveCounter:
         def counted(*args, **kwargs):
             outer = self._depth == 0  # one torch-level call may call another (all_gather -> base)
             self._depth += 1
+            t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
@@ -169,6 +173,9 @@ class CollectiveCounter:
                     kind = self.KIND.get(name, "other")
                     self.calls[kind] = self.calls.get(kind, 0) + 1
                     self.bytes[kind] = self.bytes.get(kind, 0) + self._payload(name, args, kwargs)
+                    # Wall time inside the call: the whole collective for synchronous gloo calls
+                    # (CPU ranks); only the launch for async ones (NCCL, async_op=True).
+                    self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - t0
 
         counted._gigamim_counted = True
         return counted
@@ -177,7 +184,7 @@ class CollectiveCounter:
         return dict(self.calls), dict(self.bytes)
 
     def reset(self):
-        self.calls, self.bytes = {}, {}
+        self.calls, self.bytes, self.seconds = {}, {}, {}
 
 
 def _zero_worker(argv) -> int:
@@ -244,7 +251,9 @@ def _zero_worker(argv) -> int:
         if leaf:
             mark_z3_leaf_blocks(model)
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-        if comp:
+        if comp == "engine":
+            engine.compile()
+        elif comp:
             compile_blocks(engine, zero_stage=stage)
         engines[name] = engine
         t_build[name] = _time.perf_counter() - t0
@@ -258,26 +267,42 @@ def _zero_worker(argv) -> int:
         if on_gpu:
             images = images.bfloat16()
             torch.cuda.synchronize()
-        t0 = _time.perf_counter()
-        loss = engine(images, mask)
-        engine.backward(loss)
-        engine.step()
-        if on_gpu:
-            torch.cuda.synchronize()
-        return _time.perf_counter() - t0, float(loss.detach())
+        def now():
+            if on_gpu:
+                torch.cuda.synchronize()
+            return _time.perf_counter()
 
-    res = {n: {"warmup_s": [], "step_s": [], "loss": [], "calls": [], "bytes": [], "build_s": t_build[n]} for n in names}
+        t0 = now()
+        loss = engine(images, mask)
+        t1 = now()
+        engine.backward(loss)
+        t2 = now()
+        engine.step()
+        t3 = now()
+        phases.append({"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2})
+        return t3 - t0, float(loss.detach())
+
+    res = {n: {"warmup_s": [], "step_s": [], "loss": [], "calls": [], "bytes": [], "comm_s": [], "phases_s": [],
+               "build_s": t_build[n]} for n in names}
+    phases = []
+    from torch._dynamo.utils import counters
+
     for i in range(a.warmup):
         for n in names:
+            before = counters["stats"]["unique_graphs"]
             dt, loss = step(engines[n], i)
             res[n]["warmup_s"].append(dt)
             res[n]["loss"].append(loss)
+            # dynamo graphs first compiled in this variant's warm-up (0 when it reuses another's)
+            res[n]["new_graphs"] = res[n].get("new_graphs", 0) + counters["stats"]["unique_graphs"] - before
     for i in range(a.steps):
         for n in names:
             torch.distributed.barrier()  # each timed step starts together on both ranks
             counter.reset()
             dt, loss = step(engines[n], a.warmup + i)
             calls, nbytes = counter.snapshot()
+            res[n]["phases_s"].append(phases[-1])
+            res[n]["comm_s"].append(dict(counter.seconds))
             res[n]["step_s"].append(dt)
             res[n]["loss"].append(loss)
             res[n]["calls"].append(calls)
@@ -333,12 +358,17 @@ def run_zero_compile(out_dir, *, variants=("zero1_eager", "zero3_eager", "zero3_
                         "ranks": nproc, "steps": steps, "warmup": warmup},
                "label": v.replace("_", " "), "step_time_s": median(steps_s), "step_times_s": steps_s,
                "images_per_sec": micro_batch * nproc / median(steps_s), "warmup_s": r0["warmup_s"],
-               "build_s": r0["build_s"], "loss": r0["loss"],
+               "build_s": r0["build_s"], "loss": r0["loss"], "dynamo_graphs_compiled": r0.get("new_graphs"),
+               "phases_s_median": {k: median([ph[k] for ph in r0["phases_s"]]) for k in ("forward", "backward", "step")},
+               "collective_seconds_per_step_median": {
+                   k: median([c.get(k, 0.0) for c in r0["comm_s"]]) for k in sorted({k for c in r0["comm_s"] for k in c})},
                "collective_calls_per_step": r0["calls"][-1], "collective_bytes_per_step": r0["bytes"][-1],
                "collective_calls_all_steps": r0["calls"], "wall_s": wall, "command": " ".join(cmd[1:])}
         results.append(res)
         calls = res["collective_calls_per_step"]
-        log(f"  {v:<18} {res['step_time_s']:.3f} s/step  all_gather {calls.get('all_gather', 0)} "
+        ph = res["phases_s_median"]
+        log(f"  {v:<20} {res['step_time_s']:.3f} s/step (fwd {ph['forward']:.3f} bwd {ph['backward']:.3f} "
+            f"opt {ph['step']:.3f}; in collectives {sum(res['collective_seconds_per_step_median'].values()):.3f})  all_gather {calls.get('all_gather', 0)} "
             f"({res['collective_bytes_per_step'].get('all_gather', 0) / 2**20:.1f} MiB)  "
             f"reduce_scatter {calls.get('reduce_scatter', 0)}  all_reduce {calls.get('all_reduce', 0)}")
     return results

@@ -54,6 +54,20 @@ from gigamim.kernels import MAX_LOGIT_SCALE, cosine_normalize
 
 ATTN_IMPLS = ("explicit", "sdpa", "flex")
 
+# "auto" per device, from measurements (benchmarks/results): on CPU the explicit path is the
+# fastest trainable one (SDPA with a learned float mask runs its unfused math path there, and
+# flex has no CPU backward). On CUDA SDPA until the GPU script has measured flex against it.
+DEFAULT_ATTN_IMPL = {"cpu": "explicit", "cuda": "sdpa"}
+
+
+def resolve_attn_impl(impl: str, device_type: str) -> str:
+    """``impl`` itself, or for "auto" the measured default of ``device_type`` ("cpu", "cuda")."""
+    if impl == "auto":
+        return DEFAULT_ATTN_IMPL.get(device_type, "explicit")
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl={impl!r} is not one of {ATTN_IMPLS + ('auto',)}")
+    return impl
+
 
 class TruncNormalLinear(nn.Linear):
     """nn.Linear with the official SwinV2 init (trunc normal std .02, zero bias).
