@@ -33,12 +33,17 @@ class ModelConfig:
     window_size: int | None = None  # None: the variant's default for img_size
     pretrained_window_sizes: list[int] | None = None
     drop_path_rate: float = 0.0
-    attn_impl: str = "sdpa"  # "explicit" (reference) or "sdpa"
+    # "auto" (the measured default of the device: explicit on CPU, sdpa on GPU), "explicit"
+    # (reference), "sdpa", "flex" (FlexAttention: CPB bias and shift mask inside the kernel)
+    attn_impl: str = "auto"
     sequential_stages: list[int] = field(default_factory=list)  # stages whose attention runs in chunks
     attn_chunk: int = 64  # windows per chunk for sequential stages
     # False, True (every block), k (every k-th block) or a list of stage ids.
     grad_checkpointing: bool | int | list[int] = False
     checkpoint_offload: bool = False  # keep checkpointed activations on the CPU
+    # torch.compile each block (ZeRO-3: blocks become z3 leaf modules, one gather per block)
+    compile: bool = False
+    compile_mode: str = "default"  # default, reduce-overhead (not with ZeRO-3), max-autotune, max-autotune-no-cudagraphs
 
 
 @dataclass
@@ -49,6 +54,15 @@ class DataConfig:
     shuffle_buffer: int = 1000
     mask_ratio: float = 0.6
     mask_patch_size: int = 32
+    # SimMIM's normalised target (official SwinV2 config NORM_TARGET): the target pixels are
+    # normalised by their local mean / variance over norm_target_patch x norm_target_patch
+    norm_target: bool = False
+    norm_target_patch: int = 47
+    # Which tar member is the image: None = the default priority (jpg, jpeg, png, webp, ...),
+    # or e.g. "input.jpg;png" (first match wins), webdataset's key naming
+    image_key: str | None = None
+    cache_dir: str | None = None  # per-node cache of remote shards (pipe:/s3:/https:), None = no cache
+    cache_size: str | None = None  # cache bound, e.g. "200GB" (None: unbounded)
 
 
 @dataclass
@@ -261,7 +275,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 # --------------------------------------------------------------------------- validation
 
 _CHOICES = {
-    "model.attn_impl": ("explicit", "sdpa"),
+    "model.attn_impl": ("auto", "explicit", "sdpa", "flex"),
+    "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "data.mode": ("epoch", "resampled"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "optim.lr_scaling": ("linear", "none"),
@@ -299,6 +314,7 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
         "log.every_steps": cfg.log.every_steps,
         "model.attn_chunk": cfg.model.attn_chunk,
         "data.mask_patch_size": cfg.data.mask_patch_size,
+        "data.norm_target_patch": cfg.data.norm_target_patch,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -313,6 +329,14 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
         )
     if not 0.0 < cfg.data.mask_ratio < 1.0:
         raise ConfigError(f"data.mask_ratio must be in (0, 1); got {cfg.data.mask_ratio}")
+    if cfg.data.norm_target_patch % 2 == 0:
+        raise ConfigError(f"data.norm_target_patch must be odd (a centred window); got {cfg.data.norm_target_patch}")
+    try:
+        from gigamim.sizes import parse_size
+
+        parse_size(cfg.data.cache_size)
+    except ValueError as e:
+        raise ConfigError(f"config key 'data.cache_size': {e}") from None
     gradient_accumulation_steps(cfg, world_size)
     if check_files:
         if not str(cfg.data.shards).strip():

@@ -56,6 +56,9 @@ class Trainer:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from gigamim.data.loader import SimMIMLoader
         from gigamim.launch.dist import init_distributed
+        from gigamim.config import ModelConfig
+        from gigamim.sizes import parse_size
+        from gigamim.models.attention import resolve_attn_impl
         from gigamim.models.build import build_simmim
         from gigamim.models.flops import train_flops
         from gigamim.models.registry import model_defaults
@@ -76,10 +79,13 @@ class Trainer:
 
         # Same seed on every rank for the weights; the training RNG (drop path) differs per rank.
         seed_everything(cfg.train.seed)
-        model_section = dataclasses.asdict(cfg.model)
+        model_section = dict(dataclasses.asdict(cfg.model),
+                             attn_impl=resolve_attn_impl(cfg.model.attn_impl, self.device.type))
         self.engine, self.scheduler, model, self.zero_stage = build_engine(
-            cfg, lambda: build_simmim(model_section), self.world, self.device.type == "cuda",
-            load_universal=bool(self.resume and self.resume.universal))
+            cfg, lambda: build_simmim(model_section, defaults=dataclasses.asdict(ModelConfig()),
+                                      norm_target=cfg.data.norm_target,
+                                      norm_target_patch=cfg.data.norm_target_patch),
+            self.world, self.device.type == "cuda", load_universal=bool(self.resume and self.resume.universal))
         self.model_flops = train_flops(model, cfg.model.img_size, recompute=False)
         self.hardware_flops = train_flops(model, cfg.model.img_size, recompute=bool(cfg.model.grad_checkpointing))
         seed_everything(cfg.train.seed + 1000 * (self.rank + 1))
@@ -91,6 +97,7 @@ class Trainer:
                 num_workers=cfg.data.num_workers, seed=cfg.train.seed, img_size=cfg.model.img_size,
                 mask_patch_size=cfg.data.mask_patch_size, model_patch_size=model.patch_size,
                 mask_ratio=cfg.data.mask_ratio, mode=cfg.data.mode, shuffle_buffer=cfg.data.shuffle_buffer,
+                image_key=cfg.data.image_key, cache_dir=cfg.data.cache_dir, cache_size=parse_size(cfg.data.cache_size),
             )
         except (ValueError, FileNotFoundError) as e:
             # Every rank counts the same shards, so every rank gets here alike.
