@@ -204,10 +204,15 @@ def test_sigterm_during_setup_saves_after_the_first_step(tmp_path, shards):
     tmp_path.mkdir(exist_ok=True)
     job = start(launch_cmd(2, *pretrain_args(tmp_path, shards, 50)), tmp_path / "job.log")
     try:
-        # The ranks exist (their environment says RANK=) but have not logged a step yet.
-        from tests.helpers.faults import rank_pids
+        # The ranks run and catch SIGTERM (`gigamim launch` has them keep an early signal
+        # for the trainer) but have not trained a step: they are importing / setting up.
+        # (A signal in the ~0.1 s between a rank's fork and that handler ends the rank,
+        # exit 143, with nothing trained and nothing lost.)
+        from tests.helpers.faults import catches, rank_pids
 
-        wait_for(lambda: len(rank_pids(job.pid)) == 2, 120, job, "the ranks to start")
+        wait_for(lambda: len(rank_pids(job.pid)) == 2 and all(catches(p, signal.SIGTERM)
+                                                               for p in rank_pids(job.pid).values()),
+                 120, job, "the ranks to start")
         assert logged_steps(tmp_path) == 0
         os.killpg(job.pid, signal.SIGTERM)
         rc = job.wait(timeout=240)

@@ -124,3 +124,14 @@ def losses(workdir: Path) -> dict[int, float]:
 
 def no_traceback(text: str) -> None:
     assert "Traceback" not in text, text[-4000:]
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler installed for `signum` (SigCgt in /proc/<pid>/status)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        pass
+    return False

@@ -67,4 +67,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     with torch.no_grad():
-        main(sys.argv[1])
+        main(sys.argv[-1])  # the deepspeed runner puts --local_rank=N first
