@@ -45,7 +45,7 @@ def test_precedence_cli_over_yaml_over_defaults(tmp_path):
         ("optim.lrr=1e-3", "did you mean 'optim.lr'"),
         ("lr=1e-3", "did you mean 'optim.lr'"),
         ("train.micro_batch_size=eight", "expects an integer"),
-        ("model.attn_impl=flash", "must be one of explicit, sdpa"),
+        ("model.attn_impl=flash", "must be one of auto, explicit, sdpa, flex"),
         ("model.img_size=200", "divisible by 32"),
         ("data.mask_patch_size=0", "must be > 0"),
         ("data.mask_patch_size=6", "multiple of the model's 4-px patch"),
