@@ -109,6 +109,9 @@ class LogConfig:
     image_every_steps: int = 0  # a reconstruction PNG every N steps (0: only at the end)
     num_images: int = 4
     progress_bar: bool = True
+    # Audit trail: every rank appends the sample keys each step trained on (padding repeats
+    # and substitutes left out) to <log.dir>/sample_keys/rank<R>.jsonl
+    sample_keys: bool = False
 
 
 @dataclass

@@ -133,3 +133,26 @@ class Meter:
             "data_digest": self.digest,
             **extra,
         }
+
+
+def data_counters(loader) -> dict:
+    """This rank's cumulative data counters: skipped samples and fixed-up images by reason,
+    bytes read from shards."""
+    return {"skipped": dict(getattr(loader, "skip_counts", {}) or {}),
+            "fixed": dict(getattr(loader, "fix_counts", {}) or {}),
+            "bytes_read": int(getattr(loader, "bytes_read", 0) or 0)}
+
+
+def merge_counters(per_rank: list[dict]) -> dict:
+    """Metrics keys from every rank's `data_counters`: `data_skipped` (total) and
+    `data_skipped_<reason>`, `data_fixed_<reason>`, `data_bytes_read`, summed over ranks."""
+    out: dict = {"data_skipped": 0, "data_bytes_read": 0}
+    for c in per_rank:
+        out["data_bytes_read"] += c["bytes_read"]
+        for kind in ("skipped", "fixed"):
+            for reason, n in sorted(c[kind].items()):
+                key = f"data_{kind}_{reason}"
+                out[key] = out.get(key, 0) + int(n)
+                if kind == "skipped":
+                    out["data_skipped"] += int(n)
+    return out

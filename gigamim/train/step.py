@@ -50,6 +50,7 @@ class StepResult:
     lr: float | None = None  # the LR this step applied
     data_s: float = 0.0  # time spent waiting for the loader
     keys: list[str] = field(default_factory=list)  # each micro-batch's sample keys, joined
+    trained_keys: list[str] = field(default_factory=list)  # the applied samples (no padding repeats)
     last_batch: dict | None = field(default=None, repr=False)
     stop_requested: bool = False  # a stop signal reached some rank
     gave_up: bool = False  # the guard's limit of non-finite micro-batches in a row was hit
@@ -88,6 +89,8 @@ def train_step(engine, batches: Iterator[dict], accumulation: int, to_inputs: Ca
                 out.gave_up = True
                 return out
             continue
+        valid = batch.get("valid")
+        out.trained_keys += [k for i, k in enumerate(batch["key"]) if valid is None or bool(valid[i])]
         engine.backward(loss)
         out.lr = engine.get_lr()[0]  # read before step(): the LR this step applies
         engine.step()

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
 
 from gigamim.config import Config, gradient_accumulation_steps
+from gigamim.train.metrics import merge_counters
 
 EXIT_NONFINITE = 3
 
@@ -88,6 +90,11 @@ class Trainer:
             self.world, self.device.type == "cuda", load_universal=bool(self.resume and self.resume.universal))
         self.model_flops = train_flops(model, cfg.model.img_size, recompute=False)
         self.hardware_flops = train_flops(model, cfg.model.img_size, recompute=bool(cfg.model.grad_checkpointing))
+        # MFU's denominator, once per run: a GPU's datasheet peak, else a short GEMM probe (CPU).
+        from gigamim.train.peak import peak_tflops
+
+        self.peak_tflops, peak_source = peak_tflops(self.device, self.precision)
+        self.say(f"gigamim: peak for MFU: {self.peak_tflops:.3g} TFLOP/s ({peak_source})")
         seed_everything(cfg.train.seed + 1000 * (self.rank + 1))
 
         self.num_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
@@ -168,6 +175,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         end = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
         logger, bar = self._open_outputs()
+        keys_log = self._open_keys_log() if cfg.log.sample_keys else None
         batches = iter(self.loader)
         meter, last_batch = Meter(), None
         try:
@@ -183,6 +191,8 @@ class Trainer:
                     return EXIT_NONFINITE
                 state.step += 1
                 meter.add(result)
+                if keys_log is not None:
+                    keys_log.write(json.dumps({"step": state.step, "keys": result.trained_keys}) + "\n")
                 last_batch = result.last_batch
                 stopping, step = result.stop_requested, state.step
                 if step % cfg.log.every_steps == 0 or step == end or stopping:
@@ -205,7 +215,7 @@ class Trainer:
             return 0
         finally:
             batches.close()  # stops the loader's workers now, before interpreter exit
-            for closable in (bar, logger):
+            for closable in (bar, logger, keys_log):
                 if closable is not None:
                     closable.close()
 
@@ -246,6 +256,17 @@ class Trainer:
             bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, desc="pretrain", dynamic_ncols=True)
         return logger, bar
 
+    def _open_keys_log(self):
+        """This rank's sample-key log, continued on resume (records past the resume step, a
+        crashed run's tail, are dropped: each step appears once)."""
+        path = Path(self.cfg.log.dir) / "sample_keys" / f"rank{self.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= self.state.step]
+            path.write_text("".join(f"{line}\n" for line in kept))
+        return open(path, "a", buffering=1)
+
     def _sum_over_ranks(self, values: list[float], op: str = "sum") -> list[float]:
         import torch
         import torch.distributed as dist
@@ -256,17 +277,20 @@ class Trainer:
 
     def log(self, logger, meter) -> None:
         """Collective (the record sums over ranks); rank 0 writes it."""
-        from gigamim.train.metrics import device_peak_tflops, peak_memory_gb
+        import torch.distributed as dist
 
-        skipped = self._sum_over_ranks([float(sum(self.loader.skip_counts.values()))])[0]
+        from gigamim.train.metrics import data_counters, peak_memory_gb
+
+        counters = [None] * self.world
+        dist.all_gather_object(counters, data_counters(self.loader))
         grad_norm = self.engine.get_global_grad_norm()
         record = meter.record(
             self.state.step, global_batch=self.cfg.train.global_batch_size, world_size=self.world,
             model_flops=self.model_flops, hardware_flops=self.hardware_flops,
-            peak_tflops=device_peak_tflops(self.device, self.precision), sum_over_ranks=self._sum_over_ranks,
+            peak_tflops=self.peak_tflops, sum_over_ranks=self._sum_over_ranks,
             grad_norm=float(grad_norm) if grad_norm is not None else None,
-            peak_mem_gb=peak_memory_gb(self.device), data_skipped=int(skipped),
-            nonfinite_skipped=self.state.nonfinite_total, epoch=self.loader.epoch,
+            peak_mem_gb=peak_memory_gb(self.device), nonfinite_skipped=self.state.nonfinite_total,
+            epoch=self.loader.epoch, **merge_counters(counters),
         )
         if logger is not None:
             logger.log(record)
