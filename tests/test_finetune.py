@@ -140,3 +140,19 @@ def test_bad_input_is_one_line(shards, tmp_path, capsys, case):
     assert finetune.main(sets) == 2
     err = capsys.readouterr().err
     assert want in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("name,model,ld,window", [("swinv2_base", "swinv2_base", 0.75, 14),
+                                                   ("swin_base", "swin_base", 0.8, 7),
+                                                   ("swin_large", "swin_large", 0.7, 14),
+                                                   ("vit_base", "vit_base_patch16", 0.65, None)])
+def test_packaged_recipes_load_and_build(name, model, ld, window):
+    """The official SimMIM fine-tune settings (issue 12 / main_finetune.py configs)."""
+    cfg, ft = finetune.load_finetune_config(f"finetune_{name}", [f"finetune.weights="])
+    assert cfg.model.name == model and cfg.model.img_size == 224 and cfg.model.window_size == window
+    assert ft.layer_decay == ld and ft.mixup == 0.8 and ft.cutmix == 1.0 and ft.label_smoothing == 0.1
+    assert cfg.optim.lr * cfg.train.global_batch_size / 512 == pytest.approx(5e-3) and cfg.train.grad_clip == 5.0
+    assert cfg.optim.weight_decay == 0.05 and cfg.optim.warmup_steps * 5 == cfg.train.max_steps
+    with torch.device("meta"):
+        m, _ = finetune.build_classifier(cfg, ft)
+    assert m.num_classes == 1000
