@@ -6,6 +6,8 @@ quick  < 3 min on a 2-core CPU: SwinV2-T 192 px batch 8 vs the reference (train_
        SwinV2-B 512 px batch 1 checkpointing + sequential vs the reference (peak_mem_ratio).
 gpu    one H200, < 8 min: SwinV2-B/L/H/G SimMIM steps at 192 px in bf16 (MFU per size), the
        reference for B and L, attention paths and a resolution sweep for B.
+compile CPU, ~10 min: eager vs per-block compiled (gigamim and reference), and ZeRO-1 vs
+       ZeRO-3 eager/compiled on 2 CPU ranks with collectives counted (the issue-15 numbers).
 full   CPU, tens of minutes: quick + attention paths, checkpointing, resolution 192->768,
        micro-batch sweep, ZeRO 0/1/2/3 on 2 ranks, the data loader.
 """
@@ -50,12 +52,14 @@ def quick():
     ], "zero": None, "data": None}
 
 
-def _attention(model, img, batch, steps, precision="fp32", window=None):
+def _attention(model, img, batch, steps, precision="fp32", window=None, with_flex=False):
+    """Attention paths side by side. flex only where it trains (CUDA; CPU has no flex backward)."""
     base = dict(group="attention", model=model, img_size=img, batch=batch, steps=steps, precision=precision,
                 window_size=window)
     tag = f"{model.replace('swinv2_', '')}_{img}_b{batch}"
+    flex = [Case(name=f"attention_{tag}_flex", attn_impl="flex", **base)] if with_flex else []
     return [Case(name=f"attention_{tag}_explicit", attn_impl="explicit", **base),
-            Case(name=f"attention_{tag}_sdpa", attn_impl="sdpa", **base),
+            Case(name=f"attention_{tag}_sdpa", attn_impl="sdpa", **base), *flex,
             Case(name=f"attention_{tag}_sequential", attn_impl="explicit", sequential=True, **base),
             Case(name=f"attention_{tag}_reference", impl="reference", **base)]
 
@@ -93,15 +97,36 @@ def _micro_batch(model, img, batches, steps, precision="fp32"):
     return out
 
 
+def _compile_group(model, img, batch, steps, warmup=2, precision="fp32", attn="explicit"):
+    """Eager vs per-block compiled, gigamim and the timm reference alike, ABAB in one group."""
+    base = dict(group="compile", model=model, img_size=img, batch=batch, steps=steps, warmup=warmup,
+                precision=precision, memory=False)
+    tag = f"{model.replace('swinv2_', '')}_{img}_b{batch}"
+    return [Case(name=f"compile_{tag}_gigamim_eager", impl="gigamim", attn_impl=attn, **base),
+            Case(name=f"compile_{tag}_gigamim_compiled", impl="gigamim", attn_impl=attn, compile=True, **base),
+            Case(name=f"compile_{tag}_reference_eager", impl="reference", **base),
+            Case(name=f"compile_{tag}_reference_compiled", impl="reference", compile=True, **base)]
+
+
+def compile_profile():
+    """CPU, ~10 min: the compile axis (SwinV2-T 192 px batch 8, both sides eager and compiled),
+    then the ZeRO x compile axis on 2 CPU ranks (ZeRO-1 vs ZeRO-3, eager vs compiled)."""
+    return {"groups": [_compile_group("swinv2_tiny", 192, 8, steps=4)], "zero": None, "data": None,
+            "zero_compile": dict(variants=("zero1_eager", "zero3_eager", "zero3_leaf_eager", "zero3_compiled",
+                                               "zero3_ckpt_eager", "zero3_ckpt_compiled"),
+                                 model="swinv2_tiny", img_size=192, micro_batch=4, warmup=2, steps=4)}
+
+
 def full():
     # Sized for a shared 2-core CPU: the sweeps use small batches (resolution and micro-batch
     # on nano, whose geometry scales the same way); the GPU profile runs them on SwinV2-B.
     groups = quick()["groups"]
     groups += [_attention("swinv2_tiny", 192, 2, 2), _checkpointing("swinv2_tiny", 192, 2, 2)]
+    groups += [_compile_group("swinv2_tiny", 192, 8, steps=3)]
     groups += _resolution("swinv2_nano", (192, 384, 768), 1, 2)
     groups += _micro_batch("swinv2_nano", 192, (1, 4, 16), 2)
     return {"groups": groups, "zero": dict(stages=(0, 1, 2, 3), model="swinv2_tiny", img_size=96, micro_batch=4, steps=4),
-            "data": dict(num_images=256, repeats=2)}
+            "data": dict(num_images=256, repeats=2), "zero_compile": compile_profile()["zero_compile"]}
 
 
 # One H200 (141 GB): batches sized so that model states (16 B/param with fp32 master weights
@@ -116,6 +141,12 @@ GPU_SIZES = (
 
 def gpu():
     groups = []
+    # The compile axis first among the comparisons (B at 192 px, bf16): both sides compiled alike,
+    # plus gigamim's flex path compiled.
+    cg = _compile_group("swinv2_base", 192, 64, steps=5, warmup=2, precision="bf16", attn="sdpa")
+    cg.insert(2, Case(name="compile_base_192_b64_gigamim_flex_compiled", group="compile", model="swinv2_base",
+                      img_size=192, batch=64, steps=5, warmup=2, precision="bf16", memory=False, attn_impl="flex",
+                      compile=True, label="gigamim flex compiled"))
     for model, batch, ckpt in GPU_SIZES:
         common = dict(group="gpu_sizes", model=model, img_size=192, batch=batch, precision="bf16", steps=6, warmup=2,
                       checkpointing=ckpt)
@@ -123,12 +154,14 @@ def gpu():
         if model in ("swinv2_base", "swinv2_large"):  # timm has no main-branch norms (huge/giant)
             g.append(Case(name=f"gpu_{model.replace('swinv2_', '')}_192_b{batch}_reference", impl="reference", **common))
         groups.append(g)
+    groups.append(cg)
+    # The attention paths (eager model; flex runs its compiled kernel) before the longer sweeps.
+    groups.append(_attention("swinv2_base", 192, 64, 5, precision="bf16", with_flex=True))
     # train_step_ratio / peak_mem_ratio on the GPU as well.
     groups.append(_pair("ratio", "swinv2_base", 192, 64, steps=6, warmup=2, precision="bf16"))
     groups.append(_memory_group("swinv2_base", 512, 16, 8, steps=3, warmup=1, precision="bf16", chunk=64))
-    groups.append(_attention("swinv2_base", 192, 64, 5, precision="bf16"))
     groups += _resolution("swinv2_base", (192, 384, 768), 8, 3, precision="bf16")
     return {"groups": groups, "zero": None, "data": None}
 
 
-PROFILES = {"smoke": smoke, "quick": quick, "gpu": gpu, "full": full}
+PROFILES = {"smoke": smoke, "quick": quick, "gpu": gpu, "full": full, "compile": compile_profile}

@@ -14,7 +14,9 @@ GROUP_TITLES = {
     "resolution": "Resolution sweep",
     "micro_batch": "Micro-batch sweep",
     "gpu_sizes": "Model sizes on one GPU (bf16)",
+    "compile": "Eager vs per-block torch.compile (gigamim and the timm reference compiled the same way)",
     "zero": "ZeRO stages on 2 ranks (gigamim pretrain)",
+    "zero_compile": "ZeRO-1 vs ZeRO-3, eager vs compiled, on 2 CPU ranks (collectives counted per step)",
     "smoke": "Smoke",
 }
 
@@ -93,8 +95,57 @@ def summarize(results: list[dict], meta: dict, data_bench: dict | None) -> dict:
     if data_bench:
         s["data_loader"] = {k: data_bench.get(k) for k in ("ratios",)} | {
             "images_per_sec": {w: v["images_per_sec"] for w, v in data_bench.get("pipeline", {}).items()}}
+    comp = _compile_summary(results)
+    if comp:
+        s["compile"] = comp
+    zc = _zero_compile_summary(results)
+    if zc:
+        s["zero_compile"] = zc
     s["failed_cases"] = [r["case"]["name"] for r in results if "error" in r]
     return s
+
+
+def _speedup(fast, slow):
+    """(throughput ratio fast/slow from medians, median of the paired per-round ratios)."""
+    if not (fast and slow and fast.get("step_time_s") and slow.get("step_time_s")):
+        return None
+    pairs = [b / a for a, b in zip(fast["step_times_s"], slow["step_times_s"])]
+    return {"ratio": slow["step_time_s"] / fast["step_time_s"], "paired_median": median(pairs)}
+
+
+def _compile_summary(results):
+    """Throughput ratios of the compile group: X / Y = Y's step time / X's step time."""
+    pick = {(impl, comp): _find(results, "compile", impl=impl, compile=comp)
+            for impl in ("gigamim", "reference") for comp in (False, True)}
+    if not any(pick.values()):
+        return None
+    g_e, g_c, r_e, r_c = pick[("gigamim", False)], pick[("gigamim", True)], pick[("reference", False)], pick[("reference", True)]
+    out = {"gigamim_compiled_over_reference_eager": _speedup(g_c, r_e),
+           "gigamim_compiled_over_reference_compiled": _speedup(g_c, r_c),
+           "gigamim_eager_over_reference_eager": _speedup(g_e, r_e),
+           "gigamim_compiled_over_gigamim_eager": _speedup(g_c, g_e),
+           "reference_compiled_over_reference_eager": _speedup(r_c, r_e),
+           "images_per_sec": {f"{i}_{'compiled' if c else 'eager'}": (r or {}).get("images_per_sec")
+                              for (i, c), r in pick.items()},
+           "mfu": {f"{i}_{'compiled' if c else 'eager'}": (r or {}).get("mfu") for (i, c), r in pick.items()}}
+    any_case = next(r for r in pick.values() if r)
+    out["geometry"] = {k: any_case["case"][k] for k in ("model", "img_size", "batch", "precision")}
+    return out
+
+
+def _zero_compile_summary(results):
+    rs = {r["case"]["variant"]: r for r in results if r["case"]["group"] == "zero_compile" and "error" not in r}
+    if not rs:
+        return None
+    t = {v: r["step_time_s"] for v, r in rs.items()}
+    out = {"step_time_s": t, "collective_calls_per_step": {v: r["collective_calls_per_step"] for v, r in rs.items()},
+           "collective_bytes_per_step": {v: r["collective_bytes_per_step"] for v, r in rs.items()}}
+    for a, b in (("zero3_compiled", "zero3_eager"), ("zero3_ckpt_compiled", "zero3_ckpt_eager"),
+                 ("zero3_eager", "zero1_eager"), ("zero3_compiled", "zero1_eager"),
+                 ("zero3_leaf_eager", "zero3_eager"), ("zero1_compiled", "zero1_eager")):
+        if a in t and b in t:
+            out[f"{a}_over_{b}_step_time"] = t[a] / t[b]
+    return out
 
 
 def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: dict | None) -> str:
@@ -132,6 +183,20 @@ def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: d
     if pc:
         lines.append(f"- planner (gigamim plan) vs measured peak: max |error| {pc['max_abs_error']:.1%} over "
                      f"{len(pc['cases'])} cases")
+    comp = summary.get("compile")
+    if comp:
+        g = comp["geometry"]
+        lines.append(f"- compile axis ({g['model']} @ {g['img_size']} px, batch {g['batch']}, {g['precision']}, "
+                     "throughput ratios, median steps / median of paired ABAB rounds):")
+        for k, v in comp.items():
+            if isinstance(v, dict) and "ratio" in v:
+                lines.append(f"  - **{k.replace('_', ' ')} = {v['ratio']:.3f}** (paired {_fmt(v['paired_median'], 3)})")
+    zc = summary.get("zero_compile")
+    if zc:
+        lines.append("- ZeRO x compile on 2 CPU ranks (step-time ratios, lower is faster):")
+        for k, v in zc.items():
+            if k.endswith("_step_time") and isinstance(v, float):
+                lines.append(f"  - **{k.replace('_', ' ')} = {v:.3f}**")
     if summary.get("skipped_groups"):
         lines.append(f"- skipped (time budget): {', '.join(summary['skipped_groups'])}")
     if summary.get("failed_cases"):
@@ -139,6 +204,26 @@ def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: d
     lines.append("")
     for group, rs in _by_group(results).items():
         lines += [f"## {GROUP_TITLES.get(group, group)}", ""]
+        if group == "zero_compile":
+            lines += ["| variant | step s (median) | fwd/bwd/opt s | s in collectives | images/s | all-gather calls / MiB | "
+                      "reduce-scatter calls / MiB | all-reduce calls | warm-up s (compile) | losses |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            for r in rs:
+                if "error" in r:
+                    lines.append(f"| {r['label']} | failed: {r['error'][-100:]!r} | | | | | | | | |")
+                    continue
+                c, b = r["collective_calls_per_step"], r["collective_bytes_per_step"]
+                ph = r.get("phases_s_median") or {}
+                lines.append(f"| {r['label']} | {_fmt(r['step_time_s'], 3)} | "
+                             f"{'/'.join(_fmt(ph.get(k), 3) for k in ('forward', 'backward', 'step'))} | "
+                             f"{_fmt(sum((r.get('collective_seconds_per_step_median') or {}).values()), 3)} | "
+                             f"{_fmt(r['images_per_sec'])} | "
+                             f"{c.get('all_gather', 0)} / {b.get('all_gather', 0) / 2**20:.1f} | "
+                             f"{c.get('reduce_scatter', 0)} / {b.get('reduce_scatter', 0) / 2**20:.1f} | "
+                             f"{c.get('all_reduce', 0)} | {'/'.join(_fmt(x, 1) for x in r['warmup_s'])} | "
+                             f"{', '.join(f'{x:.4f}' for x in r['loss'][:3])} |")
+            lines.append("")
+            continue
         if group == "zero":
             lines += ["| case | images/s | peak mem GB | wall s | note |", "|---|---|---|---|---|"]
             for r in rs:
@@ -175,7 +260,8 @@ def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: d
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += ["## Notes", "",
               "- Each case's JSON holds the per-step times, the breakdown and how memory was measured.",
-              "- MFU counts model FLOPs (3x forward per image); HFU in the JSON adds checkpoint recompute (4x).",
+              "- MFU counts model FLOPs (3x forward per image); HFU in the JSON adds what backward recomputes "
+              "(checkpointed blocks' forward, sequential attention's QK^T).",
               "- CPU peak memory: resident tensors (parameters, optimizer states, batch) + the CPU allocator's "
               "high-water over one extra, untimed step, from torch.profiler(profile_memory=True) allocation events "
               "(benchmarks/memory.py).", ""]
@@ -190,12 +276,12 @@ def plots(results: list[dict], out: Path) -> list[str]:
 
     made = []
     ok = [r for r in results if "error" not in r and (r.get("images_per_sec") or r.get("peak_mem_gb"))]
-    bars = [r for r in ok if r["case"]["group"] in ("ratio", "attention", "checkpointing", "memory", "smoke")]
+    bars = [r for r in ok if r["case"]["group"] in ("ratio", "attention", "checkpointing", "memory", "smoke", "compile")]
     if bars:
         fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(bars) + 2))
         names = [f"{r['case']['group']}: {r['label']} ({r['case']['model'].replace('swinv2_', '')} "
                  f"{r['case']['img_size']}px b{r['case']['batch']})" for r in bars]
-        colors = ["tab:gray" if r["case"]["impl"] == "reference" else "tab:blue" for r in bars]
+        colors = ["tab:gray" if r["case"].get("impl") == "reference" else "tab:blue" for r in bars]
         axes[0].barh(names, [r.get("images_per_sec") or 0 for r in bars], color=colors)
         axes[0].set_xlabel("images/s")
         axes[0].invert_yaxis()
@@ -254,6 +340,19 @@ def plots(results: list[dict], out: Path) -> list[str]:
         fig.savefig(out / "mfu.png", dpi=90)
         plt.close(fig)
         made.append("mfu.png")
+    zc = [r for r in results if r["case"]["group"] == "zero_compile" and "error" not in r]
+    if zc:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+        axes[0].bar([r["label"] for r in zc], [r["step_time_s"] for r in zc])
+        axes[0].set_ylabel("step time (s), 2 CPU ranks")
+        axes[1].bar([r["label"] for r in zc], [r["collective_calls_per_step"].get("all_gather", 0) for r in zc])
+        axes[1].set_ylabel("all-gather calls per step")
+        for ax in axes:
+            ax.tick_params(axis="x", labelrotation=20)
+        fig.tight_layout()
+        fig.savefig(out / "zero_compile.png", dpi=90)
+        plt.close(fig)
+        made.append("zero_compile.png")
     zero = [r for r in results if r["case"]["group"] == "zero" and "error" not in r]
     if zero:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))

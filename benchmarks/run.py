@@ -71,7 +71,7 @@ def _rebuild(dirs, out: Path, command: str) -> int:
                 data = json.loads(f.read_text())
                 continue
             res = json.loads(f.read_text())
-            if "error" not in res and res.get("device", "cpu") == "cpu":
+            if "error" not in res and res.get("device", "cpu") == "cpu" and "breakdown_s" in res:
                 check = _plan_check(res)  # with the planner as it is now
                 if check:
                     res["plan_check"] = check
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
                         "earlier runs (machine and command taken from the first DIR's summary.json)")
     p.add_argument("--list", action="store_true", help="print the profile's cases and exit (nothing is built)")
     p.add_argument("--only", default=None, help="comma-separated groups to run (ratio, memory, attention, "
-                                                "checkpointing, resolution, micro_batch, gpu_sizes, zero, data)")
+                                                "checkpointing, resolution, micro_batch, gpu_sizes, compile, zero, zero_compile, data)")
     args = p.parse_args(argv)
 
     import torch
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
         fp32 = all(c.precision == "fp32" for c in group)
         pk = peak_fp32 if (device.type == "cuda" and fp32) else peak
         for res in run_group(group, device, pk, peak_src, log=log):
-            if device.type == "cpu":
+            if device.type == "cpu" and "error" not in res:
                 check = _plan_check(res)
                 if check:
                     res["plan_check"] = check
@@ -195,6 +195,13 @@ def main(argv=None) -> int:
 
         log("[zero] gigamim pretrain on 2 ranks, ZeRO " + ", ".join(map(str, profile["zero"]["stages"])))
         for res in run_zero_sweep(out, log=log, **profile["zero"]):
+            write_json(out / f"{res['case']['name']}.json", res)
+            results.append(res)
+    if profile.get("zero_compile") and (not only or "zero_compile" in only):
+        from .zero_sweep import run_zero_compile
+
+        log("[zero_compile] 2 ranks, " + ", ".join(profile["zero_compile"]["variants"]))
+        for res in run_zero_compile(out, log=log, **profile["zero_compile"]):
             write_json(out / f"{res['case']['name']}.json", res)
             results.append(res)
     data = None

@@ -10,7 +10,8 @@ Phases of a step: data (uint8 batch -> normalised float on the device, mask copy
 part of data handling that is inside the step; the loader itself is data_bench's),
 forward (loss), backward, optimizer (AdamW step + zero_grad).
 FLOPs are analytic (gigamim.models.flops), identical for both sides: MFU counts model FLOPs
-(3x forward); HFU adds the recomputation of checkpointed blocks (4x forward).
+(3x forward); HFU adds what backward recomputes (checkpointed blocks, sequential chunks).
+`compile=True` compiles every SwinV2 block's forward (gigamim's or timm's) the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Case:
     sequential: bool = False  # gigamim: every stage's attention in recomputed chunks
     attn_chunk: int = 16
     checkpointing: bool = False
+    compile: bool = False  # per-block torch.compile (gigamim.models.compile), both impls alike
     precision: str = "fp32"  # "fp32" | "bf16" (autocast, fp32 master weights)
     steps: int = 3  # timed steps (0: memory only)
     warmup: int = 1
@@ -62,6 +64,8 @@ class Case:
             bits = ["gigamim", "sequential" if self.sequential else self.attn_impl]
         if self.checkpointing:
             bits.append("ckpt")
+        if self.compile:
+            bits.append("compiled")
         return " ".join(bits)
 
 
@@ -130,6 +134,12 @@ class StepRunner:
         self.case = case.resolve(device)
         self.device = torch.device(device)
         self.model = build_simmim(case, self.device, seed).train()
+        if case.compile:
+            # The same per-block compile for both sides (it finds gigamim's and timm's blocks);
+            # the compile itself happens in the warm-up steps, which are not timed.
+            from gigamim.models.compile import compile_blocks
+
+            compile_blocks(self.model)
         self.opt = make_optimizer(self.model, case.impl, self.device)
         self.batches = synthetic_batches(case)
         self.clock = Clock(self.device)
@@ -218,17 +228,17 @@ class StepRunner:
 
 
 def _flops(case: Case) -> tuple[int, int]:
-    """(model FLOPs, hardware FLOPs with recompute) per image for a training step."""
+    """(model FLOPs, hardware FLOPs with recompute) per image for a training step: the same
+    count for gigamim and the reference; the hardware count follows the case's checkpointing
+    and sequential attention (gigamim.models.flops.model_and_hardware_flops)."""
     from gigamim.models import SimMIM, create_model
-    from gigamim.models.flops import train_flops
+    from gigamim.models.flops import model_and_hardware_flops
 
-    kw = {"img_size": case.img_size, "drop_path_rate": 0.0}
-    if case.window_size is not None:
-        kw["window_size"] = case.window_size
+    kw = _model_kwargs(Case(**{**asdict(case), "impl": "gigamim", "attn_impl": "explicit"}))
+    kw["drop_path_rate"] = 0.0
     with torch.device("meta"):
         m = SimMIM(create_model(case.model, **kw))
-    return (train_flops(m, case.img_size, recompute=False, batch_size=case.batch),
-            train_flops(m, case.img_size, recompute=case.checkpointing, batch_size=case.batch))
+    return model_and_hardware_flops(m, case.img_size, batch_size=case.batch)
 
 
 def run_group(cases: list[Case], device, peak_tflops: float | None, peak_src: str, log=print) -> list[dict]:

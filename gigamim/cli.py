@@ -13,7 +13,7 @@ import sys
 
 # verb -> ("module:function", one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "pretrain": ("gigamim.train.trainer:main", "SimMIM pretraining under DeepSpeed (ZeRO-3)"),
+    "pretrain": ("gigamim.train.main:main", "SimMIM pretraining under DeepSpeed (ZeRO-3)"),
     "demo": ("gigamim.demo:main", "write synthetic shards, pretrain swinv2_nano on 2 CPU ranks, consolidate, picture"),
     "make-shards": ("gigamim.data.make_shards:main", "write webdataset tar shards from images, lists, shards or synthetic data"),
     "consolidate": ("gigamim.checkpoint.consolidate:main", "ZeRO checkpoint -> fp32 safetensors (or universal format)"),
@@ -21,6 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "bench": ("gigamim_benchmarks.run:main", "throughput / MFU / memory benchmarks against a timm reference"),
     "plan": ("gigamim.tools.plan:main", "per-GPU memory plan: ZeRO stage, offload, checkpointing, micro-batch"),
     "doctor": ("gigamim.launch.doctor:main", "versions, devices and all-reduce bandwidth of a launch"),
+    "launch": ("gigamim.launch.launcher:main", "start N ranks of a verb; forward SIGTERM once, wait for their save"),
 }
 
 

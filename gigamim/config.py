@@ -33,12 +33,17 @@ class ModelConfig:
     window_size: int | None = None  # None: the variant's default for img_size
     pretrained_window_sizes: list[int] | None = None
     drop_path_rate: float = 0.0
-    attn_impl: str = "sdpa"  # "explicit" (reference) or "sdpa"
+    # "auto" (the measured default of the device: explicit on CPU, sdpa on GPU), "explicit"
+    # (reference), "sdpa", "flex" (FlexAttention: CPB bias and shift mask inside the kernel)
+    attn_impl: str = "auto"
     sequential_stages: list[int] = field(default_factory=list)  # stages whose attention runs in chunks
     attn_chunk: int = 64  # windows per chunk for sequential stages
     # False, True (every block), k (every k-th block) or a list of stage ids.
     grad_checkpointing: bool | int | list[int] = False
     checkpoint_offload: bool = False  # keep checkpointed activations on the CPU
+    # torch.compile each block (ZeRO-3: blocks become z3 leaf modules, one gather per block)
+    compile: bool = False
+    compile_mode: str = "default"  # default, reduce-overhead (not with ZeRO-3), max-autotune, max-autotune-no-cudagraphs
 
 
 @dataclass
@@ -49,6 +54,15 @@ class DataConfig:
     shuffle_buffer: int = 1000
     mask_ratio: float = 0.6
     mask_patch_size: int = 32
+    # SimMIM's normalised target (official SwinV2 config NORM_TARGET): the target pixels are
+    # normalised by their local mean / variance over norm_target_patch x norm_target_patch
+    norm_target: bool = False
+    norm_target_patch: int = 47
+    # Which tar member is the image: None = the default priority (jpg, jpeg, png, webp, ...),
+    # or e.g. "input.jpg;png" (first match wins), webdataset's key naming
+    image_key: str | None = None
+    cache_dir: str | None = None  # per-node cache of remote shards (pipe:/s3:/https:), None = no cache
+    cache_size: str | None = None  # cache bound, e.g. "200GB" (None: unbounded)
 
 
 @dataclass
@@ -63,6 +77,9 @@ class TrainConfig:
     # End this job after this step, checkpointed (0: run to max_steps). For scheduler time
     # limits: the LR schedule still spans max_steps, and `--resume auto` continues.
     stop_at_step: int = 0
+    # Also end it, checkpointed (exit 0), this long after start: seconds or "3h50m", "90m",
+    # "1d2h", "HH:MM:SS" (0: no time limit). Set it below the scheduler's limit minus a save.
+    stop_after: int | str = 0
 
 
 @dataclass
@@ -241,7 +258,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         try:
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {e}".splitlines()[0]) from None
+            # PyYAML's own text spans lines; its mark says where (0-based line and column).
+            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"config file '{p}' is not valid YAML{where}: {problem}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{p}' must be a mapping of sections")
         for key, value in _flatten(tree).items():
@@ -254,7 +275,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 # --------------------------------------------------------------------------- validation
 
 _CHOICES = {
-    "model.attn_impl": ("explicit", "sdpa"),
+    "model.attn_impl": ("auto", "explicit", "sdpa", "flex"),
+    "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "data.mode": ("epoch", "resampled"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "optim.lr_scaling": ("linear", "none"),
@@ -274,6 +296,10 @@ def gradient_accumulation_steps(cfg: Config, world_size: int) -> int:
 
 def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None:
     """Everything that can be checked before a rank builds a model or reads a shard."""
+    try:
+        parse_duration(cfg.train.stop_after)
+    except ValueError as e:
+        raise ConfigError(f"config key 'train.stop_after': {e}") from None
     for key, choices in _CHOICES.items():
         section, leaf = key.split(".")
         value = getattr(getattr(cfg, section), leaf)
@@ -288,6 +314,7 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
         "log.every_steps": cfg.log.every_steps,
         "model.attn_chunk": cfg.model.attn_chunk,
         "data.mask_patch_size": cfg.data.mask_patch_size,
+        "data.norm_target_patch": cfg.data.norm_target_patch,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -302,10 +329,18 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
         )
     if not 0.0 < cfg.data.mask_ratio < 1.0:
         raise ConfigError(f"data.mask_ratio must be in (0, 1); got {cfg.data.mask_ratio}")
+    if cfg.data.norm_target_patch % 2 == 0:
+        raise ConfigError(f"data.norm_target_patch must be odd (a centred window); got {cfg.data.norm_target_patch}")
+    try:
+        from gigamim.sizes import parse_size
+
+        parse_size(cfg.data.cache_size)
+    except ValueError as e:
+        raise ConfigError(f"config key 'data.cache_size': {e}") from None
     gradient_accumulation_steps(cfg, world_size)
     if check_files:
-        if not cfg.data.shards:
-            raise ConfigError("data.shards is empty: give a brace pattern, a list or an index.json of tar shards")
+        if not str(cfg.data.shards).strip():
+            raise ConfigError("data.shards is empty: give a brace pattern, a list, a folder or an index.json of tar shards")
         missing = missing_local_shards(cfg.data.shards)
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -313,15 +348,16 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
         resolve_ds_config_path(cfg.deepspeed.config)
 
 
-def missing_local_shards(spec: str) -> list[str]:
-    """Local shard paths in `spec` that do not exist (remote and `pipe:` URLs are not checked)."""
-    import braceexpand
+def missing_local_shards(spec) -> list[str]:
+    """Local shard files in `spec` that do not exist (remote and `pipe:` URLs are not checked),
+    by the one shard-spec parser (`gigamim.data.shardspec`, which the loader uses too). A spec
+    that means no shard list (unbalanced braces, empty folder, bad index) is a ConfigError."""
+    from gigamim.data import shardspec
 
-    if spec.endswith(".json"):
-        return [] if Path(spec).is_file() else [spec]
-    urls = [u for part in spec.split(",") for u in braceexpand.braceexpand(part.strip()) if u]
-    local = [u[len("file:"):] if u.startswith("file:") else u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    return [u for u in local if not Path(u).is_file()]
+    try:
+        return shardspec.missing_local_shards(spec)
+    except shardspec.ShardSpecError as exc:
+        raise ConfigError(f"data.shards: {exc}") from None
 
 
 def resolve_ds_config_path(path: str) -> Path:
@@ -337,3 +373,30 @@ def resolve_ds_config_path(path: str) -> Path:
             return candidate
     names = sorted(c.stem for c in packaged.glob("*.json"))
     raise ConfigError(f"deepspeed.config: DeepSpeed config file '{path}' not found (packaged: {', '.join(names)})")
+
+
+_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def parse_duration(value) -> float:
+    """`train.stop_after` -> seconds (0: none). Seconds as a number, "3h50m" / "90m" / "1d2h" /
+    "45s" (units d h m s, each at most once, in that order), or SLURM's "[D-]HH:MM:SS"."""
+    import re
+
+    if value in (None, "", 0):
+        return 0.0
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as 3h50m, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError(f"a duration cannot be negative, got {value!r}")
+        return float(value)
+    text = str(value).strip().lower()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d{2}):(\d{2})", text)
+    if m:
+        days, h, mi, sec = (int(g or 0) for g in m.groups())
+        return float(days * 86400 + h * 3600 + mi * 60 + sec)
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text)
+    if not text or not m:
+        raise ValueError(f"expected a duration such as 3h50m, 90m, 45s or 03:50:00, got {value!r}")
+    return float(sum(float(g) * _UNITS[u] for g, u in zip(m.groups(), "dhms") if g))

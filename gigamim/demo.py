@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -112,11 +113,11 @@ def save_demo_reconstruction(weights: Path, index: Path, path: Path, overrides: 
     from gigamim.data.loader import SimMIMLoader
     from gigamim.data.transforms import normalize_on_device
     from gigamim.checkpoint.export import load_export
-    from gigamim.train.trainer import build_model
+    from gigamim.models.build import build_simmim
     from gigamim.train.visualize import save_reconstruction_png
 
     cfg = load_config("demo", list(overrides))  # the same model the run trained
-    model = build_model(cfg).eval()
+    model = build_simmim(dataclasses.asdict(cfg.model)).eval()
     state, _ = load_export(str(weights))
     model.load_state_dict(state, strict=True)
     loader = SimMIMLoader(str(index), 6, num_workers=0, seed=1234, img_size=cfg.model.img_size,

@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 def cpu_env(**extra) -> dict:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # Rank processes started from a test file import tests.helpers: the checkout must be importable.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

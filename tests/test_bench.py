@@ -94,3 +94,76 @@ def test_bench_rejects_unknown_profile(capsys):
     with pytest.raises(SystemExit):
         main(["--profile", "nope"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def _count_worker(rank, world, port, out):
+    import os
+
+    import torch.distributed as dist
+
+    from gigamim_benchmarks.zero_sweep import CollectiveCounter
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    counter = CollectiveCounter()
+    counter.install()
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    x = torch.ones(1000)  # 4000 bytes
+    gathered = torch.empty(2000)
+    dist.all_gather_into_tensor(gathered, x)
+    dist.all_reduce(x)
+    dist.all_reduce(x)
+    # The c10d module path, as DeepSpeed's comm layer calls it.
+    dist.distributed_c10d.all_gather_into_tensor(gathered, x)
+    calls, nbytes = counter.snapshot()
+    dist.destroy_process_group()
+    if rank == 0:
+        out.put((calls, nbytes, gathered[:2].tolist()))
+
+
+def test_collective_counter_counts_real_gloo_calls():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_count_worker, args=(r, 2, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    calls, nbytes, head = q.get(timeout=120)
+    for p in procs:
+        p.join(60)
+    assert calls == {"all_gather": 2, "all_reduce": 2}
+    assert nbytes == {"all_gather": 2 * 8000, "all_reduce": 2 * 4000}  # the gathered output; the reduced tensor
+    assert head == [4.0, 4.0]  # the wrapped calls did their work: x = 1 -> 2 -> 4 (two all-reduces), gathered
+
+
+def test_compile_and_zero_summaries_from_known_results():
+    from gigamim_benchmarks.report import summarize
+
+    def case(impl, comp, times):
+        return {"case": {"group": "compile", "impl": impl, "compile": comp, "model": "swinv2_tiny", "img_size": 192,
+                         "batch": 8, "precision": "fp32"}, "step_time_s": sorted(times)[1], "step_times_s": times,
+                "images_per_sec": 8 / sorted(times)[1]}
+
+    def zc(variant, t, ag):
+        return {"case": {"group": "zero_compile", "variant": variant}, "step_time_s": t,
+                "collective_calls_per_step": {"all_gather": ag}, "collective_bytes_per_step": {"all_gather": 10 * ag}}
+
+    results = [case("gigamim", False, [2.0, 2.0, 2.0]), case("gigamim", True, [1.0, 1.0, 1.0]),
+               case("reference", False, [3.0, 3.0, 3.0]), case("reference", True, [2.4, 2.4, 2.4]),
+               zc("zero1_eager", 1.0, 1), zc("zero3_eager", 1.2, 6), zc("zero3_compiled", 0.6, 6)]
+    meta = {"profile": "x", "command": "c", "machine": {}, "versions": {}}
+    s = summarize(results, meta, None)
+    c = s["compile"]
+    assert c["gigamim_compiled_over_reference_eager"]["ratio"] == pytest.approx(3.0)
+    assert c["gigamim_compiled_over_reference_compiled"]["ratio"] == pytest.approx(2.4)
+    assert c["gigamim_eager_over_reference_eager"]["ratio"] == pytest.approx(1.5)
+    assert c["gigamim_compiled_over_reference_eager"]["paired_median"] == pytest.approx(3.0)
+    z = s["zero_compile"]
+    assert z["zero3_compiled_over_zero3_eager_step_time"] == pytest.approx(0.5)
+    assert z["zero3_eager_over_zero1_eager_step_time"] == pytest.approx(1.2)
+    assert z["collective_calls_per_step"]["zero3_compiled"]["all_gather"] == 6

@@ -2,6 +2,7 @@
 config is a one-line error from `gigamim pretrain` that starts no training."""
 
 import json
+from pathlib import Path
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from gigamim.config import ConfigError, load_config, validate
 from gigamim.train.deepspeed_init import build_ds_config
 from gigamim.train.optim import lr_at
-from gigamim.train.trainer import main as pretrain_main
+from gigamim.train.main import main as pretrain_main
 
 
 @pytest.fixture
@@ -124,3 +125,24 @@ def test_packaged_recipes_are_consistent():
     base = load_config("simmim_swinv2_base_192")
     validate(base, world_size=16, check_files=False)
     assert base.model.window_size == 12 and base.model.img_size == 192
+
+
+@pytest.mark.parametrize("name", ["zero3_bf16", "zero3_bf16.json", "ds_configs/zero3_bf16.json"])
+def test_deepspeed_templates_are_packaged_and_found_from_any_directory(name, tmp_path, monkeypatch):
+    """The templates travel inside the package (a wheel has no repository root); the pre-0.2
+    spelling saved in old checkpoints' configs still resolves."""
+    import gigamim
+    from gigamim.config import resolve_ds_config_path
+
+    monkeypatch.chdir(tmp_path)
+    path = resolve_ds_config_path(name)
+    assert path.parent == Path(gigamim.__file__).parent / "configs" / "deepspeed"
+    assert json.loads(path.read_text())["zero_optimization"]["stage"] == 3
+
+
+def test_unknown_deepspeed_template_lists_packaged_ones(tmp_path, monkeypatch):
+    from gigamim.config import resolve_ds_config_path
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"'zero9' not found \(packaged: .*zero3_bf16"):
+        resolve_ds_config_path("zero9")

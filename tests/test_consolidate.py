@@ -104,11 +104,16 @@ def test_wrong_tag_names_it_and_lists_tags(nano_ckpt, tmp_path, capsys):
     _no_output_left(out)
 
 
-def test_latest_naming_a_missing_tag(damaged, tmp_path, capsys):
+def test_latest_naming_a_missing_tag_falls_back_like_resume(damaged, nano_ckpt, tmp_path, capsys):
+    """`latest` naming a tag that is gone: the newest complete tag is used (as `--resume auto`
+    does), and the warning names both."""
+    _, ref = nano_ckpt
     (damaged / "latest").write_text("step_00000050")
     out = tmp_path / "o.safetensors"
-    _fails([str(damaged), str(out)], capsys, "latest", "step_00000050")
-    _no_output_left(out)
+    assert consolidate.main([str(damaged), str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "step_00000050" in err and "step_00000002" in err and len(err.strip().splitlines()) == 1, err
+    _assert_equal_to_reference(load_file(str(out)), ref)
 
 
 def test_missing_partition_file(damaged, tmp_path, capsys):
@@ -166,7 +171,8 @@ def test_universal_conversion(nano_ckpt, damaged):
     latest_before = (damaged / "latest").read_text()
     assert consolidate.main([str(damaged), "--universal"]) == 0
     uni = damaged / "step_00000002_universal"
-    assert consolidate.is_universal(str(uni))
+    from gigamim.checkpoint.layout import is_universal
+    assert is_universal(str(uni))
     assert (damaged / "latest").read_text() == latest_before
     assert (damaged / "latest_universal").read_text().strip() == uni.name
     assert (uni / "gigamim_config.yaml").read_text() == (damaged / "step_00000002" / "gigamim_config.yaml").read_text()

@@ -9,7 +9,6 @@ import tarfile
 import pytest
 
 from gigamim.data.loader import SimMIMLoader
-from gigamim.data.tario import iter_samples
 from tests.test_data_helpers import collect, image_bytes, write_dataset, write_tar
 
 TINY = dict(img_size=32, mask_patch_size=16, model_patch_size=4, shuffle_buffer=4, num_workers=0)
@@ -106,15 +105,6 @@ def test_pickle_member_is_never_unpickled(tmp_path):
         assert not [n for n in tf.getnames() if n.rsplit(".", 1)[-1] in ("pyd", "pickle", "pkl", "pth")]
     pickle.loads(payload)        # the canary works: loading it does create the file
     assert canary.exists()
-
-
-def test_dotted_keys_are_not_merged(tmp_path):
-    members = [("img.0001.jpg", image_bytes(40, 40, seed=1)), ("img.0001.cls", b"1"),
-               ("img.0002.jpg", image_bytes(40, 40, seed=2)), ("dir.v2/a.jpg", image_bytes(40, 40, seed=3)),
-               ("dir.v2/a.seg.png", image_bytes(40, 40, fmt="PNG"))]
-    write_tar(tmp_path / "d.tar", members)
-    got = [(k, sorted(f)) for _, k, f in iter_samples(str(tmp_path / "d.tar"), read_exts=None)]
-    assert got == [("img.0001", ["cls", "jpg"]), ("img.0002", ["jpg"]), ("dir.v2/a", ["jpg", "seg.png"])]
 
 
 def test_all_bad_batch_borrows_ahead_then_reuses_last_good(tmp_path):

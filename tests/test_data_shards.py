@@ -42,8 +42,9 @@ def test_imagefolder_to_shards(tmp_path):
     index = json.loads((tmp_path / "out" / "index.json").read_text())
     assert index["total"] == 5 and [s["num_samples"] for s in index["shards"]] == [2, 2, 1]
     report = json.loads((tmp_path / "out" / "make_shards_report.json").read_text())
-    assert report["skipped"] == {"not_an_image": 1}
-    assert report["skipped_inputs"][0]["path"].endswith("broken.jpg") and report["classes"] == ["cat", "dog"]
+    assert report["skipped"] == {"not_an_image": 2} and report["inputs"] == 7      # broken.jpg, notes.txt
+    assert sorted(os.path.basename(e["path"]) for e in report["skipped_inputs"]) == ["broken.jpg", "notes.txt"]
+    assert report["classes"] == ["cat", "dog"] and index["classes"] == ["cat", "dog"]
     members = [m for s in index["shards"] for m in _members(tmp_path / "out" / s["url"])]
     by_key = {}
     for name, data, mtime, uid, uname in members:
@@ -113,7 +114,7 @@ def test_clear_errors(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert cli_main(["make-shards", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
-    assert "no image files" in capsys.readouterr().err
+    assert "no files found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["make-shards", "--synthetic", "3"])
 

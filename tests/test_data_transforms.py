@@ -4,7 +4,6 @@ import io
 import math
 import random
 
-import numpy as np
 import pytest
 import torch
 import torchvision.transforms.functional as TF

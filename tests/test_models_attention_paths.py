@@ -114,3 +114,54 @@ def test_paths_equal_plain_reference_fp64(impl, sequential, chunk, shifted):
     for name, g in ref[2].items():
         torch.testing.assert_close(got[2][name], g, **tol, msg=lambda m: f"{name}: {m}")
     assert attn.logit_scale.grad[2:].abs().max() == 0  # clamped heads get no gradient
+
+
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+def test_autocast_bf16_keeps_attention_tensors_bf16(monkeypatch, impl):
+    """Under autocast bf16 (fp32 weights) q, k, v, the cosine operands and the core's output
+    are bf16 (the old fp32 q/v bias add promoted them all to fp32); the CPB sigmoid ran in fp32
+    on the small table before the gather."""
+    import gigamim.models.attention as A
+
+    seen = {}
+    real_attend, real_norm = A._attend, A.cosine_normalize
+
+    def attend(q, k, v, logit_scale, bias, mask, *rest):
+        seen.setdefault("qkv", set()).update({q.dtype, k.dtype, v.dtype})
+        seen.setdefault("bias", set()).add(bias.dtype)
+        out = real_attend(q, k, v, logit_scale, bias, mask, *rest)
+        seen.setdefault("out", set()).add(out.dtype)
+        return out
+
+    def norm(q, k, *rest):
+        qo, ko = real_norm(q, k, *rest)
+        seen.setdefault("cosine", set()).update({qo.dtype, ko.dtype})
+        return qo, ko
+
+    monkeypatch.setattr(A, "_attend", attend)
+    monkeypatch.setattr(A, "cosine_normalize", norm)
+    model = create_model("swinv2_nano", img_size=64, window_size=4, attn_impl=impl).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 64, 64), features_only=True).float().sum().backward()
+    assert seen["qkv"] == {torch.bfloat16} and seen["cosine"] == {torch.bfloat16} and seen["out"] == {torch.bfloat16}
+    assert seen["bias"] == {torch.float32}  # cast to the scores' dtype inside the core only
+    assert next(model.parameters()).grad.dtype == torch.float32
+
+
+def test_shift_mask_is_minus_inf_and_matches_official_regions():
+    """The official code's region labelling (written here independently), -inf across regions."""
+    from gigamim.models.swinv2 import shift_mask
+
+    h = w = 8
+    ws, s = 4, 2
+    img = torch.zeros(h, w)
+    cnt = 0
+    for hs in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+            img[hs, wsl] = cnt
+            cnt += 1
+    win = img.view(h // ws, ws, w // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
+    official = (win.unsqueeze(1) - win.unsqueeze(2)) != 0
+    got = shift_mask(h, w, (ws, ws), (s, s))
+    assert torch.equal(torch.isinf(got), official)
+    assert (got[official] == float("-inf")).all() and (got[~official] == 0).all()

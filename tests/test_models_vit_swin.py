@@ -17,6 +17,7 @@ import torch
 from gigamim.models import SimMIM, create_model
 from gigamim.models.param_groups import layer_id_map, no_weight_decay_names, num_layer_ids
 from tests.helpers.randomize import randomize_weights
+from tests.launch import cpu_env
 
 HERE = os.path.abspath(__file__)
 
@@ -161,7 +162,7 @@ def test_unknown_override_lists_timm_arguments():
 
 # ----------------------------------------------------------------------------- ZeRO-3, 2 CPU ranks
 def _launch(tmp_path, mode, timeout):
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env = cpu_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            HERE, mode, str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -4,6 +4,8 @@ published figures, parameter counts against timm's."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -74,9 +76,13 @@ def test_parameter_count_matches_timm():
 
 
 def test_plan_cli(capsys):
-    assert plan.main(["--model", "swinv2_tiny", "--gpus", "8", "--gpu-mem", "80", "--micro-batch", "16"]) == 0
+    argv = ["--model", "swinv2_tiny", "--gpus", "8", "--gpu-mem", "80", "--micro-batch", "16"]
+    assert plan.main(argv + ["--memory-only"]) == 0
     out = capsys.readouterr().out
     assert "swinv2_tiny @ 192 px" in out and "suggested:" in out and "fits" in out
+    assert plan.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "recommended: ZeRO-" in out and "micro-batch 16 x 1" in out
 
 
 def test_plan_giant():
@@ -104,7 +110,186 @@ def test_plan_giant():
     (["--model", "swinv2_enormous"], "unknown model"),
     (["--img-size", "200"], "img_size"),
     (["--micro-batch", "0"], "--micro-batch"),
+    (["--gpus", "4", "--gpus-per-node", "8"], "--gpus-per-node (8) is more than --gpus (4)"),
+    (["--gpus", "12", "--gpus-per-node", "8"], "not a whole number of nodes"),
+    (["--gpus", "64", "--global-batch", "1000"], "cannot be split over 64 GPUs"),
+    (["--gpus", "8", "--global-batch", "64", "--micro-batch", "3"], "cannot be split into micro-batches of 3"),
+    (["--gpus", "1", "--gpus-per-node", "1", "--gpu-mem", "2"], "nothing fits swinv2_giant on 1 x 2 GB"),
+    (["--ib", "lots"], "--ib 'lots'"),
 ])
 def test_plan_cli_bad_input(argv, msg, capsys):
     assert plan.main(argv) == 2
-    assert msg in capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert msg in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert captured.out == ""
+
+
+# ---------------------------------------------------------------------------- step-time model
+
+
+from gigamim.tools import hardware, step_model  # noqa: E402
+from gigamim.tools.step_model import Candidate, Precision, ZeroKnobs  # noqa: E402
+
+TINY_SIMMIM = 27_578_154 + 96 + (768 * 32 * 32 * 3 + 32 * 32 * 3)  # timm encoder + mask token + decoder
+
+
+@pytest.mark.parametrize("stage,acc", [(1, 1), (1, 4), (2, 4), (3, 1), (3, 3)])
+def test_zero_bytes_per_step_match_arithmetic(stage, acc):
+    # Independent arithmetic from the parameter count: what DeepSpeed moves per optimizer step.
+    facts = step_model.model_facts("swinv2_tiny")
+    assert facts.params == TINY_SIMMIM
+    knobs = ZeroKnobs(max_live=1e7, persistence_threshold=0)
+    prec = Precision(param_bytes=2, grad_bytes=2)
+    got = step_model.comm_bytes_by_kind(step_model.comm_plan(facts, Candidate(stage, 8, acc), 16, 8, knobs, prec))
+    P = TINY_SIMMIM
+    if stage == 1:  # one gradient all-reduce per step, one parameter all-gather per step
+        assert got == {"all_reduce": 2 * P, "all_gather": 2 * P}
+    elif stage == 2:  # the gradient all-reduce on every micro-step
+        assert got == {"all_reduce": acc * 2 * P, "all_gather": 2 * P}
+    else:  # forward gather of P, backward gather of what max_live did not keep, reduce-scatter of P
+        # Kept: the decoder (768 x 3072 conv + bias), the final norm and the last block's
+        # norm2, fc2, fc1, norm1, proj, qkv, ... as long as they fit in 1e7 (written out here).
+        c, h = 768, 3072
+        tail = [c * 3072 + 3072, 2 * c, 2 * c, h * c + c, c * h + h, 2 * c, c * c + c]
+        kept, i = 0, 0
+        while i < len(tail) and kept + tail[i] <= 1e7:
+            kept += tail[i]
+            i += 1
+        assert i == len(tail)  # all of these fit; qkv (+ biases) may or may not: bounded below
+        ag = got["all_gather"] / (acc * 2)
+        assert P + P - 1e7 <= ag <= P + P - kept
+        assert got["reduce_scatter"] == acc * 2 * P
+
+
+def test_zero3_persistent_params_and_checkpointing_gathers():
+    facts = step_model.model_facts("swinv2_tiny")
+    prec = Precision()
+    small = sum(n for n in (p.numel() for p in SimMIM(create_model("swinv2_tiny")).parameters()) if n < 1e5)
+    # Parameters below the persistence threshold are never gathered; max_live above P keeps all.
+    knobs = ZeroKnobs(max_live=1e9, persistence_threshold=1e5)
+    got = step_model.comm_bytes_by_kind(step_model.comm_plan(facts, Candidate(3, 4, 1), 8, 8, knobs, prec))
+    assert got["all_gather"] == 2 * (TINY_SIMMIM - small)
+    # Checkpointing adds gathers only when max_live cannot hold one block (the recompute's
+    # gather serves the block's backward otherwise): every 2nd block re-gathered here.
+    blocks = [sum(p.numel() for p in b.parameters()) for b in create_model("swinv2_tiny").blocks()]
+    knobs = ZeroKnobs(max_live=1e6, persistence_threshold=0)
+    plain = step_model.comm_bytes_by_kind(step_model.comm_plan(facts, Candidate(3, 4, 1), 8, 8, knobs, prec))
+    ck = step_model.comm_bytes_by_kind(step_model.comm_plan(facts, Candidate(3, 4, 1, ckpt_every=2), 8, 8, knobs, prec))
+    assert ck["all_gather"] - plain["all_gather"] == 2 * sum(blocks[0::2])
+    knobs = ZeroKnobs(max_live=1e8, persistence_threshold=0)
+    a = step_model.comm_plan(facts, Candidate(3, 4, 1), 8, 8, knobs, prec)
+    b = step_model.comm_plan(facts, Candidate(3, 4, 1, ckpt_every=1), 8, 8, knobs, prec)
+    assert step_model.comm_bytes_by_kind(a) == step_model.comm_bytes_by_kind(b)
+
+
+def test_zeropp_factors_and_hpz_scope():
+    facts = step_model.model_facts("swinv2_tiny")
+    knobs, prec = ZeroKnobs(max_live=0, persistence_threshold=0), Precision()
+    P = TINY_SIMMIM
+    base = step_model.comm_plan(facts, Candidate(3, 4, 1), 64, 8, knobs, prec)
+    zpp = step_model.comm_plan(facts, Candidate(3, 4, 1, hpz=True, qwz=True, qgz=True), 64, 8, knobs, prec)
+    fwd = [c for c in zpp if c["what"] == "parameters, forward"][0]
+    assert fwd["bytes"] == pytest.approx(2 * P * (0.5 + 1 / 256))  # int8 + fp32 scales
+    bwd = [c for c in zpp if c["what"].startswith("parameters, backward")][0]
+    assert bwd["scope"] == "node" and bwd["bytes"] == 2 * P
+    grads = [c for c in zpp if c["what"].startswith("gradients")]
+    assert [c["bytes"] for c in grads] == pytest.approx([2 * P / 4, 2 * P / 4 / 8])  # int4, 2nd hop 1/8 of it
+    assert {c["kind"] for c in base} == {"all_gather", "reduce_scatter"}
+    # With a slow inter-node network, hpZ's intra-node backward gather is faster.
+    net = hardware.Network(intra_bps=360e9, inter_bps=46e9)
+    dev = hardware.DEVICES["h100"]
+    t0 = step_model.step_time(facts, Candidate(3, 4, 1), 64, 8, dev, net, knobs, prec)["comm_s"]
+    t1 = step_model.step_time(facts, Candidate(3, 4, 1, hpz=True), 64, 8, dev, net, knobs, prec)["comm_s"]
+    assert t1 < t0
+
+
+def test_collective_time_is_ring_busbw_plus_latency():
+    net = hardware.Network(intra_bps=360e9, inter_bps=184e9, base_latency_s=10e-6, intra_hop_s=1e-6, inter_hop_s=6e-6)
+    S = 3e9
+    # all-gather of S over 64 ranks on 8 nodes: (n-1)/n S at the inter-node busbw, plus
+    # 10 us + 7 IB hops + 56 NVLink hops of latency per call.
+    want = 2 * (10e-6 + 7 * 6e-6 + 56 * 1e-6) + 63 / 64 * S / 184e9
+    assert hardware.collective_seconds("all_gather", S, 64, 8, net, calls=2) == pytest.approx(want)
+    # all-reduce inside one node moves twice the bytes of an all-gather.
+    want = 10e-6 + 2 * 7 * 1e-6 + 2 * 7 / 8 * S / 360e9
+    assert hardware.collective_seconds("all_reduce", S, 8, 8, net) == pytest.approx(want)
+    assert hardware.parse_ib("4x400") == pytest.approx(4 * 46e9)
+
+
+def test_train_flops_count_recompute_of_checkpointed_blocks():
+    from gigamim.models.flops import forward_flops
+
+    facts = step_model.model_facts("swinv2_tiny")
+    model = SimMIM(create_model("swinv2_tiny"))
+    mb = 8
+    f = forward_flops(model, 192, batch_size=mb)
+    # Non-block FLOPs written out here: patch embed, 3 merges, decoder, CPB (per forward / mb).
+    side, c = 48, 96
+    non_block = 2 * side**2 * c * 3 * 16
+    for i in range(1, 4):
+        non_block += 2 * (side // 2**i) ** 2 * (2 * c * 2**i) * (c * 2**i)
+    non_block += 2 * 6 * 6 * 768 * 3072
+    depths, heads = (2, 2, 6, 2), (3, 6, 12, 24)
+    windows = (12, 12, 12, 6)  # stage 3 (6x6 map) shrinks its window to the map
+    non_block += sum(d * 2 * (2 * w - 1) ** 2 * (2 * 512 + 512 * h) for d, h, w in zip(depths, heads, windows)) / mb
+    blocks = f - non_block
+    assert step_model.train_flops_per_image(facts, Candidate(1, mb)) == pytest.approx(3 * f)
+    assert step_model.train_flops_per_image(facts, Candidate(1, mb, ckpt_every=1)) == pytest.approx(3 * f + blocks)
+
+
+def test_plan_giant_64_gpus_table_and_json_agree(capsys):
+    argv = ["--model", "swinv2_giant", "--gpus", "64", "--gpus-per-node", "8", "--gpu-mem", "80"]
+    assert plan.main(argv) == 0
+    text = capsys.readouterr().out
+    assert plan.main(argv + ["--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    best = data["recommended"]
+    assert "<- recommended" in text
+    line = [ln for ln in text.splitlines() if ln.startswith("recommended:")][0]
+    assert f"{best['step_s']:.3f} s/step" in line and f"{best['images_per_s']:.0f} img/s" in line
+    assert f"MFU {best['mfu']:.1%}" in line and f"{best['mem_gb']:.1f} GiB/GPU" in line
+    assert best["mem_gb"] <= data["budget_gb"]
+    # images/s and MFU follow from the step time: independent arithmetic.
+    images = best["micro_batch"] * best["accumulation"] * 64
+    assert best["images_per_s"] == pytest.approx(images / best["step_s"])
+    f = step_model.model_facts("swinv2_giant").forward_flops
+    assert best["mfu"] == pytest.approx(3 * f * images / best["step_s"] / (64 * 989e12))
+    assert all(r["images_per_s"] <= data["candidates"][0]["images_per_s"] for r in data["candidates"])
+
+
+# ---------------------------------------------------------------------------- against a real 2-rank run
+
+
+def _counted_vs_predicted(stage: int, ckpt: int, tmp_path):
+    """A real 2-rank DeepSpeed run (gloo, deepspeed.initialize, SimMIM(create_model)) with every
+    torch.distributed collective wrapped and counted; the model's bytes for the same shape."""
+    from gigamim_benchmarks.plan_calibration import run_case
+    from gigamim_benchmarks.plan_calibration_report import predict
+
+    # max_live 1e6 of nano's 2.1M: backward re-gathers all but the decoder (what forward keeps).
+    case = {"model": "swinv2_nano", "stage": stage, "ckpt": ckpt, "micro_batch": 2, "accumulation": 2, "steps": 1,
+            "warmup": 1, "max_live": 1e6}
+    run = run_case(case, tmp_path, timeout=300)
+    counted = {k: v for k, v in run["bytes_per_step"].items() if v >= 1024}  # grad-norm scalars aside
+    predicted = predict(run, {"gemm_tflops": 1.0, "mem_gbps": 1.0, "efficiency": 0.5, "optim_s_per_param": 1e-9,
+                              "gloo": {}}, 96, 6)["comm_bytes"]
+    assert set(counted) == set(predicted), (counted, predicted)
+    for kind, n in counted.items():
+        assert predicted[kind] == pytest.approx(n, rel=0.05), (kind, counted, predicted)
+
+
+def test_zero3_bytes_match_counted_collectives(tmp_path):
+    _counted_vs_predicted(3, 1, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero12_bytes_match_counted_collectives(stage, tmp_path):
+    _counted_vs_predicted(stage, 0, tmp_path)
+
+
+def test_plan_cli_non_default_window(capsys):
+    # 512 px needs a window dividing 128: the override must reach every part of the plan.
+    assert plan.main(["--model", "swinv2_nano", "--img-size", "512", "--window-size", "16", "--gpus", "8"]) == 0
+    assert "recommended:" in capsys.readouterr().out

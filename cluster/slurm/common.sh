@@ -25,8 +25,9 @@ gigamim_gpus_per_node() {
     echo "$g"
 }
 
-# Sets GIGAMIM_HOSTS (array), GIGAMIM_MASTER, GIGAMIM_PORT, GIGAMIM_GPN, GIGAMIM_HOSTFILE
-# from the allocation, after checking that it is self-consistent.
+# Sets GIGAMIM_HOSTS (array), GIGAMIM_MASTER, GIGAMIM_PORT, GIGAMIM_GPN from the
+# allocation, after checking that it is self-consistent. Node i of the launch is SLURM's
+# node i (SLURM_NODEID indexes SLURM_JOB_NODELIST); node 0 hosts the rendezvous.
 gigamim_allocation() {
     gigamim_require SLURM_JOB_ID SLURM_NNODES SLURM_JOB_NODELIST
     [[ "$SLURM_NNODES" =~ ^[0-9]+$ ]] || gigamim_die "SLURM_NNODES='$SLURM_NNODES' is not a number"
@@ -40,16 +41,6 @@ gigamim_allocation() {
     # Same rule as gigamim.launch.hostlist.slurm_master_port: unique per job, stable across requeues.
     GIGAMIM_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
     GIGAMIM_GPN="$(gigamim_gpus_per_node)" || exit 2
-    # Node-local: every node writes its own copy, so no shared-filesystem race.
-    GIGAMIM_HOSTFILE="${GIGAMIM_HOSTFILE:-${TMPDIR:-/tmp}/gigamim-${SLURM_JOB_ID}.hostfile}"
-}
-
-# Prints the hostfile DeepSpeed needs even with --no_ssh: its runner refuses --num_nodes > 1
-# without one, and builds the rank layout (node i -> ranks i*G..i*G+G-1) from its order,
-# which must be SLURM's node order (SLURM_NODEID indexes SLURM_JOB_NODELIST).
-gigamim_hostfile_text() {
-    local h
-    for h in "${GIGAMIM_HOSTS[@]}"; do echo "$h slots=$GIGAMIM_GPN"; done
 }
 
 # The gigamim verb every node runs: pretrain, or e.g. GIGAMIM_VERB=doctor to check a fresh
@@ -59,7 +50,10 @@ GIGAMIM_VERB="${GIGAMIM_VERB:-pretrain}"
 # gigamim_node_cmd NODE_ID ARGS... : sets GIGAMIM_CMD (array), the command node NODE_ID runs.
 # ARGS are `gigamim $GIGAMIM_VERB` arguments; for pretrain `--resume auto` is added unless
 # --resume is given, so a requeued job continues from <checkpoint.dir>/latest.
-# --no_local_rank: LOCAL_RANK is in the environment; the flag would land before the verb.
+# `gigamim launch` starts the node's ranks (torch's elastic agent, static rendezvous on the
+# first node), forwards SLURM's SIGTERM to them once and waits for their checkpoint
+# (--stop-timeout, default 900 s: DeepSpeed's launcher would SIGKILL them after 30 s, too
+# short for a SwinV2-G save), and stops the node's ranks when one dies.
 gigamim_node_cmd() {
     local node_id="$1"; shift
     [[ "$node_id" =~ ^[0-9]+$ && "$node_id" -lt "$SLURM_NNODES" ]] ||
@@ -67,13 +61,22 @@ gigamim_node_cmd() {
     local resume=() a
     [[ "$GIGAMIM_VERB" == pretrain ]] && resume=(--resume auto)
     for a in "$@"; do [[ "$a" == --resume || "$a" == --resume=* ]] && resume=(); done
-    GIGAMIM_CMD=(deepspeed
-        --hostfile "$GIGAMIM_HOSTFILE"
-        --no_ssh --node_rank "$node_id" --num_nodes "$SLURM_NNODES" --num_gpus "$GIGAMIM_GPN"
-        --master_addr "$GIGAMIM_MASTER" --master_port "$GIGAMIM_PORT"
-        --no_local_rank
-        --module gigamim "$GIGAMIM_VERB" "$@" "${resume[@]}")
+    GIGAMIM_CMD=("${GIGAMIM_PYTHON:-python}" -m gigamim launch
+        --nproc-per-node "$GIGAMIM_GPN" --nnodes "$SLURM_NNODES" --node-rank "$node_id"
+        --master-addr "$GIGAMIM_MASTER" --master-port "$GIGAMIM_PORT"
+        --stop-timeout "${GIGAMIM_STOP_TIMEOUT:-900}"
+        "$GIGAMIM_VERB" "$@" "${resume[@]}")
 }
+
+# gigamim_checkpoint_dir ARGS... : prints checkpoint.dir of the pretrain run ARGS describe
+# (the resolved config: YAML + --set), so the batch shell can tell whether `latest` advanced.
+gigamim_checkpoint_dir() {
+    "${GIGAMIM_PYTHON:-python}" -m gigamim pretrain "$@" --print-config |
+        "${GIGAMIM_PYTHON:-python}" -c 'import sys, yaml; print(yaml.safe_load(sys.stdin)["checkpoint"]["dir"])'
+}
+
+# gigamim_latest DIR : the tag DIR/latest names ("" when absent).
+gigamim_latest() { cat "$1/latest" 2>/dev/null | head -c 200 | tr -cd 'A-Za-z0-9_.-' || true; }
 
 # The pretrain arguments must name a config (the single source of truth for the run).
 gigamim_check_args() {

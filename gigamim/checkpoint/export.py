@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gigamim.checkpoint import safetensors_io
-from gigamim.checkpoint.consolidate import CheckpointError
+from gigamim.checkpoint.layout import LATEST_FILE, CheckpointError, complete_tags, is_tag_dir
 from gigamim.models.timm_compat import (  # noqa: F401  (re-exported: the helpers live next to the models)
     TimmCompatError,
     check_timm_keys,
@@ -63,12 +63,13 @@ def load_export(path: str):
 
 def open_source(src: str, tag: str | None = None, quiet: bool = True) -> tuple[dict[str, Any], dict[str, str]]:
     """Lazy full-model tensors + metadata from a safetensors source or a ZeRO checkpoint folder."""
-    from gigamim.checkpoint import consolidate
+    from gigamim.checkpoint.check import open_checkpoint
+    from gigamim.checkpoint.zero_fp32 import lazy_fp32_state_dict, metadata_for
 
-    if os.path.isdir(src) and (os.path.isfile(os.path.join(src, "latest")) or tag is not None
-                               or consolidate._is_tag_dir(src)):
-        info = consolidate.check_checkpoint(src, tag)
-        return consolidate.lazy_fp32_state_dict(info, quiet=quiet), consolidate.metadata_for(info, "simmim")
+    if os.path.isdir(src) and (os.path.isfile(os.path.join(src, LATEST_FILE)) or tag is not None or is_tag_dir(src)
+                               or complete_tags(src)):
+        info = open_checkpoint(src, tag)  # the same tag `--resume` and `consolidate` pick
+        return lazy_fp32_state_dict(info, quiet=quiet), metadata_for(info, "simmim")
     if tag is not None:
         raise ExportError(f"--tag applies to DeepSpeed checkpoint folders; {src} is not one")
     try:

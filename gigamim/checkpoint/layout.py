@@ -1,4 +1,4 @@
-"""Crash-safe ZeRO checkpoints: save, find the newest complete one, keep the last K.
+"""The on-disk layout of gigamim checkpoints, and THE resolver that picks a tag.
 
 Layout under `checkpoint.dir`:
 
@@ -7,12 +7,19 @@ Layout under `checkpoint.dir`:
         gigamim_config.yaml      the resolved gigamim config
         gigamim_meta.json        step, model, world size, version; written after every rank
                                  finished, so its presence marks the tag complete
+    step_00000100_universal/     `gigamim consolidate --universal` (any world size)
+    latest_universal             DeepSpeed's pointer to the newest universal folder
 
-DeepSpeed's own `save_checkpoint` writes `latest` on rank 0 without waiting for the other
-ranks, so a crash mid-save could leave `latest` naming a half-written tag. We save with
-`save_latest=False`, wait for every rank, then write the meta file and `latest` with
-write-to-temp + rename. A half-written tag is never named by `latest` and is skipped by
-`--resume auto`.
+`resolve()` is the only place that turns "a folder (+ maybe a tag)" into one tag folder:
+`--resume`, `gigamim consolidate` and `gigamim export` all call it, so they pick the same
+tag for the same folder. Its rule: an explicit tag wins; a tag folder given directly is
+itself; otherwise the tag `latest` names if that tag is complete, else the newest complete
+tag (a `latest` that is unreadable or names a damaged tag is reported, never trusted).
+
+"Complete" means gigamim's meta file is present (written after every rank's files). A plain
+DeepSpeed save of another tool (DeepSpeed files, no gigamim file, a tag name that is not
+gigamim's `step_N`) is usable when `latest` names it or it is asked for by name, as DeepSpeed
+itself would load it; it never counts as a fallback candidate.
 """
 
 from __future__ import annotations
@@ -21,13 +28,18 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 META_FILE = "gigamim_meta.json"
 CONFIG_FILE = "gigamim_config.yaml"
 LATEST_FILE = "latest"
+LATEST_UNIVERSAL_FILE = "latest_universal"
 UNIVERSAL_SUFFIX = "_universal"  # `gigamim consolidate --universal` writes <tag>_universal
 _TAG_RE = re.compile(r"^step_(\d{8})(_universal)?$")
+# A tag name as `latest` may hold it: printable, no path separators (DeepSpeed's own tags
+# are e.g. global_step100). Anything else in `latest` (binary junk) is treated as absent.
+_SAFE_TAG_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 
 
 class CheckpointError(RuntimeError):
@@ -36,6 +48,15 @@ class CheckpointError(RuntimeError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def tag_step(tag: str) -> int | None:
+    """The step of a gigamim tag name (`step_00000100[_universal]`), None for other names."""
+    m = _TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+# --------------------------------------------------------------------------- atomic file ops
 
 
 def atomic_write(path: str | os.PathLike, text: str) -> None:
@@ -49,8 +70,58 @@ def atomic_write(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
-def is_complete(tag_dir: Path) -> bool:
-    return (tag_dir / META_FILE).is_file()
+def replace_path(tmp: str, out: str) -> None:
+    """Rename `tmp` (a file or folder) onto `out`; an existing `out` is moved aside first and
+    deleted only after the new one is in place, so `out` is never missing and never half."""
+    # mkstemp/mkdtemp create private (0600/0700) entries; give the result normal permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if os.path.isdir(tmp) else 0o666) & ~umask)
+    old = None
+    if os.path.lexists(out):
+        old = out + f".old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old:
+        remove_path(old)
+
+
+def remove_path(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+# --------------------------------------------------------------------------- what a folder is
+
+
+def has_deepspeed_files(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return any(path.glob("*_model_states.pt")) or any(path.glob("*_optim_states.pt"))
+
+
+def is_tag_dir(path: str | os.PathLike) -> bool:
+    """A folder holding one checkpoint (DeepSpeed files or gigamim's meta), not a save root."""
+    path = Path(path)
+    return path.is_dir() and ((path / META_FILE).is_file() or has_deepspeed_files(path))
+
+
+def is_complete(tag_dir: str | os.PathLike) -> bool:
+    """gigamim wrote this tag to the end (its meta file comes after every rank's files)."""
+    return (Path(tag_dir) / META_FILE).is_file()
+
+
+def is_foreign(tag_dir: str | os.PathLike) -> bool:
+    """A plain DeepSpeed save by another tool: DeepSpeed files, no gigamim file, and not a
+    gigamim tag name (a gigamim `step_N` folder without meta is a save that was cut short)."""
+    tag_dir = Path(tag_dir)
+    return (tag_step(tag_dir.name) is None and not (tag_dir / CONFIG_FILE).exists()
+            and not (tag_dir / META_FILE).exists() and has_deepspeed_files(tag_dir))
+
+
+def is_usable(tag_dir: str | os.PathLike) -> bool:
+    return is_complete(tag_dir) or is_foreign(tag_dir)
 
 
 def is_universal(tag_dir: str | os.PathLike) -> bool:
@@ -60,85 +131,104 @@ def is_universal(tag_dir: str | os.PathLike) -> bool:
     return (tag_dir / "zero").is_dir() and any(tag_dir.glob("*_model_states.pt"))
 
 
-def read_meta(tag_dir: Path) -> dict:
-    return json.loads((Path(tag_dir) / META_FILE).read_text())
+def read_meta(tag_dir: str | os.PathLike) -> dict:
+    """gigamim_meta.json of a tag, {} when absent; a damaged one is a CheckpointError."""
+    path = Path(tag_dir) / META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the tag is damaged") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a JSON object; the tag is damaged")
+    return meta
 
 
-def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Complete tags, oldest first (by step; a universal copy sorts after its source)."""
-    if not ckpt_dir.is_dir():
-        return []
-    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and _TAG_RE.match(p.name) and is_complete(p)]
-    return sorted(tags, key=lambda t: (int(_TAG_RE.match(t).group(1)), t))
+def read_latest(root: str | os.PathLike, name: str = LATEST_FILE) -> str | None:
+    """The tag named by `root/latest`, or None when the file is absent or does not hold a
+    readable tag name (binary junk, a path): such a `latest` is treated as absent."""
+    try:
+        raw = (Path(root) / name).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+    try:
+        tag = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None
+    return tag if _SAFE_TAG_RE.match(tag) else None
 
 
-def find_resume(spec: str, ckpt_dir: str | os.PathLike) -> tuple[Path, str] | None:
-    """Resolve `--resume`: "auto" (newest complete in ckpt_dir, or None to start fresh),
-    a checkpoint directory (its `latest`), or one tag folder. Returns (load_dir, tag)."""
-    if spec == "auto":
-        root = Path(ckpt_dir)
-        latest = root / LATEST_FILE
-        if latest.is_file():
-            tag = latest.read_text().strip()
-            if is_complete(root / tag):
-                return root, tag
-        tags = complete_tags(root)
-        return (root, tags[-1]) if tags else None
-    path = Path(spec)
-    if is_complete(path):
-        return path.parent, path.name
-    if (path / LATEST_FILE).is_file():
-        tag = (path / LATEST_FILE).read_text().strip()
-        if is_complete(path / tag):
-            return path, tag
-        raise CheckpointError(f"--resume {spec}: 'latest' names '{tag}', which is incomplete (no {META_FILE})")
-    if path.is_dir():
-        tags = complete_tags(path)
-        if tags:
-            return path, tags[-1]
-        raise CheckpointError(f"--resume {spec}: no complete checkpoint in this folder")
-    raise CheckpointError(f"--resume {spec}: no such checkpoint folder")
+def _tag_sort_key(root: Path, name: str):
+    step = tag_step(name)
+    # gigamim tags by step (a universal copy after its source); other tools' tags by mtime.
+    return (0, step, name) if step is not None else (1, (root / name).stat().st_mtime, name)
 
 
-def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, meta: dict, config_yaml: str,
-         keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the tag folder."""
-    import torch.distributed as dist
-
+def complete_tags(ckpt_dir: str | os.PathLike) -> list[str]:
+    """Complete tags, oldest first."""
     root = Path(ckpt_dir)
-    tag = tag_for(step)
-    tag_dir = root / tag
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tag_dir.exists():  # remnants of a save that crashed at this step
-            shutil.rmtree(tag_dir)
-    dist.barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    # save_checkpoint ends with a barrier: every rank's files are on disk from here on.
-    if rank0:
-        atomic_write(tag_dir / CONFIG_FILE, config_yaml)
-        atomic_write(tag_dir / META_FILE, json.dumps(meta, indent=1))
-        atomic_write(root / LATEST_FILE, tag)
-        prune(root, keep_last, current=tag)
-    dist.barrier()
-    return tag_dir
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and is_tag_dir(p) and is_complete(p)]
+    return sorted(tags, key=lambda t: _tag_sort_key(root, t))
 
 
-def prune(root: Path, keep_last: int, current: str) -> None:
-    """Keep the newest `keep_last` complete tags; drop older ones and older crash remnants."""
-    if keep_last <= 0:
-        return
-    current_step = int(_TAG_RE.match(current).group(1))
-    # Only this run's history counts: tags past the current step (left by an earlier run
-    # that went further before this one resumed from an older tag) are kept, not counted.
-    complete = [t for t in complete_tags(root)
-                if not t.endswith(UNIVERSAL_SUFFIX) and int(_TAG_RE.match(t).group(1)) <= current_step]
-    doomed = complete[:-keep_last]
-    for p in root.iterdir():
-        m = _TAG_RE.match(p.name)
-        if p.is_dir() and m and not m.group(2) and not is_complete(p) and int(m.group(1)) < current_step:
-            doomed.append(p.name)
-    for tag in doomed:
-        if tag != current:
-            shutil.rmtree(root / tag, ignore_errors=True)
+# --------------------------------------------------------------------------- THE resolver
+
+
+@dataclass(frozen=True)
+class Resolved:
+    root: Path  # the folder holding `latest` and the tag folders
+    tag: str
+    note: str | None = None  # why this is not the tag `latest` names (fallback), else None
+
+    @property
+    def tag_dir(self) -> Path:
+        return self.root / self.tag
+
+
+def resolve(path: str | os.PathLike, tag: str | None = None, *, missing_ok: bool = False,
+            exclude: tuple[str, ...] = ()) -> Resolved | None:
+    """Pick one checkpoint tag from `path` (a save root or a tag folder) and an optional tag.
+
+    missing_ok: return None (instead of raising) when `path` does not exist or holds no
+    complete tag: `--resume auto` then starts fresh. `exclude`: tags known to be damaged
+    (the caller's deeper check failed on them), skipped by the fallback."""
+    path = Path(path).absolute()
+    if tag is not None:
+        if not (path / tag).is_dir():
+            available = ", ".join(complete_tags(path)) if path.is_dir() else ""
+            hint = f" (complete tags: {available})" if available else ""
+            raise CheckpointError(f"tag {tag!r} not found: {path / tag} does not exist{hint}")
+        if not is_usable(path / tag):
+            raise CheckpointError(f"checkpoint {path / tag} is incomplete: {META_FILE} is missing (gigamim "
+                                  "writes it after every rank finished saving); use an earlier tag")
+        return Resolved(path, tag)
+    if is_tag_dir(path):
+        if not is_usable(path):
+            raise CheckpointError(f"checkpoint {path} is incomplete: {META_FILE} is missing (gigamim writes it "
+                                  "after every rank finished saving); use an earlier tag")
+        return Resolved(path.parent, path.name)
+    if not path.is_dir():
+        if missing_ok:
+            return None
+        raise CheckpointError(f"no such checkpoint folder: {path}")
+    named = read_latest(path)
+    note = None
+    if named is not None and named not in exclude and (path / named).is_dir() and is_usable(path / named):
+        return Resolved(path, named)
+    if (path / LATEST_FILE).exists():
+        if named is None:
+            note = f"{path / LATEST_FILE} does not hold a readable tag name"
+        elif named in exclude:
+            note = f"{path / LATEST_FILE} names {named}, which is damaged"
+        else:
+            note = f"{path / LATEST_FILE} names {named}, which is missing or incomplete"
+    tags = [t for t in complete_tags(path) if t not in exclude]
+    if tags:
+        return Resolved(path, tags[-1], note=f"{note}; using the newest complete tag {tags[-1]}" if note else None)
+    if missing_ok:
+        return None
+    why = f"{note}, and " if note else ""
+    raise CheckpointError(f"no complete checkpoint in {path} ({why}no tag folder holds {META_FILE})")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import tempfile
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from gigamim.checkpoint.layout import remove_path, replace_path
 from gigamim.sizes import parse_size
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -141,9 +141,9 @@ def save(out: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | Non
         os.close(fd)
         try:
             _write_file(tmp, tensors, metadata, dtype, progress)
-            _replace(tmp, out)
+            replace_path(tmp, out)
         except BaseException:
-            _remove(tmp)
+            remove_path(tmp)
             raise
         return [out]
 
@@ -162,34 +162,11 @@ def save(out: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | Non
             with open(os.path.join(tmp_dir, INDEX_NAME), "w", encoding="utf-8") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
                 f.write("\n")
-        _replace(tmp_dir, out)
+        replace_path(tmp_dir, out)
     except BaseException:
-        _remove(tmp_dir)
+        remove_path(tmp_dir)
         raise
     return [os.path.join(out, n) for n in names]
-
-
-def _replace(tmp: str, out: str) -> None:
-    """Rename `tmp` onto `out`; an existing `out` (only with overwrite) is moved aside first
-    and deleted only after the new one is in place."""
-    # mkstemp/mkdtemp create private (0600/0700) entries; give the result normal permissions.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, (0o777 if os.path.isdir(tmp) else 0o666) & ~umask)
-    old = None
-    if os.path.lexists(out):
-        old = out + f".old-{os.getpid()}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old:
-        _remove(old)
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        os.remove(path)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -1,13 +1,16 @@
-"""SimMIM data: shard writer (make-shards), multi-rank tar reader with exact resume, transforms, masks.
+"""Data: the shard-spec parser, shard writer (make-shards), multi-rank tar readers with exact and elastic resume, transforms, masks.
 
-Public names: SimMIMLoader, MaskGenerator, SimMIMTransform, normalize_on_device,
-write_synthetic_shards. Imported lazily so `gigamim make-shards --help` stays fast.
+Public names: SimMIMLoader, ClassificationLoader, MaskGenerator, SimMIMTransform, ClassifyTransform,
+normalize_on_device, write_synthetic_shards, resolve_shards (shardspec.resolve). Imported lazily
+so `gigamim make-shards --help` stays fast.
 """
 
-__all__ = ["SimMIMLoader", "MaskGenerator", "SimMIMTransform", "normalize_on_device", "write_synthetic_shards"]
+__all__ = ["SimMIMLoader", "ClassificationLoader", "MaskGenerator", "SimMIMTransform", "ClassifyTransform",
+           "normalize_on_device", "write_synthetic_shards", "resolve_shards"]
 
-_WHERE = {"SimMIMLoader": "pipeline", "MaskGenerator": "masking", "SimMIMTransform": "transforms",
-          "normalize_on_device": "transforms", "write_synthetic_shards": "synthetic"}
+_WHERE = {"SimMIMLoader": "loader", "ClassificationLoader": "loader", "MaskGenerator": "masking",
+          "SimMIMTransform": "transforms", "ClassifyTransform": "transforms", "normalize_on_device": "transforms",
+          "write_synthetic_shards": "synthetic", "resolve_shards": "loader"}
 
 
 def __getattr__(name):

@@ -17,6 +17,15 @@ Epoch mode
 Resampled mode
   Each stream draws whole shards with replacement (probability ∝ sample count) until it
   has its quota; the nominal epoch has the same length as in epoch mode.
+Elastic continuation (a resume on another world size, worker count or micro-batch)
+  The global order is the permuted shard sequence above; a plan "stage" cuts a pool of
+  that sequence (stage 0: all of it) into streams as described. When an epoch is resumed
+  under a different geometry, `remaining_pool` replays the cut of every earlier stage of
+  the epoch (from their geometry and batch counts, all in the loader state) to find which
+  sequence positions were consumed, and the rest of the epoch is a new stage over the
+  positions NOT consumed, in sequence order, cut the same way for the new geometry. Every
+  sample is thus seen once per epoch across any number of changes (padding repeats only
+  to fill the last stage's equal batches), and batches stay equal across ranks.
 Order within a stream
   A bounded-window shuffle: input i is emitted in order of i + U(0, shuffle_buffer).
   Like a shuffle buffer it never holds more than ~shuffle_buffer undecoded samples, but
@@ -56,14 +65,21 @@ def shard_permutation(num_shards: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_shards)
 
 
-def stream_segments(counts: list[int], *, seed: int, epoch: int, rank: int, world_size: int,
-                    streams_per_rank: int, k: int, micro_batch_size: int, mode: str = "epoch") -> list[Segment]:
-    """The input sequence of stream (rank, k) as shard segments; its length is always
-    len(worker_batch_ids(...)) * micro_batch_size."""
-    total = int(sum(counts))
+def _chunk(total: int, world_size: int, streams_per_rank: int, micro_batch_size: int, rank: int, k: int):
+    """(first slot, length) of stream (rank, k) in a padded sequence of `total` items."""
     nb = batches_per_rank(total, world_size, micro_batch_size)
     per_k = [len(worker_batch_ids(nb, streams_per_rank, j)) * micro_batch_size for j in range(streams_per_rank)]
-    length = per_k[k]
+    return rank * nb * micro_batch_size + sum(per_k[:k]), per_k[k]
+
+
+def stream_segments(counts: list[int], *, seed: int, epoch: int, rank: int, world_size: int,
+                    streams_per_rank: int, k: int, micro_batch_size: int, mode: str = "epoch",
+                    pool: np.ndarray | None = None) -> list[Segment]:
+    """The input sequence of stream (rank, k) as shard segments; its length is always
+    len(worker_batch_ids(...)) * micro_batch_size. `pool`: sorted positions of the
+    epoch's sequence that this stage covers (None: all of them)."""
+    total = int(sum(counts)) if pool is None else len(pool)
+    first, length = _chunk(total, world_size, streams_per_rank, micro_batch_size, rank, k)
     if length == 0:
         return []
     if mode == "resampled":
@@ -72,8 +88,20 @@ def stream_segments(counts: list[int], *, seed: int, epoch: int, rank: int, worl
         raise ValueError(f"mode must be 'epoch' or 'resampled', got {mode!r}")
     order = [int(i) for i in shard_permutation(len(counts), seed, epoch) if counts[i] > 0]
     starts = np.cumsum([0] + [counts[i] for i in order]).tolist()
-    first = rank * nb * micro_batch_size + sum(per_k[:k])
     out: list[Segment] = []
+    if pool is not None:
+        # Slot q holds pool[q % total] (copy q // total); consecutive positions of one shard join.
+        slots = np.arange(first, first + length)
+        copies, pos = slots // total, pool[slots % total]
+        for p, c in zip(pos.tolist(), copies.tolist()):
+            j = bisect.bisect_right(starts, p) - 1
+            i = p - starts[j]
+            last = out[-1] if out else None
+            if last is not None and last.shard == order[j] and last.stop == i and last.copy == c:
+                out[-1] = Segment(last.shard, last.start, i + 1, c)
+            else:
+                out.append(Segment(order[j], i, i + 1, c))
+        return out
     pos, end = first, first + length
     while pos < end:
         copy, q = divmod(pos, total)
@@ -83,6 +111,33 @@ def stream_segments(counts: list[int], *, seed: int, epoch: int, rank: int, worl
         out.append(Segment(order[j], shard_pos, shard_pos + take, copy))
         pos += take
     return out
+
+
+def shuffle_seed_parts(seed: int, epoch: int, rank: int, k: int, stage: int) -> list[int]:
+    # Stage 0 keeps the seed parts of gigamim <= 0.2, so their checkpoints resume exactly.
+    return [seed, epoch, rank, k, 0xB0F] + ([stage] if stage else [])
+
+
+def remaining_pool(num_samples: int, *, seed: int, epoch: int, stages: list[dict]) -> np.ndarray:
+    """Sorted sequence positions not consumed by the finished `stages` of an epoch; each stage
+    is {"world_size", "streams", "micro_batch_size", "shuffle_buffer", "batches"} (batches
+    every rank had taken when the geometry changed)."""
+    pool = np.arange(num_samples, dtype=np.int64)
+    for i, st in enumerate(stages):
+        total = len(pool)
+        w, streams, mb, b = int(st["world_size"]), int(st["streams"]), int(st["micro_batch_size"]), int(st["batches"])
+        used = np.zeros(total, dtype=bool)
+        for r in range(w):
+            for k in range(streams):
+                first, length = _chunk(total, w, streams, mb, r, k)
+                done = len(range(k, b, streams)) * mb if b > k else 0
+                if not done:
+                    continue
+                order = window_shuffle_order(length, int(st["shuffle_buffer"]), shuffle_seed_parts(seed, epoch, r, k, i))
+                slots = first + order[:done]
+                used[slots[slots < total]] = True      # padding copies (slot >= total) consume nothing
+        pool = pool[~used]
+    return pool
 
 
 def _resampled(counts: list[int], length: int, rng: np.random.Generator) -> list[Segment]:

@@ -1,4 +1,5 @@
-"""SimMIMLoader: the training reader (tar shards -> uint8 image batches + SimMIM masks).
+"""SimMIMLoader / ClassificationLoader: the training readers (tar shards -> uint8 image batches
+with SimMIM masks, or with class labels for fine-tuning and linear probing).
 
 Position model (why resume is exact): assign.py fixes, from (seed, epoch, world size,
 workers, micro-batch), which samples each (rank, worker) stream reads and in what order.
@@ -17,36 +18,46 @@ image of the stream; batch sizes and counts never change. A batch with no readab
 anywhere in its stream's remaining epoch is replaced by the rank's last good batch; if a
 rank finishes an epoch without one readable image the loader raises, naming the shards.
 Warnings are rate-limited and never sleep. Pickle members are never read (tario.py).
+The last good batch is in the state (as the shard positions and random parts of its
+samples, rebuilt on demand), so a resume right after a replaced batch continues exactly.
+
+Elastic resume: a state saved under another world size / worker count / micro-batch
+continues the SAME epoch with exactly the samples it had not consumed (assign.py,
+"Elastic continuation"); each rank may be given any rank's state (they all describe the
+same global position). Only a different seed, mode or dataset starts the next epoch.
+
+Counters for the trainer to log per step (cumulative for this rank, all workers):
+`skip_counts` (reason -> samples skipped), `fix_counts` (reason -> samples repaired:
+converted_<mode>, upscaled_small, exif_orientation), `bytes_read` (bytes read from the
+shards it opened: files, pipes, cached copies), `bytes_fetched` (bytes downloaded into the
+shard cache), `decode_count`.
 
 Why not webdataset's split_by_node/split_by_worker/shuffle stages: they split before
 shuffling (or shuffle per worker with worker-local epoch counters), cut at shard
 granularity (so 1 shard cannot feed 8 streams equally) and have no notion of position.
-webdataset is still used for URL expansion (braces, `::`, env) and for opening `pipe:` URLs.
+webdataset is still used for opening `pipe:` and remote URLs; specs are parsed by shardspec.py.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.shardlists import expand_urls
 
-from gigamim.data import assign
+from gigamim.data import assign, shardspec
 from gigamim.data.masking import MaskGenerator
 from gigamim.data.seeding import sample_rng
-from gigamim.data.tario import IMAGE_EXTS, ShardError, count_samples, is_local, iter_samples, pick_image, shard_name
-from gigamim.data.transforms import BadSample, SimMIMTransform
+from gigamim.data import tario
+from gigamim.data.tario import ShardError, count_samples, image_key_options, iter_samples, pick_image, shard_name
+from gigamim.data.transforms import BadSample, ClassifyTransform, SimMIMTransform
 
 log = logging.getLogger("gigamim.data")
 
-STATE_FORMAT = "gigamim.data.SimMIMLoader/1"
 
 
 class RateLimitedLog:
@@ -73,44 +84,19 @@ _WARN = RateLimitedLog()
 
 # ----------------------------------------------------------------------------- shard list
 
-def _read_index(path: str) -> tuple[list[str], list[int]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-        entries = index["shards"]
-        base = os.path.dirname(os.path.abspath(path))
-        urls, counts = [], []
-        for e in entries:
-            url = str(e["url"])
-            if is_local(url) and not url.startswith("file:") and not os.path.isabs(url):
-                url = os.path.join(base, url)
-            urls.append(url)
-            counts.append(int(e["num_samples"]))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"shard index {path!r} does not exist") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"shard index {path!r} is not a gigamim index "
-                         f'({{"shards": [{{"url": ..., "num_samples": n}}], "total": N}}): {exc}') from None
-    return urls, counts
-
-
 def resolve_shards(shards, index=None) -> tuple[list[str], list[int | None]]:
-    """(urls, counts) from a brace pattern / '::'-joined string, a list, or an index.json path.
-    counts[i] is None when no index gives it."""
-    if isinstance(shards, (str, os.PathLike)) and str(shards).endswith(".json"):
-        return _read_index(str(shards))
-    if isinstance(shards, (str, os.PathLike)):
-        urls = expand_urls(str(shards))
-    else:
-        urls = [str(u) for u in shards]
-    if not urls:
-        raise ValueError(f"no shards in {shards!r}")
-    counts: list[int | None] = [None] * len(urls)
+    """(urls, counts) of a shard spec, by the one parser (`shardspec.resolve`: brace patterns,
+    `,`/`::` lists, folders, index.json, pipe:/remote URLs). counts[i] is None when no index
+    gives it; `index` (an index.json or {url: count}) supplies counts by shard basename."""
+    found = shardspec.resolve(shards)
+    urls, counts = found.urls, found.counts
     if index is not None:
-        iurls, icounts = _read_index(str(index)) if not isinstance(index, dict) else (
-            list(index), list(index.values()))
+        if isinstance(index, dict):
+            iurls, icounts = list(index), list(index.values())
+        else:
+            iurls, icounts, _ = shardspec.read_index(str(index))
         by_name = {shard_name(u): c for u, c in zip(iurls, icounts)}
-        counts = [by_name.get(shard_name(u)) for u in urls]
+        counts = [c if c is not None else by_name.get(shard_name(u)) for u, c in zip(urls, counts)]
     return urls, counts
 
 
@@ -127,23 +113,16 @@ class _Config:
     seed: int
     mode: str
     shuffle_buffer: int
-    img_size: int
-    mask_patch_size: int
-    model_patch_size: int
-    mask_ratio: float
-    scale: tuple = (0.67, 1.0)
-    ratio: tuple = (3 / 4, 4 / 3)
+    transform: SimMIMTransform
+    masker: MaskGenerator | None  # None: no masks (classification)
+    labels: bool = False
+    image_key: tuple | None = None
+    cache_dir: str | None = None
+    cache_size: int | None = None
     retries: int = 2
-    transform: SimMIMTransform = field(init=False)
-    masker: MaskGenerator = field(init=False)
 
-    def __post_init__(self):
-        self.transform = SimMIMTransform(self.img_size, self.scale, self.ratio)
-        self.masker = MaskGenerator(self.img_size, self.mask_patch_size, self.model_patch_size, self.mask_ratio)
-
-    @property
-    def batches_per_rank(self) -> int:
-        return assign.batches_per_rank(sum(self.counts), self.world_size, self.micro_batch_size)
+    def read_exts(self) -> tuple:
+        return ("cls",) * self.labels + (self.image_key or ())
 
 
 class _Lost:
@@ -153,20 +132,63 @@ class _Lost:
         self.reason = reason
 
 
-class _Stream:
-    """One (rank, worker) stream for one epoch, starting at one of its batches."""
+class _NoLabel(Exception):
+    pass
 
-    def __init__(self, cfg: _Config, epoch: int, k: int, first_batch: int):
+
+def _label(files: dict, key: str, url: str) -> int:
+    data = files.get("cls") if files else None
+    if data is None:
+        raise _NoLabel(f"data: labels were asked for but sample {key!r} of {shard_name(url)} has no .cls member "
+                       f"(write labelled shards with `gigamim make-shards` from an ImageFolder)")
+    try:
+        return int(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise _NoLabel(f"data: sample {key!r} of {shard_name(url)} has a .cls member that is not an integer: "
+                       f"{data[:20]!r}") from None
+
+
+def _make_sample(cfg: _Config, key, files, parts, url):
+    """(image, mask or None, label or None, info) for one sample; raises BadSample."""
+    if isinstance(files, _Lost):
+        raise BadSample(files.reason)
+    found = pick_image(files, cfg.image_key) if files is not None else None
+    if found is None:
+        raise BadSample("no_image", f"members: {sorted(files) if files else []}")
+    label = _label(files, key, url) if cfg.labels else None
+    rng = sample_rng(*parts)
+    img, info = cfg.transform.apply(found[1], rng)
+    return img, (cfg.masker(rng) if cfg.masker is not None else None), label, info
+
+
+def _open_url(cfg: _Config, url: str) -> str:
+    """The URL to read: a local cache copy for remote/pipe shards when a cache is set."""
+    if cfg.cache_dir and shardspec.url_kind(url) != "local":
+        from gigamim.data import shard_cache
+
+        try:
+            return shard_cache.fetch(url, cfg.cache_dir, cfg.cache_size)
+        except Exception as exc:  # noqa: BLE001 - reported as a skip reason, like an unreadable shard
+            raise ShardError("shard_unreadable", url, f"cache download failed: {type(exc).__name__}: {exc}") from None
+    return url
+
+
+class _Stream:
+    """One (rank, worker) stream for one epoch stage, starting at one of its batches."""
+
+    def __init__(self, cfg: _Config, epoch: int, k: int, first_batch: int, pool=None, stage: int = 0):
         self.cfg, self.epoch, self.k = cfg, epoch, k
-        self.batch_ids = assign.worker_batch_ids(cfg.batches_per_rank, cfg.streams, k)
+        total = sum(cfg.counts) if pool is None else len(pool)
+        self.batch_ids = assign.worker_batch_ids(assign.batches_per_rank(total, cfg.world_size, cfg.micro_batch_size),
+                                                 cfg.streams, k)
         # Local index of the first batch >= first_batch that this stream makes.
         self.j0 = len(range(k, first_batch, cfg.streams)) if first_batch > k else 0
         self.segments = assign.stream_segments(cfg.counts, seed=cfg.seed, epoch=epoch, rank=cfg.rank,
-                                             world_size=cfg.world_size, streams_per_rank=cfg.streams, k=k,
-                                             micro_batch_size=cfg.micro_batch_size, mode=cfg.mode)
+                                               world_size=cfg.world_size, streams_per_rank=cfg.streams, k=k,
+                                               micro_batch_size=cfg.micro_batch_size, mode=cfg.mode, pool=pool)
         self.length = sum(len(s) for s in self.segments)
         self.order = assign.window_shuffle_order(self.length, cfg.shuffle_buffer,
-                                               [cfg.seed, epoch, cfg.rank, k, 0xB0F])
+                                                 assign.shuffle_seed_parts(cfg.seed, epoch, cfg.rank, k, stage))
         self.needed = np.ones(self.length, dtype=bool)
         self.needed[self.order[: self.j0 * cfg.micro_batch_size]] = False
         self.skips: Counter = Counter()
@@ -177,6 +199,7 @@ class _Stream:
         self.held: dict[int, tuple] = {}
         self._inputs = self._iter_inputs()
         self.in_worker = get_worker_info() is not None
+        self._bytes_mark = dict(tario.BYTES_READ)
 
     # -- reading
     def _iter_inputs(self):
@@ -186,113 +209,158 @@ class _Stream:
             base, start, needed = pos, seg.start, self.needed
             errors: list[ShardError] = []
             seen = 0
-            for idx, key, files in iter_samples(url, seg.start, seg.stop,
-                                                want=lambda i: bool(needed[base + i - start]),
-                                                read_exts=IMAGE_EXTS, on_error=errors.append,
-                                                retries=self.cfg.retries):
-                yield base + idx - start, key, files, seg.copy
-                seen += 1
-            if seen < len(seg):
+            wanted = np.flatnonzero(needed[base:base + len(seg)])
+            if not len(wanted):
+                # Nothing of this segment is needed (a resume stepped past it): do not open the
+                # shard at all; a pipe/remote URL would stream every byte of it.
+                pos = base + len(seg)
+                continue
+            # Read only up to the last needed sample: a pipe ends there instead of at seg.stop.
+            stop = seg.start + int(wanted[-1]) + 1
+            try:
+                source = _open_url(self.cfg, url)
+            except ShardError as exc:
+                errors.append(exc)
+                source = None
+            if source is not None:
+                for idx, key, files in iter_samples(source, seg.start, stop,
+                                                    want=lambda i: bool(needed[base + i - start]),
+                                                    read_exts=self.cfg.read_exts(), read_images=True,
+                                                    on_error=errors.append, retries=self.cfg.retries):
+                    yield base + idx - start, (key, files, seg.copy, seg.shard, idx)
+                    seen += 1
+            if seen < stop - seg.start:
                 reason = errors[0].reason if errors else "missing_sample"
                 detail = errors[0].detail if errors else f"index says {seg.stop} samples, shard has {seg.start + seen}"
-                self.warn.warn(reason, f"{shard_name(url)}: {detail} ({len(seg) - seen} planned samples lost)")
+                self.warn.warn(reason, f"{shard_name(url)}: {detail} ({stop - seg.start - seen} planned samples lost)")
                 self.bad_shards.add(url)
-                for p in range(base + seen, base + len(seg)):
-                    yield p, None, _Lost(reason), seg.copy
+                for p in range(base + seen, base + stop - seg.start):
+                    yield p, (None, _Lost(reason), seg.copy, seg.shard, seg.start + p - base)
             pos = base + len(seg)
 
     def _fetch(self, pos: int):
         """The raw input at stream position `pos`, reading forward as far as needed."""
         while pos not in self.held:
-            p, key, files, copy = next(self._inputs)
+            p, item = next(self._inputs)
             if self.needed[p]:
-                self.held[p] = (key, files, copy)
+                self.held[p] = item
         return self.held[pos]
 
     # -- decoding
     def _salt(self, copy):
         return copy if self.cfg.mode == "epoch" else f"{copy}@{self.cfg.rank}.{self.k}"
 
-    def _make(self, key, files, copy, *extra):
-        if isinstance(files, _Lost):
-            raise BadSample(files.reason)
-        found = pick_image(files) if files is not None else None
-        if found is None:
-            raise BadSample("no_image", f"members: {sorted(files) if files else []}")
-        rng = sample_rng(self.cfg.seed, self.epoch, key, self._salt(copy), *extra)
+    def _make(self, item, *extra):
+        """(image, mask, label, info, slot); slot = what `_rebuild` needs to make it again."""
+        key, files, copy, shard, idx = item
+        parts = [self.cfg.seed, self.epoch, key, self._salt(copy), *extra]
+        out = _make_sample(self.cfg, key, files, parts, self.cfg.urls[shard])
         self.decoded += 1
-        img, info = self.cfg.transform.apply(found[1], rng)
-        return img, self.cfg.masker(rng), info
+        return (*out, [shard, idx, key, *parts[3:]])
 
     def _account(self, info):
         if info["converted"]:
             self.fixes[f"converted_{info['converted']}"] += 1
         if info["upscaled"]:
             self.fixes["upscaled_small"] += 1
+        if info.get("exif_transposed"):
+            self.fixes["exif_orientation"] += 1
 
     def _donor_ahead(self, after: int):
         """First decodable input after output position `after` (for an all-bad batch)."""
         for out_pos in range(after, self.length):
-            key, files, copy = self._fetch(int(self.order[out_pos]))
+            item = self._fetch(int(self.order[out_pos]))
             try:
-                self._make(key, files, copy, "probe")
-                return key, files, copy
+                self._make(item, "probe")
+                return item
             except BadSample:
                 continue
         return None
 
     def batches(self):
+        try:
+            yield from self._batches()
+        except _NoLabel as exc:
+            yield {"error": str(exc)}
+
+    def _batches(self):
         mb = self.cfg.micro_batch_size
         for j in range(self.j0, len(self.batch_ids)):
             items = [self._fetch(int(p)) for p in self.order[j * mb:(j + 1) * mb]]
             for p in self.order[j * mb:(j + 1) * mb]:
                 del self.held[int(p)]
-            imgs, masks, keys, bad, good = [None] * mb, [None] * mb, [None] * mb, [], []
-            for i, (key, files, copy) in enumerate(items):
+            made, bad, good = [None] * mb, [], []
+            for i, item in enumerate(items):
                 try:
-                    imgs[i], masks[i], info = self._make(key, files, copy)
-                    keys[i] = key
-                    good.append((key, files, copy))
-                    self._account(info)
+                    made[i] = self._make(item)
+                    good.append(item)
+                    self._account(made[i][3])
                 except BadSample as exc:
                     self.skips[exc.reason] += 1
-                    if not isinstance(files, _Lost):    # lost samples were reported once per shard
-                        self.warn.warn(exc.reason, f"sample {key!r}: {exc.detail}")
+                    if not isinstance(item[1], _Lost):    # lost samples were reported once per shard
+                        self.warn.warn(exc.reason, f"sample {item[0]!r}: {exc.detail}")
                     bad.append(i)
             if bad and not good:
                 donor = self._donor_ahead((j + 1) * mb)
                 good = [donor] if donor is not None else []
             if bad and not good:
-                yield self._emit(j, None)
+                yield self._emit(j, None, None)
                 continue
             for t, i in enumerate(bad):
-                key, files, copy = good[t % len(good)]
-                imgs[i], masks[i], info = self._make(key, files, copy, "substitute", j, i)
-                keys[i] = key
-            s = self.cfg.img_size
-            buf = torch.empty((mb, s, s, 3), dtype=torch.uint8)
-            if self.in_worker:
-                buf.share_memory_()   # filled in place: the hand-over to the main process then copies nothing
-            nhwc = buf.numpy()
-            for i, img in enumerate(imgs):
-                nhwc[i] = np.asarray(img)
-            # (B,3,H,W) view with channels-last strides: see SimMIMTransform.apply.
-            yield self._emit(j, {"image": buf.permute(0, 3, 1, 2),
-                                 "mask": torch.from_numpy(np.stack(masks)), "key": keys})
+                made[i] = self._make(good[t % len(good)], "substitute", j, i)
+            yield self._emit(j, _assemble(self.cfg, made, self.in_worker), [m[4] for m in made])
 
-    def _emit(self, j: int, batch: dict | None) -> dict:
+    def _emit(self, j: int, batch: dict | None, slots) -> dict:
+        now = dict(tario.BYTES_READ)
         meta = {"b": self.batch_ids[j], "epoch": self.epoch, "skips": dict(self.skips), "fixes": dict(self.fixes),
-                "decoded": self.decoded, "bad_shards": sorted(self.bad_shards)}
-        self.skips, self.fixes, self.decoded, self.bad_shards = Counter(), Counter(), 0, set()
-        return {"batch": batch, "meta": meta}
+                "decoded": self.decoded, "bad_shards": sorted(self.bad_shards),
+                "bytes": {k: now[k] - self._bytes_mark.get(k, 0) for k in now}}
+        self.skips, self.fixes, self.decoded, self.bad_shards, self._bytes_mark = Counter(), Counter(), 0, set(), now
+        desc = {"epoch": self.epoch, "slots": slots} if slots is not None else None
+        return {"batch": batch, "meta": meta, "desc": desc}
+
+
+def _assemble(cfg: _Config, made: list, in_worker: bool) -> dict:
+    mb, s = len(made), cfg.transform.img_size
+    buf = torch.empty((mb, s, s, 3), dtype=torch.uint8)
+    if in_worker:
+        buf.share_memory_()   # filled in place: the hand-over to the main process then copies nothing
+    nhwc = buf.numpy()
+    for i, m in enumerate(made):
+        nhwc[i] = np.asarray(m[0])
+    # (B,3,H,W) view with channels-last strides: see SimMIMTransform.apply.
+    batch = {"image": buf.permute(0, 3, 1, 2), "key": [m[4][2] for m in made]}
+    if cfg.masker is not None:
+        batch["mask"] = torch.from_numpy(np.stack([m[1] for m in made]))
+    if cfg.labels:
+        batch["label"] = torch.tensor([m[2] for m in made], dtype=torch.int64)
+    # False for padding repeats / substitutes (copy > 0 or a borrowed slot): an evaluation drops them.
+    batch["valid"] = torch.tensor([len(m[4]) == 4 and str(m[4][3]).split("@")[0] == "0" for m in made],
+                                  dtype=torch.bool)
+    return batch
+
+
+def _rebuild(cfg: _Config, desc: dict) -> dict:
+    """A batch again from its slot descriptions (the state's `last_good`), in this process."""
+    made = []
+    for shard, idx, key, *rest in desc["slots"]:
+        url = cfg.urls[shard]
+        found = [(k, f) for _, k, f in iter_samples(_open_url(cfg, url), idx, idx + 1, read_exts=cfg.read_exts(),
+                                                     read_images=True, retries=cfg.retries)]
+        if not found or found[0][0] != key:
+            raise RuntimeError(f"data: cannot rebuild the saved last good batch: sample {idx} of {shard_name(url)} "
+                               f"is {found[0][0] if found else 'missing'!r}, not {key!r} (did the shards change?)")
+        img, mask, label, _ = _make_sample(cfg, key, found[0][1], [cfg.seed, desc["epoch"], key, *rest], url)
+        made.append((img, mask, label, None, [shard, idx, key, *rest]))
+    return _assemble(cfg, made, False)
 
 
 class _EpochDataset(IterableDataset):
-    """The rank's epoch from batch `first_batch` on; DataLoader worker w plays stream
+    """The rank's epoch stage from batch `first_batch` on; DataLoader worker w plays stream
     (w + first_batch) % K so that the first batch to arrive is batch `first_batch`."""
 
-    def __init__(self, cfg: _Config, epoch: int, first_batch: int):
-        self.cfg, self.epoch, self.first_batch = cfg, epoch, first_batch
+    def __init__(self, cfg: _Config, epoch: int, first_batch: int, pool=None, stage: int = 0):
+        self.cfg, self.epoch, self.first_batch, self.pool, self.stage = cfg, epoch, first_batch, pool, stage
 
     def __iter__(self):
         info = get_worker_info()
@@ -300,30 +368,19 @@ class _EpochDataset(IterableDataset):
         if info is not None:
             torch.set_num_threads(1)  # PIL does the work; torch intra-op threads only oversubscribe
         k = (w + self.first_batch) % self.cfg.streams
-        yield from _Stream(self.cfg, self.epoch, k, self.first_batch).batches()
+        yield from _Stream(self.cfg, self.epoch, k, self.first_batch, self.pool, self.stage).batches()
 
 
 # ----------------------------------------------------------------------------- main process
 
-class SimMIMLoader:
-    """Batches `{"image": uint8 (B,3,H,W), "mask": bool (B,H/4,W/4), "key": list[str]}` forever.
+class _ShardLoader:
+    """The shared machinery of SimMIMLoader and ClassificationLoader (see the module docstring)."""
 
-    "image" has channels-last strides (a view of NHWC memory; `transforms.normalize_on_device`
-    returns contiguous NCHW on the device); call `.contiguous()` for NCHW memory on the CPU.
+    STATE_FORMAT = "gigamim.data.ShardLoader/1"
 
-    shards: brace pattern (`/data/train-{000000..000127}.tar`, `pipe:curl -s https://.../x-{0..9}.tar`),
-        a list of URLs, or an index.json written by make-shards (counts come from it).
-    index: optional index.json (or {url: count}) giving counts for `shards`; without any index
-        the shards are scanned once (headers only) to count samples.
-    mode: "epoch" (every sample once per epoch, padded to equal batch counts) or "resampled"
-        (shards drawn with replacement; nominal epoch of the same length).
-    Exact resume needs the same world_size, num_workers, micro_batch_size, seed and data.
-    """
-
-    def __init__(self, shards, micro_batch_size: int, *, rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                 seed: int = 0, img_size: int = 192, mask_patch_size: int = 32, model_patch_size: int = 4,
-                 mask_ratio: float = 0.6, mode: str = "epoch", shuffle_buffer: int = 1000, index=None,
-                 pin_memory: bool = False, prefetch_factor: int = 2, multiprocessing_context=None):
+    def _setup(self, shards, micro_batch_size, *, rank, world_size, num_workers, seed, mode, shuffle_buffer, index,
+               pin_memory, prefetch_factor, multiprocessing_context, transform, masker, labels, image_key,
+               cache_dir, cache_size):
         if mode not in ("epoch", "resampled"):
             raise ValueError(f"mode must be 'epoch' or 'resampled', got {mode!r}")
         if micro_batch_size < 1:
@@ -335,8 +392,11 @@ class SimMIMLoader:
         urls, counts = resolve_shards(shards, index)
         self.skip_counts: dict[str, int] = {}
         self.fix_counts: dict[str, int] = {}
+        self.bytes_read = 0      # bytes read from opened shards (local files, pipes, cached copies)
+        self.bytes_fetched = 0   # bytes downloaded into the shard cache
+        self.classes = shardspec.resolve(shards).classes if labels else None
         if any(c is None for c in counts):
-            counts = self._count(urls, counts)
+            counts = self._count(urls, counts, cache_dir, cache_size)
         if sum(counts) == 0:
             raise ValueError(f"no samples in the {len(urls)} shard(s) {_shard_list(urls)}")
         self.num_workers = num_workers
@@ -345,12 +405,15 @@ class SimMIMLoader:
         self.multiprocessing_context = multiprocessing_context
         self.cfg = _Config(urls=urls, counts=counts, micro_batch_size=micro_batch_size, rank=rank,
                            world_size=world_size, streams=max(num_workers, 1), seed=seed, mode=mode,
-                           shuffle_buffer=shuffle_buffer, img_size=img_size, mask_patch_size=mask_patch_size,
-                           model_patch_size=model_patch_size, mask_ratio=mask_ratio)
+                           shuffle_buffer=shuffle_buffer, transform=transform, masker=masker, labels=labels,
+                           image_key=image_key_options(image_key), cache_dir=cache_dir, cache_size=cache_size)
         self.epoch = 0
-        self._batch = 0          # batches of self.epoch already yielded
+        self._batch = 0          # batches of the current stage of self.epoch already yielded
+        self._stages: list[dict] = []   # finished stages of this epoch (elastic resume), oldest first
+        self._pool = None        # sequence positions of the current stage (None: the whole epoch)
         self.decode_count = 0    # images decoded for this loader (all its workers), for tests and benchmarks
         self._last_good = None
+        self._last_good_desc = None
         nonempty = sum(1 for c in counts if c > 0)
         if nonempty < world_size * self.cfg.streams:
             log.warning("data: %d non-empty shard(s) for %d ranks x %d workers = %d streams; %s",
@@ -368,62 +431,98 @@ class SimMIMLoader:
         return list(self.cfg.urls)
 
     def __len__(self) -> int:
-        return self.cfg.batches_per_rank
+        """Batches per rank in the current epoch (stage)."""
+        total = self.num_samples if self._pool is None else len(self._pool)
+        return assign.batches_per_rank(total, self.cfg.world_size, self.cfg.micro_batch_size)
 
-    def _count(self, urls, counts):
+    def _count(self, urls, counts, cache_dir, cache_size):
         log.warning("data: no index for %d shard(s); counting samples by reading tar headers "
                     "(write an index with `gigamim make-shards` to skip this)", sum(c is None for c in counts))
         out = []
         for url, c in zip(urls, counts):
             if c is None:
                 try:
+                    if cache_dir and shardspec.url_kind(url) != "local":
+                        from gigamim.data import shard_cache
+
+                        url = shard_cache.fetch(url, cache_dir, cache_size)
                     c = count_samples(url)
                 except ShardError as exc:
                     log.warning("data: %s", exc)
                     self.skip_counts[exc.reason] = self.skip_counts.get(exc.reason, 0) + 1
                     c = 0
+                except OSError as exc:
+                    log.warning("data: shard_unreadable: %s: %s", url, exc)
+                    self.skip_counts["shard_unreadable"] = self.skip_counts.get("shard_unreadable", 0) + 1
+                    c = 0
             out.append(c)
         return out
 
     # -- position
+    def _geometry(self) -> dict:
+        cfg = self.cfg
+        return {"world_size": cfg.world_size, "streams": cfg.streams, "micro_batch_size": cfg.micro_batch_size,
+                "shuffle_buffer": cfg.shuffle_buffer}
+
     def state_dict(self) -> dict:
         cfg = self.cfg
-        return {"format": STATE_FORMAT, "epoch": self.epoch, "batch": self._batch, "seed": cfg.seed,
+        return {"format": self.STATE_FORMAT, "epoch": self.epoch, "batch": self._batch, "seed": cfg.seed,
                 "mode": cfg.mode, "world_size": cfg.world_size, "rank": cfg.rank, "num_workers": self.num_workers,
+                "streams": cfg.streams, "shuffle_buffer": cfg.shuffle_buffer,
                 "micro_batch_size": cfg.micro_batch_size, "num_samples": self.num_samples,
-                "num_shards": len(cfg.urls), "batches_per_epoch": len(self),
+                "num_shards": len(cfg.urls), "batches_per_epoch": len(self), "stages": [dict(s) for s in self._stages],
+                "last_good": self._last_good_desc,
                 "skip_counts": dict(self.skip_counts), "fix_counts": dict(self.fix_counts),
-                "decode_count": self.decode_count}
+                "decode_count": self.decode_count, "bytes_read": self.bytes_read,
+                "bytes_fetched": self.bytes_fetched}
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a SimMIMLoader state (format {state.get('format') if isinstance(state, dict) else type(state)!r}, "
-                             f"expected {STATE_FORMAT!r})")
+        if not isinstance(state, dict) or state.get("format") not in (self.STATE_FORMAT,) + self._OLD_FORMATS:
+            raise ValueError(f"not a {type(self).__name__} state (format "
+                             f"{state.get('format') if isinstance(state, dict) else type(state)!r}, "
+                             f"expected {self.STATE_FORMAT!r})")
         cfg = self.cfg
-        mine = {"seed": cfg.seed, "mode": cfg.mode, "world_size": cfg.world_size, "num_workers": self.num_workers,
-                "micro_batch_size": cfg.micro_batch_size, "num_samples": self.num_samples}
-        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         epoch, batch = int(state["epoch"]), int(state["batch"])
-        if diff and batch > 0:
+        saved = {"world_size": state.get("world_size"), "streams": state.get("streams", max(state.get("num_workers", 0), 1)),
+                 "micro_batch_size": state.get("micro_batch_size"), "shuffle_buffer": state.get("shuffle_buffer", cfg.shuffle_buffer)}
+        stages = [dict(s) for s in state.get("stages", [])]
+        same_data = {"seed": cfg.seed, "mode": cfg.mode, "num_samples": self.num_samples}
+        diff = {k: (state.get(k), v) for k, v in same_data.items() if state.get(k) != v}
+        if cfg.mode == "resampled":
+            diff.update({k: (saved[k], v) for k, v in self._geometry().items() if saved[k] != v})
+        self._stages, self._pool = [], None
+        if diff and (batch > 0 or stages):
             # The plan depends on all of these: resuming mid-epoch would repeat or skip samples.
             log.warning("data: resume state differs (%s); cannot resume mid-epoch exactly, starting epoch %d",
                         ", ".join(f"{k}: saved {a} now {b}" for k, (a, b) in diff.items()), epoch + 1)
             epoch, batch = epoch + 1, 0
+        elif saved != self._geometry() and (batch > 0 or stages):
+            # Elastic: the saved stage ends here; the rest of the epoch is a new stage for this geometry.
+            stages.append({**saved, "batches": batch})
+            batch = 0
+            self._stages = stages
+        else:
+            self._stages = stages
+        if self._stages:
+            self._pool = assign.remaining_pool(self.num_samples, seed=cfg.seed, epoch=epoch, stages=self._stages)
         if batch >= len(self):
-            epoch, batch = epoch + 1, 0
+            epoch, batch, self._stages, self._pool = epoch + 1, 0, [], None
         self.epoch, self._batch = epoch, batch
         if state.get("rank") == cfg.rank:
             self.skip_counts = dict(state.get("skip_counts", {}))
             self.fix_counts = dict(state.get("fix_counts", {}))
+            self.bytes_read = int(state.get("bytes_read", 0))
+            self.bytes_fetched = int(state.get("bytes_fetched", 0))
+        self._last_good, self._last_good_desc = None, state.get("last_good")
         self.decode_count = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Start the next iter() at the beginning of `epoch`."""
-        self.epoch, self._batch = int(epoch), 0
+        self.epoch, self._batch, self._stages, self._pool = int(epoch), 0, [], None
 
     # -- iteration
     def _epoch_batches(self, epoch: int, first: int):
-        ds = _EpochDataset(self.cfg, epoch, first)
+        ds = _EpochDataset(self.cfg, epoch, first, self._pool, len(self._stages))
         if self.num_workers == 0:
             return iter(ds)
         return iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
@@ -436,6 +535,8 @@ class SimMIMLoader:
             for k, v in src.items():
                 dst[k] = dst.get(k, 0) + v
         self.decode_count += meta["decoded"]
+        self.bytes_read += meta["bytes"]["n"]
+        self.bytes_fetched += meta["bytes"]["fetched"]
 
     def __iter__(self):
         while True:
@@ -451,6 +552,11 @@ class SimMIMLoader:
                 if shutdown is not None:
                     shutdown()
 
+    def _replacement(self):
+        if self._last_good is None and self._last_good_desc is not None:
+            self._last_good = _rebuild(self.cfg, self._last_good_desc)
+        return self._last_good
+
     def _ordered(self, batches, epoch: int, first: int, nb: int):
         """The epoch's batches in order, bad ones replaced, the position advanced."""
         pending: dict[int, dict] = {}
@@ -458,6 +564,8 @@ class SimMIMLoader:
         missing: list[int] = []     # batches with no readable image, waiting for a good batch
         bad_shards: set[str] = set()
         for item in batches:
+            if "error" in item:
+                raise ValueError(item["error"])
             meta = item["meta"]
             pending[meta["b"]] = item
             while expected in pending:
@@ -467,12 +575,13 @@ class SimMIMLoader:
                 batch = item["batch"]
                 if batch is None:
                     self.skip_counts["batch_replaced"] = self.skip_counts.get("batch_replaced", 0) + 1
-                    if self._last_good is None:
+                    batch = self._replacement()
+                    if batch is None:
                         missing.append(expected)
                         expected += 1
                         continue
-                    batch = self._last_good
-                self._last_good = batch
+                else:
+                    self._last_good, self._last_good_desc = batch, item["desc"]
                 for _ in missing:       # batches that came before any readable one
                     yield from self._advance(batch, epoch, nb)
                 missing = []
@@ -488,8 +597,76 @@ class SimMIMLoader:
     def _advance(self, batch, epoch, nb):
         self._batch += 1
         if self._batch >= nb:
-            self.epoch, self._batch = epoch + 1, 0
-        yield {"image": batch["image"], "mask": batch["mask"], "key": list(batch["key"])}
+            self.epoch, self._batch, self._stages, self._pool = epoch + 1, 0, [], None
+        yield {k: (list(v) if k == "key" else v) for k, v in batch.items()}
+
+
+class SimMIMLoader(_ShardLoader):
+    """Batches `{"image": uint8 (B,3,H,W), "mask": bool (B,H/4,W/4), "key": list[str], "valid": bool (B,)}`
+    forever (+ `"label"`: int64 (B,) with labels=True).
+
+    "image" has channels-last strides (a view of NHWC memory; `transforms.normalize_on_device`
+    returns contiguous NCHW on the device); call `.contiguous()` for NCHW memory on the CPU.
+
+    shards: any shard spec (shardspec.py): brace pattern (`/data/train-{000000..000127}.tar`,
+        `pipe:curl -s https://.../x-{0..9}.tar`), `,`/`::` lists, a list of URLs, a folder, or an
+        index.json written by make-shards (counts come from it).
+    index: optional index.json (or {url: count}) giving counts for `shards`; without any index
+        the shards are scanned once (headers only) to count samples.
+    mode: "epoch" (every sample once per epoch, padded to equal batch counts) or "resampled"
+        (shards drawn with replacement; nominal epoch of the same length).
+    image_key: which member is the image ("input.jpg", "jpg;png"; default: tario.pick_image's priority).
+    labels: also yield "label" from each sample's `.cls` member (a one-line error if one lacks it).
+    cache_dir / cache_size: per-node cache of remote and pipe: shards (shard_cache.py), bytes bound.
+    A resume continues exactly with the same seed and data; another world size, worker
+    count or micro-batch continues the same epoch with the samples not yet consumed.
+    """
+
+    STATE_FORMAT = "gigamim.data.SimMIMLoader/1"
+    _OLD_FORMATS = ()
+
+    def __init__(self, shards, micro_batch_size: int, *, rank: int = 0, world_size: int = 1, num_workers: int = 2,
+                 seed: int = 0, img_size: int = 192, mask_patch_size: int = 32, model_patch_size: int = 4,
+                 mask_ratio: float = 0.6, mode: str = "epoch", shuffle_buffer: int = 1000, index=None,
+                 image_key: str | None = None, labels: bool = False, cache_dir: str | None = None,
+                 cache_size: int | None = None, pin_memory: bool = False, prefetch_factor: int = 2,
+                 multiprocessing_context=None, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)):
+        self._setup(shards, micro_batch_size, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed,
+                    mode=mode, shuffle_buffer=shuffle_buffer, index=index, pin_memory=pin_memory,
+                    prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context,
+                    transform=SimMIMTransform(img_size, scale, ratio),
+                    masker=MaskGenerator(img_size, mask_patch_size, model_patch_size, mask_ratio),
+                    labels=labels, image_key=image_key, cache_dir=cache_dir, cache_size=cache_size)
+
+
+class ClassificationLoader(_ShardLoader):
+    """Labelled batches for fine-tuning and linear probing, with the SimMIMLoader position model
+    (exact and elastic resume, bad-data handling, cache):
+    `{"image": uint8 (B,3,H,W) channels-last, "label": int64 (B,), "key": list[str], "valid": bool (B,)}`.
+
+    train=True: RandomResizedCrop(img_size, scale, ratio) + flip, shuffled; train=False: resize
+    to img_size / crop_pct + centre crop, shard order, and `valid` False on padding repeats
+    (drop those when averaging eval metrics so every sample counts once). `classes`: class
+    names from the index.json (None when it has none). Labels come from `.cls` members.
+    """
+
+    STATE_FORMAT = "gigamim.data.ClassificationLoader/1"
+    _OLD_FORMATS = ()
+
+    def __init__(self, shards, micro_batch_size: int, *, rank: int = 0, world_size: int = 1, num_workers: int = 2,
+                 seed: int = 0, img_size: int = 224, train: bool = True, mode: str = "epoch",
+                 shuffle_buffer: int | None = None, index=None, image_key: str | None = None,
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), crop_pct: float = 0.875, cache_dir: str | None = None,
+                 cache_size: int | None = None, pin_memory: bool = False, prefetch_factor: int = 2,
+                 multiprocessing_context=None):
+        if shuffle_buffer is None:
+            shuffle_buffer = 1000 if train else 1
+        self._setup(shards, micro_batch_size, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed,
+                    mode=mode, shuffle_buffer=shuffle_buffer, index=index, pin_memory=pin_memory,
+                    prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context,
+                    transform=ClassifyTransform(img_size, train=train, scale=scale, ratio=ratio, crop_pct=crop_pct),
+                    masker=None, labels=True, image_key=image_key, cache_dir=cache_dir, cache_size=cache_size)
+        self.train = train
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

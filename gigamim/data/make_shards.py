@@ -4,9 +4,17 @@ Output (deterministic for the same input and options):
   OUT/<prefix>-000000.tar ...   webdataset tar shards; member `<key>.<ext>` (original bytes
                                 unless --resize-max-side re-encodes), `<key>.cls` (ASCII int) when
                                 the source has classes
-  OUT/index.json                {"shards": [{"url": "<prefix>-000000.tar", "num_samples": n}, ...], "total": N}
-                                (urls relative to OUT; SimMIMLoader takes this file as `shards`)
-  OUT/make_shards_report.json   counts written/skipped by reason, and every skipped input
+  OUT/index.json                {"shards": [{"url": "<prefix>-000000.tar", "num_samples": n}, ...], "total": N,
+                                 "classes": [names]}   (classes only for labelled sources: ImageFolder
+                                class folders in sorted order, `.cls` = the index into it; urls
+                                relative to OUT; the loaders take this file as `shards`)
+  OUT/make_shards_report.json   every input accounted for: `inputs` = `written` + skipped; `written`
+                                = `written_unchanged` (original bytes) + converted (re-encoded or
+                                renamed to the format's extension, by reason); each converted and
+                                skipped input with its path, reason and what PIL said.
+Every file under a source folder is an input, whatever its extension: images of any format
+PIL reads are kept (formats the reader does not list, e.g. AVIF, are re-encoded as PNG; a
+JPEG named `.jfif` is stored as `.jpg`), anything else is skipped as not_an_image.
 Keys are `<input number, 8 digits>_<sanitised source name>`: unique by the number, readable
 by the name, and safe: only [A-Za-z0-9_-] (no dots that readers split on, no slashes or `..`).
 Tar headers carry fixed mtime/uid/gid/names/mode, inputs are sorted, and parallel
@@ -28,7 +36,7 @@ from typing import Iterable, Iterator
 
 from gigamim.sizes import parse_size
 
-from gigamim.data.tario import IMAGE_EXTS, ShardError, iter_samples, pick_image
+from gigamim.data.tario import ShardError, iter_samples, pick_image
 
 INDEX_NAME = "index.json"
 REPORT_NAME = "make_shards_report.json"
@@ -49,7 +57,7 @@ class ShardSink:
     """Writes samples ({"__key__": str, ext: bytes, ...}) into size/count-limited shards."""
 
     def __init__(self, out_dir, max_count: int = 1000, max_size: int | None = None, prefix: str = "shard",
-                 progress_total: int | None = None, overwrite: bool = True):
+                 progress_total: int | None = None, overwrite: bool = True, classes: list[str] | None = None):
         import webdataset as wds
 
         self._wds = wds
@@ -63,6 +71,7 @@ class ShardSink:
         self.max_count, self.max_size, self.prefix = max_count, max_size, prefix
         self.shards: list[dict] = []
         self.total = 0
+        self.classes = list(classes) if classes else None
         self._writer = None
         self._count = self._size = 0
         self._bar = None
@@ -114,7 +123,10 @@ class ShardSink:
             self._bar.close()
             self._bar = None
         with open(self.index_path, "w", encoding="utf-8") as f:
-            json.dump({"shards": self.shards, "total": self.total}, f, indent=1)
+            index = {"shards": self.shards, "total": self.total}
+            if self.classes:
+                index["classes"] = self.classes
+            json.dump(index, f, indent=1)
             f.write("\n")
 
     def __enter__(self):
@@ -138,23 +150,28 @@ def parallel_map(fn, items: Iterable, workers: int) -> Iterator:
 # ----------------------------------------------------------------------------- sources
 
 def _is_image(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS if "." in name else False
+    """Named like an image PIL can read (used only to tell ImageFolder from flat layouts)."""
+    from PIL import Image
+
+    return "." in name and "." + name.rsplit(".", 1)[-1].lower() in Image.registered_extensions()
 
 
 def scan_folder(root: str, layout: str = "auto") -> tuple[list[tuple[str, int | None, str]], list[str]]:
-    """[(path, class or None, name for the key)], class names. ImageFolder = images only in
-    subfolders: the top-level subfolder is the class (as torchvision's ImageFolder)."""
+    """[(path, class or None, name for the key)] for EVERY file under root, class names.
+    ImageFolder = no image at the top level: the top-level subfolder is the class (as
+    torchvision's ImageFolder); files at the top level of an ImageFolder have no class."""
     files: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
-        files += [os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f)]
+        files += [os.path.join(dirpath, f) for f in sorted(filenames)]
     rel = sorted(os.path.relpath(p, root) for p in files)
     if layout == "auto":
-        layout = "imagefolder" if rel and all(os.sep in r for r in rel) else "flat"
+        images = [r for r in rel if _is_image(r)]
+        layout = "imagefolder" if images and all(os.sep in r for r in images) else "flat"
     if layout == "imagefolder":
-        classes = sorted({r.split(os.sep, 1)[0] for r in rel})
+        classes = sorted({r.split(os.sep, 1)[0] for r in rel if os.sep in r})
         cid = {c: i for i, c in enumerate(classes)}
-        return [(os.path.join(root, r), cid[r.split(os.sep, 1)[0]], r) for r in rel], classes
+        return [(os.path.join(root, r), cid[r.split(os.sep, 1)[0]] if os.sep in r else None, r) for r in rel], classes
     return [(os.path.join(root, r), None, r) for r in rel], []
 
 
@@ -177,30 +194,44 @@ def read_file_list(path: str) -> list[tuple[str, int | None, str]]:
     return out
 
 
-def _reencode(data: bytes, max_side: int | None, quality: int) -> tuple[bytes, str | None]:
-    """Validate by decoding; if max_side is set and exceeded, resize + re-encode as JPEG."""
+# PIL format -> the member ext the reader knows it by (tario.IMAGE_EXTS).
+_FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tif",
+               "PPM": "ppm", "JPEG2000": "jp2"}
+
+
+def _prepare(data: bytes, ext: str, max_side: int | None, quality: int) -> tuple[bytes, str, str | None]:
+    """Validate by decoding; returns (bytes, member ext, conversion reason or None for unchanged).
+    Raises BadSample (reason, readable detail) when the data is not a usable image."""
+    import io
+
     from PIL import Image
 
     from gigamim.data.transforms import decode_rgb, open_image
 
-    if max_side is None:
-        img = open_image(data)
+    img = open_image(data)
+    fmt_ext = _FORMAT_EXT.get(img.format or "")
+    ext = {"jpeg": "jpg", "tiff": "tif"}.get(ext, ext)
+    if max_side is None and fmt_ext is not None:
         decode_rgb(data, draft_size=(max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
-        return data, None
-    img, _ = decode_rgb(data)
-    if max(img.size) <= max_side:
-        return data, None
-    scale = max_side / max(img.size)
-    img = img.resize((max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale))), Image.Resampling.LANCZOS)
-    import io
-
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue(), "jpg"
+        return data, fmt_ext, (None if ext == fmt_ext else f"renamed_{ext or 'noext'}_to_{fmt_ext}")
+    rgb, _ = decode_rgb(data)
+    if max_side is not None and max(rgb.size) > max_side:
+        scale = max_side / max(rgb.size)
+        rgb = rgb.resize((max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale))),
+                         Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        rgb.save(buf, format="JPEG", quality=quality)
+        return buf.getvalue(), "jpg", "resized"
+    if fmt_ext is None:
+        # A format PIL reads but the reader does not list (AVIF, QOI, ...): lossless PNG.
+        buf = io.BytesIO()
+        rgb.save(buf, format="PNG")
+        return buf.getvalue(), "png", f"reencoded_{(img.format or 'unknown').lower()}_as_png"
+    return data, fmt_ext, (None if ext == fmt_ext else f"renamed_{ext or 'noext'}_to_{fmt_ext}")
 
 
 def _load_file(job):
-    """Worker: (number, path, cls, name, max_side, quality) -> ("ok", sample) | ("skip", path, reason, detail)."""
+    """Worker: (number, path, cls, name, max_side, quality) -> ("ok", sample, path, conversion) | ("skip", path, reason, detail)."""
     from gigamim.data.transforms import BadSample
 
     i, path, cls, name, max_side, quality = job
@@ -208,17 +239,17 @@ def _load_file(job):
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
-        return ("skip", path, "unreadable_file", f"{type(exc).__name__}: {exc}")
+        return ("skip", path, "unreadable_file", f"{type(exc).__name__}: {exc.strerror or exc}")
+    ext = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else ""
     try:
-        data, new_ext = _reencode(data, max_side, quality)
+        data, new_ext, conversion = _prepare(data, ext, max_side, quality)
     except BadSample as exc:
-        return ("skip", path, exc.reason, exc.detail)
-    ext = new_ext or path.rsplit(".", 1)[-1].lower()
-    ext = "jpg" if ext == "jpeg" else ext
-    sample = {"__key__": f"{i:08d}_{sanitize_key(os.path.splitext(name)[0])}", ext: data}
+        detail = exc.detail or exc.reason
+        return ("skip", path, exc.reason, f"{detail} (extension {'.' + ext if ext else 'none'}, {len(data)} bytes)")
+    sample = {"__key__": f"{i:08d}_{sanitize_key(os.path.splitext(name)[0])}", new_ext: data}
     if cls is not None:
         sample["cls"] = str(cls).encode()
-    return ("ok", sample)
+    return ("ok", sample, path, conversion)
 
 
 def _load_sample(job):
@@ -228,21 +259,22 @@ def _load_sample(job):
     i, url, key, files, max_side, quality = job
     where = f"{url}#{key}"
     if isinstance(files, str):
-        return ("skip", where, files, "")
+        return ("skip", where, files, "the sample has no members the reader keeps")
     found = pick_image(files)
     if found is None:
-        return ("skip", where, "no_image", f"members {sorted(files)}")
+        return ("skip", where, "no_image", f"no image member among {sorted(files)}")
     ext, data = found
+    head, _, last = ext.rpartition(".")
     try:
-        data, new_ext = _reencode(data, max_side, quality)
+        data, new_last, conversion = _prepare(data, last, max_side, quality)
     except BadSample as exc:
-        return ("skip", where, exc.reason, exc.detail)
+        return ("skip", where, exc.reason, f"{ext}: {exc.detail or exc.reason}")
     sample = {"__key__": f"{i:08d}_{sanitize_key(key.rsplit('/', 1)[-1])}"}
     for e, v in files.items():
         if e != ext:
             sample[e] = v
-    sample[new_ext or ("jpg" if ext == "jpeg" else ext)] = data
-    return ("ok", sample)
+    sample[f"{head}.{new_last}" if head else new_last] = data
+    return ("ok", sample, where, conversion)
 
 
 def _shard_jobs(urls, max_side, quality, report):
@@ -273,6 +305,8 @@ def make_shards(src: str, out: str, *, max_count: int = 1000, max_size: int | No
     """Write shards from `src` into `out`; returns the report dict (also written to OUT/make_shards_report.json)."""
     kind = _source_kind(src)
     skipped: list[dict] = []
+    converted: list[dict] = []
+    shard_errors: list[dict] = []   # whole shards (or their tails) that could not be read: not inputs
     classes: list[str] = []
     if kind in ("folder", "list"):
         entries, classes = scan_folder(src, layout) if kind == "folder" else (read_file_list(src), [])
@@ -283,27 +317,31 @@ def make_shards(src: str, out: str, *, max_count: int = 1000, max_size: int | No
         jobs = [(i, p, c, n, resize_max_side, quality) for i, (p, c, n) in enumerate(entries)]
         fn, total = _load_file, len(jobs)
     else:
-        from gigamim.data.loader import resolve_shards
+        from gigamim.data.shardspec import resolve
 
-        urls, _ = resolve_shards(os.path.join(src, INDEX_NAME) if os.path.isdir(src) else src)
-        jobs = _shard_jobs(urls, resize_max_side, quality, skipped)
+        found = resolve(src)
+        classes = found.classes or []
+        jobs = _shard_jobs(found.urls, resize_max_side, quality, shard_errors)
         fn, total = _load_sample, None
     if kind != "shards" and not jobs:
-        raise ValueError(f"make-shards: no image files ({', '.join(IMAGE_EXTS)}) found in {src!r}")
+        raise ValueError(f"make-shards: no files found in {src!r}")
     sink = ShardSink(out, max_count=max_count, max_size=max_size, prefix=prefix,
-                     progress_total=(total or 0) if progress else None, overwrite=overwrite)
+                     progress_total=(total or 0) if progress else None, overwrite=overwrite, classes=classes)
+    inputs = 0
     with sink:
         for result in parallel_map(fn, jobs, workers):
+            inputs += 1
             if result[0] == "ok":
                 sink.write(result[1])
+                if result[3] is not None:
+                    converted.append({"path": result[2], "reason": result[3]})
             else:
                 skipped.append({"path": result[1], "reason": result[2], "detail": result[3]})
                 sink.skip()
-    counts: dict[str, int] = {}
-    for s in skipped:
-        counts[s["reason"]] = counts.get(s["reason"], 0) + 1
-    report = {"source": src, "source_kind": kind, "written": sink.total, "shards": len(sink.shards),
-              "skipped": counts, "skipped_inputs": skipped, "classes": classes,
+    report = {"source": src, "source_kind": kind, "inputs": inputs, "written": sink.total,
+              "written_unchanged": sink.total - len(converted), "converted": _by_reason(converted),
+              "shards": len(sink.shards), "skipped": _by_reason(skipped), "converted_inputs": converted,
+              "skipped_inputs": skipped, "shard_errors": shard_errors, "classes": classes,
               "options": {"max_count": max_count, "max_size": max_size, "resize_max_side": resize_max_side,
                           "quality": quality, "prefix": prefix, "layout": layout}}
     with open(os.path.join(sink.out_dir, REPORT_NAME), "w", encoding="utf-8") as f:
@@ -312,6 +350,13 @@ def make_shards(src: str, out: str, *, max_count: int = 1000, max_size: int | No
     if sink.total == 0:
         raise ValueError(f"make-shards: every input from {src!r} was unreadable; see {os.path.join(sink.out_dir, REPORT_NAME)}")
     return report
+
+
+def _by_reason(entries: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e["reason"]] = counts.get(e["reason"], 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"gigamim make-shards: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {report['written']} samples in {report['shards']} shard(s) -> {os.path.join(out, INDEX_NAME)}; "
-          f"skipped {sum(report['skipped'].values())} {report['skipped'] or ''}")
+    print(f"{report['inputs']} inputs: wrote {report['written']} samples ({report['written_unchanged']} unchanged, "
+          f"converted {sum(report['converted'].values())} {report['converted'] or ''}) in {report['shards']} shard(s) "
+          f"-> {os.path.join(out, INDEX_NAME)}; skipped {sum(report['skipped'].values())} {report['skipped'] or ''}; "
+          f"details in {os.path.join(out, REPORT_NAME)}")
     return 0
 
 

@@ -6,14 +6,23 @@ members), and bad shards must be reported by reason, not raised or slept on.
 Opening still goes through `webdataset.gopen`, so `pipe:` URLs (`pipe:aws s3 cp s3://b/x.tar -`,
 `pipe:curl -s ...`) and `file:` work as in webdataset.
 
-Sample grouping (how member names map to (key, ext)):
-webdataset splits a name at the FIRST dot of its basename, so `img.0001.jpg` and
-`img.0002.jpg` both get key `img` and collapse into one sample. Here a member joins the
-current sample when its name starts with `<current key>.`; otherwise it starts a new
-sample whose key is the name minus its LAST extension. So `a.jpg`+`a.cls` -> key `a`;
-`img.0001.jpg`, `img.0002.jpg` -> keys `img.0001`, `img.0002`; webdataset's multi-part
-extensions (`a.jpg`, `a.seg.png`) still group under `a` when the shortest name comes first.
-The shard writer never produces keys with dots (make-shards sanitises them).
+Sample grouping: exactly webdataset's rule (`tariterators.base_plus_ext` + `group_by_keys`).
+A member name splits at the FIRST dot of its basename: `dir.v2/k0.input.jpg` -> key
+`dir.v2/k0`, ext `input.jpg` (exts are lower-cased); consecutive members with the same key
+are one sample. A basename without a dot (or starting with one) is not part of any sample,
+`__*__` metadata members are skipped, and a repeated ext inside a sample keeps the first
+member (webdataset raises there). Shards written by gigamim (keys never contain dots) read
+the same under this rule as under the last-dot rule of gigamim <= 0.2.
+
+Which member is the image (`pick_image`): with `image_key` (e.g. "input.jpg" or
+"jpg;png", webdataset's `to_tuple` alternatives), the first of those exts present;
+otherwise the first ext of IMAGE_EXTS present as a whole ext (`jpg` before `jpeg`, `png`,
+...), else the multi-part ext whose last part ranks first in IMAGE_EXTS (ties: the
+alphabetically first), so `input.jpg` wins over `target.png`.
+
+Bytes: every stream counts the bytes it actually reads from the shards it opens
+(`BYTES_READ`, per process); seeks over skipped members on local files cost nothing, while
+pipe:/remote streams read everything up to the last member they need.
 """
 
 from __future__ import annotations
@@ -26,11 +35,11 @@ from typing import Callable, Iterator
 
 from webdataset.gopen import gopen as wds_gopen
 
+from gigamim.data.shardspec import local_path, url_kind
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "jp2")
 # Never unpickled anywhere in gigamim; listed so the reader can refuse to even read them.
 PICKLE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt", "npy_pickle")
-
-_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 
 
 class ShardError(Exception):
@@ -44,11 +53,7 @@ class ShardError(Exception):
 
 
 def is_local(url: str) -> bool:
-    return url.startswith("file:") or not _SCHEME.match(url) or bool(re.match(r"^[a-zA-Z]:[\\/]", url))
-
-
-def local_path(url: str) -> str:
-    return re.sub(r"^file://?", "/", url) if url.startswith("file:") else url
+    return url_kind(url) == "local"
 
 
 def open_tar(url: str, retries: int = 2, retry_wait: float = 0.5):
@@ -60,9 +65,9 @@ def open_tar(url: str, retries: int = 2, retry_wait: float = 0.5):
         stream = None
         try:
             if is_local(url):
-                stream = open(local_path(url), "rb")
+                stream = _Counting(open(local_path(url), "rb"))
                 return tarfile.open(fileobj=stream, mode="r:*"), stream
-            stream = wds_gopen(url, "rb")
+            stream = _Counting(wds_gopen(url, "rb"))
             return tarfile.open(fileobj=stream, mode="r|*"), stream
         except Exception as exc:  # noqa: BLE001 - reported as a skip reason, never raised deep
             last = exc
@@ -83,33 +88,53 @@ def _quiet_close(stream) -> None:
         pass
 
 
-def _ext_after(key: str, name: str) -> str:
-    return name[len(key) + 1:]
+_BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")     # webdataset.tariterators.base_plus_ext
+_META = re.compile(r"__[^/]*__($|/)")                              # webdataset's skip_meta
+
+# Bytes this process (each DataLoader worker is one) read from the shards it opened ("n")
+# and downloaded into the shard cache ("fetched", shard_cache.py).
+BYTES_READ = {"n": 0, "fetched": 0}
 
 
-def _stem(name: str) -> tuple[str, str]:
-    """Name minus its last extension (only a dot in the basename counts)."""
-    slash, dot = name.rfind("/"), name.rfind(".")
-    if dot <= slash:
-        return name, ""
-    return name[:dot], name[dot + 1:]
+class _Counting:
+    """File wrapper counting the bytes read through it (seeks are free, as on disk)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def read(self, n=-1):
+        data = self.raw.read(n)
+        BYTES_READ["n"] += len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.raw, name)
+
+
+def split_name(name: str) -> tuple[str | None, str | None]:
+    """(key, ext) of a member name by webdataset's rule; (None, None) when it has no ext."""
+    m = _BASE_PLUS_EXT.match(name)
+    return (m.group(1), m.group(2).lower()) if m else (None, None)
+
+
+def is_image_ext(ext: str) -> bool:
+    return ext.rsplit(".", 1)[-1] in IMAGE_EXTS
 
 
 def iter_samples(url: str, start: int = 0, stop: int | None = None,
                  want: Callable[[int], bool] | None = None,
                  read_exts: tuple[str, ...] | None = IMAGE_EXTS + ("cls",),
                  on_error: Callable[[ShardError], None] | None = None,
-                 retries: int = 2) -> Iterator[tuple[int, str, dict | None]]:
+                 retries: int = 2, read_images: bool = False) -> Iterator[tuple[int, str, dict | None]]:
     """Yield (index, key, files) for samples `start <= index < stop` of one shard.
 
     `files` maps ext -> bytes for the members whose ext is in `read_exts` (None = all but
-    pickles), or is None when `want(index)` is False: then no member data is read at all.
-    Samples before `start` are stepped over the same way. A truncated or unreadable shard
-    ends the iteration early after calling `on_error` (or raising when it is None)."""
+    pickles) or, with `read_images`, whose ext ends in an image ext; `files` is None when
+    `want(index)` is False: then no member data is read at all. Samples before `start`
+    are stepped over the same way. A truncated or unreadable shard ends the iteration
+    early after calling `on_error` (or raising when it is None)."""
     tf = stream = None
     index, key, files = -1, None, None
-    def finish():
-        return (index, key, files)
     try:
         tf, stream = open_tar(url, retries=retries)
         while True:
@@ -124,33 +149,24 @@ def iter_samples(url: str, start: int = 0, stop: int | None = None,
             if not ti.isreg():
                 continue
             name = ti.name
-            base = name.rsplit("/", 1)[-1]
-            if base.startswith("__") and base.endswith("__"):
+            if _META.match(name):
                 continue  # webdataset metadata members
-            if key is not None and name.startswith(key + "."):
-                ext = _ext_after(key, name)
-            else:
-                stem, ext = _stem(name)
-                if key is not None and key.startswith(stem + ".") and ext:
-                    # `a.seg.png` came before `a.jpg`: shrink the key, keep the exts distinct.
-                    suffix = key[len(stem) + 1:]
-                    if files is not None:
-                        files = {f"{suffix}.{e}": v for e, v in files.items()}
-                    key = stem
-                else:
-                    if key is not None and index >= start:
-                        yield finish()
-                    index += 1
-                    if stop is not None and index >= stop:
-                        key = None
-                        return
-                    key, files = stem, ({} if index >= start and (want is None or want(index)) else None)
-            if files is None:
+            mkey, ext = split_name(name)
+            if mkey is None:
+                continue  # webdataset drops members without an extension too
+            if mkey != key:
+                if key is not None and index >= start:
+                    yield index, key, files
+                index += 1
+                if stop is not None and index >= stop:
+                    key = None
+                    return
+                key, files = mkey, ({} if index >= start and (want is None or want(index)) else None)
+            if files is None or ext in files:
                 continue
-            ext_l = ext.lower()
-            if ext_l.rsplit(".", 1)[-1] in PICKLE_EXTS:
+            if ext.rsplit(".", 1)[-1] in PICKLE_EXTS:
                 continue  # never read, never unpickled
-            if read_exts is not None and ext_l not in read_exts:
+            if read_exts is not None and ext not in read_exts and not (read_images and is_image_ext(ext)):
                 continue
             try:
                 fobj = tf.extractfile(ti)
@@ -159,9 +175,9 @@ def iter_samples(url: str, start: int = 0, stop: int | None = None,
                 raise ShardError("truncated_shard", url, f"{name}: {exc}") from None
             if len(data) != ti.size:
                 raise ShardError("truncated_shard", url, f"{name}: {len(data)} of {ti.size} bytes")
-            files[ext_l] = data
+            files[ext] = data
         if key is not None and index >= start:
-            yield finish()
+            yield index, key, files
         if is_local(url):
             # "r:" mode ends quietly at a cut-off header; a truncated tar shows as an
             # offset past the end of the file.
@@ -189,15 +205,27 @@ def count_samples(url: str) -> int:
     return n
 
 
-def pick_image(files: dict) -> tuple[str, bytes] | None:
-    """The sample's image member: an exact image ext first, then e.g. `seg.png`-style ones."""
+def image_key_options(image_key: str | None) -> tuple[str, ...] | None:
+    """`"input.jpg;png"` -> ("input.jpg", "png"); None/"" -> None (the default priority)."""
+    if not image_key:
+        return None
+    opts = tuple(e.strip().lower().lstrip(".") for e in str(image_key).split(";") if e.strip())
+    return opts or None
+
+
+def pick_image(files: dict, image_key: str | tuple[str, ...] | None = None) -> tuple[str, bytes] | None:
+    """The sample's image member (ext, bytes) by the rule in the module docstring."""
+    opts = image_key_options(image_key) if isinstance(image_key, str) else image_key
+    if opts:
+        for ext in opts:
+            if ext in files:
+                return ext, files[ext]
+        return None
     for ext in IMAGE_EXTS:
         if ext in files:
             return ext, files[ext]
-    for ext, data in files.items():
-        if ext.rsplit(".", 1)[-1] in IMAGE_EXTS:
-            return ext, data
-    return None
+    multi = sorted((IMAGE_EXTS.index(e.rsplit(".", 1)[-1]), e) for e in files if "." in e and is_image_ext(e))
+    return (multi[0][1], files[multi[0][1]]) if multi else None
 
 
 def shard_name(url: str) -> str:

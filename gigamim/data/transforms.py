@@ -11,6 +11,9 @@ which worker made it. Two shortcuts keep it at the decode-cost floor:
 - PIL's `Image.resize(box=...)` crops and resizes in one pass;
 - for JPEGs much larger than needed, `Image.draft` lets libjpeg decode at 1/2, 1/4 or
   1/8 scale (chosen so the crop still has >= S pixels per side), then the box is scaled.
+EXIF orientation (phone and camera photos) is applied as `PIL.ImageOps.exif_transpose`
+does: the crop is drawn on the upright image, the (drafted) decode is transposed before
+the crop-resize, and `info["exif_transposed"]` records it (-> fix_counts).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import re
 import warnings
 
 import numpy as np
@@ -85,6 +89,30 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
         return img.convert("RGB"), mode.lower()
 
 
+# EXIF Orientation -> the transpose that makes the image upright (PIL.ImageOps.exif_transpose's table).
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF Orientation tag (1 = upright, also when absent or unreadable)."""
+    try:
+        value = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not cost the image
+        return 1
+    return value if value in _ORIENTATION else 1
+
+
+def upright(img: Image.Image, orientation: int) -> Image.Image:
+    return img.transpose(_ORIENTATION[orientation]) if orientation in _ORIENTATION else img
+
+
+def clean_message(exc: BaseException) -> str:
+    """PIL's message without object reprs (`cannot identify image file <_io.BytesIO object at 0x7f..>`)."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(exc)).strip() or type(exc).__name__
+
+
 def open_image(data: bytes) -> Image.Image:
     """PIL image with only its header parsed; raises BadSample with a counter reason."""
     if not data:
@@ -92,11 +120,11 @@ def open_image(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
-        raise BadSample("not_an_image", str(exc)) from None
+        raise BadSample("not_an_image", clean_message(exc)) from None
     except Image.DecompressionBombError as exc:
         raise BadSample("too_large", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any parser failure is a bad sample, never a crash
-        raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+        raise BadSample("corrupt_image", f"{type(exc).__name__}: {clean_message(exc)}") from None
 
 
 def decode_rgb(data: bytes, draft_size: tuple[int, int] | None = None) -> tuple[Image.Image, str | None]:
@@ -112,7 +140,7 @@ def decode_rgb(data: bytes, draft_size: tuple[int, int] | None = None) -> tuple[
     except Image.DecompressionBombError as exc:
         raise BadSample("too_large", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - truncated / corrupt data
-        raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+        raise BadSample("corrupt_image", f"{type(exc).__name__}: {clean_message(exc)}") from None
 
 
 def pil_to_uint8_chw(img: Image.Image) -> torch.Tensor:
@@ -131,6 +159,11 @@ class SimMIMTransform:
         self.hflip = hflip
         self.use_draft = use_draft
 
+    def crop_params(self, width: int, height: int, rng: random.Random):
+        """(top, left, h, w, flip) in upright-image pixels."""
+        top, left, h, w = rrc_params(width, height, rng, self.scale, self.ratio)
+        return top, left, h, w, rng.random() < self.hflip
+
     def __call__(self, data: bytes, rng: random.Random) -> tuple[torch.Tensor, dict]:
         """Returns (uint8 (3, S, S) tensor, info); info = {"converted": mode-or-None, "upscaled": bool,
         "params": (top, left, h, w, flip)} in original-image pixels."""
@@ -144,30 +177,53 @@ class SimMIMTransform:
         views is far worse with intra-op threads on a busy CPU; the device does the
         transpose for free during normalisation."""
         img = open_image(data)
-        width, height = img.size
+        orient = exif_orientation(img)
+        turned = orient in (5, 6, 7, 8)           # upright size is the stored size swapped
+        width, height = img.size[::-1] if turned else img.size
         if width < 1 or height < 1:
             raise BadSample("corrupt_image", f"size {img.size}")
-        top, left, h, w = rrc_params(width, height, rng, self.scale, self.ratio)
-        flip = rng.random() < self.hflip
+        top, left, h, w, flip = self.crop_params(width, height, rng)
         s = self.img_size
         try:
             if self.use_draft and img.format == "JPEG" and min(w, h) >= 2 * s:
                 # Request the full image at a size where the crop keeps >= s pixels per side.
-                img.draft(img.mode if img.mode in ("RGB", "L") else None,
-                          (math.ceil(width * s / w), math.ceil(height * s / h)))
+                want = (math.ceil(width * s / w), math.ceil(height * s / h))
+                img.draft(img.mode if img.mode in ("RGB", "L") else None, want[::-1] if turned else want)
             img.load()
         except Image.DecompressionBombError as exc:
             raise BadSample("too_large", str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - truncated / corrupt data
-            raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from None
+            raise BadSample("corrupt_image", f"{type(exc).__name__}: {clean_message(exc)}") from None
+        img = upright(img, orient)
         fx, fy = img.size[0] / width, img.size[1] / height
         img, converted = _to_rgb(img)
         box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
         out = img.resize((s, s), Image.Resampling.BILINEAR, box=box)
         if flip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        info = {"converted": converted, "upscaled": min(w, h) < s, "params": (top, left, h, w, flip)}
+        info = {"converted": converted, "upscaled": min(w, h) < s, "params": (top, left, h, w, flip),
+                "exif_transposed": orient != 1}
         return out, info
+
+
+class ClassifyTransform(SimMIMTransform):
+    """Fine-tuning / linear-probe views, bytes -> uint8 (3, S, S), same decode path (draft, EXIF).
+
+    train: RandomResizedCrop(S, scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip (timm's
+        and torchvision's defaults); eval: resize the shorter side to S / crop_pct, centre crop
+        S (timm's eval transform, crop_pct 0.875), done as one box resize of the centre region."""
+
+    def __init__(self, img_size: int = 224, train: bool = True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 hflip: float = 0.5, crop_pct: float = 0.875, use_draft: bool = True):
+        super().__init__(img_size, scale, ratio, hflip if train else 0.0, use_draft)
+        self.train = train
+        self.crop_pct = crop_pct
+
+    def crop_params(self, width: int, height: int, rng: random.Random):
+        if self.train:
+            return super().crop_params(width, height, rng)
+        side = min(width, height) * self.img_size / math.floor(self.img_size / self.crop_pct)
+        return (height - side) / 2, (width - side) / 2, side, side, False
 
 
 def normalize_on_device(images_uint8: torch.Tensor, device=None, dtype=torch.float32,

@@ -74,6 +74,8 @@ def layer_norm(x: torch.Tensor, weight, bias, eps: float = 1e-5) -> torch.Tensor
     n = x.shape[-1]
     _check_affine("weight", weight, n)
     _check_affine("bias", bias, n)
+    if torch.compiler.is_compiling():
+        return torch_impl.layer_norm(x, weight, bias, eps)
     impl = implementation_for(x, weight, bias)
     if impl == "triton":
         from .triton_layernorm import FusedResidualLayerNorm
@@ -102,6 +104,9 @@ def residual_post_norm(
     _check_affine("bias", bias, n)
     if drop_path_scale is not None and not isinstance(drop_path_scale, torch.Tensor):
         drop_path_scale = torch.as_tensor(drop_path_scale, dtype=y.dtype, device=y.device)
+    if torch.compiler.is_compiling():
+        # Inductor generates its own fused add + LayerNorm (and nothing here breaks the graph).
+        return torch_impl.residual_post_norm(shortcut, y, weight, bias, eps, drop_path_scale)
     impl = implementation_for(y, weight, bias)
     if impl == "triton":
         rows = None if drop_path_scale is None else _row_scale(drop_path_scale, y)
@@ -130,6 +135,9 @@ def cosine_normalize(q: torch.Tensor, k: torch.Tensor, logit_scale: torch.Tensor
     """
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q has head dim {q.shape[-1]} but k has {k.shape[-1]}")
+    if torch.compiler.is_compiling():
+        # Inductor fuses the eager version itself; a hand-launched kernel would break the graph.
+        return torch_impl.cosine_normalize(q, k, logit_scale, max_logit_scale)
     scale = torch.clamp(logit_scale, max=max_logit_scale).exp()
     if backend(q) == "triton":
         from . import triton_cosine

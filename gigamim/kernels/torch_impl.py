@@ -19,5 +19,7 @@ def residual_post_norm(shortcut, y, weight, bias, eps, drop_path_scale):
 
 
 def cosine_normalize(q, k, logit_scale, max_logit_scale):
-    scale = torch.clamp(logit_scale, max=max_logit_scale).exp()
+    # The temperature in q's dtype: an fp32 scale times bf16 q would promote q (and the
+    # scores after it) to fp32 under autocast.
+    scale = torch.clamp(logit_scale, max=max_logit_scale).exp().to(q.dtype)
     return F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)

@@ -243,6 +243,16 @@ def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+# How a collective fails when a peer process died (gloo, NCCL, DeepSpeed's comm layer).
+PEER_LOST_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                      "NCCL communicator was aborted", "remote process exited", "Connection refused")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """True when `exc` is a collective that failed because another rank is gone."""
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in PEER_LOST_MESSAGES)
+
+
 def destroy_distributed() -> None:
     """Leave the process group (so the process exits without gloo/NCCL teardown warnings)."""
     import torch.distributed as tdist

@@ -19,10 +19,24 @@ head dim, ``(B, nW*heads, N, d)`` with an ``attn_mask`` of shape ``(1, nW*heads,
 fused SDPA kernels take 4-d inputs only, and a leading 1 is a broadcast they accept, so the
 mask SDPA keeps for backward is one image's worth, not the batch's.
 
-Nothing here is a registered buffer: the coordinate table, the index and the masks are
-computed lazily in forward (fp32/int64) and cached per device. DeepSpeed's ``zero.Init``
-casts every float tensor created inside it (``torch.arange`` included) to bf16, and engines
-call ``module.bfloat16()``; neither can reach a cache that does not exist yet.
+* ``impl="flex"``: ``torch.nn.attention.flex_attention`` with the CPB table (fp32) added in a
+  ``score_mod`` and the shift regions applied as a mask inside the same ``score_mod``; the
+  fused kernel never materialises the (windows, heads, N, N) scores. On a GPU it runs
+  compiled (Triton forward and backward). PyTorch has no flex backward on CPU: a CPU call that
+  needs gradients runs the explicit core instead (same maths), a CPU forward runs flex.
+
+Geometry lives in non-persistent *integer* buffers (the relative offsets and the relative
+index): ``zero.Init`` casts only floating tensors and ``module.bfloat16()`` only floating
+buffers, so neither can touch them, they follow ``.to(device)``, and a compiled forward reads
+them as plain inputs (no cache filled during tracing, no graph break, none inside a
+checkpointed region). The fp32 coordinate table is recomputed from the offsets in every
+forward: ((2W-1)^2, 2) elements, nothing next to the attention itself.
+
+Precision under autocast bf16: the q/v bias goes into ``F.linear`` (an fp32 bias added to the
+bf16 GEMM output would promote q, k, v and everything after them to fp32); the per-head
+temperature is cast to q's dtype; the CPB ``16*sigmoid`` runs in fp32 (at least) on the small
+((2W-1)^2, heads) table before the gather, and the gathered bias is cast to the scores' dtype
+(flex keeps it fp32: its scores are fp32 inside the kernel).
 """
 
 from __future__ import annotations
@@ -38,7 +52,21 @@ from torch.utils.checkpoint import checkpoint
 
 from gigamim.kernels import MAX_LOGIT_SCALE, cosine_normalize
 
-ATTN_IMPLS = ("explicit", "sdpa")
+ATTN_IMPLS = ("explicit", "sdpa", "flex")
+
+# "auto" per device, from measurements (benchmarks/results): on CPU the explicit path is the
+# fastest trainable one (SDPA with a learned float mask runs its unfused math path there, and
+# flex has no CPU backward). On CUDA SDPA until the GPU script has measured flex against it.
+DEFAULT_ATTN_IMPL = {"cpu": "explicit", "cuda": "sdpa"}
+
+
+def resolve_attn_impl(impl: str, device_type: str) -> str:
+    """``impl`` itself, or for "auto" the measured default of ``device_type`` ("cpu", "cuda")."""
+    if impl == "auto":
+        return DEFAULT_ATTN_IMPL.get(device_type, "explicit")
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl={impl!r} is not one of {ATTN_IMPLS + ('auto',)}")
+    return impl
 
 
 class TruncNormalLinear(nn.Linear):
@@ -55,15 +83,35 @@ class TruncNormalLinear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
+class QKVLinear(TruncNormalLinear):
+    """The bias-free qkv projection that takes its bias (q, 0 for k, v) as an argument.
+
+    The bias goes into ``F.linear`` like timm does, so under autocast it is cast with the GEMM
+    and the output stays bf16. It is still this module that is called: under ZeRO-3 (without
+    leaf blocks) a submodule's weight is gathered only when that submodule itself runs."""
+
+    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.linear(x, self.weight, bias)
+
+
+def relative_offsets(window: Tuple[int, int], device=None) -> torch.Tensor:
+    """((2Wh-1)*(2Ww-1), 2) int64: every (dh, dw) offset of a window, row-major (the CPB rows)."""
+    axes = [torch.arange(-(w - 1), w, device=device, dtype=torch.int64) for w in window]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 2)
+
+
+def coords_table(offsets: torch.Tensor, window: Tuple[int, int], pretrained_window: Tuple[int, int]) -> torch.Tensor:
+    """fp32 CPB inputs from integer offsets: scaled to [-8, 8] by (pretrained) window - 1, then
+    sign*log2(1+|x|)/log2(8). Pure tensor maths, so it is traced into a compiled graph."""
+    # max(.., 1): a window of 1 only has offset 0; avoid 0/0.
+    denom = [float(max((pw if pw > 0 else w) - 1, 1)) for w, pw in zip(window, pretrained_window)]
+    table = offsets.to(torch.float32) / offsets.new_tensor(denom, dtype=torch.float32) * 8
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
 def relative_coords_table(window: Tuple[int, int], pretrained_window: Tuple[int, int], device=None) -> torch.Tensor:
     """((2Wh-1)*(2Ww-1), 2) fp32 CPB inputs: offsets scaled to [-8, 8], then sign*log2(1+|x|)/log2(8)."""
-    axes = []
-    for w, pw in zip(window, pretrained_window):
-        r = torch.arange(-(w - 1), w, device=device, dtype=torch.float32)
-        # max(.., 1): a window of 1 only has offset 0; avoid 0/0.
-        axes.append(r / max((pw if pw > 0 else w) - 1, 1))
-    table = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 2) * 8
-    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+    return coords_table(relative_offsets(window, device), window, pretrained_window)
 
 
 def relative_position_index(window: Tuple[int, int], device=None) -> torch.Tensor:
@@ -75,19 +123,65 @@ def relative_position_index(window: Tuple[int, int], device=None) -> torch.Tenso
     return ((rel[0] + window[0] - 1) * (2 * window[1] - 1) + rel[1] + window[1] - 1).reshape(-1)
 
 
+_compiled_flex = None
+
+
+def _flex_attention(device_type: str):
+    """flex_attention; on a GPU called eagerly, compiled once on first use (the eager version
+    is a reference implementation that materialises the scores). Inside a compiled graph, and
+    on CPU (forward only there: inference), as is."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if torch.compiler.is_compiling() or device_type == "cpu":
+        return flex_attention
+    if _compiled_flex is None:
+        # One compiled kernel per (stage shape, masked or not): more than dynamo's default 8.
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, 64)
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def _flex(q, k, v, bias, mask) -> torch.Tensor:
+    """FlexAttention core. bias: (heads, N, N) CPB bias in fp32 (added to the kernel's fp32
+    scores in the ``score_mod``); mask: (nW, N, N) additive shift mask or None, applied as a
+    boolean region mask in the same ``score_mod`` (window b of the batch uses mask b % nW).
+    A window holds <= a few hundred tokens, one or two of flex's 128-blocks, so a BlockMask
+    would skip no block: an in-kernel select is the whole cost of the mask."""
+    if mask is None:
+        def score_mod(score, b, h, qi, ki):
+            return score + bias[h, qi, ki]
+    else:
+        allowed = mask == 0
+        nw = mask.shape[0]
+
+        def score_mod(score, b, h, qi, ki):
+            return torch.where(allowed[b % nw, qi, ki], score + bias[h, qi, ki], -float("inf"))
+    return _flex_attention(q.device.type)(q, k, v, score_mod=score_mod, scale=1.0)
+
+
 def _attend(q, k, v, logit_scale, bias, mask, impl: str, dropout_p: float) -> torch.Tensor:
     """Cosine attention core for a group of windows; no parameters are touched in here.
 
     q, k, v: (Bw, heads, N, d) raw projections; logit_scale: (heads, 1, 1) unclamped log
-    temperature (a non-parameter tensor); bias: (heads, N, N) CPB bias; mask: (nW, N, N) shift
-    mask or None, where the Bw windows are Bw // nW whole groups of nW consecutive windows that
-    each use the nW masks in order (an image's windows, or a run of them inside one image).
-    Keeping parameters out makes this safe to recompute in backward under ZeRO-3 (parameters
-    may be released then).
+    temperature (a non-parameter tensor); bias: (heads, N, N) CPB bias (fp32 or wider); mask:
+    (nW, N, N) shift mask or None, where the Bw windows are Bw // nW whole groups of nW
+    consecutive windows that each use the nW masks in order (an image's windows, or a run of
+    them inside one image). Keeping parameters out makes this safe to recompute in backward
+    under ZeRO-3 (parameters may be released then).
     """
     bw, heads, n, d = q.shape
     q, k = cosine_normalize(q, k, logit_scale, MAX_LOGIT_SCALE)
     nw = 1 if mask is None else mask.shape[0]
+    if impl == "flex" and dropout_p == 0.0:
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
+        if q.device.type != "cpu" or not needs_grad:
+            return _flex(q, k, v, bias, mask)
+        # No flex backward on CPU (torch raises): the explicit core below is the same maths.
+    bias = bias.to(q.dtype)
+    if mask is not None:
+        mask = mask.to(q.dtype)
     if impl == "sdpa":
         # (nW, heads, N, N) once, broadcast over the Bw // nW groups: fold the windows into the
         # head dim so the inputs stay 4-d (fused kernels reject other ranks).
@@ -159,50 +253,41 @@ class WindowAttention(nn.Module):
             TruncNormalLinear(2, 512, bias=True), nn.ReLU(inplace=True), TruncNormalLinear(512, num_heads, bias=False)
         )
         # k has no bias in SwinV2; q and v do (timm/official keep them as separate parameters).
-        self.qkv = TruncNormalLinear(dim, dim * 3, bias=False)
+        self.qkv = QKVLinear(dim, dim * 3, bias=False)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = TruncNormalLinear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._geometry = {}  # device -> (coords table fp32, index int64); see module docstring
+        # Integer, non-persistent (see the module docstring): not in the state dict, never cast.
+        self.register_buffer("relative_offsets", relative_offsets(self.window_size), persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)
 
-    def _tables(self, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        key = str(device)
-        if key not in self._geometry:
-            self._geometry[key] = (
-                relative_coords_table(self.window_size, self.pretrained_window_size, device),
-                relative_position_index(self.window_size, device),
-            )
-        return self._geometry[key]
+    def position_bias(self, dtype) -> torch.Tensor:
+        """(heads, N, N) continuous position bias 16*sigmoid(CPB MLP(log-spaced offsets)), in
+        fp32 or wider: the MLP runs in ``dtype`` (the activations'; under autocast, bf16), the
+        sigmoid in fp32 on the ((2W-1)^2, heads) table, then the gather.
 
-    def position_bias(self, device, dtype) -> torch.Tensor:
-        """(heads, N, N) continuous position bias, 16*sigmoid(CPB MLP(log-spaced offsets)).
-
-        device/dtype come from the activations: under ZeRO-3 (offload) another module's
-        parameter seen from outside its forward is a placeholder that need not match them."""
-        table, index = self._tables(device)
-        n = self.window_size[0] * self.window_size[1]
+        dtype comes from the activations: under ZeRO-3 (offload) another module's parameter seen
+        from outside its forward is a placeholder that need not match them."""
+        table = coords_table(self.relative_offsets, self.window_size, self.pretrained_window_size)
         out = self.cpb_mlp(table.to(dtype))  # ((2W-1)^2, heads): run once, then gather
-        bias = out[index].view(n, n, self.num_heads).permute(2, 0, 1)
-        return 16 * torch.sigmoid(bias)
+        out = 16 * torch.sigmoid(out.to(torch.promote_types(out.dtype, torch.float32)))
+        n = self.window_size[0] * self.window_size[1]
+        return out[self.relative_position_index].view(n, n, self.num_heads).permute(2, 0, 1)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B*nW, N, C) windows; mask: (nW, N, N) additive shift mask or None."""
+        """x: (B*nW, N, C) windows; mask: (nW, N, N) additive shift mask (0 / -inf) or None."""
         bw, n, c = x.shape
-        # Call the qkv module (not F.linear on its weight): under ZeRO-3 a submodule's weights
-        # are gathered only when that submodule itself runs. The bias (q, 0 for k, v) is ours.
-        qkv = self.qkv(x) + torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
+        qkv = self.qkv(x, torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias)))
         # One contiguous copy of q, k, v: every later reshape is a view (SDPA's window-into-head
         # fold, the explicit path's batched matmuls) and the qkv output itself is not kept.
         q, k, v = qkv.reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
         # A non-parameter copy of the temperature: what the (re)computed core may hold on to.
         logit_scale = self.logit_scale.clone()
-        bias = self.position_bias(x.device, x.dtype)
+        bias = self.position_bias(x.dtype)
         dropout_p = self.attn_drop if self.training else 0.0
-        if mask is not None:
-            mask = mask.to(q.dtype)
-            if bw % mask.shape[0]:
-                raise ValueError(f"{bw} windows are not a whole number of images of {mask.shape[0]} windows")
+        if mask is not None and bw % mask.shape[0]:
+            raise ValueError(f"{bw} windows are not a whole number of images of {mask.shape[0]} windows")
         nw = 1 if mask is None else mask.shape[0]
 
         # Sequential even when one chunk holds every window: the recompute is what keeps the

@@ -70,6 +70,11 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
 
 
+def model_arguments(name: str) -> set:
+    """The override names variant ``name`` accepts."""
+    return _allowed_arguments(model_class(name))
+
+
 def create_model(name: str, **overrides):
     """Build variant ``name`` with ``overrides`` (img_size, window_size, pretrained_window_sizes,
     drop_path_rate, num_classes, attn_impl, sequential_stages, attn_chunk, grad_checkpointing,

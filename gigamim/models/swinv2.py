@@ -8,8 +8,8 @@ log-spaced CPB, PatchMerging = reduce(4C->2C) then LayerNorm, window shrinks to 
   (``layers.i.blocks.j.norm3``), as in the paper; other variants have no such key.
 * per-stage sequential (chunked, recomputed) window attention, an SDPA path, and
   configurable activation checkpointing with optional CPU offload of saved activations.
-* no registered buffers, so construction is safe under ``deepspeed.zero.Init`` (any dtype)
-  and on the meta device; all init happens inside each module's own ``__init__`` because
+* only integer, non-persistent buffers (geometry), so construction is safe under
+  ``deepspeed.zero.Init`` (any dtype) and on the meta device; all init happens inside each module's own ``__init__`` because
   zero.Init partitions a module as soon as its ``__init__`` returns.
 """
 
@@ -92,17 +92,31 @@ def window_reverse(windows: torch.Tensor, ws: Tuple[int, int], h: int, w: int) -
     return x.reshape(-1, h, w, c)
 
 
-def shift_mask(h: int, w: int, ws: Tuple[int, int], shift: Tuple[int, int], device=None) -> torch.Tensor:
-    """(nW, N, N) fp32 mask for shifted windows: 0 within a region, -100 across regions."""
-    region = torch.zeros(h, w, device=device)
+def shift_regions(h: int, w: int, ws: Tuple[int, int], shift: Tuple[int, int], device=None) -> torch.Tensor:
+    """(nW, N) int64 region label of every token of every window of a shifted (h, w) map."""
+    region = torch.zeros(h, w, dtype=torch.int64, device=device)
     label = 0
     for hs in (slice(0, -ws[0]), slice(-ws[0], -shift[0]), slice(-shift[0], None)):
         for wsl in (slice(0, -ws[1]), slice(-ws[1], -shift[1]), slice(-shift[1], None)):
             region[hs, wsl] = label
             label += 1
-    win = window_partition(region.view(1, h, w, 1), ws).squeeze(-1)  # nW, N
-    diff = win.unsqueeze(1) - win.unsqueeze(2)
-    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+    return window_partition(region.view(1, h, w, 1), ws).squeeze(-1)  # nW, N
+
+
+def mask_from_regions(regions: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(nW, N, N) additive mask: 0 within a region, -inf across regions.
+
+    -inf rather than the official -100: with the logit scale near its clamp (100) cosine
+    logits span -100..+116 and -100 no longer removes a cross-region key. No row is ever fully
+    masked (a token always shares its own region), so softmax stays finite; in fp64 the result
+    equals the -100 mask to ~1e-40 wherever -100 suffices."""
+    same = regions.unsqueeze(1) == regions.unsqueeze(2)
+    return torch.zeros(same.shape, dtype=dtype, device=regions.device).masked_fill(~same, float("-inf"))
+
+
+def shift_mask(h: int, w: int, ws: Tuple[int, int], shift: Tuple[int, int], device=None) -> torch.Tensor:
+    """(nW, N, N) fp32 mask for shifted windows: 0 within a region, -inf across regions."""
+    return mask_from_regions(shift_regions(h, w, ws, shift, device))
 
 
 class SwinTransformerV2Block(nn.Module):
@@ -140,21 +154,23 @@ class SwinTransformerV2Block(nn.Module):
         if extra_norm:
             self.norm3 = nn.LayerNorm(dim)  # huge/giant: keeps the main branch's scale bounded
         self.checkpointed = False
-        self._masks = {}  # device -> fp32 shift mask (not a buffer, see attention.py)
+        if any(self.shift_size):
+            # Integer and non-persistent, like attention's index buffers: zero.Init and bf16
+            # casts leave it alone; the float mask is rebuilt from it in forward (cheap, and a
+            # compiled graph just reads the buffer: no cache filled while tracing).
+            self.register_buffer("shift_regions",
+                                 shift_regions(*self.resolution, self.window_size, self.shift_size), persistent=False)
 
-    def _mask(self, device) -> Optional[torch.Tensor]:
+    def _mask(self, dtype) -> Optional[torch.Tensor]:
         if not any(self.shift_size):
             return None
-        key = str(device)
-        if key not in self._masks:
-            self._masks[key] = shift_mask(*self.resolution, self.window_size, self.shift_size, device)
-        return self._masks[key]
+        return mask_from_regions(self.shift_regions, dtype)
 
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         if any(self.shift_size):
             x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
-        windows = self.attn(window_partition(x, self.window_size), mask=self._mask(x.device))
+        windows = self.attn(window_partition(x, self.window_size), mask=self._mask(x.dtype))
         x = window_reverse(windows, self.window_size, h, w)
         if any(self.shift_size):
             x = torch.roll(x, shifts=self.shift_size, dims=(1, 2))

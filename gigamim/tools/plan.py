@@ -135,20 +135,27 @@ def chunk_transient_elements(st: Stage, attn: str, batch: int, chunk: int) -> in
 
 def activation_bytes(name: str, img_size: int | None = None, *, window_size=None, batch: int = 1,
                      dtype_bytes: int = 2, attn: str = "explicit", checkpointing: bool = False,
-                     attn_chunk: int = 64) -> dict:
+                     attn_chunk: int = 64, ckpt_every: int | None = None, sequential_stages=()) -> dict:
     """Activation memory of one micro-batch: 'saved' (kept from forward to backward) and
-    'transient' (the recompute of one checkpointed block / one attention chunk), bytes."""
+    'transient' (the recompute of one checkpointed block / one attention chunk), bytes.
+
+    `checkpointing=True` is `ckpt_every=1` (every block); `ckpt_every=k` checkpoints blocks
+    0, k, 2k, ... in forward order (the model's `grad_checkpointing=k`). `sequential_stages`
+    run sequential attention in those stages and `attn` in the others."""
     cfg, stages = geometry(name, img_size, window_size)
     size, mlp = cfg["img_size"], cfg.get("mlp_ratio", 4.0)
+    every = (1 if checkpointing else 0) if ckpt_every is None else ckpt_every
     stat_bytes = 4  # LayerNorm statistics and softmax logsumexp stay fp32 under autocast
     px = size * size
     # Patch embed: conv input (3HW), norm input + stats, mask-token blend (two T-sized masks).
     t0, c0 = stages[0].side ** 2, stages[0].dim
     fixed = (3 * px + t0 * c0 + 2 * t0) * dtype_bytes + 2 * t0 * stat_bytes
-    blocks = []  # (full saved bytes, input bytes, bytes saved before this block when checkpointed)
+    blocks = []  # (full saved bytes, input bytes, bytes saved before this block, checkpointed, constant)
     before = fixed
+    k = 0
     for i, st in enumerate(stages):
         t = st.side**2
+        mode = "sequential" if i in tuple(sequential_stages) else attn
         if i > 0:
             prev = stages[i - 1]
             # PatchMerging: the 2x2-concat copy (input of the reduction) + LayerNorm input + stats.
@@ -157,11 +164,13 @@ def activation_bytes(name: str, img_size: int | None = None, *, window_size=None
             before += merge
         for j in range(st.depth):
             shifted = j % 2 == 1 and st.shift > 0
-            e = block_saved_elements(st, mlp, attn, shifted)
+            e = block_saved_elements(st, mlp, mode, shifted)
             b = (e["tensors"] + e["scores"]) * dtype_bytes + e["stats"] * stat_bytes
             inp = t * st.dim * dtype_bytes
-            blocks.append((b, inp, before))
-            before += inp
+            ck = every > 0 and k % every == 0
+            blocks.append((b, inp, before, ck, block_constant_elements(st) * dtype_bytes))
+            before += inp if ck else b
+            k += 1
         # huge/giant main-branch norms: input + stats.
         extra = st.extra_norms * (t * st.dim * dtype_bytes + 2 * t * stat_bytes)
         fixed += extra
@@ -169,19 +178,16 @@ def activation_bytes(name: str, img_size: int | None = None, *, window_size=None
     last = stages[-1]
     # Final norm input + stats; decoder: |x - x_rec| (3HW) and the pixel mask (HW).
     fixed += last.side**2 * last.dim * dtype_bytes + 2 * last.side**2 * stat_bytes + 4 * px * dtype_bytes
-    per_image_blocks = sum(b for b, _, _ in blocks)
-    constant = sum(block_constant_elements(st) * st.depth for st in stages) * dtype_bytes
-    if checkpointing:
-        saved = fixed + sum(inp for _, inp, _ in blocks)
-        # Backward recomputes one block at a time, last block first; by the time block i is
-        # recomputed, what later blocks and the decoder saved is gone, what came before is not.
-        transient = max(0, max(pre + inp + b for b, inp, pre in blocks) - saved)
-        constant_saved, constant_transient = 0, max(block_constant_elements(st) for st in stages) * dtype_bytes
-    else:
-        saved = fixed + per_image_blocks
-        transient = 0
-        constant_saved, constant_transient = constant, 0
-    chunk = max(chunk_transient_elements(st, attn, batch, attn_chunk) for st in stages) * dtype_bytes
+    per_image_blocks = sum(blk[0] for blk in blocks)
+    saved = fixed + sum(inp if ck else b for b, inp, _, ck, _ in blocks)
+    # Backward recomputes one checkpointed block at a time, last first; by the time block i is
+    # recomputed, what later blocks and the decoder saved is gone, what came before is not.
+    recomputed = [pre + inp + b for b, inp, pre, ck, _ in blocks if ck]
+    transient = max(0, max(recomputed) - saved) if recomputed else 0
+    constant_saved = sum(c for _, _, _, ck, c in blocks if not ck)
+    constant_transient = max((c for _, _, _, ck, c in blocks if ck), default=0)
+    chunk = max((chunk_transient_elements(st, "sequential" if i in tuple(sequential_stages) else attn, batch,
+                                          attn_chunk) for i, st in enumerate(stages)), default=0) * dtype_bytes
     return {
         "saved": saved * batch + constant_saved,
         "transient": transient * batch + chunk + constant_transient,
@@ -222,9 +228,9 @@ def model_state_bytes(params: int, gpus: int, stage: int, offload: bool, largest
     return {"gpu": gpu, "host_per_gpu": host}
 
 
-def largest_layer_params(name: str, img_size: int | None = None) -> int:
+def largest_layer_params(name: str, img_size: int | None = None, window_size=None) -> int:
     """Parameters of the largest block (what ZeRO-3 gathers at once)."""
-    _, stages = geometry(name, img_size)
+    _, stages = geometry(name, img_size, window_size)
     c = max(st.dim for st in stages)
     heads = max(st.heads for st in stages)
     return 3 * c * c + c * c + 8 * c * c + 2 * 512 + 512 * heads + 10 * c
@@ -241,12 +247,15 @@ def fit_micro_batch(budget: float, states: float, act_per_image: float, act_fixe
 
 def make_plan(name: str, gpus: int, gpu_mem_gb: float, img_size: int | None = None, micro_batch: int | None = None,
               window_size=None, margin: float = 0.1, reserved_gb: float = 2.0, attn_chunk: int = 64,
-              global_batch: int | None = None) -> dict:
-    """The whole plan as a JSON-able dict (what `gigamim plan --json` prints)."""
+              global_batch: int | None = None, speed: dict | None = None) -> dict:
+    """The whole plan as a JSON-able dict (what `gigamim plan --json` prints).
+
+    `speed` (gpus_per_node, device, net, costs, knobs) adds the step-time candidates
+    (`gigamim.tools.candidates`) and the recommendation; without it, memory only."""
     cfg, _ = geometry(name, img_size, window_size)
     size = cfg["img_size"]
     params = count_parameters(name, size, window_size)
-    largest = largest_layer_params(name, size)
+    largest = largest_layer_params(name, size, window_size)
     # Safety: a fraction for fragmentation / allocator rounding + a fixed reserve for the CUDA
     # context, NCCL and DeepSpeed's communication buckets.
     budget = gpu_mem_gb * GiB * (1 - margin) - reserved_gb * GiB
@@ -281,10 +290,25 @@ def make_plan(name: str, gpus: int, gpu_mem_gb: float, img_size: int | None = No
                     row["mem_at_micro_batch_gb"] = need / GiB
                     row["fits_micro_batch"] = need <= budget
                 rows.append(row)
-    return {"model": name, "img_size": size, "window_size": cfg["window_size"], "params": params,
-            "gpus": gpus, "gpu_mem_gb": gpu_mem_gb, "budget_gb": budget / GiB, "margin": margin,
-            "reserved_gb": reserved_gb, "micro_batch": micro_batch, "global_batch": global_batch,
-            "activations_per_image": act, "rows": rows}
+    out = {"model": name, "img_size": size, "window_size": cfg["window_size"], "params": params,
+           "gpus": gpus, "gpu_mem_gb": gpu_mem_gb, "budget_gb": budget / GiB, "margin": margin,
+           "reserved_gb": reserved_gb, "micro_batch": micro_batch, "global_batch": global_batch,
+           "activations_per_image": act, "rows": rows}
+    if speed is not None:
+        from dataclasses import asdict
+
+        from gigamim.tools.candidates import enumerate_candidates, recommend
+
+        cands = enumerate_candidates(name, gpus, speed["gpus_per_node"], gpu_mem_gb, speed["device"], speed["net"],
+                                     img_size=size, window_size=window_size, global_batch=global_batch,
+                                     micro_batch=micro_batch, knobs=speed["knobs"], costs=speed["costs"],
+                                     margin=margin, reserved_gb=reserved_gb, attn_chunk=attn_chunk)
+        out["speed_inputs"] = {"gpus_per_node": speed["gpus_per_node"], "device": asdict(speed["device"]),
+                               "network": speed["net"].as_dict(), "costs": asdict(speed["costs"]),
+                               "zero_knobs": asdict(speed["knobs"]), "ib": speed.get("ib")}
+        out["candidates"] = cands
+        out["recommended"] = recommend(cands)
+    return out
 
 
 def _best(plan: dict) -> dict | None:
@@ -294,6 +318,41 @@ def _best(plan: dict) -> dict | None:
     if not fits:
         return None
     return max(fits, key=lambda r: (not r["offload"], r["max_micro_batch"] >= 8, -r["zero_stage"], r["max_micro_batch"]))
+
+
+def format_speed(plan: dict, top: int = 14) -> list:
+    """The step-time table: the `top` fastest plans, plus the fastest of each ZeRO stage."""
+    cands, best = plan["candidates"], plan["recommended"]
+    si = plan["speed_inputs"]
+    dev, net, costs = si["device"], si["network"], si["costs"]
+    lines = ["", f"step time on {plan['gpus']} x {dev['name']} ({si['gpus_per_node']} per node; peak "
+             f"{dev['peak_tflops']:g} TFLOP/s x efficiency {costs['efficiency']:.2f}; busbw intra "
+             f"{net['intra_bps'] / 1e9:.0f} GB/s, inter {net['inter_bps'] / 1e9:.0f} GB/s"
+             f"{' (' + si['ib'] + ' IB)' if si.get('ib') else ''}; overlap {costs['overlap']:.0%}; data "
+             f"{costs['cpu_ms_per_image']:g} ms/img/core x {costs['host_cores_per_gpu']:g} cores/GPU):"]
+    shown = cands[:top]
+    for stage in (1, 2, 3):
+        first = next((r for r in cands if r["zero_stage"] == stage), None)
+        if first is not None and first not in shown:
+            shown.append(first)
+    if best is not None and best not in shown:
+        shown.append(best)
+    lines.append(f"  {'plan':<22} {'checkpointing':<16} {'seq':<4} {'mb x acc':>9} {'GiB':>6} {'step s':>7} "
+                 f"{'img/s':>8} {'MFU':>6} {'comm s':>7} {'exposed':>7}")
+    for r in shown:
+        mark = " <- recommended" if r is best else ""
+        seq = ",".join(str(i) for i in r["sequential_stages"]) or "-"
+        lines.append(f"  {r['plan']:<22} {r['checkpointing']:<16} {seq:<4} {r['micro_batch']:>4} x {r['accumulation']:<3}"
+                     f" {r['mem_gb']:>6.1f} {r['step_s']:>7.3f} {r['images_per_s']:>8.0f} {r['mfu']:>6.1%} "
+                     f"{r['comm_s']:>7.3f} {r['comm_exposed_s']:>7.3f}{' data-bound' if r['data_bound'] else ''}{mark}")
+    lines.append(f"  ({len(cands)} plans fit; --json lists them all with every term)")
+    if best is not None:
+        seq = f", sequential attention in stage(s) {best['sequential_stages']}" if best["sequential_stages"] else ""
+        lines.append(f"recommended: {best['plan']}, checkpointing {best['checkpointing']}{seq}, micro-batch "
+                     f"{best['micro_batch']} x {best['accumulation']} accumulation x {plan['gpus']} GPUs = global "
+                     f"{best['global_batch']}: {best['mem_gb']:.1f} GiB/GPU, {best['step_s']:.3f} s/step, "
+                     f"{best['images_per_s']:.0f} img/s, MFU {best['mfu']:.1%}")
+    return lines
 
 
 def format_plan(plan: dict) -> str:
@@ -317,6 +376,8 @@ def format_plan(plan: dict) -> str:
                      f"{r['host_gb_per_gpu']:>8.2f} {r['max_micro_batch']:>6} {r['global_batch']:>7}{extra}")
     best = _best(plan)
     lines.append("")
+    if plan.get("candidates") is not None:
+        return "\n".join(lines + format_speed(plan)[1:])
     if best is None:
         lines.append("nothing fits: more GPUs, offload, or a smaller image")
     else:
@@ -329,35 +390,86 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
+def _fail(msg: str) -> int:
+    print(f"gigamim plan: {msg}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="gigamim plan", description="Per-GPU memory plan for SimMIM pretraining.")
+    from gigamim.tools.hardware import DEVICES, Network, parse_ib
+    from gigamim.tools.step_model import Costs, ZeroKnobs
+
+    p = argparse.ArgumentParser(prog="gigamim plan",
+                                description="Per-GPU memory and step-time plan for SimMIM pretraining.")
     p.add_argument("--model", default="swinv2_giant")
     p.add_argument("--gpus", type=int, default=8)
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="GB of memory per GPU")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu", default="h100", choices=sorted(DEVICES), help="peak bf16 TFLOP/s and memory bandwidth")
+    p.add_argument("--gpu-mem", type=float, default=None, help="GB of memory per GPU (default: the --gpu's)")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--window-size", type=int, default=None)
-    p.add_argument("--micro-batch", type=int, default=None, help="check whether this micro-batch fits")
+    p.add_argument("--micro-batch", type=int, default=None, help="check / plan at this micro-batch")
     p.add_argument("--global-batch", type=int, default=None,
                    help="target global batch (e.g. 9216 for SwinV2-G SimMIM): micro-batch x accumulation to reach it")
     p.add_argument("--margin", type=float, default=0.1, help="fraction of GPU memory kept free (fragmentation)")
     p.add_argument("--reserved", type=float, default=2.0, help="GiB reserved for CUDA context and buffers")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--ib", default="8x400", help="InfiniBand per node: NICs x Gb/s (8x400, 4x400, ...)")
+    p.add_argument("--intra-node-gbps", type=float, default=None, help="busbw inside a node, GB/s (default 360)")
+    p.add_argument("--inter-node-gbps", type=float, default=None, help="busbw across nodes, GB/s (default from --ib)")
+    p.add_argument("--efficiency", type=float, default=None,
+                   help="fraction of peak a plain forward+backward reaches (default 0.50; `gigamim bench` MFU)")
+    p.add_argument("--overlap", type=float, default=None, help="fraction of compute communication can hide behind")
+    p.add_argument("--cpu-ms-per-image", type=float, default=None, help="data loading CPU ms per image per core")
+    p.add_argument("--host-cores-per-gpu", type=float, default=None, help="loader cores per GPU")
+    p.add_argument("--max-live", type=float, default=None, help="stage3_max_live_parameters (default 1e9)")
+    p.add_argument("--memory-only", action="store_true", help="no step-time model")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (same numbers as the text)")
     args = p.parse_args(argv)
-    if args.gpus < 1 or args.gpu_mem <= 0:
-        print(f"gigamim plan: --gpus ({args.gpus}) and --gpu-mem ({args.gpu_mem}) must be positive", file=sys.stderr)
-        return 2
+    if args.gpus < 1 or (args.gpu_mem is not None and args.gpu_mem <= 0):
+        return _fail(f"--gpus ({args.gpus}) and --gpu-mem ({args.gpu_mem}) must be positive")
+    if args.gpus_per_node < 1:
+        return _fail(f"--gpus-per-node must be >= 1, got {args.gpus_per_node}")
+    if args.gpus_per_node > args.gpus:
+        return _fail(f"--gpus-per-node ({args.gpus_per_node}) is more than --gpus ({args.gpus}); "
+                     f"for one partly used node pass --gpus-per-node {args.gpus}")
+    if args.gpus % args.gpus_per_node:
+        return _fail(f"--gpus {args.gpus} is not a whole number of nodes of {args.gpus_per_node} GPUs")
     if args.global_batch is not None and args.global_batch < 1:
-        print(f"gigamim plan: --global-batch must be >= 1, got {args.global_batch}", file=sys.stderr)
-        return 2
+        return _fail(f"--global-batch must be >= 1, got {args.global_batch}")
     if args.micro_batch is not None and args.micro_batch < 1:
-        print(f"gigamim plan: --micro-batch must be >= 1, got {args.micro_batch}", file=sys.stderr)
-        return 2
+        return _fail(f"--micro-batch must be >= 1, got {args.micro_batch}")
+    if args.global_batch is not None and args.global_batch % args.gpus:
+        return _fail(f"--global-batch {args.global_batch} cannot be split over {args.gpus} GPUs "
+                     f"({args.global_batch} / {args.gpus} is not a whole number of images per GPU)")
+    if args.global_batch and args.micro_batch and (args.global_batch // args.gpus) % args.micro_batch:
+        return _fail(f"--global-batch {args.global_batch} cannot be split into micro-batches of {args.micro_batch} "
+                     f"on {args.gpus} GPUs ({args.global_batch // args.gpus} images per GPU)")
+    for name in ("efficiency", "overlap"):
+        v = getattr(args, name)
+        if v is not None and not 0 < v <= 1 and not (name == "overlap" and v == 0):
+            return _fail(f"--{name} must be in (0, 1], got {v}")
+    device = DEVICES[args.gpu]
+    gpu_mem = args.gpu_mem if args.gpu_mem is not None else device.mem_gb
     try:
-        plan = make_plan(args.model, args.gpus, args.gpu_mem, args.img_size, args.micro_batch, args.window_size,
-                         args.margin, args.reserved, global_batch=args.global_batch)
+        inter = parse_ib(args.ib)
+        net = Network(intra_bps=(args.intra_node_gbps or 360.0) * 1e9,
+                      inter_bps=args.inter_node_gbps * 1e9 if args.inter_node_gbps else inter)
+        costs = Costs()
+        costs = Costs(**{**costs.__dict__, **{k: v for k, v in (
+            ("efficiency", args.efficiency), ("overlap", args.overlap), ("cpu_ms_per_image", args.cpu_ms_per_image),
+            ("host_cores_per_gpu", args.host_cores_per_gpu)) if v is not None}})
+        knobs = ZeroKnobs(max_live=args.max_live) if args.max_live is not None else ZeroKnobs()
+        speed = None if args.memory_only else {"gpus_per_node": args.gpus_per_node, "device": device, "net": net,
+                                               "costs": costs, "knobs": knobs, "ib": args.ib}
+        plan = make_plan(args.model, args.gpus, gpu_mem, args.img_size, args.micro_batch, args.window_size,
+                         args.margin, args.reserved, global_batch=args.global_batch, speed=speed)
     except ValueError as e:
-        print(f"gigamim plan: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
+    if speed is not None and plan["recommended"] is None:
+        return _fail(f"nothing fits {args.model} on {args.gpus} x {gpu_mem:g} GB"
+                     + (f" at micro-batch {args.micro_batch}" if args.micro_batch else "")
+                     + (f" for global batch {args.global_batch}" if args.global_batch else "")
+                     + ": more GPUs, more memory per GPU, a smaller image, or a smaller --micro-batch")
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
     return 0
 

@@ -82,3 +82,54 @@ def build_ds_config(cfg: Config, world_size: int, on_gpu: bool, peak_lr: float) 
     if not on_gpu and not offloads_optimizer(ds):
         ds["optimizer"]["params"]["torch_adam"] = True
     return ds
+
+
+def build_engine(cfg: Config, build_model, world_size: int, on_gpu: bool, load_universal: bool = False):
+    """(engine, lr_scheduler, model, zero stage): the model built under `zero.Init` for ZeRO-3
+    (no rank ever holds the whole model: parameters are partitioned as they are made), on the
+    rank's GPU for ZeRO-0/1/2 (each rank holds it anyway), then `deepspeed.initialize` with
+    gigamim's param groups and schedule; `model.compile` compiles each block afterwards (ZeRO-3:
+    the blocks are registered as z3 leaf modules first, one gather per block).
+
+    `build_model()` returns a plain nn.Module. Seeds are the caller's business (the same
+    seed on every rank before this call gives every rank the same initial weights)."""
+    import deepspeed
+
+    from gigamim.models.param_groups import param_groups
+    from gigamim.train.optim import make_lr_scheduler, peak_lr
+
+    ds_config = build_ds_config(cfg, world_size, on_gpu, peak_lr=peak_lr(cfg))
+    if load_universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    stage = zero_stage(ds_config)
+    if stage == 3:
+        # The dtype comes from the config's bf16/fp16 flags. Do not pass dtype= : in
+        # DeepSpeed 0.19 an explicit dtype is overridden by an operator-precedence slip
+        # (`dtype or fp16 if ... else bf16`), which gives bf16 on CPU ranks.
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = build_model()
+    elif on_gpu:
+        # ZeRO-0/1/2 keep full parameters on every rank: build them straight on this rank's
+        # GPU (no host copy of a 3B fp32 model per rank); initialize() broadcasts rank 0's.
+        import torch
+        from deepspeed.accelerator import get_accelerator
+
+        with torch.device(get_accelerator().current_device_name()):
+            model = build_model()
+    else:
+        model = build_model()
+    if cfg.model.compile and stage == 3:
+        from gigamim.train.compile import mark_z3_leaf_blocks
+
+        # Before initialize: DeepSpeed installs its per-module hooks there; a leaf block gets
+        # one hook (one gather), and its inside is free for the compiler.
+        mark_z3_leaf_blocks(model)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
+        lr_scheduler=make_lr_scheduler(cfg), dist_init_required=False,
+    )
+    if cfg.model.compile:
+        from gigamim.train.compile import compile_blocks
+
+        compile_blocks(engine, zero_stage=stage, mode=cfg.model.compile_mode)
+    return engine, scheduler, model, stage

@@ -208,6 +208,7 @@ def run(cfg, ft: FinetuneSection, resume: str | None) -> int:
 
     from gigamim import __version__
     from gigamim.checkpoint import layout as ckpt
+    from gigamim.checkpoint.save import save as save_checkpoint
     from gigamim.data.transforms import normalize_on_device
     from gigamim.launch.dist import init_distributed
     from gigamim.models.param_groups import layer_decay, param_groups
@@ -246,7 +247,11 @@ def run(cfg, ft: FinetuneSection, resume: str | None) -> int:
 
     accum = gradient_accumulation_steps(cfg, world)
     micro_bs = cfg.train.micro_batch_size
-    resume_from = ckpt.find_resume(resume, cfg.checkpoint.dir) if resume else None
+    resume_from = None
+    if resume:  # THE resolver: "auto" = the newest complete tag of checkpoint.dir, or start fresh
+        target = cfg.checkpoint.dir if resume == "auto" else resume
+        found = ckpt.resolve(target, missing_ok=resume == "auto")
+        resume_from = (found.root, found.tag) if found is not None else None
     ds_config = build_ds_config(cfg, world, on_gpu, peak_lr=peak_lr(cfg))
     stage = zero_stage(ds_config)
     if ft.ema and stage == 3:
@@ -324,7 +329,7 @@ def run(cfg, ft: FinetuneSection, resume: str | None) -> int:
         client = {"gigamim_finetune": {"step": step, **({"ema": ema.state_dict()} if ema is not None else {})}}
         meta = {"step": step, "model": cfg.model.name, "img_size": cfg.model.img_size, "world_size": world,
                 "zero_stage": stage, "precision": precision, "version": __version__, "task": "finetune"}
-        ckpt.save(engine, cfg.checkpoint.dir, step, client, meta, config_yaml, cfg.checkpoint.keep_last)
+        save_checkpoint(engine, cfg.checkpoint.dir, step, client, meta, config_yaml, cfg.checkpoint.keep_last)
 
     engine.train()
     for step in range(start, stop):

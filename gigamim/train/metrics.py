@@ -1,11 +1,20 @@
 """Run metrics: `<log.dir>/metrics.jsonl` (one JSON object per logged step) + TensorBoard,
-device peak FLOP/s for MFU, and peak memory."""
+the window of steps a record averages (`Meter`), device peak FLOP/s for MFU, peak memory.
+
+A record has: step, loss (mean over the window's applied micro-batches, all ranks), lr (the
+one the last step applied), grad_norm, steps_averaged, images_per_sec, tflops_per_sec, mfu
+(model FLOPs: 3x forward) and hfu (hardware FLOPs: + the recomputed forwards of activation
+checkpointing), peak_mem_gb, data_wait_frac, data_skipped, nonfinite_skipped, epoch and
+data_digest (CRC32 of rank 0's sample keys in the window: which data the steps saw).
+"""
 
 from __future__ import annotations
 
 import json
 import resource
 import sys
+import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -76,3 +85,51 @@ class MetricsLogger:
 
 def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class Meter:
+    """Sums over the steps since the last record; `record()` turns them into one."""
+
+    def __init__(self):
+        self.steps = 0
+        self.micro_batches = 0
+        self.loss_sum = None  # a device tensor: read back only when a record is written
+        self.data_s = 0.0
+        self.digest = 0
+        self.lr = None
+        self.t0 = time.perf_counter()
+
+    def add(self, result) -> None:
+        """One `step.StepResult`."""
+        self.steps += 1
+        self.micro_batches += result.micro_batches
+        if result.loss_sum is not None:
+            self.loss_sum = result.loss_sum if self.loss_sum is None else self.loss_sum + result.loss_sum
+        self.data_s += result.data_s
+        for keys in result.keys:
+            self.digest = zlib.crc32(keys.encode(), self.digest)
+        if result.lr is not None:
+            self.lr = result.lr
+
+    def record(self, step: int, *, global_batch: int, world_size: int, model_flops: float, hardware_flops: float,
+               peak_tflops: float | None, sum_over_ranks, **extra) -> dict:
+        """Collective (`sum_over_ranks` all-reduces a few floats): every rank calls it."""
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        loss_local = float(self.loss_sum) if self.loss_sum is not None else 0.0
+        loss_sum, n, data_s = sum_over_ranks([loss_local, float(self.micro_batches), self.data_s])
+        images_per_sec = self.steps * global_batch / elapsed
+        tflops = images_per_sec * model_flops / 1e12
+        htflops = images_per_sec * hardware_flops / 1e12
+        return {
+            "step": step,
+            "loss": loss_sum / max(n, 1.0),
+            "lr": self.lr,
+            "steps_averaged": self.steps,
+            "images_per_sec": images_per_sec,
+            "tflops_per_sec": tflops,
+            "mfu": tflops / peak_tflops if peak_tflops else None,
+            "hfu": htflops / peak_tflops if peak_tflops else None,
+            "data_wait_frac": data_s / world_size / elapsed,
+            "data_digest": self.digest,
+            **extra,
+        }

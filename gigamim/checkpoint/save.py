@@ -1,0 +1,122 @@
+"""Crash-safe save of a ZeRO checkpoint, and pruning to the last K.
+
+DeepSpeed's own `save_checkpoint` writes `latest` on rank 0 without waiting for the other
+ranks, so a crash mid-save could leave `latest` naming a half-written tag. We save with
+`save_latest=False`, wait for every rank, then write the meta file and `latest` with
+write-to-temp + rename. A half-written tag is never named by `latest`, is skipped by the
+resolver (`layout.resolve`), and is removed by a later prune.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from gigamim.checkpoint.layout import (CONFIG_FILE, LATEST_FILE, META_FILE, UNIVERSAL_SUFFIX, CheckpointError,
+                                       atomic_write, complete_tags, is_complete, tag_for, tag_step)
+
+
+def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, meta: dict, config_yaml: str,
+         keep_last: int, size_estimate: int | None = None) -> Path:
+    """Collective: every rank calls it. Returns the tag folder.
+
+    A full disk is refused before anything is written when the previous tag's size does not
+    fit (`space.check_free_space`); a write that fails anyway (the first save, a disk filled
+    by someone else) removes the half-written tag and raises `NoSpaceError` on every rank
+    (one line, "no space left on <dir>: need ~X GB, have Y GB"); other write errors raise a
+    `CheckpointError` naming the rank. Earlier tags and `latest` are never touched then.
+    `size_estimate` (bytes) is only used in that message when there is no previous tag."""
+    import torch.distributed as dist
+
+    from gigamim.checkpoint import space
+    from gigamim.launch.dist import peer_lost
+
+    root = Path(ckpt_dir)
+    tag = tag_for(step)
+    tag_dir = root / tag
+    rank0 = dist.get_rank() == 0
+    refused = [None]
+    if rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tag_dir.exists():  # remnants of a save that crashed at this step
+            shutil.rmtree(tag_dir)
+        try:
+            space.check_free_space(root)
+        except space.NoSpaceError as e:
+            refused = [str(e)]
+    # Also the barrier that keeps the others from writing before rank 0 cleared the folder.
+    dist.broadcast_object_list(refused, src=0)
+    if refused[0]:
+        raise space.NoSpaceError(refused[0])
+
+    failure = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    except Exception as e:
+        if peer_lost(e):
+            raise
+        failure = e
+        # The ranks whose writes succeeded wait in the barrier that ends save_checkpoint: meet them.
+        dist.barrier()
+    # save_checkpoint ends with a barrier: every rank's files are on disk from here on.
+    # Agree on how it went before the tag is marked complete.
+    reports = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, _report(failure, root))
+    if not any(reports):
+        final = [None]
+        if rank0:
+            try:
+                atomic_write(tag_dir / CONFIG_FILE, config_yaml)
+                atomic_write(tag_dir / META_FILE, json.dumps(meta, indent=1))
+                atomic_write(root / LATEST_FILE, tag)
+            except OSError as e:
+                final = [_report(e, root)]
+                # `latest` is written last: if it was that write, the old `latest` is intact.
+                (tag_dir / META_FILE).unlink(missing_ok=True)
+        dist.broadcast_object_list(final, src=0)
+        reports[0] = final[0]
+    if any(reports):
+        if rank0:
+            shutil.rmtree(tag_dir, ignore_errors=True)  # half-written, never named by `latest`
+        dist.barrier()
+        if any(r and r[0] for r in reports):
+            need = space.previous_tag_bytes(root) or size_estimate
+            raise space.NoSpaceError(space.no_space_message(root, need, space.free_bytes(root)))
+        rank, (_, what) = next((r, rep) for r, rep in enumerate(reports) if rep)
+        raise CheckpointError(f"rank {rank} could not write checkpoint {tag_dir} ({what}); "
+                              "earlier checkpoints are kept")
+    if rank0:
+        prune(root, keep_last, current=tag)
+    dist.barrier()
+    return tag_dir
+
+
+def _report(failure: BaseException | None, root: Path):
+    """(is it a full disk, one line) of a rank's failed write, or None."""
+    from gigamim.checkpoint import space
+
+    if failure is None:
+        return None
+    return space.is_space_error(failure, root), f"{type(failure).__name__}: {failure}".splitlines()[0][:300]
+
+
+def prune(root: Path, keep_last: int, current: str) -> None:
+    """Keep the newest `keep_last` complete tags; drop older ones and older crash remnants."""
+    if keep_last <= 0:
+        return
+    current_step = tag_step(current)
+    # Only this run's history counts: tags past the current step (left by an earlier run
+    # that went further before this one resumed from an older tag) are kept, not counted.
+    complete = [t for t in complete_tags(root)
+                if not t.endswith(UNIVERSAL_SUFFIX) and tag_step(t) is not None and tag_step(t) <= current_step]
+    doomed = complete[:-keep_last]
+    for p in root.iterdir():
+        step = tag_step(p.name)
+        if (p.is_dir() and step is not None and not p.name.endswith(UNIVERSAL_SUFFIX) and not is_complete(p)
+                and step < current_step):
+            doomed.append(p.name)
+    for tag in doomed:
+        if tag != current:
+            shutil.rmtree(root / tag, ignore_errors=True)

@@ -1,0 +1,129 @@
+"""Candidate plans for a cluster: every ZeRO stage / ZeRO++ / offload / checkpointing /
+sequential-attention combination at the largest micro-batch that fits, with its memory and
+its predicted step time (`step_model`), ranked by images/s.
+
+Memory per GPU (bf16 training on GPUs): model states as `plan.model_state_bytes` (ZeRO
+paper, K=12), plus DeepSpeed's buffers: stage 1/2 the gradient bucket (`reduce_bucket_size`
+elements, twice with overlap_comm) and the all-gather bucket; stage 3 the parameters kept
+gathered (up to `stage3_max_live_parameters`, measured on CPU: DeepSpeed really keeps that
+many from forward into backward) and the reduce bucket; hpZ its secondary partition
+(2 bytes x P / gpus_per_node); plus activations from `plan.activation_bytes` with SDPA
+('fused') attention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, replace
+
+from gigamim.tools.step_model import Candidate, Costs, Precision, ZeroKnobs, model_facts, step_time
+
+GiB = 2**30
+
+
+def divisors(n: int) -> list:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def buffer_bytes(stage: int, params: int, small: int, knobs: ZeroKnobs, prec: Precision, hpz: bool,
+                 gpus_per_node: int) -> float:
+    if stage in (1, 2):
+        return 2 * knobs.reduce_bucket * prec.grad_bytes + knobs.allgather_bucket * prec.param_bytes
+    live = min(params - small, knobs.max_live) * prec.param_bytes + small * prec.param_bytes
+    extra = 2 * params / gpus_per_node if hpz else 0.0
+    return live + knobs.reduce_bucket * prec.grad_bytes + extra
+
+
+def enumerate_candidates(name: str, gpus: int, gpus_per_node: int, gpu_mem_gb: float, device, net, *,
+                         img_size=None, window_size=None, global_batch=None, micro_batch=None,
+                         knobs: ZeroKnobs = ZeroKnobs(), prec: Precision = Precision(), costs: Costs = Costs(),
+                         margin: float = 0.1, reserved_gb: float = 2.0, attn_chunk: int = 64,
+                         max_micro_batch: int = 1024) -> list:
+    """One row per configuration that fits (dicts, JSON-able), fastest first."""
+    from gigamim.tools.plan import activation_bytes, model_state_bytes
+
+    facts = model_facts(name, img_size, window_size)
+    P = facts.params
+    small = facts.small_params.get(knobs.persistence_threshold, 0)
+    budget = gpu_mem_gb * GiB * (1 - margin) - reserved_gb * GiB
+    multi_node = gpus > gpus_per_node
+    per_gpu = global_batch // gpus if global_batch else None
+    act_cache = {}
+
+    def act(ckpt_every, seq):
+        key = (ckpt_every, seq)
+        if key not in act_cache:
+            kw = dict(window_size=window_size, attn="fused", ckpt_every=ckpt_every, sequential_stages=seq,
+                      attn_chunk=attn_chunk)
+            a1 = activation_bytes(name, facts.img_size, batch=1, **kw)["total"]
+            a2 = activation_bytes(name, facts.img_size, batch=2, **kw)["total"]
+            act_cache[key] = (a2 - a1, a1 - (a2 - a1))  # per image, fixed
+        return act_cache[key]
+
+    rows = []
+    for stage in (1, 2, 3):
+        zpp = [(False, False, False)]
+        if stage == 3 and multi_node:
+            zpp += [(True, False, False), (True, True, True)]
+        for offload in (False, True):
+            for hpz, qwz, qgz in zpp:
+                if offload and hpz:
+                    continue
+                states = model_state_bytes(P, gpus, stage, offload, 0)["gpu"]["total"]
+                states += buffer_bytes(stage, P, small, knobs, prec, hpz, gpus_per_node)
+                for ckpt_every in (0, 2, 1):
+                    for seq in ((), (0,)):
+                        per_img, fixed = act(ckpt_every, seq)
+                        room = budget - states - fixed
+                        mb_fit = int(min(max_micro_batch, room // per_img)) if room > 0 else 0
+                        if micro_batch:
+                            choices = [micro_batch] if micro_batch <= mb_fit else []
+                        elif per_gpu:
+                            choices = [d for d in divisors(per_gpu) if d <= mb_fit]
+                        else:
+                            choices = [mb_fit] if mb_fit else []
+                        if not choices:
+                            continue
+                        mb = max(choices)
+                        acc = per_gpu // mb if per_gpu else 1
+                        cand = Candidate(stage, mb, acc, offload, hpz, qwz, qgz, ckpt_every, seq)
+                        t = step_time(facts, cand, gpus, gpus_per_node, device, net, knobs, prec, costs)
+                        mem = states + fixed + mb * per_img
+                        rows.append({
+                            "plan": cand.label, "zero_stage": stage, "offload": offload, "hpz": hpz, "qwz": qwz,
+                            "qgz": qgz, "checkpointing": cand.ckpt_label, "ckpt_every": ckpt_every,
+                            "sequential_stages": list(seq), "micro_batch": mb, "accumulation": acc,
+                            "global_batch": mb * acc * gpus, "max_micro_batch": mb_fit,
+                            "mem_gb": mem / GiB, "states_gb": states / GiB, "activations_gb": (fixed + mb * per_img) / GiB,
+                            "step_s": t["step_s"], "images_per_s": t["images_per_s"], "mfu": t["mfu"],
+                            "compute_s": t["compute_s"], "comm_s": t["comm_s"], "comm_exposed_s": t["comm_exposed_s"],
+                            "optimizer_s": t["optimizer_s"], "data_s": t["data_s"], "data_bound": t["data_bound"],
+                            "comm_over_compute": t["comm_over_compute"],
+                            "comm_gb_per_step": {k: v / 1e9 for k, v in t["comm_bytes"].items()},
+                            "complexity": int(offload) * 4 + int(hpz) + int(qwz) + int(qgz) + stage * 0
+                            + (1 if seq else 0) + (1 if ckpt_every else 0),
+                        })
+    rows.sort(key=lambda r: -r["images_per_s"])
+    return rows
+
+
+def recommend(rows: list, tolerance: float = 0.02) -> dict | None:
+    """The fastest plan; a simpler one (no offload, no ZeRO++, less checkpointing, lower stage)
+    wins if it is within `tolerance` of the fastest."""
+    if not rows:
+        return None
+    best = rows[0]["images_per_s"]
+    near = [r for r in rows if r["images_per_s"] >= best * (1 - tolerance)]
+    return min(near, key=lambda r: (r["complexity"], r["zero_stage"], -r["images_per_s"]))
+
+
+def as_json(obj) -> dict:
+    return asdict(obj)
+
+
+def with_costs(costs: Costs, **kw) -> Costs:
+    return replace(costs, **{k: v for k, v in kw.items() if v is not None})
+
+
+def nodes_of(gpus: int, gpus_per_node: int) -> int:
+    return math.ceil(gpus / gpus_per_node)
