@@ -156,3 +156,25 @@ def test_packaged_recipes_load_and_build(name, model, ld, window):
     with torch.device("meta"):
         m, _ = finetune.build_classifier(cfg, ft)
     assert m.num_classes == 1000
+
+
+def test_swin_table_and_vit_pos_embed_follow_the_new_geometry(tmp_path):
+    """Swin V1 fine-tuned at another window: bias tables resized (timm's resize_rel_pos_bias_table,
+    the pretrained window's values at the matching relative offsets); ViT at another image
+    size: position embeddings resampled (timm's resample_abs_pos_embed)."""
+    from timm.layers import resample_abs_pos_embed
+
+    from gigamim.train.load_encoder import build_encoder, read_weights
+
+    path = _pretrained(tmp_path, "swin_nano", dict(img_size=64, window_size=2))
+    enc, _ = build_encoder("swin_nano", str(path), dict(img_size=64, window_size=4))
+    old = read_weights(str(path))[0]["layers.0.blocks.0.attn.relative_position_bias_table"]  # (3*3, heads)
+    new = enc.layers[0].blocks[0].attn.relative_position_bias_table.detach()  # (7*7, heads)
+    assert old.shape[0] == 9 and new.shape[0] == 49
+    # the centre offset (0, 0) keeps its pretrained bias
+    torch.testing.assert_close(new[24], old[4], rtol=1e-4, atol=1e-5)
+    vpath = _pretrained(tmp_path, "vit_nano_patch16", dict(img_size=64))
+    vit, _ = build_encoder("vit_nano_patch16", str(vpath), dict(img_size=96))
+    pe = read_weights(str(vpath))[0]["pos_embed"]
+    torch.testing.assert_close(vit.pos_embed.detach(), resample_abs_pos_embed(pe, new_size=(6, 6), num_prefix_tokens=1))
+    assert vit(torch.zeros(1, 3, 96, 96)).shape == (1, 64)
