@@ -51,9 +51,12 @@ def _allowed_arguments(cls: type) -> set:
     return allowed - {"weight_init"}
 
 
-def list_models() -> List[str]:
-    """Registered model names, smallest first (registration order)."""
-    return list(_REGISTRY)
+def list_models(pattern: str | None = None) -> List[str]:
+    """Registered model names, by family, smallest first (registration order); ``pattern``
+    (fnmatch, e.g. ``"swinv2_*"``) keeps the matching ones."""
+    import fnmatch
+
+    return [n for n in _REGISTRY if pattern is None or fnmatch.fnmatch(n, pattern)]
 
 
 def model_defaults(name: str) -> dict:

@@ -1,0 +1,180 @@
+"""`gigamim finetune`: exact resume on 2 ZeRO-3 CPU ranks (real DeepSpeed launcher, real
+shards of sklearn's real digits), the final export loads into timm with its classifier head
+(same logits as timm's forward), and bad input is one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from gigamim.models import SimMIM, create_model
+from gigamim.train import finetune
+from tests.launch import free_port, run, tail
+
+
+def deepspeed_cmd(nproc, *args):
+    # the module itself: the `finetune` CLI verb is the lead's to add to gigamim/cli.py
+    import sys
+
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port",
+            str(free_port()), "--module", "gigamim.train.finetune", *args]
+
+BASE = ["model.name=swinv2_nano", "model.img_size=32", "model.window_size=4", "finetune.num_classes=10",
+        "train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=6", "deepspeed.config=cpu",
+        "log.every_steps=1", "log.tensorboard=false", "optim.warmup_steps=2", "optim.lr=5e-3",
+        "checkpoint.every_steps=3", "finetune.eval_every_steps=3", "model.drop_path_rate=0.1"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from gigamim.data.make_shards import main as make_shards
+
+    root = tmp_path_factory.mktemp("ftdigits")
+    d = load_digits()
+    order = np.random.default_rng(1).permutation(len(d.target))
+    out = {}
+    for split, idx in (("train", order[:80]), ("val", order[80:120])):
+        for i in idx:
+            folder = root / split / str(d.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            img = Image.fromarray((d.images[i] * 16).clip(0, 255).astype(np.uint8), mode="L")
+            img.resize((36, 36), Image.BICUBIC).convert("RGB").save(folder / f"d{i}.png")
+        assert make_shards([str(root / split), str(root / f"{split}_s"), "--max-count", "30"]) == 0
+        out[split] = str(root / f"{split}_s" / "index.json")
+    flat = root / "flat"
+    flat.mkdir()
+    for i in order[:8]:
+        Image.fromarray((d.images[i] * 16).astype(np.uint8), mode="L").convert("RGB").save(flat / f"u{i}.png")
+    assert make_shards([str(flat), str(root / "flat_s")]) == 0
+    out["unlabelled"] = str(root / "flat_s" / "index.json")
+    return out
+
+
+def _pretrained(tmp_path, name="swinv2_nano", kw=dict(img_size=32, window_size=4)):
+    torch.manual_seed(0)
+    path = tmp_path / f"{name}_simmim.safetensors"
+    save_file(SimMIM(create_model(name, **kw)).state_dict(), str(path),
+              metadata={"gigamim_config": yaml.safe_dump({"model": {"name": name, **kw}}), "format": "simmim"})
+    return path
+
+
+def _sets(shards, tmp_path, run_dir, extra=()):
+    items = BASE + [f"finetune.train_shards={shards['train']}", f"finetune.val_shards={shards['val']}",
+                    f"finetune.weights={_pretrained(tmp_path)}",
+                    f"checkpoint.dir={run_dir}/ckpt", f"log.dir={run_dir}/logs", *extra]
+    return [a for s in items for a in ("--set", s)]
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_is_exact_and_export_loads_into_timm_with_head(shards, tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    p = run(deepspeed_cmd(2, *_sets(shards, tmp_path, full)), timeout=600)
+    assert p.returncode == 0, tail(p.stdout + p.stderr)
+    p = run(deepspeed_cmd(2, *_sets(shards, tmp_path, split, ["train.stop_at_step=3"])), timeout=600)
+    assert p.returncode == 0, tail(p.stdout + p.stderr)
+    assert not (split / "ckpt" / "finetuned.safetensors").exists()  # stopped early: no final export yet
+    p = run(deepspeed_cmd(2, *_sets(shards, tmp_path, split), "--resume", "auto"), timeout=600)
+    assert p.returncode == 0, tail(p.stdout + p.stderr)
+    assert "resumed from" in p.stdout + p.stderr
+    a, b = _metrics(full), _metrics(split)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical after stop + resume
+    assert [r.get("top1") for r in a] == [r.get("top1") for r in b]
+    assert a[2]["top1"] is not None and a[5]["top5"] >= a[5]["top1"]
+
+    # the export: timm's SwinTransformerV2 with the recorded arguments loads it strictly, head included
+    from gigamim.checkpoint import safetensors_io
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    sd, md = safetensors_io.load(str(full / "ckpt" / "finetuned.safetensors"))
+    kwargs = json.loads(md["timm_kwargs"])
+    assert kwargs["num_classes"] == 10 and "head.fc.weight" in sd
+    tm = SwinTransformerV2(**kwargs).eval()
+    tm.load_state_dict(sd, strict=True)
+    ours = create_model("swinv2_nano", img_size=32, window_size=4, num_classes=10).eval()
+    ours.load_state_dict(sd, strict=True)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tm(x), rtol=1e-4, atol=1e-4)
+
+
+def test_pretrained_window_becomes_pretrained_window_sizes(tmp_path):
+    cfg, ft = finetune.load_finetune_config(None, ["model.name=swinv2_nano", "model.img_size=64",
+                                                   "model.window_size=8", f"finetune.weights={_pretrained(tmp_path)}",
+                                                   "finetune.num_classes=10"])
+    model, info = finetune.build_classifier(cfg, ft)
+    assert info["kwargs"]["pretrained_window_sizes"] == 4 and info["kwargs"]["window_size"] == 8
+    attn = model.layers[0].blocks[0].attn
+    assert tuple(attn.pretrained_window_size) == (4, 4) and model.head.fc.out_features == 10
+
+
+@pytest.mark.parametrize("case", ["other_arch", "bad_window", "no_labels", "num_classes", "unknown_key"])
+def test_bad_input_is_one_line(shards, tmp_path, capsys, case):
+    sets = _sets(shards, tmp_path, tmp_path / "r")
+    if case == "other_arch":
+        sets += ["--set", f"finetune.weights={_pretrained(tmp_path, 'vit_nano_patch16', dict(img_size=64))}"]
+        want = "is a vit encoder, not one of swinv2_nano"
+    elif case == "bad_window":
+        sets += ["--set", "model.window_size=3"]
+        want = "window_size=3"
+    elif case == "no_labels":
+        sets += ["--set", f"finetune.train_shards={shards['unlabelled']}"]
+        want = "has no .cls label member"
+    elif case == "num_classes":
+        sets += ["--set", "finetune.num_classes=5"]
+        want = "labels go up to 9 but finetune.num_classes=5"
+    else:
+        sets += ["--set", "finetune.mixupp=0.5"]
+        want = "unknown finetune key(s) ['mixupp']"
+    assert finetune.main(sets) == 2
+    err = capsys.readouterr().err
+    assert want in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("name,model,ld,window", [("swinv2_base", "swinv2_base", 0.75, 14),
+                                                   ("swin_base", "swin_base", 0.8, 7),
+                                                   ("swin_large", "swin_large", 0.7, 14),
+                                                   ("vit_base", "vit_base_patch16", 0.65, None)])
+def test_packaged_recipes_load_and_build(name, model, ld, window):
+    """The official SimMIM fine-tune settings (issue 12 / main_finetune.py configs)."""
+    cfg, ft = finetune.load_finetune_config(f"finetune_{name}", [f"finetune.weights="])
+    assert cfg.model.name == model and cfg.model.img_size == 224 and cfg.model.window_size == window
+    assert ft.layer_decay == ld and ft.mixup == 0.8 and ft.cutmix == 1.0 and ft.label_smoothing == 0.1
+    assert cfg.optim.lr * cfg.train.global_batch_size / 512 == pytest.approx(5e-3) and cfg.train.grad_clip == 5.0
+    assert cfg.optim.weight_decay == 0.05 and cfg.optim.warmup_steps * 5 == cfg.train.max_steps
+    with torch.device("meta"):
+        m, _ = finetune.build_classifier(cfg, ft)
+    assert m.num_classes == 1000
+
+
+def test_swin_table_and_vit_pos_embed_follow_the_new_geometry(tmp_path):
+    """Swin V1 fine-tuned at another window: bias tables resized (timm's resize_rel_pos_bias_table,
+    the pretrained window's values at the matching relative offsets); ViT at another image
+    size: position embeddings resampled (timm's resample_abs_pos_embed)."""
+    from timm.layers import resample_abs_pos_embed
+
+    from gigamim.train.load_encoder import build_encoder, read_weights
+
+    path = _pretrained(tmp_path, "swin_nano", dict(img_size=64, window_size=2))
+    enc, _ = build_encoder("swin_nano", str(path), dict(img_size=64, window_size=4))
+    old = read_weights(str(path))[0]["layers.0.blocks.0.attn.relative_position_bias_table"]  # (3*3, heads)
+    new = enc.layers[0].blocks[0].attn.relative_position_bias_table.detach()  # (7*7, heads)
+    assert old.shape[0] == 9 and new.shape[0] == 49
+    # the centre offset (0, 0) keeps its pretrained bias
+    torch.testing.assert_close(new[24], old[4], rtol=1e-4, atol=1e-5)
+    vpath = _pretrained(tmp_path, "vit_nano_patch16", dict(img_size=64))
+    vit, _ = build_encoder("vit_nano_patch16", str(vpath), dict(img_size=96))
+    pe = read_weights(str(vpath))[0]["pos_embed"]
+    torch.testing.assert_close(vit.pos_embed.detach(), resample_abs_pos_embed(pe, new_size=(6, 6), num_prefix_tokens=1))
+    assert vit(torch.zeros(1, 3, 96, 96)).shape == (1, 64)
