@@ -24,8 +24,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import triton_cosine as C
-from . import triton_layernorm as L
+from gigamim.kernels import triton_cosine as C
+from gigamim.kernels import triton_layernorm as L
 
 CONSTEXPR = "constexpr"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.utils import benchmark
 
-from . import implementation_for, residual_post_norm, torch_impl
+from gigamim.kernels import implementation_for, residual_post_norm, torch_impl
 
 
 def _time_ms(fn, min_run_time: float) -> float:
