@@ -19,7 +19,7 @@ import sys
 import torch
 
 from gigamim.kernels import cosine_normalize, implementation_for, residual_post_norm
-from gigamim_benchmarks.kernel_bench import bench_residual_post_norm
+from .kernel_bench import bench_residual_post_norm
 
 # (rows, width) of SwinV2-B/G stages at 192 px for a micro-batch of 8 / 2.
 CHECK_SHAPES = [(8, 2304, 128), (8, 576, 256), (8, 144, 512), (8, 36, 1024), (2, 576, 1024), (2, 36, 4096), (3, 7, 100)]

@@ -29,9 +29,12 @@ def test_zero3_compiled_checkpointed_trains_and_resumes_exactly(tmp_path):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
         eager, comp, resumed = res["eager"], res["compiled"], res["resumed"]
         assert res["leaf_blocks"] == 8 and res["compiled_blocks"] == 8
-        # compiled vs eager: fp32 kernels round differently, nothing more
+        # compiled vs eager: fp32 kernels round differently, nothing more. The first loss is the
+        # same forward (tight); later ones follow AdamW updates, which normalise the gradient and
+        # so turn ~1e-7 rounding in near-zero gradients into visible steps (measured ~2e-4).
+        assert abs(eager[0] - comp[0]) <= 1e-5 * abs(eager[0]), (eager, comp)
         for a, b in zip(eager, comp):
-            assert abs(a - b) <= 1e-4 * abs(a), (eager, comp)
+            assert abs(a - b) <= 2e-3 * abs(a), (eager, comp)
         assert comp[-1] < comp[0] - 0.01, comp  # it trains (same batches, lr 2e-3)
         assert resumed == comp[3:], (resumed, comp)  # exact resume
 
