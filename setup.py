@@ -35,7 +35,8 @@ setup(
         "matplotlib",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    # scikit-learn: the probe tests compare with its logistic regression; the real-image check uses its digits.
+    extras_require={"test": ["pytest>=8", "pytest-timeout", "scikit-learn"]},
     entry_points={"console_scripts": ["gigamim = gigamim.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )

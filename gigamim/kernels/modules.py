@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import layer_norm, residual_post_norm
+from gigamim.kernels.ops import layer_norm, residual_post_norm
 
 
 class ResPostLayerNorm(nn.LayerNorm):

@@ -8,6 +8,7 @@ that sets any of those is rejected, so nothing is ever set twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -84,6 +85,22 @@ def build_ds_config(cfg: Config, world_size: int, on_gpu: bool, peak_lr: float) 
     return ds
 
 
+PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@contextlib.contextmanager
+def default_dtype(name: str):
+    """torch's default dtype set to `name` for the block (parameters are created in it)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, name))
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def build_engine(cfg: Config, build_model, world_size: int, on_gpu: bool, load_universal: bool = False):
     """(engine, lr_scheduler, model, zero stage): the model built under `zero.Init` for ZeRO-3
     (no rank ever holds the whole model: parameters are partitioned as they are made), on the
@@ -99,6 +116,7 @@ def build_engine(cfg: Config, build_model, world_size: int, on_gpu: bool, load_u
     from gigamim.train.optim import make_lr_scheduler, peak_lr
 
     ds_config = build_ds_config(cfg, world_size, on_gpu, peak_lr=peak_lr(cfg))
+    precision = resolve_precision(cfg, on_gpu)
     if load_universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     stage = zero_stage(ds_config)
@@ -110,11 +128,13 @@ def build_engine(cfg: Config, build_model, world_size: int, on_gpu: bool, load_u
             model = build_model()
     elif on_gpu:
         # ZeRO-0/1/2 keep full parameters on every rank: build them straight on this rank's
-        # GPU (no host copy of a 3B fp32 model per rank); initialize() broadcasts rank 0's.
+        # GPU in the training dtype (SwinV2-G in bf16: 6 GB, never 12 GB of fp32 weights, no
+        # host copy); DeepSpeed makes the fp32 master partitions from them, initialize()
+        # broadcasts rank 0's weights.
         import torch
         from deepspeed.accelerator import get_accelerator
 
-        with torch.device(get_accelerator().current_device_name()):
+        with torch.device(get_accelerator().current_device_name()), default_dtype(PRECISION_DTYPES[precision]):
             model = build_model()
     else:
         model = build_model()

@@ -62,7 +62,7 @@ class Trainer:
         from gigamim.sizes import parse_size
         from gigamim.models.attention import resolve_attn_impl
         from gigamim.models.build import build_simmim
-        from gigamim.models.flops import train_flops
+        from gigamim.models.flops import model_and_hardware_flops
         from gigamim.models.registry import model_defaults
         from gigamim.train.deepspeed_init import build_engine, resolve_precision
         from gigamim.train.state import TrainState, seed_everything
@@ -88,8 +88,8 @@ class Trainer:
                                       norm_target=cfg.data.norm_target,
                                       norm_target_patch=cfg.data.norm_target_patch),
             self.world, self.device.type == "cuda", load_universal=bool(self.resume and self.resume.universal))
-        self.model_flops = train_flops(model, cfg.model.img_size, recompute=False)
-        self.hardware_flops = train_flops(model, cfg.model.img_size, recompute=bool(cfg.model.grad_checkpointing))
+        # MFU counts model FLOPs (3x forward); HFU adds what checkpointing / sequential chunks recompute.
+        self.model_flops, self.hardware_flops = model_and_hardware_flops(model, cfg.model.img_size)
         # MFU's denominator, once per run: a GPU's datasheet peak, else a short GEMM probe (CPU).
         from gigamim.train.peak import peak_tflops
 
