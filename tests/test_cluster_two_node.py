@@ -1,8 +1,8 @@
 """Two nodes on one machine: cluster/slurm/node.sh is started twice, as srun would start it
 on two nodes (SLURM_NODEID 0 and 1), on loopback (hosts 127.0.0.1 and localhost). Each
-start runs `deepspeed --hostfile H --no_ssh --node_rank i --num_nodes 2 --num_gpus 1
---master_addr 127.0.0.1 ...`, so the ranks rendezvous across two launcher processes exactly
-as on two machines. References: the doctor's all-reduce result (a formula) and, for
+start runs `gigamim launch --nproc-per-node 1 --nnodes 2 --node-rank i --master-addr
+127.0.0.1 ...`, so the ranks rendezvous across two launcher processes exactly as on two
+machines. References: the doctor's all-reduce result (a formula) and, for
 training, an ordinary single-node 2-rank launch, whose per-step losses must match."""
 
 import json
@@ -53,10 +53,11 @@ def test_two_node_doctor_on_loopback(tmp_path):
     out_json = tmp_path / "doctor.json"
     logs = launch_two_nodes(tmp_path, "doctor", ["--no-ops", "--bandwidth-mb", "4", "--iters", "3", "--json", str(out_json)])
     # Each node ran its own launcher with its own node rank.
-    assert "--node_rank 0" in logs[0] and "--node_rank 1" in logs[1]
+    assert "--node-rank 0" in logs[0] and "--node-rank 1" in logs[1]
     got = json.loads(out_json.read_text())
     assert got["launch"]["world_size"] == 2 and got["launch"]["local_world_size"] == 1
-    assert got["launch"]["launcher"] == "deepspeed" and got["launch"]["master_addr"] == "127.0.0.1"
+    # The SLURM node script runs `gigamim launch` (torch's elastic agent: seen as torchrun).
+    assert got["launch"]["launcher"] == "torchrun" and got["launch"]["master_addr"] == "127.0.0.1"
     bw = got["allreduce"]
     assert bw["correct"] and bw["ranks"] == 2
     assert bw["busbw_gbps"] == pytest.approx(bw["bytes"] / bw["seconds_per_iter"] / 1e9 * 2 * (2 - 1) / 2)
