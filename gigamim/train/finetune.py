@@ -8,9 +8,12 @@ sections, `gigamim.config`) plus its `finetune:` section (`config.FinetuneConfig
 num_classes, labelled train/val shards, layer-wise LR decay, Mixup/CutMix, label smoothing,
 EMA, evaluation period). Built on the same pieces as `gigamim pretrain`: the DeepSpeed config
 from the template + gigamim config (`train.deepspeed_init`), warmup + cosine LR (`train.optim`)
-with a per-group layer-decay scale, `checkpoint.layout` saves/resume (`--resume auto`),
-`metrics.jsonl` (step, loss, lr, grad_norm, images_per_sec, data_skipped, + top1/top5 when
-evaluated). Exact resume: every random draw of step s (batch order, crops, flips, Mixup,
+with a per-group layer-decay scale, `checkpoint.save`; from `gigamim pretrain` also the
+resume resolver and checks (`train.main.resolve_resume` / `check_compatible`), the run lock of
+checkpoint.dir (`--force-unlock`), SIGTERM / `train.stop_after` save-and-exit-0 and the
+non-finite guard (`train.step`'s agreement all-reduce). `metrics.jsonl` (step, loss, lr,
+grad_norm, images_per_sec, data_skipped, nonfinite_skipped, + top1/top5 when evaluated).
+The loop itself is still its own, not `Trainer.fit` (see issue 12). Exact resume: every random draw of step s (batch order, crops, flips, Mixup,
 drop path) is seeded from (seed, s, rank), and DeepSpeed restores the optimizer and LR state.
 
 SwinV2 fine-tuned at a larger window than pretraining: `model.window_size` is the new window;
