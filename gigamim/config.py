@@ -120,6 +120,27 @@ class DeepSpeedSection:
 
 
 @dataclass
+class FinetuneConfig:
+    """`gigamim finetune` only (classification fine-tuning); pretraining ignores it."""
+
+    weights: str = ""  # consolidated SimMIM / exported encoder / DeepSpeed checkpoint; "" = from scratch
+    num_classes: int = 1000
+    train_shards: str = ""  # labelled shards (make-shards of an ImageFolder: .cls members)
+    val_shards: str = ""
+    eval_every_steps: int = 0  # 0: only at the end
+    layer_decay: float = 0.75  # 1.0 = off; official: SwinV2-B 0.75, Swin-B 0.8, Swin-L 0.7, ViT-B 0.65
+    mixup: float = 0.8  # Mixup alpha (0 off)
+    cutmix: float = 1.0  # CutMix alpha (0 off)
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    ema: bool = False  # timm ModelEmaV3 of the weights (ZeRO 0-2: needs whole parameters per rank)
+    ema_decay: float = 0.9999
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    hflip: bool = True
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,6 +149,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -340,6 +362,7 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
         parse_size(cfg.data.cache_size)
     except ValueError as e:
         raise ConfigError(f"config key 'data.cache_size': {e}") from None
+    _validate_finetune(cfg.finetune)
     gradient_accumulation_steps(cfg, world_size)
     if check_files:
         if not str(cfg.data.shards).strip():
@@ -349,6 +372,28 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise ConfigError(f"data.shards: shard file '{missing[0]}' does not exist{more}")
         resolve_ds_config_path(cfg.deepspeed.config)
+
+
+def _validate_finetune(ft: FinetuneConfig) -> None:
+    """The finetune section's ranges (the defaults pass, so pretraining is never refused here)."""
+    if ft.num_classes < 2:
+        raise ConfigError(f"finetune.num_classes must be >= 2, got {ft.num_classes}")
+    if ft.eval_every_steps < 0:
+        raise ConfigError(f"finetune.eval_every_steps must be >= 0 (0: only at the end); got {ft.eval_every_steps}")
+    if not 0.0 < ft.layer_decay <= 1.0:
+        raise ConfigError(f"finetune.layer_decay must be in (0, 1] (1: off); got {ft.layer_decay}")
+    for key in ("mixup", "cutmix"):
+        if getattr(ft, key) < 0:
+            raise ConfigError(f"finetune.{key} must be >= 0 (0: off); got {getattr(ft, key)}")
+    for key in ("mixup_prob", "mixup_switch_prob"):
+        if not 0.0 <= getattr(ft, key) <= 1.0:
+            raise ConfigError(f"finetune.{key} must be in [0, 1]; got {getattr(ft, key)}")
+    if not 0.0 <= ft.label_smoothing < 1.0:
+        raise ConfigError(f"finetune.label_smoothing must be in [0, 1); got {ft.label_smoothing}")
+    if not 0.0 < ft.ema_decay < 1.0:
+        raise ConfigError(f"finetune.ema_decay must be in (0, 1); got {ft.ema_decay}")
+    if len(ft.crop_scale) != 2 or not 0.0 < ft.crop_scale[0] <= ft.crop_scale[1] <= 1.0:
+        raise ConfigError(f"finetune.crop_scale must be [min, max] with 0 < min <= max <= 1; got {ft.crop_scale}")
 
 
 def missing_local_shards(spec) -> list[str]:

@@ -146,3 +146,27 @@ def test_unknown_deepspeed_template_lists_packaged_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"'zero9' not found \(packaged: .*zero3_bf16"):
         resolve_ds_config_path("zero9")
+
+
+def test_finetune_section_is_part_of_the_config():
+    """The packaged fine-tune recipes load through the one config loader (the official SimMIM
+    Swin-B recipe: layer decay 0.8), `--set finetune.*` overrides them, a list value parses,
+    and pretraining's defaults pass the section's validation."""
+    cfg = load_config("finetune_swin_base", ["finetune.crop_scale=[0.2, 1.0]", "finetune.ema=true"])
+    assert cfg.finetune.layer_decay == 0.8 and cfg.finetune.num_classes == 1000
+    assert cfg.finetune.crop_scale == [0.2, 1.0] and cfg.finetune.ema is True
+    assert load_config(None, []).finetune.mixup == 0.8
+    validate(load_config(None, []), check_files=False)
+
+
+@pytest.mark.parametrize("item,want", [
+    ("finetune.num_classes=1", "finetune.num_classes must be >= 2"),
+    ("finetune.layer_decay=0", "finetune.layer_decay must be in (0, 1]"),
+    ("finetune.mixup_prob=1.5", "finetune.mixup_prob must be in [0, 1]"),
+    ("finetune.label_smoothing=1", "finetune.label_smoothing must be in [0, 1)"),
+    ("finetune.crop_scale=[0.9, 0.1]", "finetune.crop_scale must be [min, max]"),
+])
+def test_bad_finetune_values_are_one_line(item, want):
+    with pytest.raises(ConfigError) as e:
+        validate(load_config(None, [item]), check_files=False)
+    assert want in str(e.value) and "\n" not in str(e.value)

@@ -4,13 +4,16 @@
     deepspeed --num_gpus N --module gigamim finetune --config ...
 
 The run config is the pretraining one (model / train / optim / checkpoint / log / deepspeed
-sections, `gigamim.config`) plus a `finetune:` section (FinetuneSection below: weights,
+sections, `gigamim.config`) plus its `finetune:` section (`config.FinetuneConfig`: weights,
 num_classes, labelled train/val shards, layer-wise LR decay, Mixup/CutMix, label smoothing,
 EMA, evaluation period). Built on the same pieces as `gigamim pretrain`: the DeepSpeed config
 from the template + gigamim config (`train.deepspeed_init`), warmup + cosine LR (`train.optim`)
-with a per-group layer-decay scale, `checkpoint.layout` saves/resume (`--resume auto`),
-`metrics.jsonl` (step, loss, lr, grad_norm, images_per_sec, data_skipped, + top1/top5 when
-evaluated). Exact resume: every random draw of step s (batch order, crops, flips, Mixup,
+with a per-group layer-decay scale, `checkpoint.save`; from `gigamim pretrain` also the
+resume resolver and checks (`train.main.resolve_resume` / `check_compatible`), the run lock of
+checkpoint.dir (`--force-unlock`), SIGTERM / `train.stop_after` save-and-exit-0 and the
+non-finite guard (`train.step`'s agreement all-reduce). `metrics.jsonl` (step, loss, lr,
+grad_norm, images_per_sec, data_skipped, nonfinite_skipped, + top1/top5 when evaluated).
+The loop itself is still its own, not `Trainer.fit` (see issue 12). Exact resume: every random draw of step s (batch order, crops, flips, Mixup,
 drop path) is seeded from (seed, s, rank), and DeepSpeed restores the optimizer and LR state.
 
 SwinV2 fine-tuned at a larger window than pretraining: `model.window_size` is the new window;
@@ -27,7 +30,6 @@ package's classification loader lands): fine for the benchmark/test sizes, not f
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -36,93 +38,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-
-@dataclasses.dataclass
-class FinetuneSection:
-    weights: str = ""  # consolidated SimMIM / exported encoder / DeepSpeed checkpoint; "" = from scratch
-    num_classes: int = 1000
-    train_shards: str = ""
-    val_shards: str = ""
-    eval_every_steps: int = 0  # 0: only at the end
-    layer_decay: float = 0.75  # 1.0 = off; official: SwinV2-B 0.75, Swin-B 0.8, Swin-L 0.7, ViT-B 0.65
-    mixup: float = 0.8  # Mixup alpha (0 off)
-    cutmix: float = 1.0  # CutMix alpha (0 off)
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    label_smoothing: float = 0.1
-    ema: bool = False
-    ema_decay: float = 0.9999
-    crop_scale: list = dataclasses.field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
-    hflip: bool = True
 
 
 class FinetuneError(ValueError):
     """Bad input for fine-tuning; one line, exit 2."""
 
 
-# ----------------------------------------------------------------------------- config
-
-
-def _flatten(tree: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out += _flatten(v, key + ".")
-        else:
-            out.append(f"{key}={json.dumps(v) if isinstance(v, (list, str)) else v}")
-    return out
-
-
-def load_finetune_config(path: str | None, sets: list[str]):
-    """(gigamim Config, FinetuneSection) from a YAML with a `finetune:` section and --set
-    overrides (`finetune.*` keys go to the section, the rest to gigamim.config)."""
-    from gigamim.config import ConfigError, load_config, resolve_config_path
-
-    tree: dict = {}
-    if path:
-        try:
-            p = resolve_config_path(path)
-        except (ConfigError, FileNotFoundError) as e:
-            raise FinetuneError(str(e)) from None
-        tree = yaml.safe_load(Path(p).read_text()) or {}
-    ft_tree = dict(tree.pop("finetune", None) or {})
-    rest = []
-    for item in sets:
-        key, _, value = item.partition("=")
-        if key.startswith("finetune."):
-            ft_tree[key[len("finetune."):]] = yaml.safe_load(value)
-        else:
-            rest.append(item)
-    names = {f.name for f in dataclasses.fields(FinetuneSection)}
-    unknown = sorted(set(ft_tree) - names)
-    if unknown:
-        raise FinetuneError(f"unknown finetune key(s) {unknown}; valid: {sorted(names)}")
-    ft = FinetuneSection(**ft_tree)
-    try:
-        cfg = load_config(None, _flatten(tree) + rest)
-    except ConfigError as e:
-        raise FinetuneError(str(e)) from None
-    return cfg, ft
-
-
-def dump(cfg, ft: FinetuneSection) -> str:
-    tree = yaml.safe_load(cfg.dump())
-    tree["finetune"] = dataclasses.asdict(ft)
-    return yaml.safe_dump(tree, sort_keys=False)
-
-
 # ----------------------------------------------------------------------------- pieces
 
 
-def build_classifier(cfg, ft: FinetuneSection):
+def build_classifier(cfg):
     """(encoder with a num_classes head, info). The pretrained window becomes
     pretrained_window_sizes for a SwinV2 fine-tuned at another window."""
     from gigamim.train.load_encoder import EncoderLoadError, build_encoder, read_weights, run_model_config
 
-    m = cfg.model
+    m, ft = cfg.model, cfg.finetune
     overrides: dict[str, Any] = {"img_size": m.img_size, "drop_path_rate": m.drop_path_rate}
     if m.window_size is not None:
         overrides["window_size"] = m.window_size
@@ -148,7 +78,7 @@ def derive_seed(*parts: int) -> int:
 
 
 def train_batch(images, labels, step: int, micro: int, accum: int, rank: int, world: int, micro_bs: int,
-                seed: int, ft: FinetuneSection, img_size: int):
+                seed: int, ft, img_size: int):
     """Micro-batch `micro` of optimizer step `step` on `rank`: a pure function of its arguments
     (epoch permutations of the whole set, then this rank's slice), so resume is exact."""
     import torch
@@ -195,36 +125,19 @@ def _rrc_params(height: int, width: int, scale, g):
 # ----------------------------------------------------------------------------- the run
 
 
-def run(cfg, ft: FinetuneSection, resume: str | None) -> int:
-    import numpy as np
+def run(cfg, resume_from, force_unlock: bool = False) -> int:
+    """resume_from: a `train.main.ResumePoint` (resolved and checked by `main`) or None."""
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import torch.distributed as dist
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-    from gigamim import __version__
-    from gigamim.checkpoint import layout as ckpt
-    from gigamim.checkpoint.save import save as save_checkpoint
-    from gigamim.data.transforms import normalize_on_device
     from gigamim.launch.dist import init_distributed
-    from gigamim.models.param_groups import layer_decay, param_groups
-    from gigamim.train.deepspeed_init import build_ds_config, resolve_precision, zero_stage
     from gigamim.train.labelled import LabelError, load_labelled
-    from gigamim.train.metrics import MetricsLogger
-    from gigamim.train.optim import lr_at, peak_lr
+    from gigamim.train.signals import Deadline, StopFlag
+    from gigamim.train.trainer import take_run_lock
 
-    if not ft.train_shards:
-        raise FinetuneError("finetune.train_shards is empty: give labelled shards (make-shards of an ImageFolder)")
-    if ft.num_classes < 2:
-        raise FinetuneError(f"finetune.num_classes must be >= 2, got {ft.num_classes}")
-    if cfg.model.window_size is None:
-        from gigamim.models.registry import model_defaults
-
-        cfg.model.window_size = model_defaults(cfg.model.name).get("window_size")
+    deadline = Deadline(cfg.train.stop_after)  # the clock starts with the run
+    ft = cfg.finetune
     try:
         train_x, train_y = load_labelled(ft.train_shards, _load_size(cfg.model.img_size))
         val = load_labelled(ft.val_shards, cfg.model.img_size) if ft.val_shards else None
@@ -236,23 +149,49 @@ def run(cfg, ft: FinetuneSection, resume: str | None) -> int:
                             f"at least {top + 1}")
 
     torch.manual_seed(cfg.train.seed)  # the same head init on every rank
-    model, info = build_classifier(cfg, ft)
+    model, info = build_classifier(cfg)
     # Bad input is refused above, before any process group exists.
     d = init_distributed()
+    rank = d.rank
+    lock = take_run_lock(cfg.checkpoint.dir, rank, force_unlock)  # the same lock as `gigamim pretrain`
+    try:
+        # SIGTERM/SIGINT and train.stop_after: save at the next step boundary, exit 0 (as pretrain).
+        with StopFlag() as signalled:
+            return _train(cfg, ft, resume_from, model, info, d, train_x, train_y, val, signalled, deadline)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, ft, resume_from, model, info, d, train_x, train_y, val, signalled, deadline) -> int:
+    import numpy as np
+    import torch
+
+    import deepspeed
+    import torch.distributed as dist
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    from gigamim import __version__
+    from gigamim.checkpoint.save import save as save_checkpoint
+    from gigamim.config import gradient_accumulation_steps
+    from gigamim.data.transforms import normalize_on_device
+    from gigamim.models.param_groups import layer_decay, param_groups
+    from gigamim.train.deepspeed_init import build_ds_config, resolve_precision, zero_stage
+    from gigamim.train.metrics import MetricsLogger
+    from gigamim.train.optim import lr_at, peak_lr
+    from gigamim.train.step import NonFiniteGuard, agree
+    from gigamim.train.trainer import EXIT_NONFINITE
+
     rank, world = d.rank, d.world_size
     device = d.device
     on_gpu = device.type == "cuda"
     precision = resolve_precision(cfg, on_gpu)
-    from gigamim.config import gradient_accumulation_steps
-
     accum = gradient_accumulation_steps(cfg, world)
     micro_bs = cfg.train.micro_batch_size
-    resume_from = None
-    if resume:  # THE resolver: "auto" = the newest complete tag of checkpoint.dir, or start fresh
-        target = cfg.checkpoint.dir if resume == "auto" else resume
-        found = ckpt.resolve(target, missing_ok=resume == "auto")
-        resume_from = (found.root, found.tag) if found is not None else None
     ds_config = build_ds_config(cfg, world, on_gpu, peak_lr=peak_lr(cfg))
+    if resume_from is not None and resume_from.universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     stage = zero_stage(ds_config)
     if ft.ema and stage == 3:
         raise FinetuneError("finetune.ema needs whole parameters on each rank: use ZeRO stage 0-2 with EMA")
@@ -272,16 +211,18 @@ def run(cfg, ft: FinetuneSection, resume: str | None) -> int:
 
         ema = ModelEmaV3(engine.module, decay=ft.ema_decay)
     start = 0
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
     if resume_from:
-        path, client = engine.load_checkpoint(str(resume_from[0]), tag=resume_from[1])
+        path, client = engine.load_checkpoint(str(resume_from.root), tag=resume_from.tag)
         if path is None:
-            raise FinetuneError(f"DeepSpeed could not load {resume_from[0] / resume_from[1]}")
+            raise FinetuneError(f"DeepSpeed could not load {resume_from.tag_dir}")
         state = (client or {}).get("gigamim_finetune", {})
         start = int(state.get("step", 0))
+        guard.total = int(state.get("nonfinite_total", 0))
         if ema is not None and "ema" in state:
             ema.load_state_dict(state["ema"])
         if rank == 0:
-            print(f"gigamim finetune: resumed from {resume_from[0] / resume_from[1]} at step {start}", flush=True)
+            print(f"gigamim finetune: resumed from {resume_from.tag_dir} at step {start}", flush=True)
 
     mixup = None
     if ft.mixup > 0 or ft.cutmix > 0:
@@ -295,8 +236,8 @@ def run(cfg, ft: FinetuneSection, resume: str | None) -> int:
         criterion = torch.nn.CrossEntropyLoss()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     logger = MetricsLogger(cfg.log.dir, cfg.log.tensorboard, after_step=start) if rank == 0 else None
-    stop = cfg.train.stop_at_step or cfg.train.max_steps
-    config_yaml = dump(cfg, ft)
+    stop = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
+    config_yaml = cfg.dump()
     t_last, steps_since = time.time(), 0
 
     def evaluate(step: int) -> dict:
@@ -326,15 +267,22 @@ def run(cfg, ft: FinetuneSection, resume: str | None) -> int:
                 "eval_images": int(t[2].item())}
 
     def save(step: int):
-        client = {"gigamim_finetune": {"step": step, **({"ema": ema.state_dict()} if ema is not None else {})}}
+        client = {"gigamim_finetune": {"step": step, "nonfinite_total": guard.total,
+                                       **({"ema": ema.state_dict()} if ema is not None else {})}}
         meta = {"step": step, "model": cfg.model.name, "img_size": cfg.model.img_size, "world_size": world,
                 "zero_stage": stage, "precision": precision, "version": __version__, "task": "finetune"}
         save_checkpoint(engine, cfg.checkpoint.dir, step, client, meta, config_yaml, cfg.checkpoint.keep_last)
 
     engine.train()
+    def say(message: str, err: bool = False) -> None:
+        if rank == 0:
+            print(message, file=sys.stderr if err else sys.stdout, flush=True)
+
     for step in range(start, stop):
-        losses = []
-        for micro in range(accum):
+        losses, attempt, stopping = [], 0, False
+        while len(losses) < accum:
+            # micro == the micro-batch index unless one was dropped: the draws follow (step, micro)
+            micro, attempt = attempt, attempt + 1
             torch.manual_seed(derive_seed(cfg.train.seed, step, micro, rank, 5))  # drop path
             np.random.seed(derive_seed(cfg.train.seed, step, micro, rank, 7))  # timm Mixup draws from numpy
             xb, yb = train_batch(train_x, train_y, step, micro, accum, rank, world, micro_bs, cfg.train.seed, ft,
@@ -344,6 +292,22 @@ def run(cfg, ft: FinetuneSection, resume: str | None) -> int:
             if mixup is not None:
                 x, y = mixup(x, y)
             loss = criterion(engine(x).float(), y)
+            # train.step's one agreement all-reduce: finite loss on every rank, and a stop request
+            bad, stop_now = agree([0.0 if torch.isfinite(loss.detach()).all() else 1.0,
+                                   1.0 if (signalled or deadline) else 0.0], device)
+            stopping = stopping or stop_now > 0
+            guard.record(bad > 0)
+            if bad > 0:  # dropped before backward on every rank: no rank applies it
+                say(f"gigamim finetune: non-finite loss at step {step}; micro-batch skipped "
+                    f"({guard.in_a_row} in a row)", err=True)
+                if guard.exhausted:
+                    say(f"gigamim finetune: stopping: {guard.in_a_row} non-finite losses in a row "
+                        f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}). Lower optim.lr, check the "
+                        "data, or resume from the last checkpoint. No checkpoint written.", err=True)
+                    if logger is not None:
+                        logger.close()
+                    return EXIT_NONFINITE
+                continue
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
@@ -352,13 +316,13 @@ def run(cfg, ft: FinetuneSection, resume: str | None) -> int:
         steps_since += 1
         done = step + 1
         record = None
-        if rank == 0 and (done % max(1, cfg.log.every_steps) == 0 or done == stop):
+        if rank == 0 and (done % max(1, cfg.log.every_steps) == 0 or done == stop or stopping):
             now = time.time()
             gn = engine.get_global_grad_norm()
             record = {"step": done, "loss": float(np.mean(losses)), "lr": lr_at(step, cfg),  # x layer scale per group
                       "grad_norm": float(gn) if gn is not None else None,
                       "images_per_sec": steps_since * cfg.train.global_batch_size / max(1e-9, now - t_last),
-                      "data_skipped": 0}
+                      "data_skipped": 0, "nonfinite_skipped": guard.total}
             t_last, steps_since = now, 0
         if (ft.eval_every_steps and done % ft.eval_every_steps == 0) or done == stop:
             ev = evaluate(done)
@@ -367,10 +331,17 @@ def run(cfg, ft: FinetuneSection, resume: str | None) -> int:
                 print(f"gigamim finetune: step {done} top-1 {ev['top1']:.4f} top-5 {ev['top5']:.4f}", flush=True)
         if record is not None and logger is not None:
             logger.log(record)
-        if (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or done == stop:
+        if stopping or (cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0) or done == stop:
             save(done)
+        if stopping:
+            why = (f"got signal {signalled.signum}" if signalled else
+                   f"train.stop_after={cfg.train.stop_after} reached" if deadline else "another rank got a signal")
+            say(f"gigamim finetune: {why}; checkpoint saved at step {done}, exiting. Continue with --resume auto.")
+            if logger is not None:
+                logger.close()
+            return 0
     if stop == cfg.train.max_steps:
-        export_finetuned(engine.module if ema is None else ema.module, cfg, ft, info, stop, rank)
+        export_finetuned(engine.module if ema is None else ema.module, cfg, info, stop, rank)
     if logger is not None:
         logger.close()
     return 0
@@ -380,7 +351,7 @@ def _load_size(img_size: int) -> int:
     return int(round(img_size / 0.875))  # train crops come from a slightly larger resize
 
 
-def export_finetuned(module, cfg, ft: FinetuneSection, info: dict, step: int, rank: int) -> None:
+def export_finetuned(module, cfg, info: dict, step: int, rank: int) -> None:
     """Rank 0 writes encoder + head as timm-keyed safetensors (collective gather under ZeRO-3)."""
     import deepspeed
     import torch
@@ -389,6 +360,7 @@ def export_finetuned(module, cfg, ft: FinetuneSection, info: dict, step: int, ra
     from gigamim.checkpoint import safetensors_io
     from gigamim.models.timm_compat import read_arch, timm_kwargs
 
+    ft = cfg.finetune
     params = list(module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         sd = {k: v.detach().float().clone() for k, v in module.state_dict().items()} if rank == 0 else None
@@ -404,7 +376,7 @@ def export_finetuned(module, cfg, ft: FinetuneSection, info: dict, step: int, ra
         kw["pretrained_window_sizes"] = list(pws) if isinstance(pws, (list, tuple)) else [int(pws)] * len(arch["depths"])
     out = Path(cfg.checkpoint.dir) / "finetuned.safetensors"
     metadata = {"format": "finetuned", "step": str(step), "gigamim_version": __version__,
-                "gigamim_config": dump(cfg, ft), "timm_family": arch["family"], "timm_kwargs": json.dumps(kw),
+                "gigamim_config": cfg.dump(), "timm_family": arch["family"], "timm_kwargs": json.dumps(kw),
                 "num_classes": str(ft.num_classes)}
     safetensors_io.save(str(out), sd, metadata, max_shard_size=None, dtype=torch.float32, overwrite=True)
     print(f"gigamim finetune: wrote {out} (timm {arch['family']} kwargs {kw})", flush=True)
@@ -416,11 +388,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML (a packaged name like finetune_swinv2_base or a path)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", help="'auto' (newest complete checkpoint in checkpoint.dir) or a checkpoint path")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take checkpoint.dir's run lock even though another run (on another host) holds it")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
-        cfg, ft = load_finetune_config(args.config, args.set)
-        return run(cfg, ft, args.resume)
+        from gigamim.config import load_config, validate
+
+        cfg = load_config(args.config, args.set)
+        if args.print_config:
+            print(cfg.dump(), end="")
+            return 0
+        from gigamim.launch.dist import detect_launch
+        from gigamim.train.main import check_compatible, resolve_resume
+
+        launch = detect_launch()
+        validate(cfg, world_size=launch.world_size, check_files=False)  # data.* is pretraining's
+        if not cfg.finetune.train_shards:
+            raise FinetuneError("finetune.train_shards is empty: give labelled shards (make-shards of an ImageFolder)")
+        if cfg.model.window_size is None:
+            from gigamim.models.registry import model_defaults
+
+            cfg.model.window_size = model_defaults(cfg.model.name).get("window_size")
+        say = (lambda msg: print(msg, flush=True)) if launch.rank == 0 else (lambda msg: None)
+        # The resolver and checks of `gigamim pretrain --resume` (complete tag, world size or
+        # universal, same model), before any rank builds a model.
+        resume_from = resolve_resume(args.resume, cfg.checkpoint.dir, launch.world_size, say=say)
+        if resume_from is not None:
+            check_compatible(resume_from.meta, cfg, resume_from.tag_dir, say=say)
+        return run(cfg, resume_from, force_unlock=args.force_unlock)
     except FinetuneError as e:
         print(f"gigamim finetune: error: {e}", file=sys.stderr)
         return 2

@@ -117,21 +117,7 @@ class Trainer:
             self.load()
 
     def _take_run_lock(self) -> None:
-        """Rank 0 locks checkpoint.dir before anything is written; all ranks stop if it cannot."""
-        import torch.distributed as dist
-
-        from gigamim.checkpoint.layout import CheckpointError
-        from gigamim.checkpoint.lock import RunLock, RunLockError
-
-        refused = [None]
-        if self.rank == 0:
-            try:
-                self.lock = RunLock(self.cfg.checkpoint.dir, force=self.force_unlock).acquire()
-            except RunLockError as e:
-                refused = [str(e)]
-        dist.broadcast_object_list(refused, src=0)
-        if refused[0]:
-            raise RunLockError(refused[0]) if self.rank == 0 else CheckpointError("run lock refused on rank 0")
+        self.lock = take_run_lock(self.cfg.checkpoint.dir, self.rank, self.force_unlock)
 
     def load(self) -> None:
         from gigamim.train.optim import lr_at, peak_lr
@@ -348,6 +334,26 @@ class Trainer:
         if self.rank == 0:
             path = Path(self.cfg.log.dir) / "reconstructions" / f"step_{self.state.step:08d}.png"
             save_reconstruction_png(path, batch["image"][:n], batch["mask"][:n], rec, title=f"step {self.state.step}")
+
+
+def take_run_lock(ckpt_dir: str, rank: int, force: bool):
+    """Collective: rank 0 locks checkpoint.dir before anything is written (returns the held
+    `RunLock`, None on other ranks); all ranks stop if it cannot."""
+    import torch.distributed as dist
+
+    from gigamim.checkpoint.layout import CheckpointError
+    from gigamim.checkpoint.lock import RunLock, RunLockError
+
+    refused, lock = [None], None
+    if rank == 0:
+        try:
+            lock = RunLock(ckpt_dir, force=force).acquire()
+        except RunLockError as e:
+            refused = [str(e)]
+    dist.broadcast_object_list(refused, src=0)
+    if refused[0]:
+        raise RunLockError(refused[0]) if rank == 0 else CheckpointError("run lock refused on rank 0")
+    return lock
 
 
 # ---------------------------------------------------------------------- the LR schedule in the meta
