@@ -6,6 +6,7 @@ SimMIM rule) the run uses base x global_batch / 512.
 
 from __future__ import annotations
 
+import copy
 import math
 
 from gigamim.config import Config
@@ -40,3 +41,33 @@ def make_lr_scheduler(cfg: Config):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / peak)
 
     return build
+
+
+# ---------------------------------------------------------------------- the LR schedule in the meta
+
+# The config keys the LR at a step depends on (`lr_at` above): recorded in every tag's meta.
+LR_SCHEDULE_KEYS = ("optim.lr", "optim.min_lr", "optim.warmup_lr", "optim.warmup_steps", "optim.lr_scaling",
+                    "train.max_steps", "train.global_batch_size")
+
+
+def lr_schedule_record(cfg: Config) -> dict:
+    return {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in LR_SCHEDULE_KEYS}
+
+
+def lr_schedule_change(saved: dict | None, cfg: Config, step: int) -> str | None:
+    """One line when the config's schedule gives another LR at `step` than the saved run's did
+    (the config wins; the line says what changed), else None. Tags without a record: None."""
+    if not saved:
+        return None
+    old_cfg = copy.deepcopy(cfg)
+    for key, value in saved.items():
+        section, leaf = key.split(".")
+        if hasattr(getattr(old_cfg, section, None), leaf):
+            setattr(getattr(old_cfg, section), leaf, value)
+    old, new = lr_at(step, old_cfg), lr_at(step, cfg)
+    if abs(old - new) <= 1e-9 * max(abs(old), abs(new), 1e-30):
+        return None
+    now = lr_schedule_record(cfg)
+    changed = ", ".join(f"{k} {saved[k]} -> {now[k]}" for k in LR_SCHEDULE_KEYS if k in saved and saved[k] != now[k])
+    return (f"the LR schedule changed since the checkpoint ({changed}): the LR at step {step} is now {new:.4g} "
+            f"(the saved run would use {old:.4g}); the config is followed")
