@@ -44,3 +44,15 @@ def start(cmd: list[str], log: Path, **env_extra) -> subprocess.Popen:
 
 def tail(text: str, n: int = 40) -> str:
     return "\n".join(text.splitlines()[-n:])
+
+
+def run_rank_script(script: str, nproc: int, *args: str, out: Path, timeout: float) -> list[dict]:
+    """torchrun `script` (a test file whose __main__ block is the per-rank worker writing
+    `<out>/rank{r}.json`) on `nproc` CPU ranks; returns each rank's JSON."""
+    import json
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           script, *args]
+    proc = subprocess.run(cmd, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]

@@ -7,23 +7,17 @@ unpartitioned model with the same weights (forward), the model's known size (mem
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.launch import cpu_env
+from tests.launch import run_rank_script
 
 HERE = os.path.abspath(__file__)
 
 
 def _launch(tmp_path, mode, timeout):
-    env = cpu_env()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           HERE, mode, str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return run_rank_script(HERE, 2, mode, str(tmp_path), out=tmp_path, timeout=timeout)
 
 
 def test_partitioned_tiny_forward_equals_unpartitioned(tmp_path):

@@ -7,7 +7,6 @@ functions (written out independently below), and real DeepSpeed ZeRO-3 on 2 CPU 
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 from gigamim.models import SimMIM, create_model
 from gigamim.models.param_groups import layer_id_map, no_weight_decay_names, num_layer_ids
 from tests.helpers.randomize import randomize_weights
-from tests.launch import cpu_env
+from tests.launch import run_rank_script
 
 HERE = os.path.abspath(__file__)
 
@@ -162,12 +161,7 @@ def test_unknown_override_lists_timm_arguments():
 
 # ----------------------------------------------------------------------------- ZeRO-3, 2 CPU ranks
 def _launch(tmp_path, mode, timeout):
-    env = cpu_env()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           HERE, mode, str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return run_rank_script(HERE, 2, mode, str(tmp_path), out=tmp_path, timeout=timeout)
 
 
 def test_zero3_partitioned_build_equals_plain_build_and_trains(tmp_path):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 
 from gigamim.checkpoint.layout import META_FILE, complete_tags
 from gigamim.train.metrics import read_metrics
+from tests.helpers.faults import logged_steps, wait_for
 from tests.launch import deepspeed_cmd, run, start, tail, torchrun_cmd
 
 pytestmark = pytest.mark.timeout(600)
@@ -106,22 +106,6 @@ def test_resume_equals_uninterrupted(straight_run, tmp_path, shards):
         assert got[step]["lr"] == pytest.approx(ref[step]["lr"], rel=1e-9)
 
 
-def _wait_for(predicate, timeout: float, proc=None, what: str = ""):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if predicate():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"job exited ({proc.returncode}) before {what}")
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _logged_steps(wd: Path) -> int:
-    f = wd / "log" / "metrics.jsonl"
-    return len(f.read_text().splitlines()) if f.exists() else 0
-
-
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -134,12 +118,12 @@ def test_sigterm_saves_and_resumes(tmp_path, shards):
     log = tmp_path / "job.log"
     job = start(deepspeed_cmd(2, *pretrain_args(tmp_path, shards, 500, "checkpoint.every_steps=0")), log)
     try:
-        _wait_for(lambda: _logged_steps(tmp_path) >= 3, 240, job, "step 3")
+        wait_for(lambda: logged_steps(tmp_path) >= 3, 240, job, "step 3")
         # A preemption signals every process of the job (SLURM does; the single-node
         # `deepspeed` runner would not forward a SIGTERM sent to it alone).
         os.killpg(job.pid, signal.SIGTERM)
         # poll() reaps the runner, which exits at once; a zombie would keep the group "alive".
-        _wait_for(lambda: job.poll() is not None and not _group_alive(job.pid), 120,
+        wait_for(lambda: job.poll() is not None and not _group_alive(job.pid), 120,
                   what="the ranks to save and exit")
     finally:
         if _group_alive(job.pid):
@@ -177,7 +161,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, shards):
     log = tmp_path / "job.log"
     job = start(deepspeed_cmd(2, *pretrain_args(tmp_path, shards, 500, "checkpoint.every_steps=2")), log)
     try:
-        _wait_for(lambda: (tmp_path / "ck" / "step_00000004").exists(), 240, job, "the save at step 4")
+        wait_for(lambda: (tmp_path / "ck" / "step_00000004").exists(), 240, job, "the save at step 4")
         os.killpg(job.pid, signal.SIGKILL)
         job.wait(timeout=60)
     finally:
