@@ -110,3 +110,40 @@ destroy_distributed()
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"rank": 0, "world": 1, "local": 0, "backend": "gloo", "device": "cpu", "launcher": "single",
                    "rank0": True, "same": True, "sum": [1.0, 1.0, 1.0]}
+
+
+def test_cpu_ranks_leave_no_shared_memory_behind(tmp_path):
+    """DeepSpeed's CPU comm op (used when its launcher sets LOCAL_SIZE) leaves one ~66 MiB
+    /dev/shm buffer per rank and never unlinks it; gigamim's init removes the names once every
+    rank has mapped them. Checked on the file system (the reference: what /dev/shm holds)
+    under the real deepspeed launcher, with an all-reduce after the unlink to show the group
+    still works."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from gigamim.launch.dist import free_port
+    from tests.launch import run
+
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    port = free_port()
+    script = tmp_path / "ranks.py"
+    script.write_text(
+        "import json, os, sys, torch, torch.distributed as dist\n"
+        "from gigamim.launch.dist import init_distributed\n"
+        "d = init_distributed()\n"
+        "t = torch.ones(3) * (d.rank + 1)\n"
+        "dist.all_reduce(t)\n"
+        "dist.barrier()\n"
+        "open(os.path.join(sys.argv[-1], f'rank{d.rank}.json'), 'w').write(json.dumps(t.tolist()))\n"
+        "dist.destroy_process_group()\n"
+    )
+    proc = run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+                str(script), str(tmp_path)], timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "shm_comm_op built" in proc.stdout + proc.stderr, "DeepSpeed's shm comm op was not used: nothing tested"
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [3.0, 3.0, 3.0]
+    left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
+    assert left == []

@@ -28,6 +28,7 @@ import re
 import socket
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from gigamim.launch.hostlist import expand_hostlist, slurm_master_port
 from typing import Mapping
@@ -203,6 +204,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
             deepspeed = None
         if deepspeed is not None:
             deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
+            if not use_cuda:
+                _unlink_shm_allreduce_buffer()
         else:
             tdist.init_process_group(backend=backend, timeout=timeout, init_method="env://")
 
@@ -216,6 +219,29 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         local_world_size=launch.local_world_size,
     )
     return _INFO
+
+
+def _unlink_shm_allreduce_buffer() -> None:
+    """Remove the name of this rank's DeepSpeed CPU shared-memory all-reduce buffer.
+
+    DeepSpeed's CPU comm op creates `/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_
+    <MASTER_PORT>_<rank>` (~66 MiB each) and never unlinks it, so every CPU run leaks one per
+    rank until /dev/shm (RAM) is full: 150 test runs filled 20 GiB here. Every rank maps every
+    other rank's buffer inside `init_distributed`; after a barrier all mappings exist, and an
+    unlinked POSIX shm object stays alive for as long as it is mapped. So each rank unlinks its
+    own name: the memory goes when the last process exits, even after a crash or kill -9."""
+    import torch.distributed as tdist
+
+    path = Path("/dev/shm") / "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), tdist.get_rank())
+    if tdist.get_world_size() > 1:
+        tdist.barrier()  # on every rank (a stale file of an old run must not make it one-sided)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass  # the op was not built, or the ranks are not all local: nothing was created
+    except OSError:
+        pass
 
 
 # The first call's answer: after it, RANK & co. are exported, so re-detecting would call a
