@@ -2,20 +2,20 @@
 
     python -m benchmarks.real_images_check [--quick] [--out benchmarks/results/real_images_<date>]
 
+Everything runs through gigamim's own verbs, as a user would run them (in this process,
+a DeepSpeed group of one on the CPU):
+
 1. Data: ``sklearn.datasets.load_digits`` (real 8x8 scans, 17 grey levels), upscaled to
    ``--img`` px (bicubic), written as PNG ImageFolders and turned into labelled webdataset
    shards by ``gigamim make-shards`` (``.cls`` members). A stratified split: a test set
    (``--test`` images), a small labelled fine-tune set (``--labels-per-class``), and the
    pretraining pool = every non-test image, without labels.
-2. Pretrain swinv2_nano (img 32, window 4) with SimMIM on the pool through gigamim's own
-   ``SimMIMLoader`` (its RandomResizedCrop + flip + masking; 8-px mask cells, ratio 0.6),
-   single process, AdamW + warmup/cosine (until the new trainer lands; see the report).
-   The weights are written as a consolidated-style safetensors with the run config.
-3. For each of 3 seeds, the SAME fine-tuning budget for the pretrained encoder (read back
-   through ``gigamim.train.load_encoder``, like ``gigamim probe``/``finetune``) and for the
-   same architecture from random init: AdamW, layer-wise LR decay, drop path, label
-   smoothing, random-shift augmentation; top-1 on the test set. And a linear probe
-   (``gigamim.train.probe``) of each frozen encoder on the labelled set.
+2. ``gigamim pretrain``: swinv2_nano (img 32, window 4), SimMIM with 8-px mask cells, ratio
+   0.6, DeepSpeed ZeRO-1, then ``gigamim consolidate`` to one safetensors file.
+3. For each of 3 seeds, the SAME ``gigamim finetune`` budget for the consolidated encoder
+   and for the same architecture from random init (``finetune.weights=""``): layer-wise LR
+   decay, drop path, label smoothing, RandomResizedCrop (no flips: digits), top-1 on the
+   test shards (its evaluation pass). And ``gigamim probe`` of each frozen encoder.
 4. ``results.json`` + ``report.md`` in ``--out``: per-seed accuracies, mean, spread
    (max - min), the margin, machine, versions, command, load, wall time.
 """
@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -47,8 +45,6 @@ def make_digit_shards(out: Path, img: int, labels_per_class: int, test_size: int
     from sklearn.datasets import load_digits
 
     from gigamim.data.make_shards import main as make_shards
-
-    import shutil
 
     shutil.rmtree(out, ignore_errors=True)  # a fresh, deterministic data set every run
     digits = load_digits()
@@ -80,104 +76,79 @@ def make_digit_shards(out: Path, img: int, labels_per_class: int, test_size: int
     return {"index": index, "sizes": {k: len(v) for k, v in splits.items()}}
 
 
-def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
+def _sets(items: dict) -> list[str]:
+    return [a for k, v in items.items() for a in ("--set", f"{k}={v}")]
+
+
+def _metrics(log_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def pretrain(index: str, out: Path, img: int, steps: int, batch: int, lr: float, seed: int = 0) -> dict:
-    from safetensors.torch import save_file
-    import yaml
+    """`gigamim pretrain` (ZeRO-1, one process) + `gigamim consolidate`."""
+    from gigamim.checkpoint.consolidate import main as consolidate
+    from gigamim.train.main import main as pretrain_main
 
-    from gigamim.data.loader import SimMIMLoader
-    from gigamim.data.transforms import normalize_on_device
-    from gigamim.models import SimMIM, create_model
-    from gigamim.models.param_groups import param_groups
-
-    torch.manual_seed(seed)
-    model = SimMIM(create_model(MODEL, img_size=img, window_size=4, drop_path_rate=0.0))
-    groups = param_groups(model, 0.05)
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
-    loader = SimMIMLoader(index, batch, num_workers=1, seed=seed, img_size=img, mask_patch_size=8,
-                          model_patch_size=4, mask_ratio=0.6)
-    losses, t0 = [], time.time()
-    it = iter(loader)
-    model.train()
-    for step in range(steps):
-        b = next(it)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, max(1, steps // 10), lr)
-        loss = model(normalize_on_device(b["image"]), b["mask"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        losses.append(loss.item())
-    close = getattr(loader, "close", None)
-    if close:
-        close()
-    cfg = {"model": {"name": MODEL, "img_size": img, "window_size": 4}}
-    path = out / "pretrained_simmim.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"gigamim_config": yaml.safe_dump(cfg), "step": str(steps), "format": "simmim"})
-    k = max(1, steps // 20)
-    return {"weights": str(path), "steps": steps, "batch": batch, "lr": lr, "seconds": round(time.time() - t0, 1),
-            "loss_first": float(np.mean(losses[:k])), "loss_last": float(np.mean(losses[-k:])),
-            "loss_curve": [round(float(np.mean(losses[i:i + k])), 4) for i in range(0, steps, k)]}
-
-
-def _shift(x: torch.Tensor, g: torch.Generator, pad: int) -> torch.Tensor:
-    """Random translation by up to `pad` px (zero padding), per image: digits must not flip."""
-    b, _, h, w = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-    return torch.stack([xp[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
-
-
-def finetune(weights: str | None, train: tuple, test: tuple, img: int, seed: int, steps: int, batch: int,
-             lr: float, layer_decay: float, drop_path: float) -> dict:
-    from gigamim.data.transforms import normalize_on_device
-    from gigamim.models.param_groups import layer_decay as decay_fn
-    from gigamim.models.param_groups import param_groups
-    from gigamim.train.load_encoder import build_encoder
-
-    torch.manual_seed(seed)
-    model, _ = build_encoder(MODEL, weights, dict(img_size=img, window_size=4, drop_path_rate=drop_path),
-                             num_classes=10)
-    groups = param_groups(model, 0.05, decay_fn(layer_decay))
-    for gr in groups:
-        gr["base_lr"] = lr * gr["lr_scale"]
-    opt = torch.optim.AdamW(groups, lr=lr)
-    g = torch.Generator().manual_seed(1000 + seed)
-    x_all, y_all = train
+    run = out / "pretrain"
     t0 = time.time()
-    model.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(y_all), (batch,), generator=g)
-        x = normalize_on_device(_shift(x_all[idx], g, pad=img // 8))
-        for gr in opt.param_groups:
-            gr["lr"] = _lr_at(step, steps, max(1, steps // 10), gr["base_lr"])
-        loss = F.cross_entropy(model(x), y_all[idx], label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-    model.eval()
-    with torch.no_grad():
-        logits = torch.cat([model(normalize_on_device(test[0][i:i + 256])) for i in range(0, len(test[1]), 256)])
-    return {"top1": (logits.argmax(1) == test[1]).double().mean().item(), "seconds": round(time.time() - t0, 1)}
+    rc = pretrain_main(["--config", "demo"] + _sets({
+        "model.name": MODEL, "model.img_size": img, "model.window_size": 4, "model.drop_path_rate": 0.0,
+        "data.shards": index, "data.mask_patch_size": 8, "data.mask_ratio": 0.6, "data.num_workers": 1,
+        "train.micro_batch_size": batch, "train.global_batch_size": batch, "train.max_steps": steps,
+        "train.seed": seed, "train.grad_clip": 5.0, "optim.lr": lr, "optim.lr_scaling": "none",
+        "optim.min_lr": lr / 100, "optim.warmup_lr": lr / 100, "optim.warmup_steps": max(1, steps // 10),
+        "optim.weight_decay": 0.05, "deepspeed.config": "zero1", "checkpoint.dir": run / "ckpt",
+        "checkpoint.every_steps": 0, "checkpoint.keep_last": 1, "log.dir": run / "logs",
+        "log.every_steps": max(1, steps // 20), "log.progress_bar": "false", "log.tensorboard": "false"}))
+    if rc != 0:
+        raise RuntimeError(f"gigamim pretrain exited {rc}")
+    weights = out / "pretrained_simmim.safetensors"
+    if consolidate([str(run / "ckpt"), str(weights), "--force"]) != 0:
+        raise RuntimeError("gigamim consolidate failed")
+    losses = [r["loss"] for r in _metrics(run / "logs")]
+    return {"weights": str(weights), "steps": steps, "batch": batch, "lr": lr, "seconds": round(time.time() - t0, 1),
+            "loss_first": losses[0], "loss_last": losses[-1], "loss_curve": [round(v, 4) for v in losses]}
 
 
-def run_probe(weights: str | None, train: tuple, test: tuple, img: int, seed: int, stage=None) -> dict:
-    from gigamim.train.load_encoder import build_encoder
-    from gigamim.train.probe import probe
+def finetune(weights: str | None, train_index: str, test_index: str, out: Path, img: int, seed: int, steps: int,
+             batch: int, lr: float, layer_decay: float, drop_path: float) -> dict:
+    """`gigamim finetune`; top-1 of its final evaluation pass over the test shards."""
+    from gigamim.train.finetune import main as finetune_main
 
-    torch.manual_seed(seed)
-    enc, _ = build_encoder(MODEL, weights, dict(img_size=img, window_size=4))
-    return probe(enc, train, test, stage=stage, num_classes=10)
+    run = out / f"finetune_{'pretrained' if weights else 'random'}_seed{seed}"
+    t0 = time.time()
+    rc = finetune_main(_sets({
+        "model.name": MODEL, "model.img_size": img, "model.window_size": 4, "model.drop_path_rate": drop_path,
+        "finetune.weights": weights or "", "finetune.num_classes": 10, "finetune.train_shards": train_index,
+        "finetune.val_shards": test_index, "finetune.layer_decay": layer_decay, "finetune.mixup": 0,
+        "finetune.cutmix": 0, "finetune.label_smoothing": 0.1, "finetune.hflip": "false",
+        "finetune.crop_scale": "[0.6, 1.0]", "data.num_workers": 1, "train.micro_batch_size": batch,
+        "train.global_batch_size": batch, "train.max_steps": steps, "train.seed": seed, "train.grad_clip": 5.0,
+        "optim.lr": lr, "optim.lr_scaling": "none", "optim.min_lr": lr / 100, "optim.warmup_lr": lr / 100,
+        "optim.warmup_steps": max(1, steps // 10), "optim.weight_decay": 0.05, "deepspeed.config": "zero1",
+        "checkpoint.dir": run / "ckpt", "checkpoint.every_steps": 0, "checkpoint.keep_last": 1,
+        "log.dir": run / "logs", "log.every_steps": max(1, steps // 10), "log.progress_bar": "false",
+        "log.tensorboard": "false"}))
+    if rc != 0:
+        raise RuntimeError(f"gigamim finetune exited {rc}")
+    last = _metrics(run / "logs")[-1]
+    return {"top1": last["top1"], "eval_images": last["eval_images"], "seconds": round(time.time() - t0, 1)}
+
+
+def run_probe(weights: str | None, train_index: str, test_index: str, out: Path, img: int, seed: int,
+              stage=None) -> dict:
+    """`gigamim probe` of the frozen encoder (random init of the same model without weights)."""
+    from gigamim.train.probe import main as probe_main
+
+    result = out / f"probe_{'pretrained' if weights else 'random'}_seed{seed}_stage{stage}.json"
+    args = ["--train", train_index, "--val", test_index, "--seed", str(seed), "--out", str(result),
+            "--num-workers", "1"]
+    args += ["--weights", weights] if weights else ["--model", MODEL, "--img-size", str(img), "--window-size", "4"]
+    if stage is not None:
+        args += ["--stage", str(stage)]
+    if probe_main(args) != 0:
+        raise RuntimeError("gigamim probe failed")
+    return json.loads(result.read_text())
 
 
 def _stats(values):
@@ -201,19 +172,21 @@ def main(argv=None) -> int:
     p.add_argument("--layer-decay", type=float, default=0.75)
     p.add_argument("--drop-path", type=float, default=0.1)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--work", help="scratch folder for shards, checkpoints and run logs (default: a temporary "
+                   "folder, deleted at the end)")
     args = p.parse_args(argv)
     if args.quick:
         args.pretrain_steps, args.finetune_steps, args.seeds = 120, 60, args.seeds[:2]
     from benchmarks.common import machine_info, versions
-    from gigamim.train.labelled import load_labelled
 
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"real_images_{time.strftime('%Y-%m-%d')}")
     out.mkdir(parents=True, exist_ok=True)
+    # Shards, checkpoints and run logs go to a scratch folder; only the results go to --out.
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gigamim-real-images-"))
     t0 = time.time()
-    data = make_digit_shards(out / "data", args.img, args.labels_per_class, args.test)
-    train = load_labelled(data["index"]["finetune"], args.img)
-    test = load_labelled(data["index"]["test"], args.img)
-    pre = pretrain(data["index"]["pretrain"], out, args.img, args.pretrain_steps, args.pretrain_batch,
+    data = make_digit_shards(work / "data", args.img, args.labels_per_class, args.test)
+    train, test = data["index"]["finetune"], data["index"]["test"]
+    pre = pretrain(data["index"]["pretrain"], work, args.img, args.pretrain_steps, args.pretrain_batch,
                    args.pretrain_lr)
     print(f"pretrain: loss {pre['loss_first']:.3f} -> {pre['loss_last']:.3f} in {pre['seconds']} s", flush=True)
     ft = {"pretrained": [], "random": []}
@@ -221,10 +194,10 @@ def main(argv=None) -> int:
     pr2 = {"pretrained": [], "random": []}  # intermediate features (stage 2), for information
     for seed in args.seeds:
         for kind, w in (("pretrained", pre["weights"]), ("random", None)):
-            r = finetune(w, train, test, args.img, seed, args.finetune_steps, args.finetune_batch, args.finetune_lr,
-                         args.layer_decay, args.drop_path)
-            q = run_probe(w, train, test, args.img, seed)
-            q2 = run_probe(w, train, test, args.img, seed, stage=2)
+            r = finetune(w, train, test, work / "runs", args.img, seed, args.finetune_steps, args.finetune_batch,
+                         args.finetune_lr, args.layer_decay, args.drop_path)
+            q = run_probe(w, train, test, work / "runs", args.img, seed)
+            q2 = run_probe(w, train, test, work / "runs", args.img, seed, stage=2)
             ft[kind].append(r["top1"])
             pr[kind].append(q["top1"])
             pr2[kind].append(q2["top1"])
@@ -236,6 +209,7 @@ def main(argv=None) -> int:
         "pretrain": {k: v for k, v in pre.items() if k != "weights"},
         "finetune": {"steps": args.finetune_steps, "batch": args.finetune_batch, "lr": args.finetune_lr,
                      "layer_decay": args.layer_decay, "drop_path": args.drop_path, "label_smoothing": 0.1,
+                     "augmentation": "RandomResizedCrop(scale 0.6-1), no flip", "verb": "gigamim finetune (ZeRO-1)",
                      "pretrained": _stats(ft["pretrained"]), "random": _stats(ft["random"])},
         "probe": {"pretrained": _stats(pr["pretrained"]), "random": _stats(pr["random"])},
         "probe_stage2": {"pretrained": _stats(pr2["pretrained"]), "random": _stats(pr2["random"])},
@@ -265,6 +239,8 @@ def main(argv=None) -> int:
               f"command: `{res['command']}`"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

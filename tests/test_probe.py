@@ -122,7 +122,7 @@ def test_bad_input_is_one_line(digit_shards, tmp_path, capsys, case):
     if case == "no_labels":
         args = ["--train", digit_shards["unlabelled"], "--val", digit_shards["val"], "--model", "swinv2_nano",
                 "--img-size", "32", "--window-size", "4"]
-        want = "has no .cls label member"
+        want = "has no .cls member"
     elif case == "other_arch":
         _, path = _simmim_file(tmp_path, "swin_nano", dict(img_size=64, window_size=4))
         args += ["--weights", str(path), "--model", "swinv2_nano"]

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gigamim.data import assign, shardspec
 from gigamim.data.masking import MaskGenerator
-from gigamim.data.seeding import sample_rng
+from gigamim.data.seeding import derive_seed, sample_rng
 from gigamim.data import tario
 from gigamim.data.tario import ShardError, count_samples, image_key_options, iter_samples, pick_image, shard_name
 from gigamim.data.transforms import BadSample, ClassifyTransform, SimMIMTransform
@@ -525,10 +525,14 @@ class _ShardLoader:
         ds = _EpochDataset(self.cfg, epoch, first, self._pool, len(self._stages))
         if self.num_workers == 0:
             return iter(ds)
+        # Its own generator: a DataLoader otherwise draws its workers' base seed from torch's
+        # global RNG, so (re)starting an iterator (a resume, an evaluation pass) would shift
+        # the trainer's drop-path stream. The samples' randomness never comes from it.
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch, self.cfg.rank, first) % 2**63)
         return iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
                                prefetch_factor=self.prefetch_factor, persistent_workers=False,
                                multiprocessing_context=self.multiprocessing_context,
-                               worker_init_fn=_ignore_stop_signals))
+                               worker_init_fn=_ignore_stop_signals, generator=generator))
 
     def _absorb(self, meta: dict) -> None:
         for src, dst in ((meta["skips"], self.skip_counts), (meta["fixes"], self.fix_counts)):
@@ -644,7 +648,7 @@ class ClassificationLoader(_ShardLoader):
     (exact and elastic resume, bad-data handling, cache):
     `{"image": uint8 (B,3,H,W) channels-last, "label": int64 (B,), "key": list[str], "valid": bool (B,)}`.
 
-    train=True: RandomResizedCrop(img_size, scale, ratio) + flip, shuffled; train=False: resize
+    train=True: RandomResizedCrop(img_size, scale, ratio) + flip (probability hflip), shuffled; train=False: resize
     to img_size / crop_pct + centre crop, shard order, and `valid` False on padding repeats
     (drop those when averaging eval metrics so every sample counts once). `classes`: class
     names from the index.json (None when it has none). Labels come from `.cls` members.
@@ -656,7 +660,8 @@ class ClassificationLoader(_ShardLoader):
     def __init__(self, shards, micro_batch_size: int, *, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                  seed: int = 0, img_size: int = 224, train: bool = True, mode: str = "epoch",
                  shuffle_buffer: int | None = None, index=None, image_key: str | None = None,
-                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), crop_pct: float = 0.875, cache_dir: str | None = None,
+                 scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, crop_pct: float = 0.875,
+                 cache_dir: str | None = None,
                  cache_size: int | None = None, pin_memory: bool = False, prefetch_factor: int = 2,
                  multiprocessing_context=None):
         if shuffle_buffer is None:
@@ -664,9 +669,26 @@ class ClassificationLoader(_ShardLoader):
         self._setup(shards, micro_batch_size, rank=rank, world_size=world_size, num_workers=num_workers, seed=seed,
                     mode=mode, shuffle_buffer=shuffle_buffer, index=index, pin_memory=pin_memory,
                     prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context,
-                    transform=ClassifyTransform(img_size, train=train, scale=scale, ratio=ratio, crop_pct=crop_pct),
+                    transform=ClassifyTransform(img_size, train=train, scale=scale, ratio=ratio, hflip=hflip,
+                                                crop_pct=crop_pct),
                     masker=None, labels=True, image_key=image_key, cache_dir=cache_dir, cache_size=cache_size)
         self.train = train
+
+
+def check_labelled(shards) -> None:
+    """Raise ValueError (one line) when the first sample of the first local shard of `shards`
+    has no `.cls` label: unlabelled shards are refused before a run starts, instead of at its
+    first batch. Remote and pipe: shards are not opened here (the loader still checks every
+    sample it reads)."""
+    urls = shardspec.resolve(shards).urls
+    first = next((u for u in urls if shardspec.url_kind(u) == "local"), None)
+    if first is None:
+        return
+    for _, key, files in iter_samples(shardspec.local_path(first), stop=1, read_exts=("cls",)):
+        if not files or "cls" not in files:
+            raise ValueError(f"data: {shards} is not labelled: sample {key!r} of {shard_name(first)} has no .cls member "
+                             "(write labelled shards with `gigamim make-shards` from an ImageFolder)")
+        return
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

@@ -178,6 +178,9 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
             "export MASTER_ADDR (the first host) and MASTER_PORT to every rank"
         )
 
+    # A port this process picks itself (a single process, no launcher) may be taken by another
+    # process between free_port() and the store's bind: then it simply picks another.
+    own_port = not launch.master_port and "MASTER_PORT" not in os.environ and launch.world_size == 1
     # env:// initialisation (torch and DeepSpeed alike) reads these five variables.
     defaults = {
         "RANK": launch.rank,
@@ -202,12 +205,19 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
             import deepspeed
         except ImportError:
             deepspeed = None
-        if deepspeed is not None:
-            deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
-            if not use_cuda:
-                _unlink_shm_allreduce_buffer()
-        else:
-            tdist.init_process_group(backend=backend, timeout=timeout, init_method="env://")
+        for attempt in range(3):
+            try:
+                if deepspeed is not None:
+                    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
+                else:
+                    tdist.init_process_group(backend=backend, timeout=timeout, init_method="env://")
+                break
+            except RuntimeError as e:  # torch's DistNetworkError is a RuntimeError
+                if not (own_port and "EADDRINUSE" in str(e)) or attempt == 2:
+                    raise
+                os.environ["MASTER_PORT"] = str(free_port())
+        if deepspeed is not None and not use_cuda:
+            _unlink_shm_allreduce_buffer()
 
     _INFO = DistInfo(
         rank=tdist.get_rank(),

@@ -101,7 +101,8 @@ def default_dtype(name: str):
         torch.set_default_dtype(previous)
 
 
-def build_engine(cfg: Config, build_model, world_size: int, on_gpu: bool, load_universal: bool = False):
+def build_engine(cfg: Config, build_model, world_size: int, on_gpu: bool, load_universal: bool = False,
+                 groups=None, partition_at_build: bool = True):
     """(engine, lr_scheduler, model, zero stage): the model built under `zero.Init` for ZeRO-3
     (no rank ever holds the whole model: parameters are partitioned as they are made), on the
     rank's GPU for ZeRO-0/1/2 (each rank holds it anyway), then `deepspeed.initialize` with
@@ -109,7 +110,10 @@ def build_engine(cfg: Config, build_model, world_size: int, on_gpu: bool, load_u
     the blocks are registered as z3 leaf modules first, one gather per block).
 
     `build_model()` returns a plain nn.Module. Seeds are the caller's business (the same
-    seed on every rank before this call gives every rank the same initial weights)."""
+    seed on every rank before this call gives every rank the same initial weights).
+    groups(model): the optimizer's param groups (default: `models.param_groups`, one LR).
+    partition_at_build=False: `build_model()` is called plainly (a model whose pretrained
+    weights are read in first, as fine-tuning's); DeepSpeed partitions it at initialize."""
     import deepspeed
 
     from gigamim.models.param_groups import param_groups
@@ -120,7 +124,9 @@ def build_engine(cfg: Config, build_model, world_size: int, on_gpu: bool, load_u
     if load_universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     stage = zero_stage(ds_config)
-    if stage == 3:
+    if not partition_at_build:
+        model = build_model()
+    elif stage == 3:
         # The dtype comes from the config's bf16/fp16 flags. Do not pass dtype= : in
         # DeepSpeed 0.19 an explicit dtype is overridden by an operator-precedence slip
         # (`dtype or fp16 if ... else bf16`), which gives bf16 on CPU ranks.
@@ -144,8 +150,9 @@ def build_engine(cfg: Config, build_model, world_size: int, on_gpu: bool, load_u
         # Before initialize: DeepSpeed installs its per-module hooks there; a leaf block gets
         # one hook (one gather), and its inside is free for the compiler.
         mark_z3_leaf_blocks(model)
+    groups = groups or (lambda m: param_groups(m, cfg.optim.weight_decay))
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
+        model=model, model_parameters=groups(model), config=ds_config,
         lr_scheduler=make_lr_scheduler(cfg), dist_init_required=False,
     )
     if cfg.model.compile:

@@ -77,11 +77,16 @@ def resolve_resume(spec: str | None, ckpt_dir: str, world_size: int, say=print) 
     return ResumePoint(resolved.root, resolved.tag, universal, meta)
 
 
-def check_compatible(meta: dict, cfg: Config, tag_dir: Path, say=print) -> None:
+def check_compatible(meta: dict, cfg: Config, tag_dir: Path, say=print, task: str = "pretrain") -> None:
     """Before any weight is read: the tag's model must be this run's model (else one line
     instead of a wall of missing state_dict keys after DeepSpeed has read every partition).
     SwinV2 weights follow another image size or window (the position bias is a continuous
     MLP of relative offsets and the index tables are rebuilt), so those are warnings."""
+    saved_task = meta.get("task", "pretrain")  # tags before 0.2 are all pretraining's
+    if saved_task != task:
+        raise CheckpointError(f"{tag_dir} is a {saved_task} checkpoint and this is `gigamim {task}`: give "
+                              f"{'finetune.weights' if task == 'finetune' else 'another checkpoint.dir'} instead "
+                              "of --resume, or resume it with the verb that wrote it")
     saved = meta.get("model")
     if saved and saved != cfg.model.name:
         raise CheckpointError(f"{tag_dir} holds model {saved} and this run is model.name={cfg.model.name}: "

@@ -111,15 +111,16 @@ class Meter:
         if result.lr is not None:
             self.lr = result.lr
 
-    def record(self, step: int, *, global_batch: int, world_size: int, model_flops: float, hardware_flops: float,
+    def record(self, step: int, *, global_batch: int, world_size: int, model_flops: float | None, hardware_flops: float | None,
                peak_tflops: float | None, sum_over_ranks, **extra) -> dict:
         """Collective (`sum_over_ranks` all-reduces a few floats): every rank calls it."""
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         loss_local = float(self.loss_sum) if self.loss_sum is not None else 0.0
         loss_sum, n, data_s = sum_over_ranks([loss_local, float(self.micro_batches), self.data_s])
         images_per_sec = self.steps * global_batch / elapsed
-        tflops = images_per_sec * model_flops / 1e12
-        htflops = images_per_sec * hardware_flops / 1e12
+        # No analytic FLOP count for the model (a ViT / Swin V1 classifier): TFLOP/s, MFU null.
+        tflops = images_per_sec * model_flops / 1e12 if model_flops else None
+        htflops = images_per_sec * hardware_flops / 1e12 if hardware_flops else None
         return {
             "step": step,
             "loss": loss_sum / max(n, 1.0),
@@ -127,8 +128,8 @@ class Meter:
             "steps_averaged": self.steps,
             "images_per_sec": images_per_sec,
             "tflops_per_sec": tflops,
-            "mfu": tflops / peak_tflops if peak_tflops else None,
-            "hfu": htflops / peak_tflops if peak_tflops else None,
+            "mfu": tflops / peak_tflops if peak_tflops and tflops is not None else None,
+            "hfu": htflops / peak_tflops if peak_tflops and htflops is not None else None,
             "data_wait_frac": data_s / world_size / elapsed,
             "data_digest": self.digest,
             **extra,

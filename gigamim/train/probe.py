@@ -5,7 +5,8 @@
 
 Features: the encoder in eval mode, no gradients; the (B, h, w, C) map of the final stage (or
 of stage/block ``--stage K``, 0-based; for ViT K is a block index) average-pooled over space
-(ViT: over the patch tokens). A linear classifier (multinomial logistic regression, L2
+(ViT: over the patch tokens); the images come from `data.loader.ClassificationLoader` in
+eval mode (resize to S / 0.875 + centre crop S, every sample once). A linear classifier (multinomial logistic regression, L2
 ``--wd``) is fitted by full-batch L-BFGS on standardised training features; top-1/top-5 on
 the held-out shards are printed as one JSON line (and written to ``--out``). Weights: a
 consolidated SimMIM checkpoint, an exported encoder, a DeepSpeed checkpoint folder, or
@@ -44,14 +45,30 @@ def stage_features(encoder: torch.nn.Module, x: torch.Tensor, stage: int | None 
 
 
 @torch.no_grad()
-def extract(encoder: torch.nn.Module, images_uint8: torch.Tensor, stage: int | None = None,
-            batch_size: int = 128) -> torch.Tensor:
+def extract(encoder: torch.nn.Module, loader, stage: int | None = None, limit: int | None = None) -> tuple:
+    """(fp64 features (N, C), labels (N,)) of one pass over a `ClassificationLoader` in eval
+    mode: every sample once (padding repeats, `valid` False, are dropped), at most `limit`."""
     from gigamim.data.transforms import normalize_on_device
 
     encoder.eval()
-    out = [stage_features(encoder, normalize_on_device(images_uint8[i:i + batch_size]), stage)
-           for i in range(0, len(images_uint8), batch_size)]
-    return torch.cat(out).double()
+    feats, labels, n = [], [], 0
+    loader.set_epoch(0)
+    batches = iter(loader)
+    try:
+        for _ in range(len(loader)):
+            batch = next(batches)
+            keep = batch["valid"]
+            feats.append(stage_features(encoder, normalize_on_device(batch["image"]), stage)[keep])
+            labels.append(batch["label"][keep])
+            n += int(keep.sum())
+            if limit is not None and n >= limit:
+                break
+    finally:
+        batches.close()
+    if not feats or n == 0:
+        raise ValueError("data: no labelled images were read")
+    x, y = torch.cat(feats).double(), torch.cat(labels)
+    return (x[:limit], y[:limit]) if limit is not None else (x, y)
 
 
 def fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, wd: float = 1e-4,
@@ -87,16 +104,23 @@ def topk(logits: torch.Tensor, y: torch.Tensor, k: int) -> float:
 
 def probe(encoder: torch.nn.Module, train: tuple, val: tuple, stage: int | None = None, wd: float = 1e-4,
           max_iter: int = 300, num_classes: int | None = None) -> dict:
-    """top-1 / top-5 of a linear probe; ``train``/``val`` = (uint8 images, labels)."""
+    """top-1 / top-5 of a linear probe; ``train``/``val``: (features, labels) from `extract`."""
     t0 = time.time()
-    ftr, fva = extract(encoder, train[0], stage), extract(encoder, val[0], stage)
-    n_cls = num_classes or int(max(train[1].max(), val[1].max())) + 1
-    lin = fit_linear(ftr, train[1], n_cls, wd, max_iter)
+    (ftr, ytr), (fva, yva) = train, val
+    n_cls = num_classes or int(max(ytr.max(), yva.max())) + 1
+    lin = fit_linear(ftr, ytr, n_cls, wd, max_iter)
     with torch.no_grad():
         lt, lv = lin(ftr), lin(fva)
-    return {"top1": topk(lv, val[1], 1), "top5": topk(lv, val[1], 5), "train_top1": topk(lt, train[1], 1),
-            "n_train": len(train[1]), "n_val": len(val[1]), "num_classes": n_cls, "feature_dim": ftr.shape[1],
+    return {"top1": topk(lv, yva, 1), "top5": topk(lv, yva, 5), "train_top1": topk(lt, ytr, 1),
+            "n_train": len(ytr), "n_val": len(yva), "num_classes": n_cls, "feature_dim": ftr.shape[1],
             "stage": "final" if stage is None else stage, "seconds": round(time.time() - t0, 2)}
+
+
+def labelled_loader(shards: str, img_size: int, batch_size: int = 64, num_workers: int = 2):
+    """One process's eval-mode `ClassificationLoader` (resize + centre crop, shard order)."""
+    from gigamim.data.loader import ClassificationLoader
+
+    return ClassificationLoader(shards, batch_size, img_size=img_size, train=False, num_workers=num_workers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,20 +137,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-iter", type=int, default=300)
     p.add_argument("--limit", type=int, help="read at most this many samples per split")
     p.add_argument("--seed", type=int, default=0, help="random init seed (no --weights)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per feature-extraction forward")
+    p.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
     p.add_argument("--out", help="also write the result JSON here")
     args = p.parse_args(argv)
 
-    from gigamim.train.labelled import LabelError, load_labelled
     from gigamim.train.load_encoder import EncoderLoadError, build_encoder
 
     torch.manual_seed(args.seed)
     overrides = {k: v for k, v in (("img_size", args.img_size), ("window_size", args.window_size)) if v is not None}
     try:
         encoder, info = build_encoder(args.model, args.weights, overrides)
-        train = load_labelled(args.train, encoder.img_size, args.limit)
-        val = load_labelled(args.val, encoder.img_size, args.limit)
-        result = probe(encoder, train, val, args.stage, args.wd, args.max_iter)
-    except (EncoderLoadError, LabelError, ValueError) as e:
+        features = {}
+        for split, shards in (("train", args.train), ("val", args.val)):
+            try:
+                loader = labelled_loader(shards, encoder.img_size, args.batch_size, args.num_workers)
+            except (ValueError, FileNotFoundError) as e:
+                raise ValueError(f"--{split}: {e}") from None
+            features[split] = extract(encoder, loader, args.stage, args.limit)
+        result = probe(encoder, features["train"], features["val"], args.stage, args.wd, args.max_iter)
+    except (EncoderLoadError, ValueError) as e:
         print(f"gigamim probe: error: {e}", file=sys.stderr)
         return 2
     result.update(info)

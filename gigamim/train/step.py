@@ -66,7 +66,7 @@ def agree(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def train_step(engine, batches: Iterator[dict], accumulation: int, to_inputs: Callable[[dict], tuple],
+def train_step(engine, batches: Iterator[dict], accumulation: int, loss_of: Callable[[dict], torch.Tensor],
                guard: NonFiniteGuard, stop_requested: Callable[[], bool], device: torch.device,
                on_dropped: Callable[[int], None] = lambda in_a_row: None) -> StepResult:
     out = StepResult()
@@ -76,7 +76,7 @@ def train_step(engine, batches: Iterator[dict], accumulation: int, to_inputs: Ca
         out.data_s += time.perf_counter() - t0
         out.last_batch = batch
         out.keys.append(" ".join(batch["key"]))
-        loss = engine(*to_inputs(batch))
+        loss = loss_of(batch)  # the task's forward through the engine
         bad, stop = agree([0.0 if torch.isfinite(loss.detach()).all() else 1.0, 1.0 if stop_requested() else 0.0],
                           device)
         out.stop_requested = out.stop_requested or stop > 0
@@ -92,7 +92,7 @@ def train_step(engine, batches: Iterator[dict], accumulation: int, to_inputs: Ca
         valid = batch.get("valid")
         out.trained_keys += [k for i, k in enumerate(batch["key"]) if valid is None or bool(valid[i])]
         engine.backward(loss)
-        out.lr = engine.get_lr()[0]  # read before step(): the LR this step applies
+        out.lr = max(engine.get_lr())  # read before step(): the LR this step applies (layer decay: the top group's)
         engine.step()
         detached = loss.detach().float()
         out.loss_sum = detached if out.loss_sum is None else out.loss_sum + detached

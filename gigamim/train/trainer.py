@@ -1,9 +1,10 @@
-"""The pretraining run: set-up, then a loop that reads top to bottom.
+"""A training run (SimMIM pretraining or fine-tuning): set-up, then a loop that reads top to bottom.
 
-`Trainer.setup()` joins the process group, builds SimMIM (partitioned under `zero.Init`
-for ZeRO-3) and the DeepSpeed engine, the loader and the `TrainState`, and loads the
-resume point that `train/main.py` resolved. `Trainer.fit()` is the loop: one
-`step.train_step` per optimizer step, then log / picture / checkpoint / stop.
+`Trainer.setup()` joins the process group, builds the task's model (SimMIM is partitioned
+under `zero.Init` for ZeRO-3) and the DeepSpeed engine, the loader and the `TrainState`, and
+loads the resume point that `train/main.py` resolved. `Trainer.fit()` is the loop: one
+`step.train_step` per optimizer step, then the task's after-step (evaluation, pictures),
+log / checkpoint / stop. What is trained is the task's business (`train/tasks.py`).
 
 Preemption: SIGTERM/SIGINT (`signals.StopFlag`) are agreed on by all ranks inside the
 step; the loop then saves a checkpoint and exits 0, so `--resume auto` continues.
@@ -12,7 +13,6 @@ A checkpoint is never written from non-finite weights.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -26,18 +26,20 @@ EXIT_NONFINITE = 3
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume=None, force_unlock: bool = False):
+    def __init__(self, cfg: Config, resume=None, force_unlock: bool = False, task=None):
         """resume: a `train.main.ResumePoint` (already resolved and checked) or None.
-        force_unlock: take checkpoint.dir's run lock even from a holder that cannot be checked."""
+        force_unlock: take checkpoint.dir's run lock even from a holder that cannot be checked.
+        task: a `train.tasks` task (default: SimMIM pretraining)."""
+        from gigamim.train.tasks import PretrainTask
+
         self.cfg = cfg
+        self.task = task or PretrainTask(cfg)
         self.resume = resume
         self.force_unlock = force_unlock
         self.lock = None
 
     def run(self) -> int:
-        from gigamim.train.signals import StopFlag
-
-        from gigamim.train.signals import Deadline
+        from gigamim.train.signals import Deadline, StopFlag
 
         self.deadline = Deadline(self.cfg.train.stop_after)  # the clock starts with the run
         with StopFlag() as stop:
@@ -56,13 +58,7 @@ class Trainer:
         if not torch.cuda.is_available():
             # DeepSpeed picks its accelerator at import; CPU ranks need it told.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from gigamim.data.loader import SimMIMLoader
         from gigamim.launch.dist import init_distributed
-        from gigamim.config import ModelConfig
-        from gigamim.sizes import parse_size
-        from gigamim.models.attention import resolve_attn_impl
-        from gigamim.models.build import build_simmim
-        from gigamim.models.flops import model_and_hardware_flops
         from gigamim.models.registry import model_defaults
         from gigamim.train.deepspeed_init import build_engine, resolve_precision
         from gigamim.train.state import TrainState, seed_everything
@@ -81,15 +77,14 @@ class Trainer:
 
         # Same seed on every rank for the weights; the training RNG (drop path) differs per rank.
         seed_everything(cfg.train.seed)
-        model_section = dict(dataclasses.asdict(cfg.model),
-                             attn_impl=resolve_attn_impl(cfg.model.attn_impl, self.device.type))
+        build_model, partition_at_build = self.task.build_model(self)
         self.engine, self.scheduler, model, self.zero_stage = build_engine(
-            cfg, lambda: build_simmim(model_section, defaults=dataclasses.asdict(ModelConfig()),
-                                      norm_target=cfg.data.norm_target,
-                                      norm_target_patch=cfg.data.norm_target_patch),
-            self.world, self.device.type == "cuda", load_universal=bool(self.resume and self.resume.universal))
+            cfg, build_model, self.world, self.device.type == "cuda",
+            load_universal=bool(self.resume and self.resume.universal), groups=self.task.param_groups,
+            partition_at_build=partition_at_build)
+        self.task.on_engine(self)
         # MFU counts model FLOPs (3x forward); HFU adds what checkpointing / sequential chunks recompute.
-        self.model_flops, self.hardware_flops = model_and_hardware_flops(model, cfg.model.img_size)
+        self.model_flops, self.hardware_flops = self.task.flops(model)
         # MFU's denominator, once per run: a GPU's datasheet peak, else a short GEMM probe (CPU).
         from gigamim.train.peak import peak_tflops
 
@@ -98,19 +93,7 @@ class Trainer:
         seed_everything(cfg.train.seed + 1000 * (self.rank + 1))
 
         self.num_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
-        try:
-            self.loader = SimMIMLoader(
-                cfg.data.shards, cfg.train.micro_batch_size, rank=self.rank, world_size=self.world,
-                num_workers=cfg.data.num_workers, seed=cfg.train.seed, img_size=cfg.model.img_size,
-                mask_patch_size=cfg.data.mask_patch_size, model_patch_size=model.patch_size,
-                mask_ratio=cfg.data.mask_ratio, mode=cfg.data.mode, shuffle_buffer=cfg.data.shuffle_buffer,
-                image_key=cfg.data.image_key, cache_dir=cfg.data.cache_dir, cache_size=parse_size(cfg.data.cache_size),
-            )
-        except (ValueError, FileNotFoundError) as e:
-            # Every rank counts the same shards, so every rank gets here alike.
-            from gigamim.config import ConfigError
-
-            raise ConfigError(f"data.shards: {e}") from None
+        self.loader = self.task.make_loader(self, model)
         self.state = TrainState(self.loader, rank=self.rank, world_size=self.world)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         if self.resume:
@@ -127,14 +110,25 @@ class Trainer:
         path, client = self.engine.load_checkpoint(str(self.resume.root), tag=self.resume.tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.resume.tag_dir}")
-        self.state.load_state_dict((client or {}).get(CLIENT_KEY, {}))
+        client = client or {}
+        if CLIENT_KEY not in client and "gigamim_finetune" in client:
+            from gigamim.checkpoint.layout import CheckpointError
+
+            raise CheckpointError(f"{self.resume.tag_dir} was written by the 0.1 development fine-tune loop "
+                                  "(in-memory data): its data position cannot be resumed; start the fine-tune again")
+        self.state.load_state_dict(client.get(CLIENT_KEY, {}))
+        self.task.load_state_dict(client)
         self.guard.total = self.state.nonfinite_total
         # The restored LR schedule carries the old run's peak (LambdaLR.base_lrs) and the
         # optimizer its last LR; the config is the source of truth, so a resume with a new
-        # optim.lr or global batch follows the new schedule from this step on.
-        self.scheduler.base_lrs = [peak_lr(self.cfg)] * len(self.scheduler.base_lrs)
-        for group in self.scheduler.optimizer.param_groups:
-            group["lr"] = lr_at(self.state.step, self.cfg)
+        # optim.lr or global batch follows the new schedule from this step on (each group
+        # keeps its layer-decay scale).
+        # The LR is computed as LambdaLR does (base x factor), so that a resumed step applies
+        # the very same float as the uninterrupted run.
+        peak, groups = peak_lr(self.cfg), self.scheduler.optimizer.param_groups
+        self.scheduler.base_lrs = [peak * g.get("lr_scale", 1.0) for g in groups]
+        for base, group in zip(self.scheduler.base_lrs, groups):
+            group["lr"] = base * (lr_at(self.state.step, self.cfg) / peak)
         self.say(f"gigamim: resumed from {self.resume.tag_dir} at step {self.state.step}")
         change = lr_schedule_change(self.resume.meta.get("lr_schedule"), self.cfg, self.state.step)
         if change:
@@ -166,7 +160,8 @@ class Trainer:
         meter, last_batch = Meter(), None
         try:
             while state.step < end:
-                result = train_step(self.engine, batches, self.accum, self.to_inputs, self.guard,
+                result = train_step(self.engine, batches, self.accum,
+                                    lambda batch: self.task.loss(self.engine, batch, self), self.guard,
                                     stop_requested=lambda: bool(stop) or bool(self.deadline), device=self.device,
                                     on_dropped=self._warn_dropped)
                 state.nonfinite_total = self.guard.total
@@ -181,13 +176,12 @@ class Trainer:
                     keys_log.write(json.dumps({"step": state.step, "keys": result.trained_keys}) + "\n")
                 last_batch = result.last_batch
                 stopping, step = result.stop_requested, state.step
-                if step % cfg.log.every_steps == 0 or step == end or stopping:
-                    self.log(logger, meter)
+                extra = self.task.after_step(self, step, end, last_batch)  # evaluations, pictures
+                if step % cfg.log.every_steps == 0 or step == end or stopping or extra:
+                    self.log(logger, meter, **extra)
                     meter = Meter()
                 if bar is not None:
                     bar.update(1)
-                if cfg.log.image_every_steps and step % cfg.log.image_every_steps == 0:
-                    self.picture(last_batch)
                 if stopping or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or step == end:
                     self.save()
                 if stopping:
@@ -196,8 +190,7 @@ class Trainer:
                            f"train.stop_after={cfg.train.stop_after} reached" if self.deadline else "another rank got a signal")
                     self.say(f"gigamim: {why}; checkpoint saved at step {step}, exiting. Continue with --resume auto.")
                     return 0
-            if last_batch is not None:
-                self.picture(last_batch)
+            self.task.finish(self, last_batch)
             return 0
         finally:
             batches.close()  # stops the loader's workers now, before interpreter exit
@@ -206,16 +199,6 @@ class Trainer:
                     closable.close()
 
     # ------------------------------------------------------------------ pieces of the loop
-
-    def to_inputs(self, batch: dict) -> tuple:
-        """uint8 images travel from the loader workers; they are normalised on the device."""
-        import torch
-
-        from gigamim.data.transforms import normalize_on_device
-
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-        images = normalize_on_device(batch["image"], self.device, dtype)
-        return images, batch["mask"].to(self.device, non_blocking=True)
 
     def say(self, message: str, err: bool = False) -> None:
         if self.rank == 0:
@@ -239,7 +222,7 @@ class Trainer:
         if cfg.log.progress_bar:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, desc="pretrain", dynamic_ncols=True)
+            bar = tqdm(total=cfg.train.max_steps, initial=self.state.step, desc=self.task.name, dynamic_ncols=True)
         return logger, bar
 
     def _open_keys_log(self):
@@ -261,8 +244,8 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t.tolist()
 
-    def log(self, logger, meter) -> None:
-        """Collective (the record sums over ranks); rank 0 writes it."""
+    def log(self, logger, meter, **extra) -> None:
+        """Collective (the record sums over ranks); rank 0 writes it. extra: the task's metrics."""
         import torch.distributed as dist
 
         from gigamim.train.metrics import data_counters, peak_memory_gb
@@ -276,7 +259,7 @@ class Trainer:
             peak_tflops=self.peak_tflops, sum_over_ranks=self._sum_over_ranks,
             grad_norm=float(grad_norm) if grad_norm is not None else None,
             peak_mem_gb=peak_memory_gb(self.device), nonfinite_skipped=self.state.nonfinite_total,
-            epoch=self.loader.epoch, **merge_counters(counters),
+            epoch=self.loader.epoch, **merge_counters(counters), **extra,
         )
         if logger is not None:
             logger.log(record)
@@ -295,8 +278,9 @@ class Trainer:
         meta = {"step": step, "model": self.cfg.model.name, "img_size": self.cfg.model.img_size,
                 "window_size": self.cfg.model.window_size,
                 "world_size": self.world, "zero_stage": self.zero_stage, "precision": self.precision,
-                "lr_schedule": lr_schedule_record(self.cfg), "version": __version__}
-        tag_dir = save(self.engine, self.cfg.checkpoint.dir, step, {CLIENT_KEY: self.state.state_dict()}, meta,
+                "lr_schedule": lr_schedule_record(self.cfg), "version": __version__, **self.task.meta()}
+        client = {CLIENT_KEY: self.state.state_dict(), **self.task.state_dict()}
+        tag_dir = save(self.engine, self.cfg.checkpoint.dir, step, client, meta,
                        self.cfg.dump(), self.cfg.checkpoint.keep_last,
                        size_estimate=estimate_tag_bytes(self.num_params))
         self.say(f"gigamim: saved checkpoint {tag_dir}")
@@ -318,22 +302,6 @@ class Trainer:
                 ok = False
                 break
         return self._sum_over_ranks([0.0 if ok else 1.0], op="max")[0] == 0.0
-
-    def picture(self, batch: dict) -> None:
-        """A reconstruction PNG. Collective under ZeRO-3 (the forward gathers parameters)."""
-        import torch
-
-        from gigamim.train.visualize import save_reconstruction_png
-
-        n = min(self.cfg.log.num_images, batch["image"].shape[0])
-        images, mask = self.to_inputs({"image": batch["image"][:n], "mask": batch["mask"][:n]})
-        self.engine.module.eval()
-        with torch.no_grad():
-            rec = self.engine.module(images, mask, return_reconstruction=True)
-        self.engine.module.train()
-        if self.rank == 0:
-            path = Path(self.cfg.log.dir) / "reconstructions" / f"step_{self.state.step:08d}.png"
-            save_reconstruction_png(path, batch["image"][:n], batch["mask"][:n], rec, title=f"step {self.state.step}")
 
 
 def take_run_lock(ckpt_dir: str, rank: int, force: bool):

@@ -1,0 +1,381 @@
+"""What a run trains: the few things `Trainer` asks of its task.
+
+The trainer owns everything a serious run needs whatever it trains (process group, run lock,
+DeepSpeed engine, the step with its non-finite agreement, exact resume, signals and
+deadlines, metrics, progress bar, checkpoints). A task says what differs:
+
+- `build_model(trainer)`: a function returning the nn.Module, and whether the trainer should
+  call it under `zero.Init` (pretraining: partitioned as it is made) or hand DeepSpeed a
+  whole model (fine-tuning: pretrained weights are read into a whole model first);
+- `param_groups(model)`, `make_loader(trainer, model)`, `flops(model)`;
+- `loss(engine, batch, trainer)`: one micro-batch's loss;
+- `after_step(trainer, step, end, batch)`: evaluations / pictures, returning metrics to log;
+- `finish(trainer, batch)`: at the end of a completed run (the final picture, the export);
+- `state_dict()` / `load_state_dict()`: what the task keeps across a resume (EMA weights);
+- `meta()`: what the checkpoint meta records about the task.
+
+`PretrainTask` is SimMIM; `FinetuneTask` is classification (layer decay, Mixup/CutMix, label
+smoothing, EMA, periodic top-1/top-5 on held-out shards, a timm-loadable export at the end).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from gigamim.config import Config, ConfigError
+
+
+def activation_dtype(precision: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+class PretrainTask:
+    """SimMIM: masked images in, L1 on the masked pixels out."""
+
+    name = "pretrain"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def build_model(self, trainer):
+        from gigamim.config import ModelConfig
+        from gigamim.models.attention import resolve_attn_impl
+        from gigamim.models.build import build_simmim
+
+        cfg = self.cfg
+        section = dict(dataclasses.asdict(cfg.model), attn_impl=resolve_attn_impl(cfg.model.attn_impl,
+                                                                                  trainer.device.type))
+        return (lambda: build_simmim(section, defaults=dataclasses.asdict(ModelConfig()),
+                                     norm_target=cfg.data.norm_target, norm_target_patch=cfg.data.norm_target_patch),
+                True)
+
+    def param_groups(self, model):
+        from gigamim.models.param_groups import param_groups
+
+        return param_groups(model, self.cfg.optim.weight_decay)
+
+    def flops(self, model):
+        from gigamim.models.flops import model_and_hardware_flops
+
+        return model_and_hardware_flops(model, self.cfg.model.img_size)
+
+    def make_loader(self, trainer, model):
+        from gigamim.data.loader import SimMIMLoader
+        from gigamim.sizes import parse_size
+
+        cfg = self.cfg
+        try:
+            return SimMIMLoader(
+                cfg.data.shards, cfg.train.micro_batch_size, rank=trainer.rank, world_size=trainer.world,
+                num_workers=cfg.data.num_workers, seed=cfg.train.seed, img_size=cfg.model.img_size,
+                mask_patch_size=cfg.data.mask_patch_size, model_patch_size=model.patch_size,
+                mask_ratio=cfg.data.mask_ratio, mode=cfg.data.mode, shuffle_buffer=cfg.data.shuffle_buffer,
+                image_key=cfg.data.image_key, cache_dir=cfg.data.cache_dir, cache_size=parse_size(cfg.data.cache_size),
+            )
+        except (ValueError, FileNotFoundError) as e:
+            # Every rank counts the same shards, so every rank gets here alike.
+            raise ConfigError(f"data.shards: {e}") from None
+
+    def to_inputs(self, batch: dict, trainer) -> tuple:
+        """uint8 images travel from the loader workers; they are normalised on the device."""
+        from gigamim.data.transforms import normalize_on_device
+
+        images = normalize_on_device(batch["image"], trainer.device, activation_dtype(trainer.precision))
+        return images, batch["mask"].to(trainer.device, non_blocking=True)
+
+    def loss(self, engine, batch: dict, trainer):
+        return engine(*self.to_inputs(batch, trainer))
+
+    def after_step(self, trainer, step: int, end: int, batch) -> dict:
+        every = self.cfg.log.image_every_steps
+        if every and step % every == 0:
+            self.picture(trainer, batch)
+        return {}
+
+    def finish(self, trainer, batch) -> None:
+        if batch is not None:
+            self.picture(trainer, batch)
+
+    def picture(self, trainer, batch: dict) -> None:
+        """A reconstruction PNG. Collective under ZeRO-3 (the forward gathers parameters)."""
+        import torch
+
+        from gigamim.train.visualize import save_reconstruction_png
+
+        n = min(self.cfg.log.num_images, batch["image"].shape[0])
+        images, mask = self.to_inputs({"image": batch["image"][:n], "mask": batch["mask"][:n]}, trainer)
+        module = trainer.engine.module
+        module.eval()
+        with torch.no_grad():
+            rec = module(images, mask, return_reconstruction=True)
+        module.train()
+        if trainer.rank == 0:
+            step = trainer.state.step
+            path = Path(self.cfg.log.dir) / "reconstructions" / f"step_{step:08d}.png"
+            save_reconstruction_png(path, batch["image"][:n], batch["mask"][:n], rec, title=f"step {step}")
+
+    def on_engine(self, trainer) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def meta(self) -> dict:
+        return {"task": self.name}
+
+
+class FinetuneTask:
+    """Classification from a (SimMIM-)pretrained encoder, the official SimMIM fine-tune recipe's
+    pieces: layer-wise LR decay, drop path, timm's Mixup/CutMix with soft-target (or label-
+    smoothing) cross-entropy, optional timm EMA, top-1/top-5 on held-out shards."""
+
+    name = "finetune"
+    EMA_KEY = "gigamim_finetune_ema"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.ft = cfg.finetune
+        self.ema = None
+        self.val = None
+        self.info: dict = {}
+
+    # -- model
+
+    def prepare(self) -> None:
+        """Build the classifier and read the weights into it, before any process group exists
+        (so weights of another architecture, or a window that cannot be interpolated, are
+        refused as one line). Built whole on each rank, with the same seed: the same head."""
+        import torch
+
+        from gigamim.train.finetune import build_classifier
+
+        torch.manual_seed(self.cfg.train.seed)
+        self.model, self.info = build_classifier(self.cfg)
+
+    def build_model(self, trainer):
+        """The prepared classifier, handed to DeepSpeed whole (it partitions it under ZeRO-3)."""
+        if getattr(self, "model", None) is None:
+            self.prepare()
+        model, self.model = self.model, None  # the engine owns it from here
+        return (lambda: model), False
+
+    def param_groups(self, model):
+        from gigamim.models.param_groups import layer_decay, param_groups
+        from gigamim.train.optim import peak_lr
+
+        rate = self.ft.layer_decay
+        groups = param_groups(model, self.cfg.optim.weight_decay, layer_decay(rate) if rate != 1 else None)
+        for g in groups:
+            g["lr"] = peak_lr(self.cfg) * g["lr_scale"]  # the LR schedule multiplies each group's own peak
+        return groups
+
+    def flops(self, model):
+        from gigamim.models.flops import model_and_hardware_flops
+
+        try:
+            return model_and_hardware_flops(model, self.cfg.model.img_size)
+        except TypeError:
+            return None, None  # the analytic count covers SwinV2; ViT / Swin V1 log mfu null
+
+    # -- data
+
+    def _loader(self, trainer, shards: str, train: bool, key: str):
+        from gigamim.data.loader import ClassificationLoader
+        from gigamim.sizes import parse_size
+
+        cfg = self.cfg
+        try:
+            loader = ClassificationLoader(
+                shards, cfg.train.micro_batch_size, rank=trainer.rank, world_size=trainer.world,
+                num_workers=cfg.data.num_workers, seed=cfg.train.seed, img_size=cfg.model.img_size, train=train,
+                scale=tuple(self.ft.crop_scale), hflip=0.5 if self.ft.hflip else 0.0, image_key=cfg.data.image_key,
+                cache_dir=cfg.data.cache_dir, cache_size=parse_size(cfg.data.cache_size))
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"finetune.{key}: {e}") from None
+        return loader
+
+    def check_data(self) -> None:
+        """Before any process group: the labelled shards exist, are labelled, and have no
+        more classes (index.json's class list) than finetune.num_classes. The loader still
+        checks every label it reads (a label >= num_classes is one line, naming the sample)."""
+        from gigamim.data import shardspec
+        from gigamim.data.loader import check_labelled
+
+        for key in ("train_shards", "val_shards"):
+            spec = getattr(self.ft, key)
+            if not spec:
+                continue
+            try:
+                check_labelled(spec)
+                classes = shardspec.resolve(spec).classes or []
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"finetune.{key}: {e}") from None
+            if len(classes) > self.ft.num_classes:
+                raise ConfigError(f"labels go up to {len(classes) - 1} but finetune.num_classes="
+                                  f"{self.ft.num_classes} ({spec} has {len(classes)} classes): set num_classes "
+                                  f"to at least {len(classes)}")
+
+    def make_loader(self, trainer, model):
+        if self.ft.val_shards:
+            self.val = self._loader(trainer, self.ft.val_shards, train=False, key="val_shards")
+        return self._loader(trainer, self.ft.train_shards, train=True, key="train_shards")
+
+    def to_inputs(self, batch: dict, trainer) -> tuple:
+        from gigamim.data.transforms import normalize_on_device
+
+        labels = batch["label"]
+        if len(labels) and int(labels.max()) >= self.ft.num_classes:
+            i = int(labels.argmax())
+            raise ValueError(f"data: sample {batch['key'][i]!r} has label {int(labels[i])} but "
+                             f"finetune.num_classes={self.ft.num_classes}")
+        images = normalize_on_device(batch["image"], trainer.device, activation_dtype(trainer.precision))
+        return images, labels.to(trainer.device, non_blocking=True)
+
+    # -- the step
+
+    def _setup_loss(self):
+        import torch
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        ft = self.ft
+        self.mixup = None
+        if ft.mixup > 0 or ft.cutmix > 0:
+            # Mixup draws from numpy's global RNG: the trainer's per-rank RNG state (saved
+            # with every checkpoint) makes its draws resume exactly.
+            self.mixup = Mixup(mixup_alpha=ft.mixup, cutmix_alpha=ft.cutmix, prob=ft.mixup_prob,
+                               switch_prob=ft.mixup_switch_prob, label_smoothing=ft.label_smoothing,
+                               num_classes=ft.num_classes)
+            self.criterion = SoftTargetCrossEntropy()
+        elif ft.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(smoothing=ft.label_smoothing)
+        else:
+            self.criterion = torch.nn.CrossEntropyLoss()
+
+    def loss(self, engine, batch: dict, trainer):
+        if not hasattr(self, "criterion"):
+            self._setup_loss()
+        x, y = self.to_inputs(batch, trainer)
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        return self.criterion(engine(x).float(), y)
+
+    def on_engine(self, trainer) -> None:
+        """The engine exists (before a resume loads into it): the EMA copy starts from the
+        initial weights, as timm's does."""
+        if self.ft.ema:
+            from timm.utils import ModelEmaV3
+
+            if trainer.zero_stage == 3:
+                raise ConfigError("finetune.ema needs whole parameters on each rank: use ZeRO stage 0-2 with EMA")
+            import torch
+
+            # fp32 averages whatever the training dtype: with decay 0.9999 a bf16 average would
+            # lose most updates under its rounding (timm then rounds stochastically, with a
+            # generator that a checkpoint does not carry, so a resume would not be exact).
+            self.ema = ModelEmaV3(trainer.engine.module, decay=self.ft.ema_decay, dtype=torch.float32)
+
+    def after_step(self, trainer, step: int, end: int, batch) -> dict:
+        if self.ema is not None:
+            self.ema.update(trainer.engine.module, step=step)
+        every = self.ft.eval_every_steps
+        if self.val is None or not ((every and step % every == 0) or step == end):
+            return {}
+        out = self.evaluate(trainer, trainer.engine.module)
+        if self.ema is not None:
+            out.update({f"ema_{k}": v for k, v in self.evaluate(trainer, self.ema.module).items()
+                        if k != "eval_images"})
+        trainer.say(f"gigamim finetune: step {step} top-1 {out['top1']:.4f} top-5 {out['top5']:.4f}"
+                    + (f" (EMA top-1 {out['ema_top1']:.4f})" if "ema_top1" in out else ""))
+        return out
+
+    def evaluate(self, trainer, module) -> dict:
+        """top-1 / top-5 over one pass of the held-out shards, every sample once (padding
+        repeats, `valid` False, are not counted). Collective: every rank runs the same number
+        of forwards (the loader pads ranks to equal batch counts; ZeRO-3 gathers are collective)."""
+        import torch
+        import torch.distributed as dist
+
+        was_training = module.training
+        module.eval()
+        hits1 = hits5 = count = 0
+        self.val.set_epoch(0)
+        batches = iter(self.val)
+        try:
+            with torch.no_grad():
+                for _ in range(len(self.val)):
+                    batch = next(batches)
+                    x, y = self.to_inputs(batch, trainer)
+                    logits = module(x.to(next(module.parameters()).dtype)).float()  # the EMA copy is fp32
+                    top = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+                    valid = batch["valid"].to(top.device)
+                    hits1 += int((top[:, 0] & valid).sum())
+                    hits5 += int((top.any(1) & valid).sum())
+                    count += int(valid.sum())
+        finally:
+            batches.close()
+        module.train(was_training)
+        t = torch.tensor([hits1, hits5, count], dtype=torch.float64,
+                         device=trainer.device if trainer.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        n = max(1.0, t[2].item())
+        return {"top1": t[0].item() / n, "top5": t[1].item() / n, "eval_images": int(t[2].item())}
+
+    # -- the end, resume, meta
+
+    def finish(self, trainer, batch) -> None:
+        if trainer.state.step == self.cfg.train.max_steps:  # not after train.stop_at_step
+            module = self.ema.module if self.ema is not None else trainer.engine.module
+            export_finetuned(module, self.cfg, self.info, trainer.state.step, trainer.rank)
+
+    def state_dict(self) -> dict:
+        return {self.EMA_KEY: self.ema.state_dict()} if self.ema is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.ema is not None and state.get(self.EMA_KEY) is not None:
+            self.ema.load_state_dict(state[self.EMA_KEY])
+
+    def meta(self) -> dict:
+        return {"task": self.name, "num_classes": self.ft.num_classes}
+
+
+def export_finetuned(module, cfg: Config, info: dict, step: int, rank: int) -> None:
+    """Rank 0 writes encoder + head as timm-keyed safetensors, with the timm class arguments
+    in the metadata (collective: the parameters are gathered under ZeRO-3)."""
+    import deepspeed
+    import torch
+
+    from gigamim import __version__
+    from gigamim.checkpoint import safetensors_io
+    from gigamim.models.timm_compat import read_arch, timm_kwargs
+
+    ft = cfg.finetune
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        sd = {k: v.detach().float().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+    if rank != 0:
+        return
+    geometry = {"img_size": cfg.model.img_size, "window_size": cfg.model.window_size}
+    if getattr(module, "family", "swinv2") == "vit":
+        geometry["num_heads"] = module.num_heads
+    arch = read_arch(sd, geometry)
+    kwargs = timm_kwargs(arch, geometry, num_classes=ft.num_classes)
+    pws = info.get("kwargs", {}).get("pretrained_window_sizes")
+    if arch["family"] == "swinv2" and pws is not None:
+        kwargs["pretrained_window_sizes"] = (list(pws) if isinstance(pws, (list, tuple))
+                                             else [int(pws)] * len(arch["depths"]))
+    out = Path(cfg.checkpoint.dir) / "finetuned.safetensors"
+    metadata = {"format": "finetuned", "step": str(step), "gigamim_version": __version__,
+                "gigamim_config": cfg.dump(), "timm_family": arch["family"], "timm_kwargs": json.dumps(kwargs),
+                "num_classes": str(ft.num_classes)}
+    safetensors_io.save(str(out), sd, metadata, max_shard_size=None, dtype=torch.float32, overwrite=True)
+    print(f"gigamim finetune: wrote {out} (timm {arch['family']} kwargs {kwargs})", flush=True)
+
+
+TASKS = {"pretrain": PretrainTask, "finetune": FinetuneTask}
