@@ -252,3 +252,20 @@ def test_ema_and_bf16_resume_exactly(shards, tmp_path):
     assert a[1]["ema_top1"] is not None and a[3]["ema_top1"] is not None
     ea, eb = (load_file(str(d / "ckpt" / "finetuned.safetensors")) for d in (full, split))
     assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_a_tag_of_the_other_task_is_refused_before_any_weight_is_read(tmp_path):
+    """Tags record their task; tags written before 0.2 (no task key) are pretraining's."""
+    from pathlib import Path
+
+    from gigamim.checkpoint.layout import CheckpointError
+    from gigamim.train.main import check_compatible
+
+    cfg = load_config(None, ["model.name=swinv2_nano"])
+    tag = Path("ck/step_00000003")
+    check_compatible({"model": "swinv2_nano"}, cfg, tag)  # an old pretraining tag resumes pretraining
+    check_compatible({"model": "swinv2_nano", "task": "finetune"}, cfg, tag, task="finetune")
+    with pytest.raises(CheckpointError, match="is a pretrain checkpoint and this is `gigamim finetune`"):
+        check_compatible({"model": "swinv2_nano"}, cfg, tag, task="finetune")
+    with pytest.raises(CheckpointError, match="is a finetune checkpoint and this is `gigamim pretrain`"):
+        check_compatible({"model": "swinv2_nano", "task": "finetune"}, cfg, tag)

@@ -1,8 +1,9 @@
 """The real-image check (benchmarks/real_images_check.py), shortened: sklearn's real digits
-through make-shards, SimMIM pretraining through SimMIMLoader, fine-tune + probe of the
-pretrained and the random-init encoder. The full run (benchmarks/results/real_images_*) is
-what shows pretraining helps; this short one (120 pretraining steps) checks the pipeline:
-the reconstruction loss falls and every accuracy is far above chance (10 classes)."""
+through make-shards, `gigamim pretrain` + `consolidate`, then `gigamim finetune` and `gigamim
+probe` of the pretrained and the random-init encoder. The full run
+(benchmarks/results/real_images_*) is what shows pretraining helps; this short one (120
+pretraining steps) checks the pipeline: the reconstruction loss falls and every accuracy is
+far above chance (10 classes)."""
 
 import json
 

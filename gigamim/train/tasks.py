@@ -144,7 +144,9 @@ class FinetuneTask:
         self.ft = cfg.finetune
         self.ema = None
         self.val = None
+        self.model = None
         self.info: dict = {}
+        self._setup_loss()
 
     # -- model
 
@@ -161,7 +163,7 @@ class FinetuneTask:
 
     def build_model(self, trainer):
         """The prepared classifier, handed to DeepSpeed whole (it partitions it under ZeRO-3)."""
-        if getattr(self, "model", None) is None:
+        if self.model is None:
             self.prepare()
         model, self.model = self.model, None  # the engine owns it from here
         return (lambda: model), False
@@ -260,8 +262,6 @@ class FinetuneTask:
             self.criterion = torch.nn.CrossEntropyLoss()
 
     def loss(self, engine, batch: dict, trainer):
-        if not hasattr(self, "criterion"):
-            self._setup_loss()
         x, y = self.to_inputs(batch, trainer)
         if self.mixup is not None:
             x, y = self.mixup(x, y)
