@@ -13,8 +13,13 @@ from gigamim.launch.dist import free_port  # noqa: F401  (re-exported for the te
 REPO = Path(__file__).resolve().parent.parent
 
 
+# What an in-process run (a group of one, started by a test in this pytest process) exports
+# for env://: a child must not inherit them, or it would bind the port this process holds.
+GROUP_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE")
+
+
 def cpu_env(**extra) -> dict:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in GROUP_VARS}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # Rank processes started from a test file import tests.helpers: the checkout must be importable.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)

@@ -20,8 +20,9 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 
 @pytest.mark.slow
 def test_zero3_compiled_checkpointed_trains_and_resumes_exactly(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    from tests.launch import cpu_env
+
+    env = cpu_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", HERE, str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
