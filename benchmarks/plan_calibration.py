@@ -198,7 +198,9 @@ def worker(case: dict, out_file: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    from gigamim.launch.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+
+    init_distributed("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {"case": case, "world": world}
     if not case.get("inputs"):

@@ -220,7 +220,9 @@ def _zero_worker(argv) -> int:
 
     from .train_step import Case, synthetic_batches
 
-    deepspeed.init_distributed("nccl" if on_gpu else "gloo")
+    from gigamim.launch.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+
+    init_distributed("nccl" if on_gpu else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     names = a.variants.split(",")

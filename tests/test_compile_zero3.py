@@ -51,7 +51,9 @@ def _worker(out):
     from tests.helpers.randomize import randomize_weights
 
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo")
+    from gigamim.launch.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+
+    init_distributed("gloo")
     rank = torch.distributed.get_rank()
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": False},

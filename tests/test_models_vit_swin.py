@@ -182,7 +182,9 @@ def _worker(mode, out):
 
     from gigamim.models.param_groups import param_groups
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from gigamim.launch.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+
+    init_distributed("gloo")
     rank = torch.distributed.get_rank()
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}, "gradient_clipping": 0.0}

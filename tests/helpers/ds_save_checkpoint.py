@@ -121,7 +121,9 @@ def main() -> None:
 
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from gigamim.launch.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+
+    init_distributed("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = build_model(args.model, args.img_size, args.window)
