@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from gigamim.checkpoint import consolidate, export
-from gigamim.models import SimMIM, create_model
+from gigamim.models import SimMIM, create_model, timm_compat
 from tests.helpers.randomize import randomize_weights
 from tests.helpers import zero_checkpoints as zc
 
@@ -120,7 +120,7 @@ def test_timm_named_model_tiny_window8_256(tmp_path, capsys):
 def test_timm_name_against_timm_registry(name, img, window, expected):
     with torch.device("meta"):  # shapes only
         enc = create_model(name, img_size=img, window_size=window).state_dict()
-    got, why = export.pick_timm_name(export.swinv2_arch(enc), {"img_size": img, "window_size": window})
+    got, why = timm_compat.pick_timm_name(timm_compat.swinv2_arch(enc), {"img_size": img, "window_size": window})
     assert got == expected, why
 
 
@@ -128,9 +128,9 @@ def test_timm_export_refuses_keys_timm_lacks():
     """SwinV2-H's extra main-branch norms have no timm counterpart: a clear error, no file."""
     with torch.device("meta"):
         enc = create_model("swinv2_huge").state_dict()
-    kwargs = export.timm_kwargs(export.swinv2_arch(enc), {"img_size": 192, "window_size": 12})
+    kwargs = timm_compat.timm_kwargs(timm_compat.swinv2_arch(enc), {"img_size": 192, "window_size": 12})
     with pytest.raises(export.ExportError, match=r"norm3.*--format encoder"):
-        export.check_timm_keys(enc, kwargs)
+        timm_compat.check_timm_keys(enc, kwargs)
 
 
 def test_load_export_never_unpickles(tmp_path):
@@ -194,8 +194,8 @@ def test_timm_names_vit_swin_against_timm_registry(name, kw, expected):
     from gigamim.models import model_defaults
 
     geo = {"img_size": kw.get("img_size", model_defaults(name)["img_size"])}
-    arch = export.read_arch(enc, geo)
-    got, why = export.pick_timm_name(arch, geo, enc)
+    arch = timm_compat.read_arch(enc, geo)
+    got, why = timm_compat.pick_timm_name(arch, geo, enc)
     assert got == expected, why
 
 
@@ -203,4 +203,4 @@ def test_timm_export_refuses_another_family_of_keys():
     with torch.device("meta"):
         enc = create_model("swin_nano").state_dict()
     with pytest.raises(export.ExportError, match="does not load strictly into timm VisionTransformer"):
-        export.check_timm_keys(enc, dict(img_size=192, embed_dim=32, depth=2, num_heads=1, num_classes=0), "vit")
+        timm_compat.check_timm_keys(enc, dict(img_size=192, embed_dim=32, depth=2, num_heads=1, num_classes=0), "vit")

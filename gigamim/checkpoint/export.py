@@ -32,14 +32,12 @@ from typing import Any
 
 from gigamim.checkpoint import safetensors_io
 from gigamim.checkpoint.layout import LATEST_FILE, CheckpointError, complete_tags, is_tag_dir
-from gigamim.models.timm_compat import (  # noqa: F401  (re-exported: the helpers live next to the models)
+from gigamim.models.timm_compat import (
     TimmCompatError,
     check_timm_keys,
-    encoder_family,
     pick_timm_name,
     read_arch,
     swinv2_arch,
-    timm_candidates,
     timm_kwargs,
 )
 
