@@ -102,7 +102,7 @@ def default_dtype(name: str):
 
 
 def build_engine(cfg: Config, build_model, world_size: int, on_gpu: bool, load_universal: bool = False,
-                 groups=None, partition_at_build: bool = True):
+                 groups=None, partition_at_build: bool = True, after_build=None):
     """(engine, lr_scheduler, model, zero stage): the model built under `zero.Init` for ZeRO-3
     (no rank ever holds the whole model: parameters are partitioned as they are made), on the
     rank's GPU for ZeRO-0/1/2 (each rank holds it anyway), then `deepspeed.initialize` with
@@ -112,8 +112,10 @@ def build_engine(cfg: Config, build_model, world_size: int, on_gpu: bool, load_u
     `build_model()` returns a plain nn.Module. Seeds are the caller's business (the same
     seed on every rank before this call gives every rank the same initial weights).
     groups(model): the optimizer's param groups (default: `models.param_groups`, one LR).
-    partition_at_build=False: `build_model()` is called plainly (a model whose pretrained
-    weights are read in first, as fine-tuning's); DeepSpeed partitions it at initialize."""
+    partition_at_build=False: `build_model()` is called plainly (a whole model handed over);
+    DeepSpeed partitions it at initialize. after_build(model): called once the model exists,
+    outside `zero.Init` and before `initialize` copies it into the optimizer's partitions (the
+    place to read pretrained weights into a partitioned model)."""
     import deepspeed
 
     from gigamim.models.param_groups import param_groups
@@ -144,6 +146,8 @@ def build_engine(cfg: Config, build_model, world_size: int, on_gpu: bool, load_u
             model = build_model()
     else:
         model = build_model()
+    if after_build is not None:
+        after_build(model)
     if cfg.model.compile and stage == 3:
         from gigamim.train.compile import mark_z3_leaf_blocks
 

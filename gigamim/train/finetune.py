@@ -33,7 +33,7 @@ class FinetuneError(ValueError):
     """Bad input for fine-tuning; one line, exit 2."""
 
 
-def build_classifier(cfg):
+def build_classifier(cfg, keep_state: bool = False):
     """(encoder with a num_classes head, info). The pretrained window becomes
     pretrained_window_sizes for a SwinV2 fine-tuned at another window."""
     from gigamim.train.load_encoder import EncoderLoadError, build_encoder, read_weights, run_model_config
@@ -52,7 +52,7 @@ def build_classifier(cfg):
         if run.get("window_size") and m.window_size and int(run["window_size"]) != int(m.window_size):
             overrides["pretrained_window_sizes"] = int(run["window_size"])
     try:
-        return build_encoder(m.name, ft.weights or None, overrides, num_classes=ft.num_classes)
+        return build_encoder(m.name, ft.weights or None, overrides, num_classes=ft.num_classes, keep_state=keep_state)
     except EncoderLoadError as e:
         raise FinetuneError(str(e)) from None
 

@@ -57,8 +57,11 @@ _GEOMETRY_KEYS = ("img_size", "window_size", "pretrained_window_sizes")
 
 
 def build_encoder(name: str | None, weights: str | None, overrides: dict[str, Any] | None = None,
-                  num_classes: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(encoder, info). ``weights`` None = random init (``name`` required)."""
+                  num_classes: int = 0, keep_state: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(encoder, info). ``weights`` None = random init (``name`` required).
+    keep_state: also return the checked, shape-adapted weights as ``info["state"]`` (to load
+    them into another copy of the model, e.g. one partitioned under ZeRO-3; built on the
+    meta device, this call then only checks the weights)."""
     from gigamim.models import create_model
     from gigamim.models.timm_compat import TimmCompatError, encoder_family
 
@@ -94,9 +97,16 @@ def build_encoder(name: str | None, weights: str | None, overrides: dict[str, An
             f"{len(missing)} keys missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]}); "
             "pass the --model the weights were trained as")
     enc_sd = adapt_shapes(encoder, enc_sd, str(weights))
-    result = encoder.load_state_dict(enc_sd, strict=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        # a meta-device encoder (keep_state) takes no values; that is the point
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        result = encoder.load_state_dict(enc_sd, strict=False)
     if result.missing_keys and any(not k.startswith("head.") for k in result.missing_keys):
         raise EncoderLoadError(f"{weights}: keys missing for {name}: {result.missing_keys[:5]}")
+    if keep_state:
+        info["state"] = enc_sd
     return encoder, info
 
 

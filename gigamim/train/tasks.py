@@ -145,28 +145,78 @@ class FinetuneTask:
         self.ema = None
         self.val = None
         self.model = None
+        self.zero3 = False
+        self.prepared = False
         self.info: dict = {}
         self._setup_loss()
 
     # -- model
 
     def prepare(self) -> None:
-        """Build the classifier and read the weights into it, before any process group exists
-        (so weights of another architecture, or a window that cannot be interpolated, are
-        refused as one line). Built whole on each rank, with the same seed: the same head."""
+        """Check the weights against the classifier, before any process group exists (weights
+        of another architecture, a window that cannot be interpolated: one line).
+
+        ZeRO-0/1/2: the classifier is built whole and the weights read into it; every rank
+        holds it anyway. ZeRO-3: only checked, on the meta device; the adapted weights are
+        kept to be read into the model built partitioned (`after_build`), so no rank ever
+        holds a whole fp32 SwinV2-G. Same seed on every rank: the same head."""
+        import contextlib
+
         import torch
 
+        from gigamim.train.deepspeed_init import load_template, zero_stage
         from gigamim.train.finetune import build_classifier
 
+        self.zero3 = zero_stage(load_template(self.cfg.deepspeed.config)) == 3
         torch.manual_seed(self.cfg.train.seed)
-        self.model, self.info = build_classifier(self.cfg)
+        with torch.device("meta") if self.zero3 else contextlib.nullcontext():
+            model, self.info = build_classifier(self.cfg, keep_state=self.zero3)
+        self.model = None if self.zero3 else model
+        self.prepared = True
 
     def build_model(self, trainer):
-        """The prepared classifier, handed to DeepSpeed whole (it partitions it under ZeRO-3)."""
-        if self.model is None:
+        """ZeRO-3: a factory that `build_engine` calls under `zero.Init`; else the prepared
+        whole classifier (DeepSpeed takes it as it is)."""
+        if not self.prepared:
             self.prepare()
+        if self.zero3:
+            from gigamim.models import create_model
+
+            name, kwargs = self.info["model"], dict(self.info["kwargs"])
+            seed, num_classes = self.cfg.train.seed, self.ft.num_classes
+
+            def build():
+                import torch
+
+                torch.manual_seed(seed)
+                return create_model(name, num_classes=num_classes, **kwargs)
+
+            return build, True
         model, self.model = self.model, None  # the engine owns it from here
         return (lambda: model), False
+
+    def after_build(self, model) -> None:
+        """ZeRO-3: read the checked weights into the partitioned model, one parameter at a
+        time (gathered, written by rank 0, partitioned again), before DeepSpeed's optimizer
+        copies the partitions."""
+        state = self.info.pop("state", None)
+        if not self.zero3 or not state:
+            return
+        import deepspeed
+        import torch
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name not in state:
+                    continue  # the new head keeps its initialisation
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if rank == 0:
+                        p.data.copy_(state[name].to(p.dtype))
+            for name, b in model.named_buffers():
+                if name in state:
+                    b.copy_(state[name].to(b.dtype))
 
     def param_groups(self, model):
         from gigamim.models.param_groups import layer_decay, param_groups

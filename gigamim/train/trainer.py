@@ -81,7 +81,7 @@ class Trainer:
         self.engine, self.scheduler, model, self.zero_stage = build_engine(
             cfg, build_model, self.world, self.device.type == "cuda",
             load_universal=bool(self.resume and self.resume.universal), groups=self.task.param_groups,
-            partition_at_build=partition_at_build)
+            partition_at_build=partition_at_build, after_build=getattr(self.task, "after_build", None))
         self.task.on_engine(self)
         # MFU counts model FLOPs (3x forward); HFU adds what checkpointing / sequential chunks recompute.
         self.model_flops, self.hardware_flops = self.task.flops(model)
