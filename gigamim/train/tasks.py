@@ -355,7 +355,8 @@ class FinetuneTask:
 
         was_training = module.training
         module.eval()
-        hits1 = hits5 = count = 0
+        # [top-1 hits, top-5 hits, samples], summed on the device: one read-back per evaluation
+        t = torch.zeros(3, dtype=torch.float64, device=trainer.device if trainer.device.type == "cuda" else "cpu")
         self.val.set_epoch(0)
         batches = iter(self.val)
         try:
@@ -365,15 +366,11 @@ class FinetuneTask:
                     x, y = self.to_inputs(batch, trainer)
                     logits = module(x.to(next(module.parameters()).dtype)).float()  # the EMA copy is fp32
                     top = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
-                    valid = batch["valid"].to(top.device)
-                    hits1 += int((top[:, 0] & valid).sum())
-                    hits5 += int((top.any(1) & valid).sum())
-                    count += int(valid.sum())
+                    valid = batch["valid"].to(top.device, non_blocking=True)
+                    t += torch.stack([(top[:, 0] & valid).sum(), (top.any(1) & valid).sum(), valid.sum()]).to(t)
         finally:
             batches.close()
         module.train(was_training)
-        t = torch.tensor([hits1, hits5, count], dtype=torch.float64,
-                         device=trainer.device if trainer.device.type == "cuda" else "cpu")
         dist.all_reduce(t)
         n = max(1.0, t[2].item())
         return {"top1": t[0].item() / n, "top5": t[1].item() / n, "eval_images": int(t[2].item())}
