@@ -23,7 +23,7 @@ setup(
     install_requires=[
         # torchvision comes with timm; on these machines torch 2.14.1 / torchvision 0.29.1.
         "torch>=2.4",
-        "timm>=1.0.9",
+        "timm>=1.0.31",  # ModelEmaV3(dtype=): an fp32 EMA of a bf16 model (finetune.ema)
         "deepspeed>=0.19,<0.20",
         "webdataset>=1.0.2,<1.1",
         "pyyaml>=6",

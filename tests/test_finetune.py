@@ -269,6 +269,8 @@ def test_a_tag_of_the_other_task_is_refused_before_any_weight_is_read(tmp_path):
         check_compatible({"model": "swinv2_nano"}, cfg, tag, task="finetune")
     with pytest.raises(CheckpointError, match="is a finetune checkpoint and this is `gigamim pretrain`"):
         check_compatible({"model": "swinv2_nano", "task": "finetune"}, cfg, tag)
+    with pytest.raises(CheckpointError, match="has a 7-class head and this run has finetune.num_classes=1000"):
+        check_compatible({"model": "swinv2_nano", "task": "finetune", "num_classes": 7}, cfg, tag, task="finetune")
 
 
 
@@ -305,3 +307,26 @@ def test_zero3_reads_the_weights_into_the_partitioned_model(shards, tmp_path):
             torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-8, msg=f"{zero}: {k}")
     rand = exported("rand", "finetune.weights=", zero="cpu")
     assert not torch.allclose(rand["layers.0.blocks.0.attn.qkv.weight"], pretrained["layers.0.blocks.0.attn.qkv.weight"])
+
+
+def test_zero3_swin_v1_at_a_new_window_reads_the_resized_tables(shards, tmp_path):
+    """The SimMIM Swin recipe fine-tunes at another window (6 -> 7): under ZeRO-3 the weights
+    are checked on the meta device and the bias tables resized on the host, then read into
+    the partitioned model. Reference: timm's resize_rel_pos_bias_table of the file's table."""
+    from safetensors.torch import load_file
+    from timm.layers import resize_rel_pos_bias_table
+
+    path = _pretrained(tmp_path, "swin_nano", dict(img_size=64, window_size=2))
+    items = [s for s in BASE if not s.startswith(("model.", "deepspeed."))] + [
+        "model.name=swin_nano", "model.img_size=64", "model.window_size=4", "deepspeed.config=cpu",
+        f"finetune.train_shards={shards['train']}", f"finetune.val_shards={shards['val']}",
+        f"finetune.weights={path}", "data.num_workers=0", "log.progress_bar=false", "train.max_steps=1",
+        "optim.lr=1e-12", "optim.warmup_lr=0", "optim.min_lr=0", "finetune.mixup=0", "finetune.cutmix=0",
+        f"checkpoint.dir={tmp_path}/r/ckpt", f"log.dir={tmp_path}/r/logs"]
+    assert finetune.main([a for s in items for a in ("--set", s)]) == 0
+    got = load_file(str(tmp_path / "r" / "ckpt" / "finetuned.safetensors"))
+    key = "layers.0.blocks.0.attn.relative_position_bias_table"
+    old = load_file(str(path))[f"encoder.{key}"]  # (3*3, heads)
+    want = resize_rel_pos_bias_table(old, new_window_size=(4, 4), new_bias_shape=(49, old.shape[1]),
+                                     old_window_size=(2, 2))
+    torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6)

@@ -250,8 +250,6 @@ def _unlink_shm_allreduce_buffer() -> None:
         path.unlink()
     except FileNotFoundError:
         pass  # the op was not built, or the ranks are not all local: nothing was created
-    except OSError:
-        pass
 
 
 # The first call's answer: after it, RANK & co. are exported, so re-detecting would call a

@@ -126,12 +126,15 @@ def adapt_shapes(encoder: torch.nn.Module, enc_sd: dict[str, torch.Tensor], wher
         if k.endswith("relative_position_bias_table"):
             new_w = (int(round(target[0] ** 0.5)) + 1) // 2
             old_w = (int(round(v.shape[0] ** 0.5)) + 1) // 2
-            out[k] = resize_rel_pos_bias_table(v, new_window_size=(new_w, new_w), new_bias_shape=target,
-                                               old_window_size=(old_w, old_w))
+            # on the weights' device even when the encoder is built on "meta" (ZeRO-3 checks)
+            with torch.device(v.device):
+                out[k] = resize_rel_pos_bias_table(v, new_window_size=(new_w, new_w), new_bias_shape=target,
+                                                   old_window_size=(old_w, old_w))
         elif k == "pos_embed":
             prefix = getattr(encoder, "num_prefix_tokens", 1)
             side = int(round((target[1] - prefix) ** 0.5))
-            out[k] = resample_abs_pos_embed(v, new_size=(side, side), num_prefix_tokens=prefix)
+            with torch.device(v.device):
+                out[k] = resample_abs_pos_embed(v, new_size=(side, side), num_prefix_tokens=prefix)
         else:
             raise EncoderLoadError(f"{where}: {k} has shape {tuple(v.shape)}, the model needs {target}; "
                                    "the weights are of another size of this architecture")

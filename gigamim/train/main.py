@@ -87,6 +87,10 @@ def check_compatible(meta: dict, cfg: Config, tag_dir: Path, say=print, task: st
         raise CheckpointError(f"{tag_dir} is a {saved_task} checkpoint and this is `gigamim {task}`: give "
                               f"{'finetune.weights' if task == 'finetune' else 'another checkpoint.dir'} instead "
                               "of --resume, or resume it with the verb that wrote it")
+    if task == "finetune" and meta.get("num_classes") not in (None, cfg.finetune.num_classes):
+        raise CheckpointError(f"{tag_dir} has a {meta['num_classes']}-class head and this run has "
+                              f"finetune.num_classes={cfg.finetune.num_classes}: resume with --set "
+                              f"finetune.num_classes={meta['num_classes']}, or start fresh in another checkpoint.dir")
     saved = meta.get("model")
     if saved and saved != cfg.model.name:
         raise CheckpointError(f"{tag_dir} holds model {saved} and this run is model.name={cfg.model.name}: "

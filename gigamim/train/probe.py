@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{split}: {e}") from None
             features[split] = extract(encoder, loader, args.stage, args.limit)
         result = probe(encoder, features["train"], features["val"], args.stage, args.wd, args.max_iter)
-    except (EncoderLoadError, ValueError) as e:
+    except (EncoderLoadError, ValueError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not str(e).startswith("data:"):
+            raise  # not the loader's one-line data error: a bug, keep its traceback
         print(f"gigamim probe: error: {e}", file=sys.stderr)
         return 2
     result.update(info)

@@ -5,11 +5,16 @@ DeepSpeed engine, the step with its non-finite agreement, exact resume, signals 
 deadlines, metrics, progress bar, checkpoints). A task says what differs:
 
 - `build_model(trainer)`: a function returning the nn.Module, and whether the trainer should
-  call it under `zero.Init` (pretraining: partitioned as it is made) or hand DeepSpeed a
-  whole model (fine-tuning: pretrained weights are read into a whole model first);
+  call it under `zero.Init` for ZeRO-3 (partitioned as it is made) or hand DeepSpeed the
+  whole model it returns (fine-tuning under ZeRO-0/1/2, weights already read in);
+- `after_build(model)` (optional): once the model exists, before `deepspeed.initialize`
+  (fine-tuning under ZeRO-3 reads the pretrained weights into the partitioned model here);
+- `on_engine(trainer)`: once the engine exists, before a resume loads into it (the EMA copy);
 - `param_groups(model)`, `make_loader(trainer, model)`, `flops(model)`;
 - `loss(engine, batch, trainer)`: one micro-batch's loss;
-- `after_step(trainer, step, end, batch)`: evaluations / pictures, returning metrics to log;
+- `after_step(trainer, step, end, batch, stopping)`: EMA update, evaluations / pictures
+  (not when stopping: the save comes first, a grace period may not cover an evaluation
+  pass), returning metrics to log;
 - `finish(trainer, batch)`: at the end of a completed run (the final picture, the export);
 - `state_dict()` / `load_state_dict()`: what the task keeps across a resume (EMA weights);
 - `meta()`: what the checkpoint meta records about the task.
@@ -90,9 +95,9 @@ class PretrainTask:
     def loss(self, engine, batch: dict, trainer):
         return engine(*self.to_inputs(batch, trainer))
 
-    def after_step(self, trainer, step: int, end: int, batch) -> dict:
+    def after_step(self, trainer, step: int, end: int, batch, stopping: bool = False) -> dict:
         every = self.cfg.log.image_every_steps
-        if every and step % every == 0:
+        if every and step % every == 0 and not stopping:
             self.picture(trainer, batch)
         return {}
 
@@ -157,9 +162,10 @@ class FinetuneTask:
         of another architecture, a window that cannot be interpolated: one line).
 
         ZeRO-0/1/2: the classifier is built whole and the weights read into it; every rank
-        holds it anyway. ZeRO-3: only checked, on the meta device; the adapted weights are
-        kept to be read into the model built partitioned (`after_build`), so no rank ever
-        holds a whole fp32 SwinV2-G. Same seed on every rank: the same head."""
+        holds it anyway. ZeRO-3: only checked, on the meta device; the checked weights (host
+        memory, until the model is built) are read into the model built partitioned
+        (`after_build`), so no rank ever holds the whole model's parameters, gradients or
+        optimizer states. Same seed on every rank: the same head."""
         import contextlib
 
         import torch
@@ -168,6 +174,9 @@ class FinetuneTask:
         from gigamim.train.finetune import build_classifier
 
         self.zero3 = zero_stage(load_template(self.cfg.deepspeed.config)) == 3
+        if self.ft.ema and self.zero3:
+            raise ConfigError("finetune.ema needs whole parameters on each rank: use a ZeRO stage 0-2 template "
+                              "(deepspeed.config=zero1) with EMA")
         torch.manual_seed(self.cfg.train.seed)
         with torch.device("meta") if self.zero3 else contextlib.nullcontext():
             model, self.info = build_classifier(self.cfg, keep_state=self.zero3)
@@ -182,6 +191,10 @@ class FinetuneTask:
         if self.zero3:
             from gigamim.models import create_model
 
+            state = self.info.get("state")
+            self.loaded_keys = set(state or ())
+            if trainer.rank != 0:
+                self.info["state"] = None  # rank 0 writes every parameter (after_build): free it here
             name, kwargs = self.info["model"], dict(self.info["kwargs"])
             seed, num_classes = self.cfg.train.seed, self.ft.num_classes
 
@@ -200,7 +213,7 @@ class FinetuneTask:
         time (gathered, written by rank 0, partitioned again), before DeepSpeed's optimizer
         copies the partitions."""
         state = self.info.pop("state", None)
-        if not self.zero3 or not state:
+        if not self.zero3 or not getattr(self, "loaded_keys", None):
             return
         import deepspeed
         import torch
@@ -209,14 +222,13 @@ class FinetuneTask:
         rank = dist.get_rank() if dist.is_initialized() else 0
         with torch.no_grad():
             for name, p in model.named_parameters():
-                if name not in state:
+                if name not in self.loaded_keys:  # the same on every rank: the same gathers
                     continue  # the new head keeps its initialisation
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                     if rank == 0:
                         p.data.copy_(state[name].to(p.dtype))
-            for name, b in model.named_buffers():
-                if name in state:
-                    b.copy_(state[name].to(b.dtype))
+        # Persistent buffers would need every rank's copy; these encoders' index and
+        # coordinate tables are non-persistent (rebuilt from the geometry).
 
     def param_groups(self, model):
         from gigamim.models.param_groups import layer_decay, param_groups
@@ -231,10 +243,9 @@ class FinetuneTask:
     def flops(self, model):
         from gigamim.models.flops import model_and_hardware_flops
 
-        try:
-            return model_and_hardware_flops(model, self.cfg.model.img_size)
-        except TypeError:
+        if getattr(model, "family", "swinv2") != "swinv2":
             return None, None  # the analytic count covers SwinV2; ViT / Swin V1 log mfu null
+        return model_and_hardware_flops(model, self.cfg.model.img_size)
 
     # -- data
 
@@ -320,23 +331,21 @@ class FinetuneTask:
     def on_engine(self, trainer) -> None:
         """The engine exists (before a resume loads into it): the EMA copy starts from the
         initial weights, as timm's does."""
+        self.trainer = trainer
         if self.ft.ema:
-            from timm.utils import ModelEmaV3
-
-            if trainer.zero_stage == 3:
-                raise ConfigError("finetune.ema needs whole parameters on each rank: use ZeRO stage 0-2 with EMA")
             import torch
+            from timm.utils import ModelEmaV3
 
             # fp32 averages whatever the training dtype: with decay 0.9999 a bf16 average would
             # lose most updates under its rounding (timm then rounds stochastically, with a
             # generator that a checkpoint does not carry, so a resume would not be exact).
             self.ema = ModelEmaV3(trainer.engine.module, decay=self.ft.ema_decay, dtype=torch.float32)
 
-    def after_step(self, trainer, step: int, end: int, batch) -> dict:
+    def after_step(self, trainer, step: int, end: int, batch, stopping: bool = False) -> dict:
         if self.ema is not None:
-            self.ema.update(trainer.engine.module, step=step)
+            self.ema.update(trainer.engine.module, step=step)  # always: the step was applied
         every = self.ft.eval_every_steps
-        if self.val is None or not ((every and step % every == 0) or step == end):
+        if self.val is None or stopping or not ((every and step % every == 0) or step == end):
             return {}
         out = self.evaluate(trainer, trainer.engine.module)
         if self.ema is not None:
@@ -386,8 +395,16 @@ class FinetuneTask:
         return {self.EMA_KEY: self.ema.state_dict()} if self.ema is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.ema is not None and state.get(self.EMA_KEY) is not None:
+        if self.ema is None:
+            return
+        if state.get(self.EMA_KEY) is not None:
             self.ema.load_state_dict(state[self.EMA_KEY])
+        else:
+            # EMA turned on at this resume: start the average from the resumed weights, not
+            # from the initial ones the copy was made of.
+            self.ema.set(self.trainer.engine.module)
+            self.trainer.say("gigamim finetune: warning: the checkpoint has no EMA state (written with "
+                             "finetune.ema=false); the EMA starts from the resumed weights", err=True)
 
     def meta(self) -> dict:
         return {"task": self.name, "num_classes": self.ft.num_classes}
@@ -405,7 +422,9 @@ def export_finetuned(module, cfg: Config, info: dict, step: int, rank: int) -> N
 
     ft = cfg.finetune
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        sd = {k: v.detach().float().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+        # straight to host memory (a GPU copy of SwinV2-G in fp32 would be 12 GB more on rank 0)
+        sd = ({k: v.detach().to("cpu", torch.float32, copy=True) for k, v in module.state_dict().items()}
+              if rank == 0 else None)
     if rank != 0:
         return
     geometry = {"img_size": cfg.model.img_size, "window_size": cfg.model.window_size}
@@ -424,5 +443,3 @@ def export_finetuned(module, cfg: Config, info: dict, step: int, rank: int) -> N
     safetensors_io.save(str(out), sd, metadata, max_shard_size=None, dtype=torch.float32, overwrite=True)
     print(f"gigamim finetune: wrote {out} (timm {arch['family']} kwargs {kwargs})", flush=True)
 
-
-TASKS = {"pretrain": PretrainTask, "finetune": FinetuneTask}

@@ -176,7 +176,7 @@ class Trainer:
                     keys_log.write(json.dumps({"step": state.step, "keys": result.trained_keys}) + "\n")
                 last_batch = result.last_batch
                 stopping, step = result.stop_requested, state.step
-                extra = self.task.after_step(self, step, end, last_batch)  # evaluations, pictures
+                extra = self.task.after_step(self, step, end, last_batch, stopping)  # EMA, evaluations, pictures
                 if step % cfg.log.every_steps == 0 or step == end or stopping or extra:
                     self.log(logger, meter, **extra)
                     meter = Meter()
