@@ -91,10 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         if (ft.mixup > 0 or ft.cutmix > 0) and cfg.train.micro_batch_size % 2:
             raise FinetuneError(f"Mixup/CutMix pair the images of a micro-batch: train.micro_batch_size="
                                 f"{cfg.train.micro_batch_size} must be even (or set finetune.mixup=0 finetune.cutmix=0)")
-        if cfg.model.window_size is None:
-            from gigamim.models.registry import model_defaults
+        from gigamim.train.trainer import Trainer, record_window_size
 
-            cfg.model.window_size = model_defaults(cfg.model.name).get("window_size")
+        record_window_size(cfg)
         say = (lambda msg: print(msg, flush=True)) if launch.rank == 0 else (lambda msg: None)
         # The resolver and checks of `gigamim pretrain --resume` (complete tag, world size or
         # universal, same model and task), before any rank builds a model.
@@ -102,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         if resume_from is not None:
             check_compatible(resume_from.meta, cfg, resume_from.tag_dir, say=say, task="finetune")
         from gigamim.train.tasks import FinetuneTask
-        from gigamim.train.trainer import Trainer
 
         # Everything that can be refused is refused here, before any process group exists.
         task = FinetuneTask(cfg)

@@ -119,13 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         load_template(cfg.deepspeed.config)
         say = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
         resume = resolve_resume(args.resume, cfg.checkpoint.dir, launch.world_size, say=say)
-        if resume is not None:
-            if cfg.model.window_size is None:
-                from gigamim.models.registry import model_defaults
+        from gigamim.train.trainer import Trainer, record_window_size
 
-                cfg.model.window_size = model_defaults(cfg.model.name).get("window_size")
+        if resume is not None:
+            record_window_size(cfg)
             check_compatible(resume.meta, cfg, resume.tag_dir, say=say)
-        from gigamim.train.trainer import Trainer
 
         try:
             return Trainer(cfg, resume=resume, force_unlock=args.force_unlock).run()

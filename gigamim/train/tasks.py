@@ -7,7 +7,7 @@ deadlines, metrics, progress bar, checkpoints). A task says what differs:
 - `build_model(trainer)`: a function returning the nn.Module, and whether the trainer should
   call it under `zero.Init` for ZeRO-3 (partitioned as it is made) or hand DeepSpeed the
   whole model it returns (fine-tuning under ZeRO-0/1/2, weights already read in);
-- `after_build(model)` (optional): once the model exists, before `deepspeed.initialize`
+- `after_build(model)`: once the model exists, before `deepspeed.initialize`
   (fine-tuning under ZeRO-3 reads the pretrained weights into the partitioned model here);
 - `on_engine(trainer)`: once the engine exists, before a resume loads into it (the EMA copy);
 - `param_groups(model)`, `make_loader(trainer, model)`, `flops(model)`;
@@ -19,7 +19,8 @@ deadlines, metrics, progress bar, checkpoints). A task says what differs:
 - `state_dict()` / `load_state_dict()`: what the task keeps across a resume (EMA weights);
 - `meta()`: what the checkpoint meta records about the task.
 
-`PretrainTask` is SimMIM; `FinetuneTask` is classification (layer decay, Mixup/CutMix, label
+`Task` holds the shared parts and the hooks' defaults (nothing to do); `PretrainTask` is
+SimMIM; `FinetuneTask` is classification (layer decay, Mixup/CutMix, label
 smoothing, EMA, periodic top-1/top-5 on held-out shards, a timm-loadable export at the end).
 """
 
@@ -32,19 +33,60 @@ from pathlib import Path
 from gigamim.config import Config, ConfigError
 
 
-def activation_dtype(precision: str):
-    import torch
+class Task:
+    """The hooks every task has, doing nothing by default, and what the tasks share."""
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-
-
-class PretrainTask:
-    """SimMIM: masked images in, L1 on the masked pixels out."""
-
-    name = "pretrain"
+    name = "task"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+
+    def after_build(self, model) -> None:
+        pass
+
+    def on_engine(self, trainer) -> None:
+        pass
+
+    def after_step(self, trainer, step: int, end: int, batch, stopping: bool = False) -> dict:
+        return {}
+
+    def finish(self, trainer, batch) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def meta(self) -> dict:
+        return {"task": self.name}
+
+    def loader_options(self, trainer) -> dict:
+        """The loader arguments that come from the train and data sections, for any task."""
+        from gigamim.sizes import parse_size
+
+        cfg = self.cfg
+        return dict(rank=trainer.rank, world_size=trainer.world, num_workers=cfg.data.num_workers,
+                    seed=cfg.train.seed, img_size=cfg.model.img_size, image_key=cfg.data.image_key,
+                    cache_dir=cfg.data.cache_dir, cache_size=parse_size(cfg.data.cache_size))
+
+    @staticmethod
+    def images(batch: dict, trainer):
+        """uint8 images travel from the loader workers; they are normalised on the device, in
+        the activation dtype."""
+        import torch
+
+        from gigamim.data.transforms import normalize_on_device
+        from gigamim.train.deepspeed_init import PRECISION_DTYPES
+
+        return normalize_on_device(batch["image"], trainer.device, getattr(torch, PRECISION_DTYPES[trainer.precision]))
+
+
+class PretrainTask(Task):
+    """SimMIM: masked images in, L1 on the masked pixels out."""
+
+    name = "pretrain"
 
     def build_model(self, trainer):
         from gigamim.config import ModelConfig
@@ -70,27 +112,19 @@ class PretrainTask:
 
     def make_loader(self, trainer, model):
         from gigamim.data.loader import SimMIMLoader
-        from gigamim.sizes import parse_size
 
         cfg = self.cfg
         try:
             return SimMIMLoader(
-                cfg.data.shards, cfg.train.micro_batch_size, rank=trainer.rank, world_size=trainer.world,
-                num_workers=cfg.data.num_workers, seed=cfg.train.seed, img_size=cfg.model.img_size,
-                mask_patch_size=cfg.data.mask_patch_size, model_patch_size=model.patch_size,
-                mask_ratio=cfg.data.mask_ratio, mode=cfg.data.mode, shuffle_buffer=cfg.data.shuffle_buffer,
-                image_key=cfg.data.image_key, cache_dir=cfg.data.cache_dir, cache_size=parse_size(cfg.data.cache_size),
-            )
+                cfg.data.shards, cfg.train.micro_batch_size, mask_patch_size=cfg.data.mask_patch_size,
+                model_patch_size=model.patch_size, mask_ratio=cfg.data.mask_ratio, mode=cfg.data.mode,
+                shuffle_buffer=cfg.data.shuffle_buffer, **self.loader_options(trainer))
         except (ValueError, FileNotFoundError) as e:
             # Every rank counts the same shards, so every rank gets here alike.
             raise ConfigError(f"data.shards: {e}") from None
 
     def to_inputs(self, batch: dict, trainer) -> tuple:
-        """uint8 images travel from the loader workers; they are normalised on the device."""
-        from gigamim.data.transforms import normalize_on_device
-
-        images = normalize_on_device(batch["image"], trainer.device, activation_dtype(trainer.precision))
-        return images, batch["mask"].to(trainer.device, non_blocking=True)
+        return self.images(batch, trainer), batch["mask"].to(trainer.device, non_blocking=True)
 
     def loss(self, engine, batch: dict, trainer):
         return engine(*self.to_inputs(batch, trainer))
@@ -123,20 +157,8 @@ class PretrainTask:
             path = Path(self.cfg.log.dir) / "reconstructions" / f"step_{step:08d}.png"
             save_reconstruction_png(path, batch["image"][:n], batch["mask"][:n], rec, title=f"step {step}")
 
-    def on_engine(self, trainer) -> None:
-        pass
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def meta(self) -> dict:
-        return {"task": self.name}
-
-
-class FinetuneTask:
+class FinetuneTask(Task):
     """Classification from a (SimMIM-)pretrained encoder, the official SimMIM fine-tune recipe's
     pieces: layer-wise LR decay, drop path, timm's Mixup/CutMix with soft-target (or label-
     smoothing) cross-entropy, optional timm EMA, top-1/top-5 on held-out shards."""
@@ -145,14 +167,14 @@ class FinetuneTask:
     EMA_KEY = "gigamim_finetune_ema"
 
     def __init__(self, cfg: Config):
-        self.cfg = cfg
+        super().__init__(cfg)
         self.ft = cfg.finetune
         self.ema = None
         self.val = None
-        self.model = None
+        self.model = None  # ZeRO-0/1/2: the prepared whole classifier, until the engine takes it
         self.zero3 = False
-        self.prepared = False
-        self.info: dict = {}
+        self.info: dict = {}  # from build_classifier; empty until prepare()
+        self.loaded_keys: set[str] = set()  # ZeRO-3: the parameters after_build reads in
         self._setup_loss()
 
     # -- model
@@ -181,12 +203,11 @@ class FinetuneTask:
         with torch.device("meta") if self.zero3 else contextlib.nullcontext():
             model, self.info = build_classifier(self.cfg, keep_state=self.zero3)
         self.model = None if self.zero3 else model
-        self.prepared = True
 
     def build_model(self, trainer):
         """ZeRO-3: a factory that `build_engine` calls under `zero.Init`; else the prepared
         whole classifier (DeepSpeed takes it as it is)."""
-        if not self.prepared:
+        if not self.info:
             self.prepare()
         if self.zero3:
             from gigamim.models import create_model
@@ -213,8 +234,8 @@ class FinetuneTask:
         time (gathered, written by rank 0, partitioned again), before DeepSpeed's optimizer
         copies the partitions."""
         state = self.info.pop("state", None)
-        if not self.zero3 or not getattr(self, "loaded_keys", None):
-            return
+        if not self.loaded_keys:
+            return  # not ZeRO-3 (the weights are in already), or random init
         import deepspeed
         import torch
         import torch.distributed as dist
@@ -251,18 +272,13 @@ class FinetuneTask:
 
     def _loader(self, trainer, shards: str, train: bool, key: str):
         from gigamim.data.loader import ClassificationLoader
-        from gigamim.sizes import parse_size
 
-        cfg = self.cfg
         try:
-            loader = ClassificationLoader(
-                shards, cfg.train.micro_batch_size, rank=trainer.rank, world_size=trainer.world,
-                num_workers=cfg.data.num_workers, seed=cfg.train.seed, img_size=cfg.model.img_size, train=train,
-                scale=tuple(self.ft.crop_scale), hflip=0.5 if self.ft.hflip else 0.0, image_key=cfg.data.image_key,
-                cache_dir=cfg.data.cache_dir, cache_size=parse_size(cfg.data.cache_size))
+            return ClassificationLoader(shards, self.cfg.train.micro_batch_size, train=train,
+                                        scale=tuple(self.ft.crop_scale), hflip=0.5 if self.ft.hflip else 0.0,
+                                        **self.loader_options(trainer))
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"finetune.{key}: {e}") from None
-        return loader
 
     def check_data(self) -> None:
         """Before any process group: the labelled shards exist, are labelled, and have no
@@ -291,15 +307,12 @@ class FinetuneTask:
         return self._loader(trainer, self.ft.train_shards, train=True, key="train_shards")
 
     def to_inputs(self, batch: dict, trainer) -> tuple:
-        from gigamim.data.transforms import normalize_on_device
-
         labels = batch["label"]
         if len(labels) and int(labels.max()) >= self.ft.num_classes:
             i = int(labels.argmax())
             raise ValueError(f"data: sample {batch['key'][i]!r} has label {int(labels[i])} but "
                              f"finetune.num_classes={self.ft.num_classes}")
-        images = normalize_on_device(batch["image"], trainer.device, activation_dtype(trainer.precision))
-        return images, labels.to(trainer.device, non_blocking=True)
+        return self.images(batch, trainer), labels.to(trainer.device, non_blocking=True)
 
     # -- the step
 
@@ -395,6 +408,13 @@ class FinetuneTask:
         return {self.EMA_KEY: self.ema.state_dict()} if self.ema is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
+        from gigamim.train.state import CLIENT_KEY
+
+        if CLIENT_KEY not in state and "gigamim_finetune" in state:
+            from gigamim.checkpoint.layout import CheckpointError
+
+            raise CheckpointError(f"{self.trainer.resume.tag_dir} was written by the 0.1 development fine-tune loop "
+                                  "(in-memory data): its data position cannot be resumed; start the fine-tune again")
         if self.ema is None:
             return
         if state.get(self.EMA_KEY) is not None:
@@ -407,7 +427,7 @@ class FinetuneTask:
                              "finetune.ema=false); the EMA starts from the resumed weights", err=True)
 
     def meta(self) -> dict:
-        return {"task": self.name, "num_classes": self.ft.num_classes}
+        return {**super().meta(), "num_classes": self.ft.num_classes}
 
 
 def export_finetuned(module, cfg: Config, info: dict, step: int, rank: int) -> None:

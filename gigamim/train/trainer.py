@@ -59,16 +59,12 @@ class Trainer:
             # DeepSpeed picks its accelerator at import; CPU ranks need it told.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from gigamim.launch.dist import init_distributed
-        from gigamim.models.registry import model_defaults
         from gigamim.train.deepspeed_init import build_engine, resolve_precision
         from gigamim.train.state import TrainState, seed_everything
         from gigamim.train.step import NonFiniteGuard
 
         cfg = self.cfg
-        if cfg.model.window_size is None:
-            # Record the variant's window in the resolved config, so that exports and
-            # resumes never have to guess the geometry.
-            cfg.model.window_size = model_defaults(cfg.model.name).get("window_size")
+        record_window_size(cfg)
         self.dist = init_distributed()
         self.rank, self.world, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self._take_run_lock()
@@ -81,7 +77,7 @@ class Trainer:
         self.engine, self.scheduler, model, self.zero_stage = build_engine(
             cfg, build_model, self.world, self.device.type == "cuda",
             load_universal=bool(self.resume and self.resume.universal), groups=self.task.param_groups,
-            partition_at_build=partition_at_build, after_build=getattr(self.task, "after_build", None))
+            partition_at_build=partition_at_build, after_build=self.task.after_build)
         self.task.on_engine(self)
         # MFU counts model FLOPs (3x forward); HFU adds what checkpointing / sequential chunks recompute.
         self.model_flops, self.hardware_flops = self.task.flops(model)
@@ -111,20 +107,14 @@ class Trainer:
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.resume.tag_dir}")
         client = client or {}
-        if CLIENT_KEY not in client and "gigamim_finetune" in client:
-            from gigamim.checkpoint.layout import CheckpointError
-
-            raise CheckpointError(f"{self.resume.tag_dir} was written by the 0.1 development fine-tune loop "
-                                  "(in-memory data): its data position cannot be resumed; start the fine-tune again")
+        self.task.load_state_dict(client)  # first: it may refuse the tag
         self.state.load_state_dict(client.get(CLIENT_KEY, {}))
-        self.task.load_state_dict(client)
         self.guard.total = self.state.nonfinite_total
         # The restored LR schedule carries the old run's peak (LambdaLR.base_lrs) and the
         # optimizer its last LR; the config is the source of truth, so a resume with a new
-        # optim.lr or global batch follows the new schedule from this step on (each group
-        # keeps its layer-decay scale).
-        # The LR is computed as LambdaLR does (base x factor), so that a resumed step applies
-        # the very same float as the uninterrupted run.
+        # optim.lr or global batch follows the new schedule from this step on, each group
+        # with its layer-decay scale, computed as LambdaLR does (base x factor) so that a
+        # resumed step applies the very same float as the uninterrupted run.
         peak, groups = peak_lr(self.cfg), self.scheduler.optimizer.param_groups
         self.scheduler.base_lrs = [peak * g.get("lr_scale", 1.0) for g in groups]
         for base, group in zip(self.scheduler.base_lrs, groups):
@@ -302,6 +292,15 @@ class Trainer:
                 ok = False
                 break
         return self._sum_over_ranks([0.0 if ok else 1.0], op="max")[0] == 0.0
+
+
+def record_window_size(cfg: Config) -> None:
+    """Write the variant's default window into the resolved config when it has none, so that
+    resume checks, exports and fine-tune builds never have to guess the geometry."""
+    if cfg.model.window_size is None:
+        from gigamim.models.registry import model_defaults
+
+        cfg.model.window_size = model_defaults(cfg.model.name).get("window_size")
 
 
 def take_run_lock(ckpt_dir: str, rank: int, force: bool):
