@@ -165,3 +165,41 @@ def test_shift_mask_is_minus_inf_and_matches_official_regions():
     got = shift_mask(h, w, (ws, ws), (s, s))
     assert torch.equal(torch.isinf(got), official)
     assert (got[official] == float("-inf")).all() and (got[~official] == 0).all()
+
+
+def _mem_efficient_layout(real):
+    """SDPA returning its true values in the layout of CUDA's memory-efficient kernel (the only
+    fused kernel that takes a float mask): (B, H, N, D) as a transposed view of a (B, N, H, D)
+    buffer. CPU's math kernel returns a contiguous tensor and hid a `.view` on the output."""
+    def sdpa(q, k, v, attn_mask=None, *args, **kwargs):
+        out = real(q, k, v, attn_mask, *args, **kwargs)
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not out.is_contiguous() or out.shape[1] == 1 or out.shape[2] == 1
+        return out
+    return sdpa
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_sdpa_under_cuda_output_layout_equals_explicit_fp64(monkeypatch, sequential):
+    """swinv2 with attn_impl=sdpa, its SDPA answering in the memory-efficient kernel's strides,
+    equals the explicit path in fp64: forward and every gradient (shifted blocks included)."""
+    from tests.helpers.randomize import randomize_weights
+
+    kw = dict(img_size=64, window_size=4, drop_path_rate=0.0)
+    if sequential:
+        kw.update(sequential_stages=(0, 1, 2, 3), attn_chunk=32)  # 2 images per chunk
+    explicit = randomize_weights(create_model("swinv2_nano", attn_impl="explicit", **kw).double(), seed=3)
+    sdpa = create_model("swinv2_nano", attn_impl="sdpa", **kw).double()
+    sdpa.load_state_dict(explicit.state_dict())
+    monkeypatch.setattr(F, "scaled_dot_product_attention", _mem_efficient_layout(F.scaled_dot_product_attention))
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+
+    def run(model):
+        out = model(x, features_only=True)
+        out.backward(torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
+        return out.detach(), {k: p.grad for k, p in model.named_parameters()}
+
+    want, got = run(explicit), run(sdpa)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    for name, g in want[1].items():
+        torch.testing.assert_close(got[1][name], g, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")

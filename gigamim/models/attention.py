@@ -170,6 +170,12 @@ def _attend(q, k, v, logit_scale, bias, mask, impl: str, dropout_p: float) -> to
     consecutive windows that each use the nW masks in order (an image's windows, or a run of
     them inside one image). Keeping parameters out makes this safe to recompute in backward
     under ZeRO-3 (parameters may be released then).
+
+    Returns (Bw, N, heads * d), the heads merged. Never ``.view`` an attention kernel's output:
+    CUDA's memory-efficient SDPA kernel (the fused one that takes a float mask) returns
+    (B, H, N, D) as a transposed view of a (B, N, H, D) buffer, flex may return its own
+    strides, CPU's math kernel a contiguous tensor. ``reshape`` after the permute makes exactly
+    one copy for every one of those layouts (and none where the layout already fits).
     """
     bw, heads, n, d = q.shape
     q, k = cosine_normalize(q, k, logit_scale, MAX_LOGIT_SCALE)
@@ -177,7 +183,7 @@ def _attend(q, k, v, logit_scale, bias, mask, impl: str, dropout_p: float) -> to
     if impl == "flex" and dropout_p == 0.0:
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
         if q.device.type != "cpu" or not needs_grad:
-            return _flex(q, k, v, bias, mask)
+            return _merge_heads(_flex(q, k, v, bias, mask))
         # No flex backward on CPU (torch raises): the explicit core below is the same maths.
     bias = bias.to(q.dtype)
     if mask is not None:
@@ -191,14 +197,21 @@ def _attend(q, k, v, logit_scale, bias, mask, impl: str, dropout_p: float) -> to
             q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=add.reshape(1, nw * heads, n, n),
             dropout_p=dropout_p, scale=1.0,
         )
-        return out.view(bw, heads, n, d)
+        # (B', nW*heads, N, d) -> (B', nW, N, heads, d) -> (Bw, N, heads*d), any strides.
+        return out.unflatten(1, (nw, heads)).transpose(2, 3).reshape(bw, n, heads * d)
     attn = q @ k.transpose(-2, -1) + bias.unsqueeze(0)
     if mask is not None:
         attn = (attn.view(bw // nw, nw, heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(bw, heads, n, n)
     attn = attn.softmax(dim=-1)
     if dropout_p > 0:
         attn = F.dropout(attn, p=dropout_p, training=True)
-    return attn @ v
+    return _merge_heads(attn @ v)
+
+
+def _merge_heads(out: torch.Tensor) -> torch.Tensor:
+    """(Bw, heads, N, d) of any strides -> (Bw, N, heads * d): one copy at most (see _attend)."""
+    bw, heads, n, d = out.shape
+    return out.transpose(1, 2).reshape(bw, n, heads * d)
 
 
 def _chunks(bw: int, nw: int, chunk: int):
@@ -308,7 +321,6 @@ class WindowAttention(nn.Module):
                 else:
                     outs.append(_attend(*args))
             out = torch.cat(outs, dim=0)
-        out = out.transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
