@@ -88,6 +88,25 @@ def test_forced_torch_and_auto_agree_on_cpu(clean_env):
     assert K.backend("cpu") == "torch"
 
 
+def test_fake_cuda_tensors_run_torch_and_forced_triton_says_why(clean_env):
+    """FakeTensorMode makes CUDA tensors without a GPU (how the CUDA path is tested here): auto
+    must not pick a hand-launched kernel for them (its launch touches the driver), and a forced
+    triton names the reason instead of failing inside the driver."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        y = torch.randn(4, 96, device="cuda")
+        w, b = torch.ones(96, device="cuda"), torch.zeros(96, device="cuda")
+        assert K.backend(y) == "torch" and K.implementation_for(y, w, b) == "torch"
+        out = K.residual_post_norm(y, y, w, b)
+        qo, ko = K.cosine_normalize(y.view(1, 1, 4, 96), y.view(1, 1, 4, 96), torch.zeros(1, 1, 1, device="cuda"))
+        assert out.device.type == qo.device.type == "cuda"
+        clean_env.setenv("GIGAMIM_KERNELS", "triton")
+        with pytest.raises(RuntimeError, match="real CUDA device"):
+            K.layer_norm(y, w, b)
+    assert "triton" not in K.available_backends("cuda")  # no driver here
+
+
 def test_bad_shapes_name_the_argument():
     x = torch.randn(2, 3, 96)
     with pytest.raises(ValueError, match=r"weight has shape \(95,\)"):

@@ -2,8 +2,10 @@
 
 The choice is made per call from the tensor's device and the env var GIGAMIM_KERNELS:
 
-    auto (default)  CUDA tensor: triton if it imports, else apex if `apex.normalization`
-                    imports, else torch.  CPU tensor, or inside torch.compile: torch.
+    auto (default)  a real CUDA tensor: triton if it imports, else apex if
+                    `apex.normalization` imports, else torch.  CPU, meta or fake tensors
+                    (FakeTensorMode: shapes without a GPU), no usable CUDA driver, or inside
+                    torch.compile: torch.
     triton          triton on any device; CPU tensors need TRITON_INTERPRET=1 set before
                     triton is first imported (the interpreter is how tests run it on CPU).
     apex            NVIDIA apex FusedLayerNorm (CUDA only, and only if already built).
@@ -71,13 +73,39 @@ def _device_of(where) -> torch.device:
     return torch.device(where)
 
 
+@functools.lru_cache(maxsize=None)
+def _cuda_driver_usable() -> bool:
+    # False on this torch's CUDA build without a GPU or driver: a launch would fail with
+    # "CUDA driver version is insufficient", so nothing may pick a hand-launched kernel.
+    try:
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def _is_fake(where) -> bool:
+    """A FakeTensor (or one made while a fake mode is active): it has a device and no storage."""
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import is_fake
+
+    if isinstance(where, torch.Tensor) and is_fake(where):
+        return True
+    return detect_fake_mode() is not None
+
+
+def real_cuda(where=None) -> bool:
+    """Whether a kernel launched for `where` (device, name or tensor) reaches a real GPU: a
+    CUDA device, a usable driver, and a tensor with storage (not a fake one)."""
+    return _device_of(where).type == "cuda" and _cuda_driver_usable() and not _is_fake(where)
+
+
 def available_backends(device=None) -> list[str]:
     """Backends that can run on `device` (a device, its name, or a tensor; default: cuda if present)."""
     dev = _device_of(device)
     found = ["torch"]
-    if triton_importable() and (dev.type == "cuda" or triton_interpret()):
+    if triton_importable() and (real_cuda(device) or (dev.type == "cpu" and triton_interpret())):
         found.append("triton")
-    if dev.type == "cuda" and apex_importable():
+    if real_cuda(device) and apex_importable():
         found.append("apex")
     return found
 
@@ -91,6 +119,11 @@ def backend(device=None) -> str:
     if want == "triton":
         if not triton_importable():
             raise RuntimeError(f"{ENV_VAR}=triton but `import triton` fails; unset it or install triton")
+        if dev.type == "cuda" and not real_cuda(device):
+            raise RuntimeError(
+                f"{ENV_VAR}=triton needs a real CUDA device, and this is a fake tensor or CUDA has no "
+                f"usable driver here; use {ENV_VAR}=auto (torch) for shape-only runs"
+            )
         if dev.type != "cuda" and not triton_interpret():
             raise RuntimeError(
                 f"{ENV_VAR}=triton on a {dev.type} tensor needs TRITON_INTERPRET=1 set before triton "
@@ -103,14 +136,15 @@ def backend(device=None) -> str:
                 f"{ENV_VAR}=apex but `apex.normalization` does not import; build NVIDIA apex from "
                 "source (PyPI's `apex` is an unrelated package) or unset it"
             )
-        if dev.type != "cuda":
-            raise RuntimeError(f"{ENV_VAR}=apex needs CUDA tensors, got a {dev.type} tensor")
+        if not real_cuda(device):
+            raise RuntimeError(f"{ENV_VAR}=apex needs real CUDA tensors, got a {dev.type} tensor"
+                               f"{'' if dev.type != 'cuda' else ' that is fake or has no usable driver'}")
         return "apex"
     # auto. Under torch.compile inductor generates its own fused add+LayerNorm; an opaque
     # autograd.Function with a hand-launched kernel would only cause graph breaks.
     if torch.compiler.is_compiling():
         return "torch"
-    if dev.type == "cuda":
+    if real_cuda(device):
         if triton_importable():
             return "triton"
         if apex_importable():
