@@ -105,7 +105,10 @@ def coords_table(offsets: torch.Tensor, window: Tuple[int, int], pretrained_wind
     sign*log2(1+|x|)/log2(8). Pure tensor maths, so it is traced into a compiled graph."""
     # max(.., 1): a window of 1 only has offset 0; avoid 0/0.
     denom = [float(max((pw if pw > 0 else w) - 1, 1)) for w, pw in zip(window, pretrained_window)]
-    table = offsets.to(torch.float32) / offsets.new_tensor(denom, dtype=torch.float32) * 8
+    # Python scalars, not a tensor made from the list: that tensor is built on the CPU and
+    # copied to the GPU in every forward of every block (a synchronous host-to-device copy).
+    table = offsets.to(torch.float32)
+    table = torch.stack([table[:, i] / denom[i] * 8 for i in range(2)], dim=-1)
     return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
 
 
