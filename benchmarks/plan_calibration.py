@@ -198,7 +198,7 @@ def worker(case: dict, out_file: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from gigamim.launch.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+    from gigamim.runtime.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
 
     init_distributed("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

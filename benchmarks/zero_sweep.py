@@ -220,7 +220,7 @@ def _zero_worker(argv) -> int:
 
     from .train_step import Case, synthetic_batches
 
-    from gigamim.launch.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+    from gigamim.runtime.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
 
     init_distributed("nccl" if on_gpu else "gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from gigamim.launch.dist import free_port
+    from gigamim.runtime.dist import free_port
 
     on_gpu = torch.cuda.is_available()
     nproc = args.nproc or (torch.cuda.device_count() if on_gpu else 2)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gigamim.launch.dist import free_port  # noqa: F401  (re-exported for the tests)
+from gigamim.runtime.dist import free_port  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -51,7 +51,7 @@ def _worker(out):
     from tests.helpers.randomize import randomize_weights
 
     torch.set_num_threads(1)
-    from gigamim.launch.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+    from gigamim.runtime.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
 
     init_distributed("gloo")
     rank = torch.distributed.get_rank()

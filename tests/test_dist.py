@@ -1,4 +1,4 @@
-"""gigamim.launch.dist: hostlist expansion, launcher detection, single-process start-up.
+"""gigamim.runtime.dist: hostlist expansion, launcher detection, single-process start-up.
 
 References: expected host lists written out by hand from SLURM's hostlist rules; the
 environments each launcher sets (deepspeed/launcher/launch.py, torchrun, srun, mpirun)."""
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from gigamim.launch.dist import detect_launch
+from gigamim.runtime.dist import detect_launch
 from gigamim.launch.hostlist import expand_hostlist, slurm_master_port
 
 
@@ -94,7 +94,7 @@ def test_init_distributed_single_process():
     # In a subprocess: DeepSpeed keeps a process-wide comm backend once initialised.
     code = """
 import json, torch, torch.distributed as dist
-from gigamim.launch.dist import init_distributed, is_rank0, destroy_distributed
+from gigamim.runtime.dist import init_distributed, is_rank0, destroy_distributed
 info = init_distributed(timeout_s=60)
 again = init_distributed()
 t = torch.ones(3); dist.all_reduce(t)
@@ -122,7 +122,7 @@ def test_cpu_ranks_leave_no_shared_memory_behind(tmp_path):
     import sys
     from pathlib import Path
 
-    from gigamim.launch.dist import free_port
+    from gigamim.runtime.dist import free_port
     from tests.launch import run
 
     if not Path("/dev/shm").is_dir():
@@ -131,7 +131,7 @@ def test_cpu_ranks_leave_no_shared_memory_behind(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(
         "import json, os, sys, torch, torch.distributed as dist\n"
-        "from gigamim.launch.dist import init_distributed\n"
+        "from gigamim.runtime.dist import init_distributed\n"
         "d = init_distributed()\n"
         "t = torch.ones(3) * (d.rank + 1)\n"
         "dist.all_reduce(t)\n"

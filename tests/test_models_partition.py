@@ -67,7 +67,7 @@ def _worker(mode, out):
     from tests.helpers.randomize import randomize_weights
 
     t0 = time.time()
-    from gigamim.launch.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+    from gigamim.runtime.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
 
     init_distributed("gloo")
     rank = torch.distributed.get_rank()

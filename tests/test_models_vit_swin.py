@@ -182,7 +182,7 @@ def _worker(mode, out):
 
     from gigamim.models.param_groups import param_groups
 
-    from gigamim.launch.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+    from gigamim.runtime.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
 
     init_distributed("gloo")
     rank = torch.distributed.get_rank()

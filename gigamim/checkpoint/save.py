@@ -31,7 +31,7 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, met
     import torch.distributed as dist
 
     from gigamim.checkpoint import space
-    from gigamim.launch.dist import peer_lost
+    from gigamim.runtime.dist import peer_lost
 
     root = Path(ckpt_dir)
     tag = tag_for(step)

@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 
-from gigamim.launch.dist import destroy_distributed, detect_launch, init_distributed
+from gigamim.runtime.dist import destroy_distributed, detect_launch, init_distributed
 
 # Packages whose version is reported; looked up in the installed metadata, not imported.
 _PACKAGES = ("torch", "deepspeed", "timm", "webdataset", "triton", "torchvision", "safetensors", "numpy")

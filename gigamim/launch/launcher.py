@@ -10,7 +10,7 @@ then kills them mid-save. This launcher instead:
 
 - starts the ranks with torch's elastic agent (the machinery under torchrun: static
   rendezvous, the agent's TCP store, RANK / LOCAL_RANK / WORLD_SIZE / MASTER_* in each rank's
-  environment, each rank in its own session), so `gigamim.launch.dist` sees a torchrun launch;
+  environment, each rank in its own session), so `gigamim.runtime.dist` sees a torchrun launch;
 - on SIGTERM / SIGINT / SIGHUP forwards the signal ONCE to every rank (their own sessions keep
   a job-wide or terminal signal from reaching them a second time; a second SIGINT would abort
   the trainer's save), ignores further signals, and waits up to --stop-timeout seconds for the
@@ -210,7 +210,7 @@ def run_ranks(args) -> int:
     from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
-    from gigamim.launch.dist import free_port
+    from gigamim.runtime.dist import free_port
 
     _quiet_torch_elastic()
     master_addr = args.master_addr or "127.0.0.1"

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from gigamim.checkpoint.layout import CheckpointError
     from gigamim.config import ConfigError
-    from gigamim.launch.dist import detect_launch, peer_lost
+    from gigamim.runtime.dist import detect_launch, peer_lost
 
     launch = detect_launch()
     try:

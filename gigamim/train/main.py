@@ -104,7 +104,7 @@ def check_compatible(meta: dict, cfg: Config, tag_dir: Path, say=print, task: st
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from gigamim.launch.dist import detect_launch, peer_lost
+    from gigamim.runtime.dist import detect_launch, peer_lost
 
     launch = detect_launch()
     rank0 = launch.rank == 0

@@ -58,7 +58,7 @@ class Trainer:
         if not torch.cuda.is_available():
             # DeepSpeed picks its accelerator at import; CPU ranks need it told.
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from gigamim.launch.dist import init_distributed
+        from gigamim.runtime.dist import init_distributed
         from gigamim.train.deepspeed_init import build_engine, resolve_precision
         from gigamim.train.state import TrainState, seed_everything
         from gigamim.train.step import NonFiniteGuard

@@ -121,7 +121,7 @@ def main() -> None:
 
     import deepspeed
 
-    from gigamim.launch.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+    from gigamim.runtime.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
 
     init_distributed("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -18,7 +18,7 @@ def main(out: str) -> None:
     import deepspeed
 
     from gigamim.config import load_config
-    from gigamim.launch.dist import init_distributed
+    from gigamim.runtime.dist import init_distributed
     from gigamim.models.build import build_simmim
     from gigamim.train.deepspeed_init import build_engine
     from gigamim.train.trainer import Trainer

@@ -301,8 +301,8 @@ def destroy_distributed() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m gigamim.launch.dist`: print the launcher detected from this environment, as JSON."""
-    argparse.ArgumentParser(prog="python -m gigamim.launch.dist",
+    """`python -m gigamim.runtime.dist`: print the launcher detected from this environment, as JSON."""
+    argparse.ArgumentParser(prog="python -m gigamim.runtime.dist",
                             description="Print the launch detected from this environment (JSON).").parse_args(argv)
     print(json.dumps(asdict(detect_launch())))
     return 0
