@@ -87,7 +87,7 @@ def _metrics(log_dir: Path) -> list[dict]:
 def pretrain(index: str, out: Path, img: int, steps: int, batch: int, lr: float, seed: int = 0) -> dict:
     """`gigamim pretrain` (ZeRO-1, one process) + `gigamim consolidate`."""
     from gigamim.checkpoint.consolidate import main as consolidate
-    from gigamim.train.main import main as pretrain_main
+    from gigamim.train.pretrain import main as pretrain_main
 
     run = out / "pretrain"
     t0 = time.time()

@@ -13,7 +13,7 @@ import sys
 
 # verb -> ("module:function", one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "pretrain": ("gigamim.train.main:main", "SimMIM pretraining under DeepSpeed (ZeRO-3)"),
+    "pretrain": ("gigamim.train.pretrain:main", "SimMIM pretraining under DeepSpeed (ZeRO-3)"),
     "demo": ("gigamim.demo:main", "write synthetic shards, pretrain swinv2_nano on 2 CPU ranks, consolidate, picture"),
     "make-shards": ("gigamim.data.make_shards:main", "write webdataset tar shards from images, lists, shards or synthetic data"),
     "consolidate": ("gigamim.checkpoint.consolidate:main", "ZeRO checkpoint -> fp32 safetensors (or universal format)"),

@@ -17,7 +17,7 @@ import pytest
 from gigamim.checkpoint import consolidate
 from gigamim.checkpoint.check import open_checkpoint
 from gigamim.checkpoint.layout import CheckpointError
-from gigamim.train.main import resolve_resume
+from gigamim.train.resume import resolve_resume
 from tests.helpers import zero_checkpoints as zc
 
 NEW, OLD = "step_00000002", "step_00000001"

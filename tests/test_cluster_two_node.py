@@ -70,7 +70,7 @@ def _metrics(path):
 
 @pytest.mark.slow
 def test_two_node_pretrain_matches_single_node_two_ranks(tmp_path):
-    pytest.importorskip("gigamim.train.main")
+    pytest.importorskip("gigamim.train.pretrain")
     from gigamim.data.synthetic import write_synthetic_shards
 
     index = write_synthetic_shards(tmp_path / "shards", 48, image_size=192, samples_per_shard=12, seed=0)
@@ -140,7 +140,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(tmp_path):
     import signal
     import time
 
-    pytest.importorskip("gigamim.train.main")
+    pytest.importorskip("gigamim.train.pretrain")
     from gigamim.data.synthetic import write_synthetic_shards
 
     index = write_synthetic_shards(tmp_path / "shards", 48, image_size=192, samples_per_shard=12, seed=0)

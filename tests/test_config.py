@@ -10,7 +10,7 @@ import pytest
 from gigamim.config import ConfigError, load_config, validate
 from gigamim.train.deepspeed_init import build_ds_config
 from gigamim.train.optim import lr_at
-from gigamim.train.main import main as pretrain_main
+from gigamim.train.pretrain import main as pretrain_main
 
 
 @pytest.fixture

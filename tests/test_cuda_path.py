@@ -138,7 +138,7 @@ def test_finetune_classifier_step_on_fake_cuda(config, monkeypatch):
     """The fine-tune task's forward as the packaged recipe builds it: the classifier from the
     config, timm Mixup/CutMix on the GPU batch, the task's criterion on fp32 logits."""
     from gigamim.config import load_config
-    from gigamim.train.finetune import build_classifier
+    from gigamim.train.classifier import build_classifier
     from gigamim.train.tasks import FinetuneTask
 
     cfg = load_config(config)

@@ -259,7 +259,7 @@ def test_a_tag_of_the_other_task_is_refused_before_any_weight_is_read(tmp_path):
     from pathlib import Path
 
     from gigamim.checkpoint.layout import CheckpointError
-    from gigamim.train.main import check_compatible
+    from gigamim.train.resume import check_compatible
 
     cfg = load_config(None, ["model.name=swinv2_nano"])
     tag = Path("ck/step_00000003")

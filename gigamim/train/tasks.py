@@ -41,6 +41,9 @@ class Task:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
+    def check(self) -> None:
+        """Refuse what this task cannot train (its data, its weights), before any process group."""
+
     def after_build(self, model) -> None:
         pass
 
@@ -177,6 +180,19 @@ class FinetuneTask(Task):
         self.loaded_keys: set[str] = set()  # ZeRO-3: the parameters after_build reads in
         self._setup_loss()
 
+    def check(self) -> None:
+        from gigamim.train.classifier import FinetuneError
+
+        ft = self.ft
+        if not ft.train_shards:
+            raise FinetuneError("finetune.train_shards is empty: give labelled shards (make-shards of an ImageFolder)")
+        if (ft.mixup > 0 or ft.cutmix > 0) and self.cfg.train.micro_batch_size % 2:
+            raise FinetuneError(f"Mixup/CutMix pair the images of a micro-batch: train.micro_batch_size="
+                                f"{self.cfg.train.micro_batch_size} must be even (or set finetune.mixup=0 "
+                                "finetune.cutmix=0)")
+        self.check_data()
+        self.prepare()
+
     # -- model
 
     def prepare(self) -> None:
@@ -193,7 +209,7 @@ class FinetuneTask(Task):
         import torch
 
         from gigamim.train.deepspeed_init import load_template, zero_stage
-        from gigamim.train.finetune import build_classifier
+        from gigamim.train.classifier import build_classifier
 
         self.zero3 = zero_stage(load_template(self.cfg.deepspeed.config)) == 3
         if self.ft.ema and self.zero3:

@@ -2,7 +2,7 @@
 
 `Trainer.setup()` joins the process group, builds the task's model (SimMIM is partitioned
 under `zero.Init` for ZeRO-3) and the DeepSpeed engine, the loader and the `TrainState`, and
-loads the resume point that `train/main.py` resolved. `Trainer.fit()` is the loop: one
+loads the resume point that `train/verb.py` resolved. `Trainer.fit()` is the loop: one
 `step.train_step` per optimizer step, then the task's after-step (evaluation, pictures),
 log / checkpoint / stop. What is trained is the task's business (`train/tasks.py`).
 
@@ -26,14 +26,12 @@ EXIT_NONFINITE = 3
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume=None, force_unlock: bool = False, task=None):
-        """resume: a `train.main.ResumePoint` (already resolved and checked) or None.
-        force_unlock: take checkpoint.dir's run lock even from a holder that cannot be checked.
-        task: a `train.tasks` task (default: SimMIM pretraining)."""
-        from gigamim.train.tasks import PretrainTask
-
+    def __init__(self, cfg: Config, task, resume=None, force_unlock: bool = False):
+        """task: what is trained (a `train.tasks` task: SimMIM pretraining, fine-tuning).
+        resume: a `train.resume.ResumePoint` (already resolved and checked) or None.
+        force_unlock: take checkpoint.dir's run lock even from a holder that cannot be checked."""
         self.cfg = cfg
-        self.task = task or PretrainTask(cfg)
+        self.task = task
         self.resume = resume
         self.force_unlock = force_unlock
         self.lock = None

@@ -1,0 +1,25 @@
+"""`gigamim pretrain`: SimMIM pretraining (a SwinV2 by default) under the configured engine
+(DeepSpeed ZeRO-3 by default). The verb is its task; the rest is `train.verb`."""
+
+from __future__ import annotations
+
+import sys
+
+from gigamim.train.verb import Verb, run
+
+
+def _task(cfg):
+    from gigamim.train.tasks import PretrainTask
+
+    return PretrainTask(cfg)
+
+
+VERB = Verb("pretrain", "SimMIM pretraining of a SwinV2 (or ViT / Swin V1) encoder.", _task)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(VERB, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

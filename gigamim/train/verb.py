@@ -1,0 +1,105 @@
+"""One runner for the training verbs (`gigamim pretrain`, `gigamim finetune`).
+
+A verb is a name, a description and its task; everything else is the same for every verb:
+the command line, the config (load, `--print-config`, validation, the engine's template),
+the resume point (resolved once, by the same resolver and completeness check as `gigamim
+consolidate`, and checked against this run), the task's own checks, then the `Trainer`.
+
+Everything that can be refused is refused before any rank joins a process group, builds a
+model or reads a shard: one line, exit 2, printed by rank 0 (every rank meets it alike). A
+lost peer is one line from rank 0 and exit 1; bad data met by one rank is that rank's line.
+
+The same command runs as one process, under `gigamim launch`, under the `deepspeed` launcher
+(`deepspeed --num_gpus N --module gigamim pretrain ...`) and under torchrun; gloo on CPU,
+nccl on GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from gigamim.checkpoint.layout import CheckpointError
+from gigamim.config import Config, ConfigError
+
+EXIT_BAD_INPUT = 2
+EXIT_PEER_LOST = 1
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str  # "pretrain": the command, the task name checkpoints record
+    description: str
+    make_task: Callable[[Config], object]  # the verb's task (`train.tasks`), before any process group
+    data_shards: bool = True  # whether `data.shards` is this verb's data (validated as files)
+
+
+def build_parser(verb: Verb) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"gigamim {verb.name}", description=verb.description)
+    p.add_argument("--config", help="YAML file, or a packaged config name (demo, simmim_swinv2_base_192, "
+                                    "finetune_swinv2_base, ...)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set train.max_steps=100")
+    p.add_argument("--resume", default=None,
+                   help="'auto' (newest complete checkpoint in checkpoint.dir, else start fresh), "
+                        "a checkpoint folder, or one tag folder (also a universal one)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take checkpoint.dir's run lock even though another run (on another host) holds it")
+    # The deepspeed launcher appends --local_rank=N; torchrun sets LOCAL_RANK instead.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def run(verb: Verb, argv: list[str] | None = None) -> int:
+    args = build_parser(verb).parse_args(argv)
+    from gigamim.config import load_config, validate
+    from gigamim.runtime.dist import detect_launch, peer_lost
+    from gigamim.train.classifier import FinetuneError
+
+    launch = detect_launch()
+    rank0 = launch.rank == 0
+    say = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(cfg.dump(), end="")
+            return 0
+        from gigamim.train.deepspeed_init import load_template
+        from gigamim.train.resume import check_compatible, resolve_resume
+        from gigamim.train.trainer import Trainer, record_window_size
+
+        validate(cfg, world_size=launch.world_size, check_files=verb.data_shards)
+        load_template(cfg.deepspeed.config)
+        record_window_size(cfg)
+        resume = resolve_resume(args.resume, cfg.checkpoint.dir, launch.world_size, say=say)
+        if resume is not None:
+            check_compatible(resume.meta, cfg, resume.tag_dir, say=say, task=verb.name)
+        task = verb.make_task(cfg)
+        task.check()  # the task's own refusals (its data, its weights), still before any process group
+        try:
+            return Trainer(cfg, task, resume=resume, force_unlock=args.force_unlock).run()
+        except RuntimeError as e:
+            if not peer_lost(e):
+                raise
+            # The rank that died printed (or could not print) its own reason; the survivors
+            # say one line, not a traceback per rank. Rank 0 speaks unless it is the dead one.
+            if rank0:
+                print(f"gigamim {verb.name}: another rank exited ({str(e).splitlines()[0][:200]}); "
+                      "stopping. Resume with --resume auto", file=sys.stderr, flush=True)
+            return EXIT_PEER_LOST
+    except (ConfigError, CheckpointError, FinetuneError) as e:
+        if rank0:
+            kind = "config" if isinstance(e, ConfigError) else "checkpoint" if isinstance(e, CheckpointError) else "input"
+            print(f"gigamim {verb.name}: {kind} error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except ValueError as e:
+        if not str(e).startswith("data:"):
+            raise
+        # Bad data (a sample without a label, a label >= num_classes) is met by the rank
+        # reading it: that rank says so.
+        where = f" (rank {launch.rank})" if launch.world_size > 1 else ""
+        print(f"gigamim {verb.name}: error{where}: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
