@@ -198,9 +198,11 @@ def worker(case: dict, out_file: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from gigamim.runtime.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+    from gigamim.runtime.dist import init_distributed
+    from gigamim.train.engines.deepspeed import init_comm  # DeepSpeed's comm layer; unlinks its CPU shm buffers
 
     init_distributed("gloo")
+    init_comm()
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {"case": case, "world": world}
     if not case.get("inputs"):

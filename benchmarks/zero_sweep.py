@@ -215,14 +215,15 @@ def _zero_worker(argv) -> int:
     import deepspeed
 
     from gigamim.models import SimMIM, create_model
-    from gigamim.train.compile import compile_blocks, mark_z3_leaf_blocks
-    from gigamim.train.deepspeed_init import load_template
+    from gigamim.train.engines.deepspeed import compile_blocks, load_template, mark_z3_leaf_blocks
 
     from .train_step import Case, synthetic_batches
 
-    from gigamim.runtime.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+    from gigamim.runtime.dist import init_distributed
+    from gigamim.train.engines.deepspeed import init_comm  # DeepSpeed's comm layer; unlinks its CPU shm buffers
 
     init_distributed("nccl" if on_gpu else "gloo")
+    init_comm()
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     names = a.variants.split(",")
@@ -256,7 +257,7 @@ def _zero_worker(argv) -> int:
         if comp == "engine":
             engine.compile()
         elif comp:
-            compile_blocks(engine, zero_stage=stage)
+            compile_blocks(engine.module, stage)
         engines[name] = engine
         t_build[name] = _time.perf_counter() - t0
 

@@ -2,7 +2,7 @@
 
 Precedence is CLI (`--set`) > YAML file > dataclass defaults. The resolved config is the
 single source of truth for a run: the trainer writes batch sizes, precision, clipping and
-optimizer settings from it into the DeepSpeed config (see `train/deepspeed_init.py`), so they
+optimizer settings from it into the DeepSpeed config (see `train/engines/deepspeed.py`), so they
 are never set in two places.
 
 Errors are `ConfigError`s with one clear line (unknown key with the closest valid one,
@@ -72,6 +72,7 @@ class TrainConfig:
     max_steps: int = 100
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32
+    engine: str = "deepspeed"  # the training engine (train/engines): deepspeed
     grad_clip: float = 5.0  # 0 disables; DeepSpeed's own default (1.0) is never used
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     # End this job after this step, checkpointed (0: run to max_steps). For scheduler time

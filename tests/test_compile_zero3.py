@@ -47,13 +47,15 @@ def _worker(out):
     import torch
 
     from gigamim.models import SimMIM, create_model
-    from gigamim.train.compile import compile_blocks, mark_z3_leaf_blocks
+    from gigamim.train.engines.deepspeed import compile_blocks, mark_z3_leaf_blocks
     from tests.helpers.randomize import randomize_weights
 
     torch.set_num_threads(1)
-    from gigamim.runtime.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+    from gigamim.runtime.dist import init_distributed
+    from gigamim.train.engines.deepspeed import init_comm  # DeepSpeed's comm layer; unlinks its CPU shm buffers
 
     init_distributed("gloo")
+    init_comm()
     rank = torch.distributed.get_rank()
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, "overlap_comm": False},
@@ -74,7 +76,7 @@ def _worker(out):
                         p.copy_(weights[n])
         leaf = len(mark_z3_leaf_blocks(model)) if compiled else 0
         eng, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-        n = len(compile_blocks(eng, zero_stage=3)) if compiled else 0
+        n = len(compile_blocks(eng.module, 3)) if compiled else 0
         return eng, leaf, n
 
     def train(eng, steps):

@@ -8,7 +8,7 @@ import math
 import pytest
 
 from gigamim.config import ConfigError, load_config, validate
-from gigamim.train.deepspeed_init import build_ds_config
+from gigamim.train.engines.deepspeed import build_ds_config
 from gigamim.train.optim import lr_at
 from gigamim.train.pretrain import main as pretrain_main
 

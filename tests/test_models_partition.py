@@ -67,9 +67,11 @@ def _worker(mode, out):
     from tests.helpers.randomize import randomize_weights
 
     t0 = time.time()
-    from gigamim.runtime.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+    from gigamim.runtime.dist import init_distributed
+    from gigamim.train.engines.deepspeed import init_comm  # DeepSpeed's comm layer; unlinks its CPU shm buffers
 
     init_distributed("gloo")
+    init_comm()
     rank = torch.distributed.get_rank()
     result = {}
 

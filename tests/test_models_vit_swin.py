@@ -182,9 +182,11 @@ def _worker(mode, out):
 
     from gigamim.models.param_groups import param_groups
 
-    from gigamim.runtime.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+    from gigamim.runtime.dist import init_distributed
+    from gigamim.train.engines.deepspeed import init_comm  # DeepSpeed's comm layer; unlinks its CPU shm buffers
 
     init_distributed("gloo")
+    init_comm()
     rank = torch.distributed.get_rank()
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": 3}, "bf16": {"enabled": False}, "gradient_clipping": 0.0}

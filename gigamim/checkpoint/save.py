@@ -1,8 +1,9 @@
-"""Crash-safe save of a ZeRO checkpoint, and pruning to the last K.
+"""Crash-safe save of a training engine's checkpoint tag, and pruning to the last K.
 
-DeepSpeed's own `save_checkpoint` writes `latest` on rank 0 without waiting for the other
-ranks, so a crash mid-save could leave `latest` naming a half-written tag. We save with
-`save_latest=False`, wait for every rank, then write the meta file and `latest` with
+Every rank writes its files of the tag through the engine (`Engine.save`); `latest` is not
+the engine's to write (DeepSpeed's own would name the tag on rank 0 without waiting for the
+other ranks, so a crash mid-save could leave it naming a half-written tag). We wait for
+every rank, then write the meta file and `latest` with
 write-to-temp + rename. A half-written tag is never named by `latest`, is skipped by the
 resolver (`layout.resolve`), and is removed by a later prune.
 """
@@ -53,14 +54,14 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, met
 
     failure = None
     try:
-        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        engine.save(str(root), tag, client_state)
     except Exception as e:
         if peer_lost(e):
             raise
         failure = e
-        # The ranks whose writes succeeded wait in the barrier that ends save_checkpoint: meet them.
+        # The ranks whose writes succeeded wait in the barrier that ends Engine.save: meet them.
         dist.barrier()
-    # save_checkpoint ends with a barrier: every rank's files are on disk from here on.
+    # Engine.save ends with a barrier: every rank's files are on disk from here on.
     # Agree on how it went before the tag is marked complete.
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, _report(failure, root))

@@ -11,11 +11,10 @@ else:
 - a plain `python` process: a group of one on 127.0.0.1, so the trainer keeps one code path.
 
 `detect_launch(env)` is a pure function of the environment (tested without launching
-anything); `init_distributed()` exports the variables `env://` needs and starts the group,
-through `deepspeed.init_distributed` when DeepSpeed is installed (so DeepSpeed's own comm
-layer knows about the group) and plain torch.distributed otherwise.
+anything); `init_distributed()` exports the variables `env://` needs and starts a plain
+torch.distributed group (an engine builds its own communication layer on it).
 
-Torch and DeepSpeed are imported inside the functions, so detection stays cheap. SLURM
+Torch is imported inside the functions, so detection stays cheap. SLURM
 hostlists are expanded by `gigamim.launch.hostlist`.
 """
 
@@ -28,7 +27,6 @@ import re
 import socket
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from gigamim.launch.hostlist import expand_hostlist, slurm_master_port
 from typing import Mapping
@@ -200,24 +198,17 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         device = torch.device("cpu")
 
     if not tdist.is_initialized():
+        # A plain torch process group; an engine that wants its own communication layer on top
+        # (DeepSpeed's) builds it on this group (`train.engines`).
         timeout = datetime.timedelta(seconds=timeout_s)
-        try:
-            import deepspeed
-        except ImportError:
-            deepspeed = None
         for attempt in range(3):
             try:
-                if deepspeed is not None:
-                    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
-                else:
-                    tdist.init_process_group(backend=backend, timeout=timeout, init_method="env://")
+                tdist.init_process_group(backend=backend, timeout=timeout, init_method="env://")
                 break
             except RuntimeError as e:  # torch's DistNetworkError is a RuntimeError
                 if not (own_port and "EADDRINUSE" in str(e)) or attempt == 2:
                     raise
                 os.environ["MASTER_PORT"] = str(free_port())
-        if deepspeed is not None and not use_cuda:
-            _unlink_shm_allreduce_buffer()
 
     _INFO = DistInfo(
         rank=tdist.get_rank(),
@@ -229,27 +220,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         local_world_size=launch.local_world_size,
     )
     return _INFO
-
-
-def _unlink_shm_allreduce_buffer() -> None:
-    """Remove the name of this rank's DeepSpeed CPU shared-memory all-reduce buffer.
-
-    DeepSpeed's CPU comm op creates `/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_
-    <MASTER_PORT>_<rank>` (~66 MiB each) and never unlinks it, so every CPU run leaks one per
-    rank until /dev/shm (RAM) is full: 150 test runs filled 20 GiB here. Every rank maps every
-    other rank's buffer inside `init_distributed`; after a barrier all mappings exist, and an
-    unlinked POSIX shm object stays alive for as long as it is mapped. So each rank unlinks its
-    own name: the memory goes when the last process exits, even after a crash or kill -9."""
-    import torch.distributed as tdist
-
-    path = Path("/dev/shm") / "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), tdist.get_rank())
-    if tdist.get_world_size() > 1:
-        tdist.barrier()  # on every rank (a stale file of an old run must not make it one-sided)
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass  # the op was not built, or the ranks are not all local: nothing was created
 
 
 # The first call's answer: after it, RANK & co. are exported, so re-detecting would call a

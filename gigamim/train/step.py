@@ -1,4 +1,4 @@
-"""One optimizer step: `accumulation` good micro-batches through a DeepSpeed engine.
+"""One optimizer step: `accumulation` good micro-batches through the training engine.
 
 `train_step` is the whole body of the loop (MAE's `train_one_epoch` body, as one function):
 read a micro-batch, forward, agree across ranks that its loss is finite, backward + step.
@@ -6,7 +6,7 @@ It returns a small `StepResult`; the caller logs, pictures and checkpoints.
 
 Synchronisation, and why: each micro-batch needs ONE small all-reduce before its backward,
 [loss not finite, stop requested] with MAX, so that every rank either applies or drops that
-micro-batch (DeepSpeed's backward is collective: a rank that skipped it alone would hang the
+micro-batch (an engine's backward is collective: a rank that skipped it alone would hang the
 others) and all ranks see a stop signal at the same micro-batch. The stop flag rides on the
 same all-reduce, so there is no second collective per step. The loss itself stays on the
 device, summed; it is read back only when a metrics record is written.
@@ -92,7 +92,7 @@ def train_step(engine, batches: Iterator[dict], accumulation: int, loss_of: Call
         valid = batch.get("valid")
         out.trained_keys += [k for i, k in enumerate(batch["key"]) if valid is None or bool(valid[i])]
         engine.backward(loss)
-        out.lr = max(engine.get_lr())  # read before step(): the LR this step applies (layer decay: the top group's)
+        out.lr = max(engine.lrs())  # read before step(): the LR this step applies (layer decay: the top group's)
         engine.step()
         detached = loss.detach().float()
         out.loss_sum = detached if out.loss_sum is None else out.loss_sum + detached

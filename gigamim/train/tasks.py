@@ -7,8 +7,9 @@ deadlines, metrics, progress bar, checkpoints). A task says what differs:
 - `build_model(trainer)`: a function returning the nn.Module, and whether the trainer should
   call it under `zero.Init` for ZeRO-3 (partitioned as it is made) or hand DeepSpeed the
   whole model it returns (fine-tuning under ZeRO-0/1/2, weights already read in);
-- `after_build(model)`: once the model exists, before `deepspeed.initialize`
-  (fine-tuning under ZeRO-3 reads the pretrained weights into the partitioned model here);
+- `after_build(model, engine)`: once the model exists, before the engine's optimizer copies
+  its parameters (fine-tuning under ZeRO-3 reads the pretrained weights into the partitioned
+  model here, through `engine.gathered`);
 - `on_engine(trainer)`: once the engine exists, before a resume loads into it (the EMA copy);
 - `param_groups(model)`, `make_loader(trainer, model)`, `flops(model)`;
 - `loss(engine, batch, trainer)`: one micro-batch's loss;
@@ -44,7 +45,7 @@ class Task:
     def check(self) -> None:
         """Refuse what this task cannot train (its data, its weights), before any process group."""
 
-    def after_build(self, model) -> None:
+    def after_build(self, model, engine) -> None:
         pass
 
     def on_engine(self, trainer) -> None:
@@ -81,7 +82,7 @@ class Task:
         import torch
 
         from gigamim.data.transforms import normalize_on_device
-        from gigamim.train.deepspeed_init import PRECISION_DTYPES
+        from gigamim.train.precision import PRECISION_DTYPES
 
         return normalize_on_device(batch["image"], trainer.device, getattr(torch, PRECISION_DTYPES[trainer.precision]))
 
@@ -208,13 +209,13 @@ class FinetuneTask(Task):
 
         import torch
 
-        from gigamim.train.deepspeed_init import load_template, zero_stage
         from gigamim.train.classifier import build_classifier
+        from gigamim.train.engines import partitions_at_build
 
-        self.zero3 = zero_stage(load_template(self.cfg.deepspeed.config)) == 3
+        self.zero3 = partitions_at_build(self.cfg)
         if self.ft.ema and self.zero3:
-            raise ConfigError("finetune.ema needs whole parameters on each rank: use a ZeRO stage 0-2 template "
-                              "(deepspeed.config=zero1) with EMA")
+            raise ConfigError("finetune.ema needs whole parameters on each rank, and this engine partitions them: "
+                              "use a ZeRO stage 0-2 template (deepspeed.config=zero1) with EMA")
         torch.manual_seed(self.cfg.train.seed)
         with torch.device("meta") if self.zero3 else contextlib.nullcontext():
             model, self.info = build_classifier(self.cfg, keep_state=self.zero3)
@@ -245,14 +246,13 @@ class FinetuneTask(Task):
         model, self.model = self.model, None  # the engine owns it from here
         return (lambda: model), False
 
-    def after_build(self, model) -> None:
+    def after_build(self, model, engine) -> None:
         """ZeRO-3: read the checked weights into the partitioned model, one parameter at a
-        time (gathered, written by rank 0, partitioned again), before DeepSpeed's optimizer
+        time (gathered, written by rank 0, partitioned again), before the engine's optimizer
         copies the partitions."""
         state = self.info.pop("state", None)
         if not self.loaded_keys:
             return  # not ZeRO-3 (the weights are in already), or random init
-        import deepspeed
         import torch
         import torch.distributed as dist
 
@@ -261,7 +261,7 @@ class FinetuneTask(Task):
             for name, p in model.named_parameters():
                 if name not in self.loaded_keys:  # the same on every rank: the same gathers
                     continue  # the new head keeps its initialisation
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                with engine.gathered([p], modifier_rank=0):
                     if rank == 0:
                         p.data.copy_(state[name].to(p.dtype))
         # Persistent buffers would need every rank's copy; these encoders' index and
@@ -418,7 +418,7 @@ class FinetuneTask(Task):
     def finish(self, trainer, batch) -> None:
         if trainer.state.step == self.cfg.train.max_steps:  # not after train.stop_at_step
             module = self.ema.module if self.ema is not None else trainer.engine.module
-            export_finetuned(module, self.cfg, self.info, trainer.state.step, trainer.rank)
+            export_finetuned(module, self.cfg, self.info, trainer.state.step, trainer.rank, trainer.engine.gathered)
 
     def state_dict(self) -> dict:
         return {self.EMA_KEY: self.ema.state_dict()} if self.ema is not None else {}
@@ -446,10 +446,9 @@ class FinetuneTask(Task):
         return {**super().meta(), "num_classes": self.ft.num_classes}
 
 
-def export_finetuned(module, cfg: Config, info: dict, step: int, rank: int) -> None:
+def export_finetuned(module, cfg: Config, info: dict, step: int, rank: int, gathered) -> None:
     """Rank 0 writes encoder + head as timm-keyed safetensors, with the timm class arguments
-    in the metadata (collective: the parameters are gathered under ZeRO-3)."""
-    import deepspeed
+    in the metadata (collective: `gathered`, the engine's, makes partitioned parameters whole)."""
     import torch
 
     from gigamim import __version__
@@ -457,7 +456,7 @@ def export_finetuned(module, cfg: Config, info: dict, step: int, rank: int) -> N
     from gigamim.models.timm_compat import read_arch, timm_kwargs
 
     ft = cfg.finetune
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+    with gathered(module.parameters()):
         # straight to host memory (a GPU copy of SwinV2-G in fp32 would be 12 GB more on rank 0)
         sd = ({k: v.detach().to("cpu", torch.float32, copy=True) for k, v in module.state_dict().items()}
               if rank == 0 else None)

@@ -1,7 +1,8 @@
 """A training run (SimMIM pretraining or fine-tuning): set-up, then a loop that reads top to bottom.
 
-`Trainer.setup()` joins the process group, builds the task's model (SimMIM is partitioned
-under `zero.Init` for ZeRO-3) and the DeepSpeed engine, the loader and the `TrainState`, and
+`Trainer.setup()` joins the process group, builds the configured engine (`train/engines`:
+DeepSpeed by default) with the task's model (partitioned as it is made where the engine
+partitions: ZeRO-3), the loader and the `TrainState`, and
 loads the resume point that `train/verb.py` resolved. `Trainer.fit()` is the loop: one
 `step.train_step` per optimizer step, then the task's after-step (evaluation, pictures),
 log / checkpoint / stop. What is trained is the task's business (`train/tasks.py`).
@@ -14,7 +15,6 @@ A checkpoint is never written from non-finite weights.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -51,13 +51,9 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
 
     def setup(self) -> None:
-        import torch
-
-        if not torch.cuda.is_available():
-            # DeepSpeed picks its accelerator at import; CPU ranks need it told.
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from gigamim.runtime.dist import init_distributed
-        from gigamim.train.deepspeed_init import build_engine, resolve_precision
+        from gigamim.train.engines import create_engine
+        from gigamim.train.precision import resolve_precision
         from gigamim.train.state import TrainState, seed_everything
         from gigamim.train.step import NonFiniteGuard
 
@@ -67,15 +63,16 @@ class Trainer:
         self.rank, self.world, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self._take_run_lock()
         self.accum = gradient_accumulation_steps(cfg, self.world)
-        self.precision = resolve_precision(cfg, self.device.type == "cuda")
+        self.precision = resolve_precision(cfg.train.precision, self.device.type == "cuda")
 
         # Same seed on every rank for the weights; the training RNG (drop path) differs per rank.
         seed_everything(cfg.train.seed)
+        self.engine = create_engine(cfg, self.dist, self.precision)
         build_model, partition_at_build = self.task.build_model(self)
-        self.engine, self.scheduler, model, self.zero_stage = build_engine(
-            cfg, build_model, self.world, self.device.type == "cuda",
-            load_universal=bool(self.resume and self.resume.universal), groups=self.task.param_groups,
-            partition_at_build=partition_at_build, after_build=self.task.after_build)
+        model = self.engine.build(
+            build_model, self.task.param_groups, partition_at_build=partition_at_build,
+            after_build=lambda m: self.task.after_build(m, self.engine),
+            load_universal=bool(self.resume and self.resume.universal))
         self.task.on_engine(self)
         # MFU counts model FLOPs (3x forward); HFU adds what checkpointing / sequential chunks recompute.
         self.model_flops, self.hardware_flops = self.task.flops(model)
@@ -86,7 +83,7 @@ class Trainer:
         self.say(f"gigamim: peak for MFU: {self.peak_tflops:.3g} TFLOP/s ({peak_source})")
         seed_everything(cfg.train.seed + 1000 * (self.rank + 1))
 
-        self.num_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+        self.num_params = self.engine.num_parameters()
         self.loader = self.task.make_loader(self, model)
         self.state = TrainState(self.loader, rank=self.rank, world_size=self.world)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
@@ -101,10 +98,7 @@ class Trainer:
         from gigamim.train.state import CLIENT_KEY
 
         self._agree_on_resume_tag()
-        path, client = self.engine.load_checkpoint(str(self.resume.root), tag=self.resume.tag)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.resume.tag_dir}")
-        client = client or {}
+        client = self.engine.load(str(self.resume.root), self.resume.tag)
         self.task.load_state_dict(client)  # first: it may refuse the tag
         self.state.load_state_dict(client.get(CLIENT_KEY, {}))
         self.guard.total = self.state.nonfinite_total
@@ -113,9 +107,10 @@ class Trainer:
         # optim.lr or global batch follows the new schedule from this step on, each group
         # with its layer-decay scale, computed as LambdaLR does (base x factor) so that a
         # resumed step applies the very same float as the uninterrupted run.
-        peak, groups = peak_lr(self.cfg), self.scheduler.optimizer.param_groups
-        self.scheduler.base_lrs = [peak * g.get("lr_scale", 1.0) for g in groups]
-        for base, group in zip(self.scheduler.base_lrs, groups):
+        scheduler = self.engine.scheduler
+        peak, groups = peak_lr(self.cfg), scheduler.optimizer.param_groups
+        scheduler.base_lrs = [peak * g.get("lr_scale", 1.0) for g in groups]
+        for base, group in zip(scheduler.base_lrs, groups):
             group["lr"] = base * (lr_at(self.state.step, self.cfg) / peak)
         self.say(f"gigamim: resumed from {self.resume.tag_dir} at step {self.state.step}")
         change = lr_schedule_change(self.resume.meta.get("lr_schedule"), self.cfg, self.state.step)
@@ -240,12 +235,12 @@ class Trainer:
 
         counters = [None] * self.world
         dist.all_gather_object(counters, data_counters(self.loader))
-        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = self.engine.grad_norm()
         record = meter.record(
             self.state.step, global_batch=self.cfg.train.global_batch_size, world_size=self.world,
             model_flops=self.model_flops, hardware_flops=self.hardware_flops,
             peak_tflops=self.peak_tflops, sum_over_ranks=self._sum_over_ranks,
-            grad_norm=float(grad_norm) if grad_norm is not None else None,
+            grad_norm=grad_norm,
             peak_mem_gb=peak_memory_gb(self.device), nonfinite_skipped=self.state.nonfinite_total,
             epoch=self.loader.epoch, **merge_counters(counters), **extra,
         )
@@ -265,7 +260,7 @@ class Trainer:
 
         meta = {"step": step, "model": self.cfg.model.name, "img_size": self.cfg.model.img_size,
                 "window_size": self.cfg.model.window_size,
-                "world_size": self.world, "zero_stage": self.zero_stage, "precision": self.precision,
+                "world_size": self.world, **self.engine.describe(), "precision": self.precision,
                 "lr_schedule": lr_schedule_record(self.cfg), "version": __version__, **self.task.meta()}
         client = {CLIENT_KEY: self.state.state_dict(), **self.task.state_dict()}
         tag_dir = save(self.engine, self.cfg.checkpoint.dir, step, client, meta,
@@ -274,21 +269,10 @@ class Trainer:
         self.say(f"gigamim: saved checkpoint {tag_dir}")
 
     def _weights_finite(self) -> bool:
-        """Each rank checks its own partition (ZeRO-3: `ds_tensor`, valid elements only: the
-        tail of a partition is alignment padding that DeepSpeed allocates uninitialised)."""
+        """Each rank checks its own part of the weights (the engine's valid local elements)."""
         import torch
 
-        ok = True
-        for p in self.engine.module.parameters():
-            local = getattr(p, "ds_tensor", None)
-            if local is None:
-                local = p.data
-            else:
-                valid = max(0, min(local.numel(), p.ds_numel - local.numel() * self.dist.rank))
-                local = local.view(-1).narrow(0, 0, valid)
-            if local.numel() and not torch.isfinite(local).all():
-                ok = False
-                break
+        ok = all(bool(torch.isfinite(t).all()) for t in self.engine.local_shards() if t.numel())
         return self._sum_over_ranks([0.0 if ok else 1.0], op="max")[0] == 0.0
 
 

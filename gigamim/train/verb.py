@@ -67,12 +67,12 @@ def run(verb: Verb, argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.dump(), end="")
             return 0
-        from gigamim.train.deepspeed_init import load_template
+        from gigamim.train.engines import check_engine_config
         from gigamim.train.resume import check_compatible, resolve_resume
         from gigamim.train.trainer import Trainer, record_window_size
 
         validate(cfg, world_size=launch.world_size, check_files=verb.data_shards)
-        load_template(cfg.deepspeed.config)
+        check_engine_config(cfg)
         record_window_size(cfg)
         resume = resolve_resume(args.resume, cfg.checkpoint.dir, launch.world_size, say=say)
         if resume is not None:

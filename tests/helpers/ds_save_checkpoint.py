@@ -121,9 +121,11 @@ def main() -> None:
 
     import deepspeed
 
-    from gigamim.runtime.dist import init_distributed  # unlinks DeepSpeed's CPU shm buffers
+    from gigamim.runtime.dist import init_distributed
+    from gigamim.train.engines.deepspeed import init_comm  # DeepSpeed's comm layer; unlinks its CPU shm buffers
 
     init_distributed("gloo")
+    init_comm()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = build_model(args.model, args.img_size, args.window)

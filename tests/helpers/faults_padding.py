@@ -20,7 +20,7 @@ def main(out: str) -> None:
     from gigamim.config import load_config
     from gigamim.runtime.dist import init_distributed
     from gigamim.models.build import build_simmim
-    from gigamim.train.deepspeed_init import build_engine
+    from gigamim.train.engines.deepspeed import DeepSpeedEngine
     from gigamim.train.trainer import Trainer
 
     cfg = load_config("demo", ["model.img_size=64", "model.window_size=4", "train.micro_batch_size=2",
@@ -29,9 +29,9 @@ def main(out: str) -> None:
     import dataclasses
 
     torch.manual_seed(0)
-    engine, _, _, stage = build_engine(cfg, lambda: build_simmim(dataclasses.asdict(cfg.model)), info.world_size,
-                                       False)
-    assert stage == 3
+    engine = DeepSpeedEngine(cfg, info, "fp32")
+    engine.build(lambda: build_simmim(dataclasses.asdict(cfg.model)), lambda m: [{"params": list(m.parameters())}])
+    assert engine.stage == 3
     trainer = Trainer.__new__(Trainer)
     trainer.engine, trainer.dist, trainer.device = engine, info, info.device
 
