@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from gigamim.runtime.dist import detect_launch
-from gigamim.launch.hostlist import expand_hostlist, slurm_master_port
+from gigamim.runtime.hostlist import expand_hostlist, slurm_master_port
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,7 @@ def test_expand_hostlist_rejects_bad_input_naming_it(expr):
 
 
 def test_hostlist_cli():
-    run = lambda *a: subprocess.run([sys.executable, "-m", "gigamim.launch.hostlist", *a], capture_output=True, text=True)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "gigamim.runtime.hostlist", *a], capture_output=True, text=True)
     assert run("gpu[01-03]").stdout.split() == ["gpu01", "gpu02", "gpu03"]
     assert run("gpu[01-03]", "--first").stdout.strip() == "gpu01"
     assert run("gpu[01-03],x", "--count").stdout.strip() == "4"

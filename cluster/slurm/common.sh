@@ -32,13 +32,13 @@ gigamim_allocation() {
     gigamim_require SLURM_JOB_ID SLURM_NNODES SLURM_JOB_NODELIST
     [[ "$SLURM_NNODES" =~ ^[0-9]+$ ]] || gigamim_die "SLURM_NNODES='$SLURM_NNODES' is not a number"
     local listing
-    listing="$("${GIGAMIM_PYTHON:-python}" -m gigamim.launch.hostlist "$SLURM_JOB_NODELIST")" ||
+    listing="$("${GIGAMIM_PYTHON:-python}" -m gigamim.runtime.hostlist "$SLURM_JOB_NODELIST")" ||
         gigamim_die "cannot expand SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST'"
     mapfile -t GIGAMIM_HOSTS <<<"$listing"
     ((${#GIGAMIM_HOSTS[@]} == SLURM_NNODES)) ||
         gigamim_die "SLURM_JOB_NODELIST='$SLURM_JOB_NODELIST' names ${#GIGAMIM_HOSTS[@]} hosts but SLURM_NNODES=$SLURM_NNODES"
     GIGAMIM_MASTER="${MASTER_ADDR:-${GIGAMIM_HOSTS[0]}}"
-    # Same rule as gigamim.launch.hostlist.slurm_master_port: unique per job, stable across requeues.
+    # Same rule as gigamim.runtime.hostlist.slurm_master_port: unique per job, stable across requeues.
     GIGAMIM_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
     GIGAMIM_GPN="$(gigamim_gpus_per_node)" || exit 2
 }

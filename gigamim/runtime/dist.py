@@ -15,7 +15,7 @@ anything); `init_distributed()` exports the variables `env://` needs and starts 
 torch.distributed group (an engine builds its own communication layer on it).
 
 Torch is imported inside the functions, so detection stays cheap. SLURM
-hostlists are expanded by `gigamim.launch.hostlist`.
+hostlists are expanded by `gigamim.runtime.hostlist`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import socket
 import sys
 from dataclasses import asdict, dataclass
 
-from gigamim.launch.hostlist import expand_hostlist, slurm_master_port
+from gigamim.runtime.hostlist import expand_hostlist, slurm_master_port
 from typing import Mapping
 
 DEFAULT_TIMEOUT_S = 1800  # ZeRO-3 resumes and first-step JIT builds can exceed torch's 10 min default

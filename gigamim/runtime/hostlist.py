@@ -1,6 +1,6 @@
 """SLURM hostlists and rendezvous ports, without SLURM installed.
 
-`python -m gigamim.launch.hostlist 'gpu[01-04]'` prints one host per line (`--first`: the
+`python -m gigamim.runtime.hostlist 'gpu[01-04]'` prints one host per line (`--first`: the
 master, `--count`: how many). The SLURM recipes call it in batch scripts on every node, so
 this module imports nothing heavy (no torch).
 """
@@ -88,7 +88,7 @@ def slurm_master_port(job_id: str | int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gigamim.launch.hostlist",
+    parser = argparse.ArgumentParser(prog="python -m gigamim.runtime.hostlist",
                                      description="Expand a SLURM hostlist, one host per line.")
     parser.add_argument("expr", help="e.g. 'gpu[01-03,07]'")
     parser.add_argument("--first", action="store_true", help="print only the first host (the master)")
