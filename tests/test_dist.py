@@ -114,8 +114,9 @@ destroy_distributed()
 
 def test_cpu_ranks_leave_no_shared_memory_behind(tmp_path):
     """DeepSpeed's CPU comm op (used when its launcher sets LOCAL_SIZE) leaves one ~66 MiB
-    /dev/shm buffer per rank and never unlinks it; gigamim's init removes the names once every
-    rank has mapped them. Checked on the file system (the reference: what /dev/shm holds)
+    /dev/shm buffer per rank and never unlinks it; the DeepSpeed engine's comm set-up
+    (`init_comm`, on the runtime's process group) removes the names once every rank has
+    mapped them. Checked on the file system (the reference: what /dev/shm holds)
     under the real deepspeed launcher, with an all-reduce after the unlink to show the group
     still works."""
     import json
@@ -132,7 +133,9 @@ def test_cpu_ranks_leave_no_shared_memory_behind(tmp_path):
     script.write_text(
         "import json, os, sys, torch, torch.distributed as dist\n"
         "from gigamim.runtime.dist import init_distributed\n"
+        "from gigamim.train.engines.deepspeed import init_comm\n"
         "d = init_distributed()\n"
+        "init_comm()\n"
         "t = torch.ones(3) * (d.rank + 1)\n"
         "dist.all_reduce(t)\n"
         "dist.barrier()\n"

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from gigamim.config import load_config
 from gigamim.models import SimMIM, create_model
-from gigamim.train import finetune
+from gigamim.train import classifier, finetune
 from tests.launch import free_port, run, tail
 
 
@@ -122,7 +122,7 @@ def test_resume_is_exact_and_export_loads_into_timm_with_head(shards, tmp_path):
 def test_pretrained_window_becomes_pretrained_window_sizes(tmp_path):
     cfg = load_config(None, ["model.name=swinv2_nano", "model.img_size=64", "model.window_size=8",
                              f"finetune.weights={_pretrained(tmp_path)}", "finetune.num_classes=10"])
-    model, info = finetune.build_classifier(cfg)
+    model, info = classifier.build_classifier(cfg)
     assert info["kwargs"]["pretrained_window_sizes"] == 4 and info["kwargs"]["window_size"] == 8
     attn = model.layers[0].blocks[0].attn
     assert tuple(attn.pretrained_window_size) == (4, 4) and model.head.fc.out_features == 10
@@ -164,7 +164,7 @@ def test_packaged_recipes_load_and_build(name, model, ld, window):
     assert cfg.optim.lr * cfg.train.global_batch_size / 512 == pytest.approx(5e-3) and cfg.train.grad_clip == 5.0
     assert cfg.optim.weight_decay == 0.05 and cfg.optim.warmup_steps * 5 == cfg.train.max_steps
     with torch.device("meta"):
-        m, _ = finetune.build_classifier(cfg)
+        m, _ = classifier.build_classifier(cfg)
     assert m.num_classes == 1000
 
 

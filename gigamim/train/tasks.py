@@ -9,7 +9,7 @@ deadlines, metrics, progress bar, checkpoints). A task says what differs:
   whole model it returns (fine-tuning under ZeRO-0/1/2, weights already read in);
 - `after_build(model, engine)`: once the model exists, before the engine's optimizer copies
   its parameters (fine-tuning under ZeRO-3 reads the pretrained weights into the partitioned
-  model here, through `engine.gathered`);
+  model here, through `engine.load_weights`);
 - `on_engine(trainer)`: once the engine exists, before a resume loads into it (the EMA copy);
 - `param_groups(model)`, `make_loader(trainer, model)`, `flops(model)`;
 - `loss(engine, batch, trainer)`: one micro-batch's loss;
@@ -253,19 +253,10 @@ class FinetuneTask(Task):
         state = self.info.pop("state", None)
         if not self.loaded_keys:
             return  # not ZeRO-3 (the weights are in already), or random init
-        import torch
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name not in self.loaded_keys:  # the same on every rank: the same gathers
-                    continue  # the new head keeps its initialisation
-                with engine.gathered([p], modifier_rank=0):
-                    if rank == 0:
-                        p.data.copy_(state[name].to(p.dtype))
-        # Persistent buffers would need every rank's copy; these encoders' index and
-        # coordinate tables are non-persistent (rebuilt from the geometry).
+        # The new head (not in loaded_keys) keeps its initialisation. Persistent buffers would
+        # need every rank's copy; these encoders' index and coordinate tables are
+        # non-persistent (rebuilt from the geometry).
+        engine.load_weights(model, state, self.loaded_keys)
 
     def param_groups(self, model):
         from gigamim.models.param_groups import layer_decay, param_groups
@@ -418,7 +409,8 @@ class FinetuneTask(Task):
     def finish(self, trainer, batch) -> None:
         if trainer.state.step == self.cfg.train.max_steps:  # not after train.stop_at_step
             module = self.ema.module if self.ema is not None else trainer.engine.module
-            export_finetuned(module, self.cfg, self.info, trainer.state.step, trainer.rank, trainer.engine.gathered)
+            export_finetuned(module, self.cfg, self.info, trainer.state.step, trainer.rank,
+                             trainer.engine.full_state_dict)
 
     def state_dict(self) -> dict:
         return {self.EMA_KEY: self.ema.state_dict()} if self.ema is not None else {}
@@ -446,9 +438,10 @@ class FinetuneTask(Task):
         return {**super().meta(), "num_classes": self.ft.num_classes}
 
 
-def export_finetuned(module, cfg: Config, info: dict, step: int, rank: int, gathered) -> None:
+def export_finetuned(module, cfg: Config, info: dict, step: int, rank: int, full_state_dict) -> None:
     """Rank 0 writes encoder + head as timm-keyed safetensors, with the timm class arguments
-    in the metadata (collective: `gathered`, the engine's, makes partitioned parameters whole)."""
+    in the metadata (collective: `full_state_dict`, the engine's, makes partitioned parameters
+    whole on rank 0)."""
     import torch
 
     from gigamim import __version__
@@ -456,10 +449,7 @@ def export_finetuned(module, cfg: Config, info: dict, step: int, rank: int, gath
     from gigamim.models.timm_compat import read_arch, timm_kwargs
 
     ft = cfg.finetune
-    with gathered(module.parameters()):
-        # straight to host memory (a GPU copy of SwinV2-G in fp32 would be 12 GB more on rank 0)
-        sd = ({k: v.detach().to("cpu", torch.float32, copy=True) for k, v in module.state_dict().items()}
-              if rank == 0 else None)
+    sd = full_state_dict(module)
     if rank != 0:
         return
     geometry = {"img_size": cfg.model.img_size, "window_size": cfg.model.window_size}

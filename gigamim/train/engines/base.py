@@ -20,7 +20,6 @@ The life of an engine in a run:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
@@ -39,7 +38,8 @@ class Engine:
     @classmethod
     def partitions_at_build(cls, cfg) -> bool:
         """True when no rank ever holds the whole model: the model is built partitioned (or on
-        the meta device), and whole parameters exist only inside `gathered`."""
+        the meta device), and whole parameters exist only inside the engine (`load_weights`,
+        `full_state_dict`)."""
         return False
 
     # -- after the process group ---------------------------------------------------------------
@@ -85,12 +85,16 @@ class Engine:
 
     # -- parameters ----------------------------------------------------------------------------
 
-    def gathered(self, params: Iterable[nn.Parameter], modifier_rank: Optional[int] = None):
-        """A context in which `params` are whole on every rank; with `modifier_rank`, what that
-        rank writes into them is kept (partitioned again on exit). A no-op for parameters
-        the engine does not partition. Collective. May be used between `__init__` and the end
-        of `build` too (in `after_build`)."""
-        return contextlib.nullcontext()
+    def load_weights(self, model: nn.Module, state: Optional[dict], names: Iterable[str]) -> None:
+        """Collective, in `after_build`: write the whole tensors `state[name]` (read by rank 0;
+        other ranks pass None) into the parameters `names` of the model being built, whatever
+        the partitioning. Every rank passes the same `names`."""
+        raise NotImplementedError
+
+    def full_state_dict(self, module: nn.Module) -> Optional[dict]:
+        """Collective: `module`'s state dict as whole fp32 tensors in host memory on rank 0
+        (None on other ranks); `module` is the engine's model or a plain module (an EMA copy)."""
+        raise NotImplementedError
 
     def num_parameters(self) -> int:
         """Elements of the whole model's parameters (not this rank's part)."""

@@ -245,9 +245,26 @@ class DeepSpeedEngine(Engine):
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else None
 
-    def gathered(self, params, modifier_rank=None):
+    def load_weights(self, model, state, names):
+        """One parameter at a time: gathered, written by rank 0, partitioned again (ZeRO-3;
+        under ZeRO-0/1/2 the gather is a no-op and initialize() broadcasts rank 0's weights)."""
         deepspeed = _import_deepspeed()
-        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank)
+        names = set(names)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name not in names:  # the same on every rank: the same gathers
+                    continue
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    if self.dist.rank == 0:
+                        p.data.copy_(state[name].to(p.dtype))
+
+    def full_state_dict(self, module):
+        deepspeed = _import_deepspeed()
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            # straight to host memory (a GPU copy of SwinV2-G in fp32 would be 12 GB more on rank 0)
+            if self.dist.rank != 0:
+                return None
+            return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in module.state_dict().items()}
 
     def num_parameters(self) -> int:
         return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.module.parameters())
