@@ -43,7 +43,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from .gpu_smoke_steps import STEP_NAMES, Ctx, read_json, run_command, tail_text, write_json_atomic
+from .gpu_smoke_steps import (STEP_NAMES, Ctx, build_jit_op, kill_group, read_json, run_command, start_command,
+                              tail_text, write_json_atomic)
 
 MIN_STEP_S = 10  # a step offered less than this is skipped, not started
 
@@ -177,6 +178,12 @@ def orchestrate(args) -> int:
                "archive": "results.tar.gz: gpu_smoke/<step>.json, <step>.log and each step's extra files",
                "steps": {s.name: {"status": "pending", "what": s.what} for s in steps}}
     _pack(results, out, summary)
+    builder = None
+    if "pretrain" in budget:
+        # nvcc's FusedAdam build (minutes of CPU) runs beside the first steps, which use the GPU.
+        builder = start_command([sys.executable, "-m", "gigamim_benchmarks.gpu_smoke", "--build-jit-op",
+                                 results / "jit_op.json"], open(results / "jit_op_build.log", "w"),
+                                dict(env, MAX_JOBS=str(max(1, (os.cpu_count() or 2) // 2))))
     for i, step in enumerate(steps):
         later = sum(budget[s.name] * scale for s in steps[i + 1:])
         room = deadline - time.time() - later
@@ -199,6 +206,8 @@ def orchestrate(args) -> int:
         summary["elapsed_s"] = round(time.time() - t0, 1)
         _pack(results, out, summary)
         print("\n".join(_summary_line(step.name, entry)), flush=True)
+    if builder is not None and builder.poll() is None:
+        kill_group(builder, grace=2.0)
     summary["elapsed_s"] = round(time.time() - t0, 1)
     _pack(results, out, summary)
     print(compact(summary), flush=True)
@@ -244,7 +253,10 @@ def main(argv=None) -> int:
     p.add_argument("--select-wheels", metavar="DIR", help="print the wheels of DIR this Python lacks, and exit")
     p.add_argument("--step", choices=STEP_NAMES, help=argparse.SUPPRESS)  # one step, in this process
     p.add_argument("--step-deadline", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--build-jit-op", metavar="JSON", help=argparse.SUPPRESS)  # the background build
     args = p.parse_args(argv)
+    if args.build_jit_op:
+        return build_jit_op(args.build_jit_op)
     if args.select_wheels:
         print(" ".join(select_wheels(args.select_wheels)))
         return 0
