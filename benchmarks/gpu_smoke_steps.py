@@ -986,6 +986,7 @@ def step_compile(ctx: Ctx) -> None:
             torch.cuda.empty_cache()
         ctx.save()
 
+
 STEP_FUNCS = {"env": step_env, "attention": step_attention, "kernels": step_kernels, "throughput": step_throughput,
               "pretrain": step_pretrain, "data": step_data, "max_batch": step_max_batch, "compile": step_compile}
 STEP_NAMES = tuple(STEP_FUNCS)
