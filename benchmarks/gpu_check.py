@@ -1,6 +1,6 @@
 """One short GPU run: fused kernels vs a float64 formula on CUDA, then timings.
 
-    python -m gigamim_benchmarks.gpu_check [--out results.json] [--quick]
+    python -m gigamim_benchmarks.gpu_check [--out results.json] [--quick | --tiny] [--device cuda]
 
 Checks forward and every gradient of residual_post_norm (fp32 and bf16 io) and of
 cosine_normalize against float64 references at SwinV2 shapes, then times eager torch vs
@@ -24,6 +24,11 @@ from .kernel_bench import bench_residual_post_norm
 # (rows, width) of SwinV2-B/G stages at 192 px for a micro-batch of 8 / 2.
 CHECK_SHAPES = [(8, 2304, 128), (8, 576, 256), (8, 144, 512), (8, 36, 1024), (2, 576, 1024), (2, 36, 4096), (3, 7, 100)]
 BENCH_SHAPES = [(64, 2304, 128), (64, 144, 512), (32, 576, 1024), (16, 144, 2048), (16, 36, 4096)]
+# --tiny (the CPU dry run of benchmarks/gpu_smoke.py, Triton's interpreter): every code path,
+# seconds on a CPU.
+TINY_CHECK_SHAPES = [(3, 7, 100)]
+TINY_BENCH_SHAPES = [(2, 36, 128)]
+TINY_COSINE_SHAPE = (2, 2, 16, 8)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
@@ -52,10 +57,11 @@ def check_residual_post_norm(shape, dtype, device) -> dict:
             "errs": errs, "ok": all(v <= TOL[dtype] for v in errs.values())}
 
 
-def check_cosine(device) -> dict:
+def check_cosine(device, shape=(64, 8, 144, 32)) -> dict:
     g = torch.Generator(device="cpu").manual_seed(1)
-    q, k = (torch.randn(64, 8, 144, 32, generator=g).to(device) for _ in range(2))
-    ls = torch.tensor([math.log(10.0 * (i + 1)) for i in range(8)]).view(8, 1, 1).to(device)
+    q, k = (torch.randn(*shape, generator=g).to(device) for _ in range(2))
+    heads = shape[1]
+    ls = torch.tensor([math.log(10.0 * (i + 1)) for i in range(heads)]).view(heads, 1, 1).to(device)
     mine, ref = [t.clone().requires_grad_() for t in (q, k, ls)], [t.double().requires_grad_() for t in (q, k, ls)]
     qo, ko = cosine_normalize(*mine)
     scores = qo @ ko.transpose(-2, -1)
@@ -73,6 +79,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="also write all rows to this JSON file")
     ap.add_argument("--quick", action="store_true", help="two bench shapes, shorter timing")
+    ap.add_argument("--tiny", action="store_true", help="two small check shapes, one bench shape (CPU dry runs)")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -81,14 +88,15 @@ def main(argv=None) -> int:
         return 2
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        for shape in CHECK_SHAPES:
+        for shape in TINY_CHECK_SHAPES if args.tiny else CHECK_SHAPES:
             rows.append(check_residual_post_norm(shape, dtype, device))
             print(json.dumps(rows[-1]), flush=True)
-    rows.append(check_cosine(device))
+    rows.append(check_cosine(device, TINY_COSINE_SHAPE) if args.tiny else check_cosine(device))
     print(json.dumps(rows[-1]), flush=True)
-    for shape in BENCH_SHAPES[:2] if args.quick else BENCH_SHAPES:
+    bench = TINY_BENCH_SHAPES if args.tiny else BENCH_SHAPES[:2] if args.quick else BENCH_SHAPES
+    for shape in bench:
         for dtype in (torch.bfloat16, torch.float32):
-            r = bench_residual_post_norm(shape, dtype, device, min_run_time=0.2 if args.quick else 0.5)
+            r = bench_residual_post_norm(shape, dtype, device, min_run_time=0.05 if args.tiny else 0.2 if args.quick else 0.5)
             rows.append({"check": "bench", **r})
             print(json.dumps(rows[-1]), flush=True)
     if args.out:

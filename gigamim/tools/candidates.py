@@ -7,8 +7,8 @@ paper, K=12), plus DeepSpeed's buffers: stage 1/2 the gradient bucket (`reduce_b
 elements, twice with overlap_comm) and the all-gather bucket; stage 3 the parameters kept
 gathered (up to `stage3_max_live_parameters`, measured on CPU: DeepSpeed really keeps that
 many from forward into backward) and the reduce bucket; hpZ its secondary partition
-(2 bytes x P / gpus_per_node); plus activations from `plan.activation_bytes` with SDPA
-('fused') attention.
+(2 bytes x P / gpus_per_node); plus activations from `plan.activation_per_image` with SDPA
+('fused') attention: per image x micro-batch + once per micro-batch.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def enumerate_candidates(name: str, gpus: int, gpus_per_node: int, gpu_mem_gb: f
                          margin: float = 0.1, reserved_gb: float = 2.0, attn_chunk: int = 64,
                          max_micro_batch: int = 1024) -> list:
     """One row per configuration that fits (dicts, JSON-able), fastest first."""
-    from gigamim.tools.plan import activation_bytes, model_state_bytes
+    from gigamim.tools.plan import activation_per_image, model_state_bytes
 
     facts = model_facts(name, img_size, window_size)
     P = facts.params
@@ -55,9 +55,7 @@ def enumerate_candidates(name: str, gpus: int, gpus_per_node: int, gpu_mem_gb: f
         if key not in act_cache:
             kw = dict(window_size=window_size, attn="fused", ckpt_every=ckpt_every, sequential_stages=seq,
                       attn_chunk=attn_chunk)
-            a1 = activation_bytes(name, facts.img_size, batch=1, **kw)["total"]
-            a2 = activation_bytes(name, facts.img_size, batch=2, **kw)["total"]
-            act_cache[key] = (a2 - a1, a1 - (a2 - a1))  # per image, fixed
+            act_cache[key] = activation_per_image(name, facts.img_size, **kw)  # per image, fixed
         return act_cache[key]
 
     rows = []

@@ -16,9 +16,17 @@ the working set (gathered parameters of the layers in flight).
 Activations: the tensors autograd saves for backward, counted op by op for the blocks as
 gigamim implements them (see `block_saved_elements`), plus patch embedding, merges, the
 final norm and the SimMIM decoder + loss. Checkpointed blocks keep only their input; in
-backward one block at a time is recomputed, so the peak adds one block's full set.
-Sequential attention never keeps the (windows, heads, N, N) scores: one chunk at a time.
-`tests/test_plan.py` checks the counts against saved-tensor bytes measured on CPU.
+backward one block at a time is recomputed, so the peak adds one block's full set plus the
+gradients in flight through it (`backward_grad_elements`), and the recompute grows with the
+micro-batch like everything else per image. Sequential attention never keeps the (windows,
+heads, N, N) scores: one chunk at a time; the chunk's working set is a per-micro-batch
+constant once the micro-batch fills a chunk. `gigamim plan` fits micro-batches with
+`activation_per_image` (per image + once per micro-batch, never a difference of two small
+batches, which counted the chunk's growth as per-image memory).
+`tests/test_plan.py` checks the counts against saved-tensor bytes measured on CPU,
+`tests/test_plan_activation.py` the per-image figures against the fake-CUDA forward (bf16) and
+a meta-device forward + backward (`benchmarks/activation_memory.py`, results in
+benchmarks/results/activation_memory_2026-12-04).
 """
 
 from __future__ import annotations
@@ -117,6 +125,19 @@ def block_saved_elements(st: Stage, mlp_ratio: float, attn: str, shifted: bool) 
     return out
 
 
+def backward_grad_elements(st: Stage, mlp_ratio: float) -> int:
+    """Elements (per image) of the gradients alive while one block runs its backward, on top of
+    its own saved set: the block output's gradient (kept for the residual), the MLP output's and
+    the MLP hidden layer's (fc2's input gradient), (2 + mlp_ratio) x T x C. Measured on the meta
+    device (SwinV2-H with checkpointing, 64 images, benchmarks/activation_memory.py): the
+    high-water of the recomputed first block is at its fc2 backward, its whole saved set still
+    alive, with 6.0 x T x C of gradients beside it. Later in the block the attention's dP and
+    dS (or the fused kernels' dense bias gradient) are 2 x T x heads x N = 9 T x C at window 12,
+    head dim 32, but by then the MLP's saved tensors (2 x 4 T x C + 2 T x C) are freed."""
+    t, c = st.side**2, st.dim
+    return int((2 + mlp_ratio) * t * c)
+
+
 def block_constant_elements(st: Stage) -> int:
     """Elements one block saves once per micro-batch, whatever the batch: the CPB MLP's hidden
     layer ((2W-1)^2 x 512) and output, and the gathered (heads, N, N) bias under its sigmoid."""
@@ -137,7 +158,10 @@ def activation_bytes(name: str, img_size: int | None = None, *, window_size=None
                      dtype_bytes: int = 2, attn: str = "explicit", checkpointing: bool = False,
                      attn_chunk: int = 64, ckpt_every: int | None = None, sequential_stages=()) -> dict:
     """Activation memory of one micro-batch: 'saved' (kept from forward to backward) and
-    'transient' (the recompute of one checkpointed block / one attention chunk), bytes.
+    'transient' (on top of it at the backward's high-water: the recompute of one checkpointed
+    block, the gradients in flight through the block being differentiated, one attention chunk),
+    bytes; 'per_image' and 'fixed' (what `gigamim plan` fits micro-batches with: total <= fixed +
+    batch x per_image for every batch, with equality once the batch fills a sequential chunk).
 
     `checkpointing=True` is `ckpt_every=1` (every block); `ckpt_every=k` checkpoints blocks
     0, k, 2k, ... in forward order (the model's `grad_checkpointing=k`). `sequential_stages`
@@ -150,7 +174,8 @@ def activation_bytes(name: str, img_size: int | None = None, *, window_size=None
     # Patch embed: conv input (3HW), norm input + stats, mask-token blend (two T-sized masks).
     t0, c0 = stages[0].side ** 2, stages[0].dim
     fixed = (3 * px + t0 * c0 + 2 * t0) * dtype_bytes + 2 * t0 * stat_bytes
-    blocks = []  # (full saved bytes, input bytes, bytes saved before this block, checkpointed, constant)
+    # (full saved bytes, input bytes, bytes saved before this block, checkpointed, constant, grads in flight)
+    blocks = []
     before = fixed
     k = 0
     for i, st in enumerate(stages):
@@ -168,7 +193,8 @@ def activation_bytes(name: str, img_size: int | None = None, *, window_size=None
             b = (e["tensors"] + e["scores"]) * dtype_bytes + e["stats"] * stat_bytes
             inp = t * st.dim * dtype_bytes
             ck = every > 0 and k % every == 0
-            blocks.append((b, inp, before, ck, block_constant_elements(st) * dtype_bytes))
+            blocks.append((b, inp, before, ck, block_constant_elements(st) * dtype_bytes,
+                           backward_grad_elements(st, mlp) * dtype_bytes))
             before += inp if ck else b
             k += 1
         # huge/giant main-branch norms: input + stats.
@@ -176,25 +202,44 @@ def activation_bytes(name: str, img_size: int | None = None, *, window_size=None
         fixed += extra
         before += extra
     last = stages[-1]
-    # Final norm input + stats; decoder: |x - x_rec| (3HW) and the pixel mask (HW).
-    fixed += last.side**2 * last.dim * dtype_bytes + 2 * last.side**2 * stat_bytes + 4 * px * dtype_bytes
+    # Final norm input + stats, the decoder conv's input (the normed map, permuted); the loss runs
+    # in fp32 whatever the model's dtype (SimMIM.loss): |x - x_rec| (3HW) and the pixel mask (HW).
+    t_last = last.side**2
+    loss_bytes = max(dtype_bytes, 4)
+    fixed += 2 * t_last * last.dim * dtype_bytes + 2 * t_last * stat_bytes + 4 * px * loss_bytes
     per_image_blocks = sum(blk[0] for blk in blocks)
-    saved = fixed + sum(inp if ck else b for b, inp, _, ck, _ in blocks)
-    # Backward recomputes one checkpointed block at a time, last first; by the time block i is
-    # recomputed, what later blocks and the decoder saved is gone, what came before is not.
-    recomputed = [pre + inp + b for b, inp, pre, ck, _ in blocks if ck]
-    transient = max(0, max(recomputed) - saved) if recomputed else 0
-    constant_saved = sum(c for _, _, _, ck, c in blocks if not ck)
-    constant_transient = max((c for _, _, _, ck, c in blocks if ck), default=0)
-    chunk = max((chunk_transient_elements(st, "sequential" if i in tuple(sequential_stages) else attn, batch,
-                                          attn_chunk) for i, st in enumerate(stages)), default=0) * dtype_bytes
+    saved = fixed + sum(inp if ck else b for b, inp, _, ck, _, _ in blocks)
+    # Backward differentiates one block at a time, last first; by then what later blocks and the
+    # decoder saved is gone, what came before is not. A checkpointed block first recomputes its
+    # full set (its input stays too); every block adds the gradients in flight through it.
+    at_block = [pre + (inp if ck else 0) + b + g for b, inp, pre, ck, _, g in blocks]
+    transient = max(0, max(at_block) - saved) if at_block else 0
+    constant_saved = sum(c for _, _, _, ck, c, _ in blocks if not ck)
+    constant_transient = max((c for _, _, _, ck, c, _ in blocks if ck), default=0)
+
+    def chunk_bytes(n_images):
+        return max((chunk_transient_elements(st, "sequential" if i in tuple(sequential_stages) else attn, n_images,
+                                             attn_chunk) for i, st in enumerate(stages)), default=0) * dtype_bytes
+
+    chunk = chunk_bytes(batch)
+    # The chunk's working set stops growing once every stage fills a chunk (attn_chunk images
+    # fill even a one-window stage): a per-micro-batch constant, never per-image memory.
+    chunk_full = chunk_bytes(attn_chunk)
     return {
         "saved": saved * batch + constant_saved,
         "transient": transient * batch + chunk + constant_transient,
         "per_image_saved": saved,
         "per_image_blocks_full": per_image_blocks,
         "total": saved * batch + transient * batch + chunk + constant_saved + constant_transient,
+        "per_image": saved + transient,
+        "fixed": constant_saved + constant_transient + chunk_full,
     }
+
+
+def activation_per_image(name: str, img_size: int | None = None, **kw) -> tuple[float, float]:
+    """(bytes per image, bytes once per micro-batch) of `activation_bytes` (same keywords, no batch)."""
+    a = activation_bytes(name, img_size, batch=1, **kw)
+    return float(a["per_image"]), float(a["fixed"])
 
 
 def model_state_bytes(params: int, gpus: int, stage: int, offload: bool, largest_layer: int = 0,
@@ -262,14 +307,9 @@ def make_plan(name: str, gpus: int, gpu_mem_gb: float, img_size: int | None = No
     act = {}
     for attn in ATTN_MODES:
         for ckpt in (False, True):
-            a1 = activation_bytes(name, size, window_size=window_size, batch=1, attn=attn, checkpointing=ckpt,
-                                  attn_chunk=attn_chunk)
-            a2 = activation_bytes(name, size, window_size=window_size, batch=2, attn=attn, checkpointing=ckpt,
-                                  attn_chunk=attn_chunk)
-            per_image = a2["total"] - a1["total"]
-            act[f"{attn}{'+ckpt' if ckpt else ''}"] = {
-                "per_image_gb": per_image / GiB, "fixed_gb": (a1["total"] - per_image) / GiB,
-            }
+            per_image, fixed = activation_per_image(name, size, window_size=window_size, attn=attn,
+                                                    checkpointing=ckpt, attn_chunk=attn_chunk)
+            act[f"{attn}{'+ckpt' if ckpt else ''}"] = {"per_image_gb": per_image / GiB, "fixed_gb": fixed / GiB}
     rows = []
     for stage in (1, 2, 3):
         for offload in (False, True):
