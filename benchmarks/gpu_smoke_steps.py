@@ -607,7 +607,7 @@ def _deepspeed_config(ctx: Ctx, verb_args: list[str]) -> dict:
     0.19 logs nothing below WARNING, so its optimizer choice is read from its rule: AdamW on CUDA
     without torch_adam and without offload is FusedAdam (the op the build above made)."""
     from gigamim.config import load_config
-    from gigamim.train.deepspeed_init import build_ds_config, offloads_optimizer, zero_stage
+    from gigamim.train.engines.deepspeed import build_ds_config, offloads_optimizer, zero_stage
 
     sets = [verb_args[i + 1] for i, a in enumerate(verb_args) if a == "--set"]
     cfg = load_config(verb_args[verb_args.index("--config") + 1], sets)

@@ -4,7 +4,7 @@ Why per block and not the whole model: under ZeRO-3 DeepSpeed hooks every module
 hooks are ``torch.compiler.disable``d, so a whole-model graph breaks at every module
 boundary. A block is the unit that works everywhere: single process, ZeRO-1/2, and ZeRO-3
 with the block as a z3 leaf module (one hook / one gather per block; see
-``gigamim.train.compile``). It is also where the time goes (attention + MLP + two fused
+``gigamim.train.engines.deepspeed``). It is also where the time goes (attention + MLP + two fused
 res-post-norms per block).
 
 What is compiled is each block's ``forward`` (an instance attribute), not ``_call_impl``:
