@@ -342,14 +342,18 @@ def main(argv=None) -> int:
     if args.batches[0] >= args.batches[1] or args.batches[0] < 1:
         print(f"--batches must be two sizes, smallest first, got {args.batches}", file=sys.stderr)
         return 2
-    from gigamim_benchmarks.common import command_line, machine_info, versions
+    from gigamim_benchmarks.common import machine_info, versions
+
+    command = "python -m gigamim_benchmarks.activation_memory " + " ".join(sys.argv[1:] if argv is None else argv)
 
     from gigamim.tools import plan  # noqa: F401  (the planner as it is now, before minutes of measuring)
 
     rows = []
+    measured_meta = None
     if args.from_json:
-        measured = json.loads(Path(args.from_json).read_text())["rows"]
-        rows = [score(r) for r in measured if r["model"] in [_model_name(m) for m in args.models]
+        src = json.loads(Path(args.from_json).read_text())
+        measured_meta = src["meta"].get("measured", src["meta"])
+        rows = [score(r) for r in src["rows"] if r["model"] in [_model_name(m) for m in args.models]
                 and r["setting"] in args.settings]
     else:
         for m in args.models:
@@ -362,7 +366,9 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": machine_info(), "versions": versions(), "command": command_line(argv)}
+        here = {"machine": machine_info(), "versions": versions(), "command": command}
+        # Re-scored: the measurement's own record stays, the planner's version is this run's.
+        meta = here if measured_meta is None else {"measured": measured_meta, "scored": here}
         (out / "activation_memory.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         (out / "activation_memory.md").write_text(table + "\n")
     return 0

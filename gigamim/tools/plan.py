@@ -55,6 +55,7 @@ class Stage:
     shift: int
     depth: int
     extra_norms: int  # huge/giant main-branch norms in this stage
+    extra_norm_period: int = 0  # ... at the end of every period-th block (the block's own norm3)
 
 
 def geometry(name: str, img_size: int | None = None, window_size=None) -> tuple[dict, list[Stage]]:
@@ -72,7 +73,7 @@ def geometry(name: str, img_size: int | None = None, window_size=None) -> tuple[
     period = cfg.get("extra_norm_period", 0)
     stages = [
         Stage(side, cfg["embed_dim"] * 2**i, heads[i], ws, shift, depths[i],
-              (depths[i] // period) if period else 0)
+              (depths[i] // period) if period else 0, period)
         for i, ((side, ws, shift)) in enumerate(geo)
     ]
     return cfg, stages
@@ -191,16 +192,15 @@ def activation_bytes(name: str, img_size: int | None = None, *, window_size=None
             shifted = j % 2 == 1 and st.shift > 0
             e = block_saved_elements(st, mlp, mode, shifted)
             b = (e["tensors"] + e["scores"]) * dtype_bytes + e["stats"] * stat_bytes
+            if st.extra_norm_period and (j + 1) % st.extra_norm_period == 0:
+                # huge/giant main-branch norm3 (inside the block, so inside its checkpoint): input + stats.
+                b += t * st.dim * dtype_bytes + 2 * t * stat_bytes
             inp = t * st.dim * dtype_bytes
             ck = every > 0 and k % every == 0
             blocks.append((b, inp, before, ck, block_constant_elements(st) * dtype_bytes,
                            backward_grad_elements(st, mlp) * dtype_bytes))
             before += inp if ck else b
             k += 1
-        # huge/giant main-branch norms: input + stats.
-        extra = st.extra_norms * (t * st.dim * dtype_bytes + 2 * t * stat_bytes)
-        fixed += extra
-        before += extra
     last = stages[-1]
     # Final norm input + stats, the decoder conv's input (the normed map, permuted); the loss runs
     # in fp32 whatever the model's dtype (SimMIM.loss): |x - x_rec| (3HW) and the pixel mask (HW).

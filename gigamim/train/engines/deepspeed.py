@@ -150,7 +150,8 @@ def compile_blocks(model: nn.Module, stage: int, mode: Optional[str] = None,
                    classes: Optional[Iterable[type]] = None, **kwargs) -> list:
     """Compile each block's forward in place. ZeRO-3 requires the blocks to be z3 leaf
     modules already (`mark_z3_leaf_blocks`) and rejects CUDA-graph modes: ZeRO-3 swaps
-    parameter storage every step, which a captured graph cannot follow."""
+    parameter storage every step, which a captured graph cannot follow; it also puts torch's
+    own `F.linear` back in place of zero.Init's (`restore_torch_linear`)."""
     from gigamim.models.compile import compile_blocks as compile_model_blocks
     from gigamim.models.compile import find_blocks
 
@@ -165,7 +166,35 @@ def compile_blocks(model: nn.Module, stage: int, mode: Optional[str] = None,
         if missing:
             raise RuntimeError(f"{len(missing)} of {len(blocks)} blocks are not ZeRO-3 leaf modules: call "
                                "mark_z3_leaf_blocks(model) before deepspeed.initialize(...)")
+        restore_torch_linear()
     return compile_model_blocks(model, mode, classes=classes, **kwargs)
+
+
+def restore_torch_linear() -> bool:
+    """Put torch's own ``F.linear`` back if ``deepspeed.zero.Init`` replaced it; True if it did.
+
+    zero.Init (``memory_efficient_linear``, on by default) swaps ``torch.nn.functional.linear``
+    for ``LinearFunctionForZeroStage3``, an autograd.Function whose forward adds the bias in
+    place. torch 2.11's dynamo routes the gradient of such a Function to the wrong output
+    (pytorch/pytorch#180642; fixed for 2.12, and 2.14.1 measured right): every Linear inside a
+    compiled block got a zero gradient, so a compiled ZeRO-3 run on 2.11 trained little more
+    than its decoder and norms, silently (the first loss is right). The wrapper is not needed
+    there: a compiled block is a z3 leaf module, whose hooks gather all its parameters for
+    forward and for backward; the eager modules outside the blocks get theirs from their own
+    ZeRO-3 hooks, as with ``memory_efficient_linear: false``.
+    """
+    import torch.nn.functional as F
+
+    try:
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+    except ImportError:  # another DeepSpeed layout: nothing of its kind to undo
+        return False
+    if F.linear is not zero3_linear_wrap:
+        return False
+    # zero.Init keeps the function it replaced; torch's builtin if that is ever missing.
+    F.linear = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", torch._C._nn.linear)
+    return True
 
 
 class DeepSpeedEngine(Engine):
