@@ -92,8 +92,11 @@ class OpAudit(TorchDispatchMode):
                 handle.remove()
 
     def cpu_ops(self) -> list[str]:
-        """Ops that produced a CPU tensor (other than a 0-d scalar) inside a CUDA forward."""
-        return sorted({f for f, dev, _, shape, _ in self.rows if dev != "cuda" and len(shape) > 0})
+        """Ops that produced a CPU tensor (other than a 0-d scalar or an empty one) inside a
+        CUDA forward. Empty ones hold nothing to copy: torch 2.11's non-reentrant checkpoint
+        makes a (0,) CPU ``dummy`` per call as an autograd anchor (2.14 does not)."""
+        return sorted({f for f, dev, _, shape, _ in self.rows
+                       if dev != "cuda" and len(shape) > 0 and torch.Size(shape).numel() > 0})
 
     def floats(self, dtype: torch.dtype) -> list[tuple[str, tuple]]:
         """(op, shape) of every non-view op's main output in ``dtype``. Later outputs are the
