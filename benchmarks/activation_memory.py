@@ -328,7 +328,8 @@ def markdown(rows: list) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gigamim_benchmarks.activation_memory", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m gigamim_benchmarks.activation_memory",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), help="B L H G (or full names)")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--batches", nargs=2, type=int, default=[64, 128], metavar=("B0", "B1"))
