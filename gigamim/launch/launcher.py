@@ -30,6 +30,7 @@ save takes.
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import shutil
@@ -103,6 +104,11 @@ def _signal_name(code: int) -> str:
 def _make_agent_class():
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
+    # torch 2.11's agent has no shutdown timeout: its `_shutdown(death_sig)` closes the ranks
+    # with the process context's default 30 s, and its __init__ takes no `shutdown_timeout`
+    # (both are there in 2.14). The stop policy needs its own wait on either.
+    base_takes_timeout = "timeout" in inspect.signature(LocalElasticAgent._shutdown).parameters
+
     class GigamimAgent(LocalElasticAgent):
         """torch's local agent with gigamim's stop policy (see the module docstring)."""
 
@@ -132,7 +138,16 @@ def _make_agent_class():
                 _err(f"{self.forwarded}: forwarded once to the ranks; waiting up to {self.stop_timeout_s:.0f} s "
                      f"for their checkpoint")
                 timeout = int(max(1, self.stop_timeout_s))
-            super()._shutdown(death_sig, timeout)
+            self._base_shutdown(death_sig, timeout)
+
+        def _base_shutdown(self, death_sig, timeout):
+            """torch's own shutdown, waiting up to `timeout` s for the ranks on any torch."""
+            if base_takes_timeout:
+                super()._shutdown(death_sig, timeout)
+                return
+            if self._pcontext is not None:
+                self._pcontext.close(death_sig, timeout)  # our wait; a second close finds them gone
+            super()._shutdown(death_sig)  # the rest of torch's shutdown (its watchdog, health server)
 
         def _start_workers(self, worker_group):
             ids = super()._start_workers(worker_group)
@@ -175,7 +190,7 @@ def _make_agent_class():
                     pass
 
         def _stop_workers(self, worker_group):
-            super()._shutdown(signal.SIGKILL, 5)  # after a failure: whatever is left cannot save
+            self._base_shutdown(signal.SIGKILL, 5)  # after a failure: whatever is left cannot save
 
         def _any_alive(self) -> bool:
             handlers = getattr(self._pcontext, "subprocess_handlers", {}) if self._pcontext else {}
@@ -228,8 +243,10 @@ def run_ranks(args) -> int:
                       monitor_interval=0.1, master_addr=master_addr, master_port=master_port)
     log_dir = tempfile.mkdtemp(prefix="gigamim-launch-")  # the agent's per-rank error files
     agent_cls = _make_agent_class()
-    agent = agent_cls(spec=spec, logs_specs=DefaultLogsSpecs(log_dir=log_dir), start_method="spawn",
-                      shutdown_timeout=int(max(1, args.stop_timeout)))
+    # torch 2.14 also takes the stop timeout for its own shutdown calls; 2.11 has no such argument.
+    timeout_kw = ({"shutdown_timeout": int(max(1, args.stop_timeout))}
+                  if "shutdown_timeout" in inspect.signature(agent_cls.__init__).parameters else {})
+    agent = agent_cls(spec=spec, logs_specs=DefaultLogsSpecs(log_dir=log_dir), start_method="spawn", **timeout_kw)
     agent.stop_timeout_s, agent.peer_grace_s = args.stop_timeout, args.peer_grace
     try:
         try:
