@@ -223,3 +223,31 @@ def _step_worker(dist):
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])
+
+
+def test_config_refusals_are_one_line():
+    from gigamim.config import ConfigError, validate
+    from gigamim.train.engines import check_engine_config
+
+    with pytest.raises(ConfigError, match="fsdp.reduce_dtype' must be one of fp32, bf16; got 'fp16'"):
+        validate(_config("fsdp.reduce_dtype=fp16"), world_size=2, check_files=False)
+    with pytest.raises(ConfigError, match="config key 'fsdp.cpu_offload' expects true/false"):
+        _config("fsdp.cpu_offload=maybe")
+    with pytest.raises(ConfigError, match="no fp16 loss scaler: use train.precision=bf16"):
+        check_engine_config(_config("train.precision=fp16"))
+    for name in ("swinv2_nano", "vit_nano_patch16", "swin_nano"):  # each re-initialises after a meta build
+        check_engine_config(_config(f"model.name={name}"))
+
+
+def test_a_module_without_reset_is_named():
+    from gigamim.models.init import meta_init_problem
+
+    class Scale(torch.nn.Module):  # a parameter of its own, no reset_parameters
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.ones(3))
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), Scale())
+    assert meta_init_problem(model) == ("module 1 (Scale) holds gain but has no reset_parameters() to "
+                                        "re-initialise them after a meta-device build")
+    assert meta_init_problem(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.LayerNorm(3))) is None

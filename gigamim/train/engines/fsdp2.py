@@ -40,11 +40,9 @@ from typing import Iterator, Optional
 import torch
 import torch.nn as nn
 
+from gigamim.checkpoint.dcp import ENGINE_STATE_FILE  # rank 0's file beside the DCP files
 from gigamim.config import ConfigError, gradient_accumulation_steps
 from gigamim.train.engines.base import Engine
-
-# rank 0's file in a tag, beside the DCP files: scheduler state + gigamim's client state
-ENGINE_STATE_FILE = "engine_state.pt"
 
 
 def init_seed(seed: int, rank: int) -> int:
