@@ -78,6 +78,37 @@ def test_materialised_sharded_equals_plain_build(built):
         assert r["fsdp_blocks"] == r["blocks"] == 8  # every SwinV2 block its own fully_shard unit
 
 
+TIMM_FAMILIES = {"vit_nano_patch16": dict(img_size=64), "swin_nano": dict(img_size=96, window_size=6)}
+
+
+@pytest.mark.parametrize("name", list(TIMM_FAMILIES))
+def test_vit_and_swin_v1_materialise_like_a_plain_build(built, name):
+    """The timm-based encoders: every block a fully_shard unit; deterministic parameters and
+    the buffers (Swin V1's index tables and shift masks) as a plain build; timm's Linear init
+    (trunc normal .02) on the sharded weights."""
+    from gigamim.models.build import build_simmim
+
+    out, results = built
+    got = torch.load(out / f"{name}.pt")
+    plain = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        plain.append(build_simmim({"name": name, **TIMM_FAMILIES[name]}))
+    ref, other = plain[0].state_dict(), plain[1].state_dict()
+    assert sorted(got["full"]) == sorted(ref)
+    for k, v in ref.items():
+        if torch.equal(v, other[k]):
+            assert torch.equal(got["full"][k], v), k
+        elif k.endswith("weight") and ("attn.qkv" in k or "mlp.fc" in k) and v.numel() >= 4096:
+            assert abs(got["full"][k].std().item() / 0.02 - 1) < 0.05, k
+    ref_buffers = dict(plain[0].named_buffers())
+    assert sorted(got["buffers"]) == sorted(ref_buffers)
+    for k, v in ref_buffers.items():
+        assert torch.equal(got["buffers"][k], v), k
+    depth = sum(1 for k in ref if k.endswith("norm1.weight"))
+    assert all(r[f"{name}_fsdp_blocks"] == depth for r in results)
+
+
 def test_random_parameters_have_the_init_distribution(built):
     """Trunc-normal weights: std within a few % of 0.02; the two ranks' shards of one
     parameter are different draws (a CPU mesh has no DTensor RNG tracker)."""
@@ -127,13 +158,14 @@ def _batches(n, seed=7):
             for _ in range(n)]
 
 
-def _engine(cfg, dist):
+def _engine(cfg, dist, model=None):
     from gigamim.models.build import build_simmim
     from gigamim.models.param_groups import param_groups
     from gigamim.train.engines import create_engine
 
     engine = create_engine(cfg, dist, "fp32")
-    engine.build(lambda: build_simmim(dataclasses.asdict(cfg.model)), lambda m: param_groups(m, cfg.optim.weight_decay))
+    engine.build(lambda: build_simmim(model or dataclasses.asdict(cfg.model)),
+                 lambda m: param_groups(m, cfg.optim.weight_decay))
     return engine
 
 
@@ -159,6 +191,13 @@ def _worker(mode, out):
         if rank == 0:
             torch.save(full, out / "full.pt")
             torch.save({n: b.clone() for n, b in model.named_buffers()}, out / "buffers.pt")
+        for name, kw in TIMM_FAMILIES.items():  # timm's ViT / Swin V1 blocks, their own resets
+            engine = _engine(_config(), dist, {"name": name, **kw})
+            result[f"{name}_fsdp_blocks"] = sum(isinstance(b, FSDPModule) for b in find_blocks(engine.module))
+            full = engine.full_state_dict(engine.module)
+            if rank == 0:
+                torch.save({"full": full, "buffers": {n: b.clone() for n, b in engine.module.named_buffers()}},
+                           out / f"{name}.pt")
     elif mode == "step":
         result = _step_worker(dist)
     (out / f"rank{rank}.json").write_text(json.dumps(result))
