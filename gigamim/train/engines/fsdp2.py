@@ -236,23 +236,50 @@ class FSDP2Engine(Engine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        from torch.distributed.checkpoint.api import CheckpointException
+
         tag_dir = Path(root) / tag
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tag_dir))
+        try:
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tag_dir))
+        except CheckpointException as e:
+            # DCP gathers every rank's write error into a BaseException that `except Exception`
+            # would let through: raise this rank's own (a full disk stays an OSError) instead.
+            raise self._own_failure(e, f"could not write {tag_dir}") from None
         if self.dist.rank == 0:
             tmp = tag_dir / f".{ENGINE_STATE_FILE}.tmp"
             torch.save({"scheduler": self.scheduler.state_dict(), "client": client_state}, tmp)
             tmp.replace(tag_dir / ENGINE_STATE_FILE)
         dist.barrier()
 
+    def _own_failure(self, e, what: str) -> BaseException:
+        """This rank's exception out of DCP's gathered ones, else one naming the rank that failed
+        (its exception as the cause, so that a full disk is still recognised as one)."""
+        failures = {rank: pair[0] for rank, pair in e.failures.items()}
+        if self.dist.rank in failures:
+            return failures[self.dist.rank]
+        rank, exc = next(iter(sorted(failures.items())))
+        err = RuntimeError(f"rank {rank} {what}: {type(exc).__name__}: {exc}".splitlines()[0])
+        err.__cause__ = exc
+        return err
+
     def load(self, root, tag):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        from gigamim.checkpoint.layout import CheckpointError
+
         tag_dir = Path(root) / tag
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(tag_dir))  # resharded to this run's world size
+        try:
+            dcp.load(state, checkpoint_id=str(tag_dir))  # resharded to this run's world size
+        except CheckpointException as e:
+            failure = self._own_failure(e, "")
+            raise CheckpointError(f"cannot load {tag_dir}: {type(failure).__name__}: {failure}".splitlines()[0]
+                                  + " (use an earlier tag, --tag)") from None
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         # Our own file (rank 0 wrote it with torch.save): the client state holds RNG states
         # (numpy arrays, tuples), as DeepSpeed's client state does.
