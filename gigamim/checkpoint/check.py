@@ -35,7 +35,7 @@ class CheckpointInfo:
     optim_files: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)  # gigamim_meta.json, {} when absent
     config_yaml: str | None = None  # gigamim_config.yaml text, None when absent
-    format: str = "deepspeed"  # "deepspeed" (ZeRO partition files) or "dcp" (torch.distributed.checkpoint)
+    format: str = "zero"  # "zero" (ZeRO partition files) or "dcp" (torch.distributed.checkpoint files)
 
 
 def _torch_load(path: str):

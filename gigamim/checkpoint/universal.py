@@ -28,7 +28,7 @@ def to_universal(ckpt_dir: str, tag: str | None = None, out: str | None = None, 
     """Convert a ZeRO checkpoint to DeepSpeed's universal format (loadable on any world
     size with `checkpoint.load_universal`). Returns the universal tag folder."""
     info = open_checkpoint(ckpt_dir, tag)
-    if info.format != "deepspeed":
+    if info.format != "zero":
         raise CheckpointError(f"{info.tag_dir} is a torch.distributed.checkpoint tag: it resumes on any world size "
                               "as it is (--resume it directly); --universal converts DeepSpeed tags only")
     from deepspeed.checkpoint import ds_to_universal
