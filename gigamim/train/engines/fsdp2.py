@@ -33,6 +33,7 @@ world size (`describe()` says `reshardable`).
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -247,8 +248,12 @@ class FSDP2Engine(Engine):
             # would let through: raise this rank's own (a full disk stays an OSError) instead.
             raise self._own_failure(e, f"could not write {tag_dir}") from None
         if self.dist.rank == 0:
+            # On disk (fsync, as DCP syncs its own files) before the caller writes meta + `latest`.
             tmp = tag_dir / f".{ENGINE_STATE_FILE}.tmp"
-            torch.save({"scheduler": self.scheduler.state_dict(), "client": client_state}, tmp)
+            with open(tmp, "wb") as f:
+                torch.save({"scheduler": self.scheduler.state_dict(), "client": client_state}, f)
+                f.flush()
+                os.fsync(f.fileno())
             tmp.replace(tag_dir / ENGINE_STATE_FILE)
         dist.barrier()
 
