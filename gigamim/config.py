@@ -72,7 +72,7 @@ class TrainConfig:
     max_steps: int = 100
     seed: int = 0
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32
-    engine: str = "deepspeed"  # the training engine (train/engines): deepspeed
+    engine: str = "deepspeed"  # the training engine (train/engines): deepspeed (ZeRO, `deepspeed:`) or fsdp2 (`fsdp:`)
     grad_clip: float = 5.0  # 0 disables; DeepSpeed's own default (1.0) is never used
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     # End this job after this step, checkpointed (0: run to max_steps). For scheduler time
@@ -121,6 +121,15 @@ class DeepSpeedSection:
 
 
 @dataclass
+class FsdpSection:
+    """train.engine=fsdp2 only: PyTorch FSDP2, each block its own `fully_shard` unit."""
+
+    reshard_after_forward: bool = True  # free gathered parameters after each block's forward (ZeRO-3-like)
+    cpu_offload: bool = False  # sharded parameters, gradients and optimizer states in host memory (GPU runs)
+    reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype: fp32 (default, also under bf16) or bf16
+
+
+@dataclass
 class FinetuneConfig:
     """`gigamim finetune` only (classification fine-tuning); pretraining ignores it."""
 
@@ -150,6 +159,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    fsdp: FsdpSection = field(default_factory=FsdpSection)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -306,6 +316,7 @@ _CHOICES = {
     "data.mode": ("epoch", "resampled"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "optim.lr_scaling": ("linear", "none"),
+    "fsdp.reduce_dtype": ("fp32", "bf16"),
 }
 
 

@@ -165,12 +165,13 @@ def test_second_run_on_the_same_folder_is_refused_naming_the_first(tmp_path, sha
 
 
 @pytest.mark.slow
-def test_disk_full_before_the_second_save_keeps_the_first(tmp_path, shards):
-    """A nano tag on 2 ranks is ~37 MB: a 56 MB disk holds one. The second save is refused
-    before writing (previous tag's size > free), one line, exit 2; step 2 stays loadable."""
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
+def test_disk_full_before_the_second_save_keeps_the_first(tmp_path, shards, engine):
+    """A nano tag on 2 ranks is ~37 MB (either engine): a 56 MB disk holds one. The second save
+    is refused before writing (previous tag's size > free), one line, exit 2; step 2 stays loadable."""
     with small_tmpfs(tmp_path / "disk", 56 << 20) as disk:
         done = run(launch_cmd(2, *pretrain_args(tmp_path, shards, 6, f"checkpoint.dir={disk}/ck",
-                                                "checkpoint.every_steps=2")))
+                                                "checkpoint.every_steps=2", f"train.engine={engine}")))
         assert done.returncode == 2, done.stderr[-3000:]
         line = _one_line_error(done, f"no space left on {disk}/ck: need ~", " GB, have ")
         assert complete_tags(disk / "ck") == ["step_00000002"] and read_latest(disk / "ck") == "step_00000002"
@@ -185,11 +186,14 @@ def test_disk_full_before_the_second_save_keeps_the_first(tmp_path, shards):
 
 
 @pytest.mark.slow
-def test_disk_full_during_the_first_save_one_line(tmp_path, shards):
-    """A 20 MB disk cannot hold one tag: torch.save fails mid-write on some rank; every rank
-    stops with one line, the half-written tag is removed, no `latest` names anything."""
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
+def test_disk_full_during_the_first_save_one_line(tmp_path, shards, engine):
+    """A 20 MB disk cannot hold one tag: the engine's write (torch.save, DCP's) fails mid-way
+    on some rank; every rank stops with one line, the half-written tag is removed, no
+    `latest` names anything."""
     with small_tmpfs(tmp_path / "disk", 20 << 20) as disk:
-        done = run(launch_cmd(2, *pretrain_args(tmp_path, shards, 3, f"checkpoint.dir={disk}/ck")))
+        done = run(launch_cmd(2, *pretrain_args(tmp_path, shards, 3, f"checkpoint.dir={disk}/ck",
+                                                f"train.engine={engine}")))
         assert done.returncode == 2, done.stderr[-3000:]
         _one_line_error(done, f"no space left on {disk}/ck")
         assert complete_tags(disk / "ck") == [] and read_latest(disk / "ck") is None

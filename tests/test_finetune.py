@@ -330,3 +330,35 @@ def test_zero3_swin_v1_at_a_new_window_reads_the_resized_tables(shards, tmp_path
     want = resize_rel_pos_bias_table(old, new_window_size=(4, 4), new_bias_shape=(49, old.shape[1]),
                                      old_window_size=(2, 2))
     torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp2_reads_the_weights_into_the_sharded_model(shards, tmp_path):
+    """train.engine=fsdp2 on 2 ranks: the classifier is built on the meta device and sharded,
+    the checked weights reach every rank's shards from rank 0 (`Engine.load_weights`), and the
+    export gathers them back (`Engine.full_state_dict`): after one step of LR 1e-12 the exported
+    encoder is the pretrained file's (written here by safetensors, the reference)."""
+    from safetensors.torch import load_file
+
+    from tests.helpers.faults import launch_cmd
+    from tests.helpers.randomize import randomize_weights
+
+    kw = dict(img_size=32, window_size=4)
+    path = tmp_path / "distinct.safetensors"
+    save_file(randomize_weights(SimMIM(create_model("swinv2_nano", **kw)), seed=7).state_dict(), str(path),
+              metadata={"gigamim_config": yaml.safe_dump({"model": {"name": "swinv2_nano", **kw}}),
+                        "format": "simmim"})
+    pretrained = {k[len("encoder."):]: v for k, v in load_file(str(path)).items()
+                  if k.startswith("encoder.") and k != "encoder.mask_token"}
+    items = [s for s in BASE if not s.startswith("deepspeed.")] + [
+        "train.engine=fsdp2", f"finetune.train_shards={shards['train']}", f"finetune.val_shards={shards['val']}",
+        f"finetune.weights={path}", "data.num_workers=0", "log.progress_bar=false", "train.max_steps=1",
+        "optim.lr=1e-12", "optim.warmup_lr=0", "optim.min_lr=0", "finetune.mixup=0", "finetune.cutmix=0",
+        f"checkpoint.dir={tmp_path}/r/ckpt", f"log.dir={tmp_path}/r/logs"]
+    p = run(launch_cmd(2, "finetune", *[a for s in items for a in ("--set", s)]), timeout=600)
+    assert p.returncode == 0, tail(p.stdout + p.stderr)
+    got = load_file(str(tmp_path / "r" / "ckpt" / "finetuned.safetensors"))
+    assert set(pretrained) <= set(got) and {"head.fc.weight", "head.fc.bias"} <= set(got)
+    for k, v in pretrained.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-8, msg=k)
+    assert _metrics(tmp_path / "r")[-1]["top1"] is not None

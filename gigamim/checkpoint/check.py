@@ -1,10 +1,13 @@
 """Is a checkpoint whole? The completeness check that consolidation, export and resume share.
 
 `check_checkpoint` verifies, BEFORE any weight is read: the tag exists and is complete
-(`layout.resolve`), every rank's model/optimizer partition file that the recorded
-data-parallel world size calls for is present and not truncated (zip directory check), no
-file of another world size is mixed in, and the optimizer partitions agree on stage and
-partition count. Any failure raises `CheckpointError` naming the file and what to do.
+(`layout.resolve`), then by what the folder holds. DeepSpeed's files: every rank's
+model/optimizer partition file that the recorded data-parallel world size calls for is
+present and not truncated (zip directory check), no file of another world size is mixed in,
+and the optimizer partitions agree on stage and partition count. torch.distributed.checkpoint
+files (`checkpoint.dcp`): the `.metadata` index is readable and every data file it names is
+present and long enough, and the engine-state file is whole. Any failure raises
+`CheckpointError` naming the file and what to do.
 
 `resolve_checked` is what `--resume` uses: the resolver's pick, checked; a damaged pick
 falls back to the newest complete tag that passes, with a note saying what was damaged.
@@ -15,11 +18,10 @@ from __future__ import annotations
 import glob
 import os
 import sys
-import zipfile
 from dataclasses import dataclass, field
 
-from gigamim.checkpoint.layout import (CONFIG_FILE, META_FILE, CheckpointError, Resolved, is_tag_dir, is_universal,
-                                       read_meta, resolve)
+from gigamim.checkpoint.layout import (CONFIG_FILE, META_FILE, CheckpointError, Resolved, check_zip, is_tag_dir,
+                                       is_universal, read_meta, resolve)
 
 
 @dataclass
@@ -27,28 +29,13 @@ class CheckpointInfo:
     root: str  # the folder holding `latest` and the tag folders
     tag: str
     tag_dir: str
-    zero_stage: int
+    zero_stage: int | None  # DeepSpeed's ZeRO stage; None for a DCP tag
     world_size: int  # data-parallel ranks that saved it
-    model_files: list[str] = field(default_factory=list)
+    model_files: list[str] = field(default_factory=list)  # DCP: every data file (model and optimizer)
     optim_files: list[str] = field(default_factory=list)
     meta: dict = field(default_factory=dict)  # gigamim_meta.json, {} when absent
     config_yaml: str | None = None  # gigamim_config.yaml text, None when absent
-
-
-def _check_zip(path: str) -> None:
-    """torch checkpoints are zip archives: a truncated one has no central directory, or
-    members that run past the end of the file. Cheap: reads only the directory."""
-    try:
-        size = os.path.getsize(path)
-        with zipfile.ZipFile(path) as z:
-            for info in z.infolist():
-                # local header (30 bytes + name + extra) then the member's data
-                if info.header_offset + 30 + len(info.filename) + info.compress_size > size:
-                    raise zipfile.BadZipFile(f"member {info.filename} runs past the end of the file")
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointError(f"partition file {path} is damaged ({os.path.getsize(path)} bytes; {e}): "
-                              "it was truncated or not fully written. Use an earlier tag (--tag) or "
-                              "re-save the checkpoint.") from None
+    format: str = "zero"  # "zero" (ZeRO partition files) or "dcp" (torch.distributed.checkpoint files)
 
 
 def _torch_load(path: str):
@@ -63,10 +50,39 @@ def _torch_load(path: str):
                               "Use an earlier tag (--tag) or re-save the checkpoint.") from None
 
 
+def _read_config(tag_dir: str) -> str | None:
+    path = os.path.join(tag_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def check_dcp_checkpoint(resolved: Resolved) -> CheckpointInfo:
+    """Completeness check of a torch.distributed.checkpoint tag (`checkpoint.dcp`)."""
+    from gigamim.checkpoint.dcp import check_dcp
+
+    tag_dir = str(resolved.tag_dir)
+    files, ranks = check_dcp(tag_dir)
+    meta = read_meta(tag_dir)
+    world = int(meta.get("world_size", ranks))
+    if ranks > world:
+        raise CheckpointError(f"checkpoint {tag_dir} mixes world sizes: {os.path.join(tag_dir, META_FILE)} says "
+                              f"{world} ranks but {ranks} ranks wrote its data files")
+    return CheckpointInfo(root=str(resolved.root), tag=resolved.tag, tag_dir=tag_dir, zero_stage=None,
+                          world_size=world, model_files=files, meta=meta, config_yaml=_read_config(tag_dir),
+                          format="dcp")
+
+
 def check_checkpoint(ckpt_dir: str | os.PathLike, tag: str | None = None) -> CheckpointInfo:
-    """Completeness check of a ZeRO checkpoint (the tag `layout.resolve` picks); raises
+    """Completeness check of a checkpoint tag (the one `layout.resolve` picks), by what the
+    folder holds: torch.distributed.checkpoint files, else DeepSpeed's ZeRO files; raises
     CheckpointError naming the damaged file, reads no weights."""
+    from gigamim.checkpoint.dcp import is_dcp_tag
+
     resolved = resolve(ckpt_dir, tag)
+    if is_dcp_tag(resolved.tag_dir):
+        return check_dcp_checkpoint(resolved)
     root, tag, tag_dir = str(resolved.root), resolved.tag, str(resolved.tag_dir)
     model_files = sorted(glob.glob(os.path.join(tag_dir, "*_model_states.pt")))
     optim_files = sorted(glob.glob(os.path.join(tag_dir, "*_optim_states.pt")))
@@ -82,7 +98,7 @@ def check_checkpoint(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Che
                    else os.path.join(tag_dir, "mp_rank_00_model_states.pt"))
     if not os.path.isfile(first_model):
         raise CheckpointError(f"checkpoint {tag_dir} is incomplete: {os.path.basename(first_model)} is missing")
-    _check_zip(first_model)
+    check_zip(first_model)
     state = _torch_load(first_model)
     world = state.get("dp_world_size") if isinstance(state, dict) else None
     if not isinstance(world, int) or world < 1:
@@ -118,13 +134,10 @@ def check_checkpoint(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Che
         if "world_size" in meta and int(meta["world_size"]) != world:
             raise CheckpointError(f"world size mismatch: {meta_path} says {meta['world_size']} but "
                                   f"{first_model} records {world}")
-    config_yaml = None
-    if os.path.isfile(os.path.join(tag_dir, CONFIG_FILE)):
-        with open(os.path.join(tag_dir, CONFIG_FILE), encoding="utf-8") as f:
-            config_yaml = f.read()
+    config_yaml = _read_config(tag_dir)
 
     for f in want_model[1:] + want_optim:
-        _check_zip(f)
+        check_zip(f)
     stage = None
     numels = []
     for f in want_optim:
@@ -158,7 +171,7 @@ def check_universal(tag_dir: str | os.PathLike) -> None:
     if not is_universal(tag_dir):
         raise CheckpointError(f"{tag_dir} is not a complete universal checkpoint (no model states or no zero/)")
     for f in sorted(glob.glob(os.path.join(tag_dir, "*_model_states.pt"))):
-        _check_zip(f)
+        check_zip(f)
 
 
 def check_tag(resolved: Resolved) -> CheckpointInfo | None:

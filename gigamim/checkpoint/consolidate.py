@@ -1,4 +1,4 @@
-"""`gigamim consolidate`: DeepSpeed ZeRO 1/2/3 checkpoint -> fp32 safetensors, or -> universal.
+"""`gigamim consolidate`: a training checkpoint -> fp32 safetensors (DeepSpeed ZeRO 1/2/3 -> also universal).
 
     gigamim consolidate CKPT_DIR OUT [--tag TAG] [--max-shard-size 5GB] [--force]
     gigamim consolidate CKPT_DIR --universal [--tag TAG] [OUT]
@@ -7,8 +7,10 @@ CKPT_DIR is a checkpoint folder (holding `latest` and one folder per tag) or a t
 itself. Without --tag the tag is the one `--resume` would pick (`checkpoint.layout.resolve`:
 `latest` if it names a complete tag, else the newest complete tag, said on stderr).
 The checkpoint is checked for completeness before anything is written
-(`checkpoint.check`); the weights stream through `checkpoint.zero_fp32` into
-`checkpoint.safetensors_io`; `--universal` is `checkpoint.universal`.
+(`checkpoint.check`); the weights stream through the reader of the tag's format
+(`checkpoint.weights`: DeepSpeed's ZeRO files or torch.distributed.checkpoint files) into
+`checkpoint.safetensors_io`, with the same keys and metadata for either; `--universal` is
+`checkpoint.universal` (DeepSpeed tags only: a DCP tag loads on any world size as it is).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ import sys
 from gigamim.checkpoint.check import open_checkpoint
 from gigamim.checkpoint.layout import CheckpointError
 from gigamim.checkpoint.universal import to_universal
-from gigamim.checkpoint.zero_fp32 import lazy_fp32_state_dict, metadata_for
+from gigamim.checkpoint.weights import lazy_fp32_state_dict, metadata_for
 
 
 def consolidate(ckpt_dir: str, out: str, tag: str | None = None, max_shard_size: str | int | None = "5GB",
                 overwrite: bool = False, quiet: bool = True) -> list[str]:
-    """Check, then stream the fp32 weights of a ZeRO checkpoint into safetensors at `out`
+    """Check, then stream the fp32 weights of a checkpoint tag into safetensors at `out`
     (a `.safetensors` file or an HF-style folder). Returns the written files."""
     from gigamim.checkpoint import safetensors_io
 
@@ -45,8 +47,9 @@ def consolidate(ckpt_dir: str, out: str, tag: str | None = None, max_shard_size:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gigamim consolidate",
-        description="Consolidate a DeepSpeed ZeRO 1/2/3 checkpoint into fp32 safetensors "
-                    "(or, with --universal, into DeepSpeed's universal format to resume on another world size).")
+        description="Consolidate a training checkpoint (DeepSpeed ZeRO 1/2/3, or torch.distributed.checkpoint "
+                    "from train.engine=fsdp2) into fp32 safetensors (or, with --universal, a DeepSpeed checkpoint "
+                    "into DeepSpeed's universal format to resume on another world size).")
     p.add_argument("ckpt_dir", help="checkpoint folder (holding 'latest' and tag folders) or a tag folder")
     p.add_argument("out", nargs="?", help="output: a .safetensors file, or a folder (model.safetensors, or "
                    "shards + model.safetensors.index.json above --max-shard-size). With --universal: the "

@@ -3,8 +3,8 @@
     gigamim export SRC OUT [--format encoder|timm|simmim] [--tag TAG] [--max-shard-size 5GB] [--force]
 
 SRC is a consolidated safetensors (file, index json or folder, from `gigamim consolidate`)
-or a DeepSpeed checkpoint folder, consolidated on the fly (same checks, same streaming;
-nothing is written besides OUT). Formats:
+or a training checkpoint folder (DeepSpeed or torch.distributed.checkpoint), consolidated on
+the fly (same checks, same streaming; nothing is written besides OUT). Formats:
 
   encoder  the encoder alone for fine-tuning: `encoder.*` without the prefix and without
            `mask_token` (the decoder is dropped).
@@ -60,20 +60,20 @@ def load_export(path: str):
 
 
 def open_source(src: str, tag: str | None = None, quiet: bool = True) -> tuple[dict[str, Any], dict[str, str]]:
-    """Lazy full-model tensors + metadata from a safetensors source or a ZeRO checkpoint folder."""
+    """Lazy full-model tensors + metadata from a safetensors source or a training checkpoint folder."""
     from gigamim.checkpoint.check import open_checkpoint
-    from gigamim.checkpoint.zero_fp32 import lazy_fp32_state_dict, metadata_for
+    from gigamim.checkpoint.weights import lazy_fp32_state_dict, metadata_for
 
     if os.path.isdir(src) and (os.path.isfile(os.path.join(src, LATEST_FILE)) or tag is not None or is_tag_dir(src)
                                or complete_tags(src)):
         info = open_checkpoint(src, tag)  # the same tag `--resume` and `consolidate` pick
         return lazy_fp32_state_dict(info, quiet=quiet), metadata_for(info, "simmim")
     if tag is not None:
-        raise ExportError(f"--tag applies to DeepSpeed checkpoint folders; {src} is not one")
+        raise ExportError(f"--tag applies to training checkpoint folders; {src} is not one")
     try:
         return safetensors_io.open_lazy(src)
     except safetensors_io.SafetensorsError as e:
-        raise ExportError(f"{e} (SRC must be a consolidated safetensors file/folder or a DeepSpeed "
+        raise ExportError(f"{e} (SRC must be a consolidated safetensors file/folder or a training "
                           "checkpoint folder)") from None
 
 

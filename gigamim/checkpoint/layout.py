@@ -3,7 +3,9 @@
 Layout under `checkpoint.dir`:
 
     latest                       names the newest COMPLETE tag (written atomically, last)
-    step_00000100/               DeepSpeed's files for every rank (model, optimizer, ...)
+    step_00000100/               the engine's files for every rank: DeepSpeed's (model, optimizer,
+                                 ...) or torch.distributed.checkpoint's (.metadata, *.distcp,
+                                 + engine_state.pt)
         gigamim_config.yaml      the resolved gigamim config
         gigamim_meta.json        step, model, world size, version; written after every rank
                                  finished, so its presence marks the tag complete
@@ -28,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +96,22 @@ def remove_path(path: str) -> None:
         os.remove(path)
 
 
+def check_zip(path: str) -> None:
+    """torch checkpoints are zip archives: a truncated one has no central directory, or
+    members that run past the end of the file. Cheap: reads only the directory."""
+    try:
+        size = os.path.getsize(path)
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                # local header (30 bytes + name + extra) then the member's data
+                if info.header_offset + 30 + len(info.filename) + info.compress_size > size:
+                    raise zipfile.BadZipFile(f"member {info.filename} runs past the end of the file")
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"partition file {path} is damaged ({os.path.getsize(path)} bytes; {e}): "
+                              "it was truncated or not fully written. Use an earlier tag (--tag) or "
+                              "re-save the checkpoint.") from None
+
+
 # --------------------------------------------------------------------------- what a folder is
 
 
@@ -101,10 +120,19 @@ def has_deepspeed_files(path: str | os.PathLike) -> bool:
     return any(path.glob("*_model_states.pt")) or any(path.glob("*_optim_states.pt"))
 
 
-def is_tag_dir(path: str | os.PathLike) -> bool:
-    """A folder holding one checkpoint (DeepSpeed files or gigamim's meta), not a save root."""
+DCP_METADATA_FILE = ".metadata"  # torch.distributed.checkpoint's index of a save
+
+
+def has_dcp_files(path: str | os.PathLike) -> bool:
+    """torch.distributed.checkpoint (DCP) files: its `.metadata` index or its `*.distcp` data."""
     path = Path(path)
-    return path.is_dir() and ((path / META_FILE).is_file() or has_deepspeed_files(path))
+    return (path / DCP_METADATA_FILE).is_file() or any(path.glob("*.distcp"))
+
+
+def is_tag_dir(path: str | os.PathLike) -> bool:
+    """A folder holding one checkpoint (DeepSpeed or DCP files, or gigamim's meta), not a save root."""
+    path = Path(path)
+    return path.is_dir() and ((path / META_FILE).is_file() or has_deepspeed_files(path) or has_dcp_files(path))
 
 
 def is_complete(tag_dir: str | os.PathLike) -> bool:

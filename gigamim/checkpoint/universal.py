@@ -18,8 +18,8 @@ import shutil
 import tempfile
 
 from gigamim.checkpoint.check import open_checkpoint
-from gigamim.checkpoint.layout import (CONFIG_FILE, LATEST_UNIVERSAL_FILE, META_FILE, UNIVERSAL_SUFFIX, atomic_write,
-                                       replace_path)
+from gigamim.checkpoint.layout import (CONFIG_FILE, LATEST_UNIVERSAL_FILE, META_FILE, UNIVERSAL_SUFFIX, CheckpointError,
+                                       atomic_write, replace_path)
 from gigamim.checkpoint.zero_fp32 import quiet_output
 
 
@@ -27,9 +27,12 @@ def to_universal(ckpt_dir: str, tag: str | None = None, out: str | None = None, 
                  workers: int = 1, quiet: bool = True) -> str:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format (loadable on any world
     size with `checkpoint.load_universal`). Returns the universal tag folder."""
+    info = open_checkpoint(ckpt_dir, tag)
+    if info.format != "zero":
+        raise CheckpointError(f"{info.tag_dir} is a torch.distributed.checkpoint tag: it resumes on any world size "
+                              "as it is (--resume it directly); --universal converts DeepSpeed tags only")
     from deepspeed.checkpoint import ds_to_universal
 
-    info = open_checkpoint(ckpt_dir, tag)
     out = os.path.abspath(out or os.path.join(info.root, info.tag + UNIVERSAL_SUFFIX))
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"output {out} already exists; remove it or pass --force to replace it")

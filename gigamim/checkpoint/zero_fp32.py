@@ -29,27 +29,6 @@ def quiet_output(enabled: bool = True):
         yield
 
 
-def metadata_for(info: CheckpointInfo, fmt: str) -> dict[str, str]:
-    """safetensors metadata (strings only) describing where weights came from."""
-    from gigamim import __version__
-
-    md = {
-        "format": fmt,
-        "gigamim_version": str(info.meta.get("version", __version__)),
-        "exported_by": f"gigamim {__version__}",
-        "step": str(info.meta.get("step", "")),
-        "model": str(info.meta.get("model", "")),
-        "img_size": str(info.meta.get("img_size", "")),
-        "source_tag": info.tag,
-        "source_world_size": str(info.world_size),
-        "zero_stage": str(info.zero_stage),
-        "dtype": "float32",
-    }
-    if info.config_yaml is not None:
-        md["gigamim_config"] = info.config_yaml
-    return md
-
-
 class _FlatSlice:
     """A lazy parameter of a ZeRO-1/2 checkpoint: `numel` elements at `offset` of a param
     group's flat fp32 vector, which is split over the ranks' (memory-mapped) partitions.

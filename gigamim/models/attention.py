@@ -264,19 +264,34 @@ class WindowAttention(nn.Module):
         self.chunk = chunk
         self.attn_drop = attn_drop
 
-        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        self.logit_scale = nn.Parameter(torch.empty(num_heads, 1, 1))
         self.cpb_mlp = nn.Sequential(
             TruncNormalLinear(2, 512, bias=True), nn.ReLU(inplace=True), TruncNormalLinear(512, num_heads, bias=False)
         )
         # k has no bias in SwinV2; q and v do (timm/official keep them as separate parameters).
         self.qkv = QKVLinear(dim, dim * 3, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(dim))
-        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.q_bias = nn.Parameter(torch.empty(dim))
+        self.v_bias = nn.Parameter(torch.empty(dim))
         self.proj = TruncNormalLinear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         # Integer, non-persistent (see the module docstring): not in the state dict, never cast.
         self.register_buffer("relative_offsets", relative_offsets(self.window_size), persistent=False)
         self.register_buffer("relative_position_index", relative_position_index(self.window_size), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """This module's own parameters (the Linears reset themselves) and its geometry buffers.
+
+        Called at the end of ``__init__`` (still whole there under ``zero.Init``) and again by
+        ``models.init.reset_after_meta`` after a meta-device build is materialised (FSDP2), where
+        ``to_empty`` leaves parameters and buffers uninitialised."""
+        with torch.no_grad():
+            self.logit_scale.fill_(math.log(10.0))
+            nn.init.zeros_(self.q_bias)
+            nn.init.zeros_(self.v_bias)
+            device = self.relative_offsets.device
+            self.relative_offsets.copy_(relative_offsets(self.window_size, device))
+            self.relative_position_index.copy_(relative_position_index(self.window_size, device))
 
     def position_bias(self, dtype) -> torch.Tensor:
         """(heads, N, N) continuous position bias 16*sigmoid(CPB MLP(log-spaced offsets)), in

@@ -26,17 +26,16 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def default_block_classes() -> tuple:
-    """gigamim's SwinV2 block, and timm's when timm is importable (the benchmark reference)."""
+    """gigamim's SwinV2 block, timm's SwinV2 block (the benchmark reference), and the timm
+    blocks gigamim's ViT and Swin V1 encoders are made of: the units an engine shards (FSDP2)
+    or gathers (ZeRO-3 leaf modules) one at a time, and compiles one by one."""
+    from timm.models.swin_transformer import SwinTransformerBlock as SwinV1Block
+    from timm.models.swin_transformer_v2 import SwinTransformerV2Block as TimmBlock
+    from timm.models.vision_transformer import Block as ViTBlock
+
     from gigamim.models.swinv2 import SwinTransformerV2Block
 
-    classes = [SwinTransformerV2Block]
-    try:
-        from timm.models.swin_transformer_v2 import SwinTransformerV2Block as TimmBlock
-
-        classes.append(TimmBlock)
-    except ImportError:  # pragma: no cover - timm is a dependency
-        pass
-    return tuple(classes)
+    return (SwinTransformerV2Block, TimmBlock, ViTBlock, SwinV1Block)
 
 
 def find_blocks(module: nn.Module, classes: Optional[Sequence[Type[nn.Module]]] = None) -> list:
@@ -67,7 +66,7 @@ def compile_blocks(module: nn.Module, mode: Optional[str] = None, *, classes: Op
         raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
     blocks = find_blocks(module, tuple(classes) if classes else None)
     if not blocks:
-        raise ValueError(f"compile_blocks: no SwinV2 block found in {type(module).__name__}")
+        raise ValueError(f"compile_blocks: no SwinV2 block (nor ViT / Swin V1 block) found in {type(module).__name__}")
     _raise_recompile_limits(len(blocks))
     kwargs = dict(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
     if mode not in (None, "default"):

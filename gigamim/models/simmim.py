@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
+
+from gigamim.models.init import init_mask_token_
 
 
 def norm_targets(targets: torch.Tensor, patch_size: int = 47) -> torch.Tensor:
@@ -74,9 +75,9 @@ class SimMIM(nn.Module):
         self.norm_target_patch = int(norm_target_patch)
         # The token belongs to the encoder (key encoder.mask_token, as in the official code) but
         # is created here so that a bare encoder still loads strictly into timm.
-        token = torch.zeros(1, 1, 1, encoder.embed_dim)
-        trunc_normal_(token, std=0.02)
-        encoder.mask_token = nn.Parameter(token)
+        # Its init (trunc normal, std .02) is `init_mask_token_`, which the encoder's own
+        # reset_parameters() repeats after a meta-device build.
+        encoder.mask_token = nn.Parameter(init_mask_token_(torch.zeros(1, 1, 1, encoder.embed_dim)))
         self.decoder = nn.Sequential(
             nn.Conv2d(encoder.num_features, encoder_stride**2 * self.in_chans, kernel_size=1),
             nn.PixelShuffle(encoder_stride),

@@ -16,7 +16,8 @@ import torch
 from timm.models.swin_transformer import SwinTransformer
 
 from gigamim.models.registry import register_model
-from gigamim.models.timm_init import linear_init_in_place
+from gigamim.models.init import init_mask_token_
+from gigamim.models.timm_init import linear_init_in_place, timm_linear_init_
 
 
 class SwinTransformerForSimMIM(SwinTransformer):
@@ -44,6 +45,14 @@ class SwinTransformerForSimMIM(SwinTransformer):
         self.depths = tuple(depths)
         self.num_heads = tuple(num_heads)
         self.window_size = window_size
+
+    def reset_parameters(self) -> None:
+        """After a meta-device build (`models.init.reset_after_meta`, children first: timm's
+        window attention and blocks rebuild their tables and masks): timm's model-wide Linear
+        init, and SimMIM's mask token."""
+        timm_linear_init_(self)
+        if hasattr(self, "mask_token"):
+            init_mask_token_(self.mask_token)
 
     def stage_modules(self):
         return list(self.layers)

@@ -10,7 +10,10 @@ log-spaced CPB, PatchMerging = reduce(4C->2C) then LayerNorm, window shrinks to 
   configurable activation checkpointing with optional CPU offload of saved activations.
 * only integer, non-persistent buffers (geometry), so construction is safe under
   ``deepspeed.zero.Init`` (any dtype) and on the meta device; all init happens inside each module's own ``__init__`` because
-  zero.Init partitions a module as soon as its ``__init__`` returns.
+  zero.Init partitions a module as soon as its ``__init__`` returns. Every module with
+  parameters or buffers of its own re-initialises them in ``reset_parameters()``, so a model
+  built on the meta device and materialised sharded (FSDP2) is re-initialised by
+  ``models.init.reset_after_meta``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gigamim.kernels import ResPostLayerNorm, drop_path_scale
 from gigamim.models.attention import TruncNormalLinear, WindowAttention
+from gigamim.models.init import init_mask_token_
 from gigamim.models.registry import register_model
 
 IntOrSeq = Union[int, Sequence[int]]
@@ -160,6 +164,13 @@ class SwinTransformerV2Block(nn.Module):
             # compiled graph just reads the buffer: no cache filled while tracing).
             self.register_buffer("shift_regions",
                                  shift_regions(*self.resolution, self.window_size, self.shift_size), persistent=False)
+
+    def reset_parameters(self) -> None:
+        """The shift regions (geometry, non-persistent): rebuilt after a meta-device build is
+        materialised (`models.init.reset_after_meta`); the block has no parameters of its own."""
+        if any(self.shift_size):
+            self.shift_regions.copy_(shift_regions(*self.resolution, self.window_size, self.shift_size,
+                                                   device=self.shift_regions.device))
 
     def _mask(self, dtype) -> Optional[torch.Tensor]:
         if not any(self.shift_size):
@@ -345,6 +356,12 @@ class SwinTransformerV2(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = Head(self.num_features, num_classes)
         self.set_grad_checkpointing(grad_checkpointing)
+
+    def reset_parameters(self) -> None:
+        """The encoder's own parameter: SimMIM's mask token, when attached (every other
+        parameter belongs to a submodule that resets itself; `models.init.reset_after_meta`)."""
+        if hasattr(self, "mask_token"):
+            init_mask_token_(self.mask_token)
 
     def blocks(self):
         """All blocks in forward order."""

@@ -7,6 +7,10 @@ placeholders and the model would silently keep PyTorch's default Linear init. Bu
 ``weight_init='skip'`` inside ``linear_init_in_place()`` gives every Linear timm's init
 (trunc-normal std 0.02, zero bias; ``init_weights_vit_timm``) in its own ``__init__``, so a
 partitioned build and a plain build with the same seed hold identical weights.
+
+After a meta-device build (FSDP2) the same init is applied model-wide by the encoder's own
+``reset_parameters()`` (`timm_linear_init_`), after timm's modules have reset themselves
+(``models.init.reset_after_meta`` walks children first, as construction does).
 """
 
 from __future__ import annotations
@@ -36,3 +40,11 @@ def linear_init_in_place():
             yield
         finally:
             nn.Linear.reset_parameters = original
+
+
+def timm_linear_init_(model: nn.Module) -> None:
+    """timm's ViT/Swin Linear init on every Linear of `model`, in place (their ``init_weights``
+    pass, as `linear_init_in_place` gives it at construction)."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            _timm_linear_reset(m)

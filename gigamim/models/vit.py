@@ -21,7 +21,8 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 from gigamim.models.registry import register_model
-from gigamim.models.timm_init import linear_init_in_place
+from gigamim.models.init import init_mask_token_
+from gigamim.models.timm_init import linear_init_in_place, timm_linear_init_
 
 
 class VisionTransformerForSimMIM(VisionTransformer):
@@ -43,16 +44,28 @@ class VisionTransformerForSimMIM(VisionTransformer):
                              weight_init="skip", **timm_kwargs)
         # The rest of timm's init_weights: top-level parameters, still whole here (zero.Init
         # partitions them when this __init__ returns).
-        with torch.no_grad():
-            if self.pos_embed is not None:
-                trunc_normal_(self.pos_embed, std=0.02)
-            if self.cls_token is not None:
-                nn.init.normal_(self.cls_token, std=1e-6)
+        self._init_own()
         self.img_size = img_size
         self.patch_size = patch_size
         self.encoder_stride = patch_size
         self.depth = depth
         self.num_heads = num_heads
+
+    def _init_own(self) -> None:
+        with torch.no_grad():
+            if self.pos_embed is not None:
+                trunc_normal_(self.pos_embed, std=0.02)
+            for token in (self.cls_token, self.reg_token):
+                if token is not None:
+                    nn.init.normal_(token, std=1e-6)
+            if hasattr(self, "mask_token"):
+                init_mask_token_(self.mask_token)
+
+    def reset_parameters(self) -> None:
+        """After a meta-device build (`models.init.reset_after_meta`, children first): timm's
+        model-wide Linear init over what the Linears reset to, then the top-level tokens."""
+        timm_linear_init_(self)
+        self._init_own()
 
     def stage_modules(self):
         """The blocks, for intermediate features (probe) and layer-wise LR decay."""

@@ -15,7 +15,7 @@ from gigamim.config import Config
 class ResumePoint:
     root: Path
     tag: str
-    universal: bool  # DeepSpeed's universal format: loads on any world size
+    universal: bool  # DeepSpeed's universal format (loads on any world size with load_universal)
     meta: dict
 
     @property
@@ -40,7 +40,10 @@ def resolve_resume(spec: str | None, ckpt_dir: str, world_size: int, say=print) 
     universal = is_universal(resolved.tag_dir)
     meta = read_meta(resolved.tag_dir)
     saved_world = meta.get("world_size")
-    if not universal and saved_world is not None and saved_world != world_size:
+    # A tag whose engine reshards on load (its meta says so: DCP tags) resumes on any world
+    # size as it is; the data position follows through the loader's elastic resume.
+    reshardable = universal or bool(meta.get("reshardable"))
+    if not reshardable and saved_world is not None and saved_world != world_size:
         raise CheckpointError(
             f"{resolved.tag_dir} was saved by {saved_world} ranks and this run has {world_size}: convert it first "
             f"(`gigamim consolidate {resolved.root} --tag {resolved.tag} --universal`) and resume from "
@@ -53,6 +56,12 @@ def check_compatible(meta: dict, cfg: Config, tag_dir: Path, say=print, task: st
     instead of a wall of missing state_dict keys after DeepSpeed has read every partition).
     SwinV2 weights follow another image size or window (the position bias is a continuous
     MLP of relative offsets and the index tables are rebuilt), so those are warnings."""
+    saved_engine, engine = meta.get("engine"), cfg.train.engine
+    if saved_engine and saved_engine != engine:
+        # Each engine reads its own files (ZeRO partitions, DCP shards): one line, before any weight.
+        raise CheckpointError(f"{tag_dir} was written by train.engine={saved_engine} and this run has "
+                              f"train.engine={engine}: resume with --set train.engine={saved_engine}, or start from "
+                              f"its weights (`gigamim consolidate`, then finetune.weights)")
     saved_task = meta.get("task", "pretrain")  # tags before 0.2 are all pretraining's
     if saved_task != task:
         raise CheckpointError(f"{tag_dir} is a {saved_task} checkpoint and this is `gigamim {task}`: give "

@@ -214,8 +214,9 @@ class FinetuneTask(Task):
 
         self.zero3 = partitions_at_build(self.cfg)
         if self.ft.ema and self.zero3:
-            raise ConfigError("finetune.ema needs whole parameters on each rank, and this engine partitions them: "
-                              "use a ZeRO stage 0-2 template (deepspeed.config=zero1) with EMA")
+            raise ConfigError(f"finetune.ema needs whole parameters on each rank, and train.engine="
+                              f"{self.cfg.train.engine} (as configured) partitions them: use train.engine=deepspeed "
+                              "with a ZeRO stage 0-2 template (deepspeed.config=zero1) with EMA")
         torch.manual_seed(self.cfg.train.seed)
         with torch.device("meta") if self.zero3 else contextlib.nullcontext():
             model, self.info = build_classifier(self.cfg, keep_state=self.zero3)

@@ -1,6 +1,7 @@
 """The training-engine seam: `train.engine` names one backend, one file each.
 
     deepspeed   DeepSpeed ZeRO 0-3 (the default; its template in `deepspeed.config`)
+    fsdp2       PyTorch FSDP2, a `fully_shard` unit per block, DCP checkpoints (`fsdp:` section)
 
 Outside this package (and the readers of DeepSpeed's checkpoint format in `checkpoint/`),
 nothing in gigamim imports an engine's library or switches on an engine's name: the trainer,
@@ -16,6 +17,7 @@ from gigamim.config import ConfigError
 # name -> "module:class", imported on first use (an engine's library is heavy to import).
 ENGINES = {
     "deepspeed": "gigamim.train.engines.deepspeed:DeepSpeedEngine",
+    "fsdp2": "gigamim.train.engines.fsdp2:FSDP2Engine",
 }
 
 

@@ -59,7 +59,9 @@ class Engine:
         raise NotImplementedError
 
     def describe(self) -> dict:
-        """What a checkpoint's meta records about the engine (name, partitioning)."""
+        """What a checkpoint's meta records about the engine (name, partitioning). An engine
+        whose tags load on any world size as they are says `"reshardable": True` (resume
+        then accepts another world size; the loader's elastic resume keeps the data position)."""
         return {"engine": self.name}
 
     # -- the step ------------------------------------------------------------------------------
