@@ -40,15 +40,28 @@ def knobs_of(ds_zero: dict):
                      persistence_threshold=float(ds_zero.get("stage3_param_persistence_threshold", 1e5)))
 
 
-def predict(run: dict, inputs: dict, img_size: int, window: int, zero_passes=(0.0, 0.0, 0.0, 0.0)) -> dict:
-    from gigamim.tools.step_model import Candidate, model_facts, step_time
+def predict(run: dict, inputs: dict, img_size: int, window: int, zero_passes=(0.0, 0.0, 0.0, 0.0),
+            fsdp_passes: float = 0.0) -> dict:
+    from dataclasses import replace
+
+    from gigamim.tools.step_model import Candidate, ZeroKnobs, model_facts, step_time
 
     case = run["case"]
     device, net, costs, prec = calibration_inputs(inputs, zero_passes)
+    costs = replace(costs, fsdp_passes=fsdp_passes)
     facts = model_facts(case["model"], img_size, window)
+    ckpt = 1 if case["ckpt"] else 0
+    if is_fsdp2(run):
+        cand = Candidate(zero_stage=3, micro_batch=case["micro_batch"], accumulation=case["accumulation"],
+                         ckpt_every=ckpt, engine="fsdp2", reshard_after_forward=bool(case.get("reshard", True)))
+        return step_time(facts, cand, run["world"], run["world"], device, net, ZeroKnobs(), prec, costs)
     cand = Candidate(zero_stage=case["stage"], micro_batch=case["micro_batch"], accumulation=case["accumulation"],
-                     ckpt_every=1 if case["ckpt"] else 0)
+                     ckpt_every=ckpt)
     return step_time(facts, cand, run["world"], run["world"], device, net, knobs_of(run["ds_zero"]), prec, costs)
+
+
+def is_fsdp2(run: dict) -> bool:
+    return run["case"].get("engine") == "fsdp2"
 
 
 def fit_zero_passes(raw: dict, model: str = "swinv2_tiny") -> tuple:

@@ -116,16 +116,18 @@ ZERO_VARIANTS = {
     "zero3_engine_compile": (3, "engine", False, False),
 }
 
-_COLLECTIVES = ("all_gather_into_tensor", "_all_gather_base", "all_gather", "reduce_scatter_tensor",
+_COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor", "_all_gather_base", "all_gather", "reduce_scatter_tensor",
                 "_reduce_scatter_base", "reduce_scatter", "all_reduce", "all_reduce_coalesced", "broadcast",
                 "reduce", "all_to_all_single")
 
 
 class CollectiveCounter:
     """Counts calls and payload bytes of torch.distributed collectives (all entry points DeepSpeed
-    0.19's comm layer uses), grouped as all_gather / reduce_scatter / all_reduce / other."""
+    0.19's comm layer uses, and the all_gather_single / reduce_scatter_single that PyTorch FSDP2
+    calls on torch >= 2.12), grouped as all_gather / reduce_scatter / all_reduce / other."""
 
-    KIND = {"all_gather_into_tensor": "all_gather", "_all_gather_base": "all_gather", "all_gather": "all_gather",
+    KIND = {"all_gather_single": "all_gather", "reduce_scatter_single": "reduce_scatter",
+            "all_gather_into_tensor": "all_gather", "_all_gather_base": "all_gather", "all_gather": "all_gather",
             "reduce_scatter_tensor": "reduce_scatter", "_reduce_scatter_base": "reduce_scatter",
             "reduce_scatter": "reduce_scatter", "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce"}
 
