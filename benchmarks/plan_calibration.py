@@ -16,7 +16,8 @@ backward of swinv2_tiny, no DeepSpeed, on both ranks at once).
 
 Then `gigamim.tools.step_model` predicts each case from those inputs alone and the table
 (JSON + markdown) goes to DIR: predicted vs counted bytes (target within 5%), predicted vs
-measured step time (target within 25%).
+measured step time (target within 25%). `--fsdp2 1,0` adds runs of gigamim's FSDP2 engine
+(through the engine seam, reshard_after_forward on / off), predicted the same way.
 """
 
 from __future__ import annotations
@@ -350,7 +351,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/plan_calibration_<date>)")
     p.add_argument("--models", default="swinv2_tiny,swinv2_small")
-    p.add_argument("--stages", default="1,2,3")
+    p.add_argument("--stages", default="1,2,3", help="ZeRO stages (DeepSpeed runs); '' for none")
+    p.add_argument("--fsdp2", default="", help="FSDP2 runs (gigamim's engine): reshard_after_forward values, "
+                                              "e.g. 1,0; '' for none")
     p.add_argument("--ckpt", default="0,1")
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--accumulation", type=int, default=2)
@@ -380,14 +383,17 @@ def main(argv=None) -> int:
               f"mem {inputs['mem_gbps']:.1f} GB/s, gloo all-reduce {inputs['gloo']['all_reduce']['bytes_per_s'] / 1e9:.2f} GB/s",
               flush=True)
         runs = []
+        plans = [({"stage": int(x)}, f"ZeRO-{x}") for x in args.stages.split(",") if x]
+        plans += [({"engine": "fsdp2", "reshard": bool(int(x))}, "FSDP2" + ("" if int(x) else " no-reshard"))
+                  for x in args.fsdp2.split(",") if x]
         for model in args.models.split(","):
-            for stage in (int(s) for s in args.stages.split(",")):
+            for what, label in plans:
                 for ckpt in (int(c) for c in args.ckpt.split(",")):
-                    case = {"model": model, "stage": stage, "ckpt": ckpt, "micro_batch": args.micro_batch,
+                    case = {"model": model, **what, "ckpt": ckpt, "micro_batch": args.micro_batch,
                             "accumulation": args.accumulation, "steps": args.steps, "warmup": args.warmup}
                     r = run_case(case, tmp)
                     runs.append(r)
-                    print(f"{model} ZeRO-{stage} ckpt={ckpt}: {r['step_s']:.3f} s/step, bytes {r['bytes_per_step']}, "
+                    print(f"{model} {label} ckpt={ckpt}: {r['step_s']:.3f} s/step, bytes {r['bytes_per_step']}, "
                           f"calls {r['calls_per_step']} ({r['wall_s']:.0f} s)", flush=True)
     meta["wall_s"] = time.perf_counter() - t_all
     meta["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -288,6 +288,39 @@ def test_zero12_bytes_match_counted_collectives(stage, tmp_path):
     _counted_vs_predicted(stage, 0, tmp_path)
 
 
+def test_fsdp2_memory_rows_and_candidates():
+    # FSDP2 rows beside ZeRO's: fp32 shards of parameters, gradients, m and v (16 B / param / GPU),
+    # bf16 copies of the root unit + the current and the prefetched block, the gradients in flight
+    # (bf16 + the fp32 reduce-scatter copy of one block, the root's bf16), written out here for
+    # swinv2_tiny: the largest block is stage 3's (C = 768, 24 heads, CPB MLP 2 -> 512 -> 24).
+    P, c = TINY_SIMMIM, 768
+    block = 4 * c + (3 * c * c + 2 * c) + 24 + (2 * 512 + 512) + 24 * 512 + (c * c + c) + (4 * c * c + 4 * c) + (4 * c * c + c)
+    blocks = sum(sum(p.numel() for p in b.parameters()) for b in create_model("swinv2_tiny").blocks())
+    root = P - blocks
+    p = plan.make_plan("swinv2_tiny", 8, 80, global_batch=8 * 64)
+    rows = {(r["plan"], r["activations"]): r for r in p["rows"]}
+    reshard, keep = rows[("FSDP2", "fused")], rows[("FSDP2 no-reshard", "fused")]
+    grads = 2 * root + 6 * block
+    assert reshard["model_states_gb"] * GiB == pytest.approx(16 * P / 8 + 2 * (root + 2 * block) + grads)
+    assert keep["model_states_gb"] * GiB == pytest.approx(16 * P / 8 + 2 * P + grads)
+    assert reshard["accumulation_extra_gb"] * GiB == pytest.approx(4 * P)  # unsharded fp32 gradients
+    assert reshard["engine"] == "fsdp2" and reshard["zero_stage"] is None
+    text = plan.format_plan(p)
+    assert "FSDP2 no-reshard" in text and "unsharded fp32 gradients" in text
+    # the step-time candidates: FSDP2 rows with the communication of the model above
+    net, dev = hardware.Network(), hardware.DEVICES["h100"]
+    from gigamim.tools.candidates import enumerate_candidates
+
+    cands = enumerate_candidates("swinv2_tiny", 8, 8, 80, dev, net, global_batch=8 * 64)
+    f = [r for r in cands if r["plan"] == "FSDP2"]
+    assert f and all(r["engine"] == "fsdp2" and r["zero_stage"] is None for r in f)
+    r = f[0]
+    gb = r["comm_gb_per_step"]
+    padded = gb["reduce_scatter"] * 1e9 / 4  # fp32 reduce-scatter of every (padded) parameter, once per step
+    assert P <= padded < P * 1.01
+    assert gb["all_gather"] * 1e9 == pytest.approx(r["accumulation"] * 2 * 2 * padded)  # bf16, forward + backward
+
+
 def _fsdp2_counted_vs_predicted(reshard: bool, ckpt: int, accumulation: int, tmp_path):
     """gigamim's FSDP2 engine on 2 real ranks (gloo, fully_shard per block + root), every
     torch.distributed collective wrapped and counted; the planner's bytes and calls for the
