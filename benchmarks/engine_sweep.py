@@ -10,7 +10,9 @@ variant, warms them up (the compiled ones compile there) and alternates their ti
 ABAB (`zero_sweep.alternate_steps`), so a load spike on the shared machine hits all alike;
 collectives are counted per step by wrapping `torch.distributed` before any engine binds
 it (`zero_sweep.CollectiveCounter`: DeepSpeed's entry points and FSDP2's all_gather_single /
-reduce_scatter_single). Step time is the slower rank's, median over the timed steps.
+reduce_scatter_single). Step time is the slower rank's, median over the timed steps; CPU
+time per step is both ranks' process CPU seconds (all threads) summed: the work a step takes,
+which other jobs on a shared machine inflate much less than they inflate wall time.
 
 `F.linear`: `deepspeed.zero.Init` replaces `torch.nn.functional.linear` process-wide with
 its own autograd function (and leaves it replaced); DeepSpeed's compiled path puts torch's
@@ -266,7 +268,10 @@ def run_engine_sweep(out_dir, *, models=(("swinv2_tiny", 4), ("swinv2_small", 4)
             per_rank = [d["variants"][v] for d in data]
             steps_s = [max(ts) for ts in zip(*(r["step_s"] for r in per_rank))]  # the slower rank's
             r0 = per_rank[0]
+            # CPU seconds of a step, both ranks together (the work done, robust to other jobs' load)
+            cpu_s = [sum(ts) for ts in zip(*([ph["cpu"] for ph in r["phases_s"]] for r in per_rank))]
             res = {**base, "step_time_s": median(steps_s), "step_times_s": steps_s,
+                   "cpu_time_per_step_s": median(cpu_s), "step_cpu_times_s": cpu_s,
                    "images_per_sec": mb * nproc / median(steps_s), "warmup_s": r0["warmup_s"],
                    "build_s": r0["build_s"], "loss": r0["loss"], "dynamo_graphs_compiled": r0.get("new_graphs"),
                    "dynamo_graphs_in_timed_steps": r0.get("graphs_in_timed_steps"),

@@ -128,7 +128,7 @@ def engines_profile():
 
     return {"groups": [], "zero": None, "data": None,
             "engines": dict(models=(("swinv2_tiny", 4), ("swinv2_small", 4)), variants=DEFAULT_VARIANTS,
-                            img_size=192, warmup=2, steps=5, memory=True, memory_steps=2)}
+                            img_size=192, warmup=2, steps=8, memory=True, memory_steps=2)}
 
 
 def full():

@@ -145,9 +145,13 @@ ENGINE_RATIOS = (("fsdp2_eager", "zero3_eager"), ("fsdp2_compiled", "zero3_compi
 
 
 def _step_ratio(a, b):
-    """A's step time / B's: from the medians, and the median of the per-round (ABAB) ratios."""
+    """A's step time / B's: from the medians, and the median of the per-round (ABAB) ratios;
+    `cpu`: the same ratio of CPU seconds per step (both ranks), where the results have it."""
     pairs = [x / y for x, y in zip(a["step_times_s"], b["step_times_s"])]
-    return {"ratio": a["step_time_s"] / b["step_time_s"], "paired_median": median(pairs)}
+    out = {"ratio": a["step_time_s"] / b["step_time_s"], "paired_median": median(pairs)}
+    if a.get("cpu_time_per_step_s") and b.get("cpu_time_per_step_s"):
+        out["cpu"] = a["cpu_time_per_step_s"] / b["cpu_time_per_step_s"]
+    return out
 
 
 def _engines_summary(results):
@@ -174,12 +178,13 @@ def _engines_summary(results):
 
 def _engines_table(rs: list) -> list:
     base = {r["case"]["variant"]: r for r in rs if "error" not in r}.get("zero3_eager")
-    lines = ["| variant | step s (median) | / ZeRO-3 eager (paired) | fwd/bwd/opt s | s in collectives | "
-             "all-gather calls / MiB | reduce-scatter calls / MiB | all-reduce calls | peak RSS GiB rank 0 / 1 "
-             "(before build) | warm-up s | losses (first 3) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | step s (median) | / ZeRO-3 eager (paired) | CPU s/step (2 ranks) | / ZeRO-3 eager | "
+             "fwd/bwd/opt s | s in collectives | all-gather calls / MiB | reduce-scatter calls / MiB | "
+             "all-reduce calls | peak RSS GiB rank 0 / 1 (before build) | warm-up s | losses (first 3) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rs:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error'][-100:]!r} | | | | | | | | | |")
+            lines.append(f"| {r['label']} | failed: {r['error'][-100:]!r} | | | | | | | | | | | |")
             continue
         c, b = r["collective_calls_per_step"], r["collective_bytes_per_step"]
         ph = r.get("phases_s_median") or {}
@@ -189,6 +194,7 @@ def _engines_table(rs: list) -> list:
                + f" ({mem['rss_before_build_bytes'][0] / 2**30:.2f})") if mem.get("peak_rss_bytes") else "-"
         lines.append(f"| {r['label']} | {_fmt(r['step_time_s'], 3)} | "
                      f"{_fmt(rel['ratio'], 3) if rel else '-'} ({_fmt(rel['paired_median'], 3) if rel else '-'}) | "
+                     f"{_fmt(r.get('cpu_time_per_step_s'), 3)} | {_fmt((rel or {}).get('cpu'), 3)} | "
                      f"{'/'.join(_fmt(ph.get(k), 3) for k in ('forward', 'backward', 'step'))} | "
                      f"{_fmt(sum((r.get('collective_seconds_per_step_median') or {}).values()), 3)} | "
                      f"{c.get('all_gather', 0)} / {b.get('all_gather', 0) / 2**20:.1f} | "
@@ -270,7 +276,8 @@ def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: d
             lo = m["load_avg_timed"]
             lines.append(f"  - {key} (load average {lo['start'][0]:.1f} -> {lo['end'][0]:.1f} over the timed steps):")
             for k, v in m["ratios"].items():
-                lines.append(f"    - **{k.replace('_', ' ')} = {v['ratio']:.3f}** ({v['paired_median']:.3f})")
+                cpu = f"; CPU time {v['cpu']:.3f}" if v.get("cpu") else ""
+                lines.append(f"    - **{k.replace('_', ' ')} = {v['ratio']:.3f}** ({v['paired_median']:.3f}{cpu})")
     if summary.get("skipped_groups"):
         lines.append(f"- skipped (time budget): {', '.join(summary['skipped_groups'])}")
     if summary.get("failed_cases"):

@@ -193,7 +193,7 @@ def alternate_steps(engines: dict, batches: list, device, warmup: int, steps: in
                     before_step=None) -> dict:
     """Warm every engine up (compiled ones compile there), then alternate their timed steps
     (ABAB...), each starting on all ranks together (barrier), with the collectives of that step
-    counted. An engine is anything with `engine(images, mask) -> loss`, `.backward(loss)` and
+    counted and the process CPU seconds it took (`phases_s[i]["cpu"]`). An engine is anything with `engine(images, mask) -> loss`, `.backward(loss)` and
     `.step()` (a DeepSpeed engine, gigamim's engine seam). `before_step(name)` runs before each
     of a variant's steps (outside the timing). Returns per name: warm-up and timed step seconds,
     losses, per step collective calls / bytes / seconds, phase seconds, dynamo graphs new in
@@ -223,13 +223,16 @@ def alternate_steps(engines: dict, batches: list, device, warmup: int, steps: in
         if on_gpu:
             images = images.bfloat16()
         t0 = now()
+        c0 = _time.process_time()
         loss = engine(images, mask)
         t1 = now()
         engine.backward(loss)
         t2 = now()
         engine.step()
         t3 = now()
-        phases.append({"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2})
+        # CPU seconds of this process (all its threads, gloo's included): the work a step did,
+        # which other jobs on a shared machine do not inflate the way they inflate wall time
+        phases.append({"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2, "cpu": _time.process_time() - c0})
         return t3 - t0, float(loss.detach())
 
     names = list(engines)

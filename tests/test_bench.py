@@ -210,4 +210,4 @@ def test_engines_summary_from_known_results():
     s["machine"] = {"cpu_model": "x", "cpu_cores": 2, "torch_threads": 1, "load_avg_1_5_15": [1, 1, 1]}
     text = markdown(results, s, [], None)
     assert "fsdp2 eager over zero3 eager step time = 0.500" in text
-    assert "| fsdp2_eager | 1.000 | 0.500 (0.500) |" in text and "0.50 / 0.50 (0.00)" in text
+    assert "| fsdp2_eager | 1.000 | 0.500 (0.500) | - | - |" in text and "0.50 / 0.50 (0.00)" in text
