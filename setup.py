@@ -21,8 +21,9 @@ setup(
     package_data={"gigamim": ["configs/*.yaml", "configs/deepspeed/*.json"]},
     include_package_data=True,
     install_requires=[
-        # torchvision comes with timm; on these machines torch 2.14.1 / torchvision 0.29.1.
-        "torch>=2.4",
+        # Tested: torch 2.11.0 (triton 3.6, Python 3.12: the GPU image's stack) and 2.14.1 (triton
+        # 3.8, Python 3.11), see benchmarks/results/torch211_2026-12-04. torchvision comes with timm.
+        "torch>=2.11",
         "timm>=1.0.31",  # ModelEmaV3(dtype=): an fp32 EMA of a bf16 model (finetune.ema)
         "deepspeed>=0.19,<0.20",
         "webdataset>=1.0.2,<1.1",
