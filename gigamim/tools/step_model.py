@@ -117,7 +117,7 @@ class Costs:
     # FSDP2's copies around its collectives (all-gather copy-in / copy-out into the unsharded
     # parameters, reduce-scatter copy-in), passes over P x param_bytes per micro-step at
     # `buffer_bps`. GPU default ~3 (copy-out forward and backward, reduce-scatter copy-in);
-    # the CPU fit is in benchmarks/results/engines_*.
+    # the CPU fit is in benchmarks/results/plan_calibration_2026-12-04.
     fsdp_passes: float = 3.0
     buffer_bps: float | None = None
     cpu_ms_per_image: float = 2.5
