@@ -4,6 +4,10 @@ Install BEFORE DeepSpeed sets up its communication backend: `deepspeed.comm.Torc
 captures `torch.distributed.all_gather_into_tensor` / `reduce_scatter_tensor` at its
 construction, and its coalesced all-gather calls `distributed_c10d.all_gather_into_tensor`,
 so both the `torch.distributed` names and the `distributed_c10d` ones are wrapped.
+PyTorch FSDP2 calls `all_gather_single` / `reduce_scatter_single` on torch >= 2.12 (and
+`all_gather_into_tensor` / `reduce_scatter_tensor` before): all four are wrapped. Collectives
+issued as functional ops (`torch.ops._c10d_functional`, e.g. DTensor's `full_tensor()` of the
+grad norm, a 4-byte all-reduce) do not go through these functions and are not counted.
 
 Convention (the one `gigamim.tools.comm_model` predicts, and nccl-tests' "size"): the
 logical buffer of the collective, i.e. the full tensor an all-reduce / reduce / broadcast
@@ -36,6 +40,10 @@ _SIZES = {
     "all_reduce": ("all_reduce", lambda a: _nbytes(a["tensor"])),
     "reduce": ("reduce", lambda a: _nbytes(a["tensor"])),
     "broadcast": ("broadcast", lambda a: _nbytes(a["tensor"])),
+    # torch >= 2.12's names (FSDP2 calls these; all_gather_into_tensor / reduce_scatter_tensor
+    # forward to them there, counted once as the outer call)
+    "all_gather_single": ("all_gather", lambda a: _nbytes(a["output_tensor"])),
+    "reduce_scatter_single": ("reduce_scatter", lambda a: _nbytes(a["input"])),
     "all_gather_into_tensor": ("all_gather", lambda a: _nbytes(a["output_tensor"])),
     "_all_gather_base": ("all_gather", lambda a: _nbytes(a["output_tensor"])),
     "all_gather": ("all_gather", lambda a: _nbytes(a["tensor_list"])),

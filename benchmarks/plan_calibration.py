@@ -16,7 +16,8 @@ backward of swinv2_tiny, no DeepSpeed, on both ranks at once).
 
 Then `gigamim.tools.step_model` predicts each case from those inputs alone and the table
 (JSON + markdown) goes to DIR: predicted vs counted bytes (target within 5%), predicted vs
-measured step time (target within 25%).
+measured step time (target within 25%). `--fsdp2 1,0` adds runs of gigamim's FSDP2 engine
+(through the engine seam, reshard_after_forward on / off), predicted the same way.
 """
 
 from __future__ import annotations
@@ -195,22 +196,29 @@ def worker(case: dict, out_file: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    import deepspeed
     import torch.distributed as dist
 
     from gigamim.runtime.dist import init_distributed
     from gigamim.train.engines.deepspeed import init_comm  # DeepSpeed's comm layer; unlinks its CPU shm buffers
 
-    init_distributed("gloo")
-    init_comm()
+    info = init_distributed("gloo")
+    fsdp2 = case.get("engine") == "fsdp2"
+    if not fsdp2:
+        init_comm()
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {"case": case, "world": world}
-    if not case.get("inputs"):
-        result["ds_zero"] = ds_config(case["stage"], 1, 1, world, case.get("max_live", 1e7))["zero_optimization"]
     if case.get("inputs"):
         result["micro_batch"] = case["micro_batch"]
         _measure_inputs(result, counter)
+    elif fsdp2:
+        engine = _fsdp2_engine(case, info)
+        result["fsdp"] = {"reshard_after_forward": bool(case.get("reshard", True)), "reduce_dtype": "fp32",
+                          "units": _fsdp_units(engine.module)}
+        _timed_steps(engine, case, rank, counter, result)
     else:
+        import deepspeed
+
+        result["ds_zero"] = ds_config(case["stage"], 1, 1, world, case.get("max_live", 1e7))["zero_optimization"]
         cfg = ds_config(case["stage"], case["micro_batch"], case["accumulation"], world, case.get("max_live", 1e7))
         torch.manual_seed(0)
         # zero.Init patches tensor construction; anything imported lazily inside it (timm pulls
@@ -225,48 +233,87 @@ def worker(case: dict, out_file: str) -> None:
             model = _build(case)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-        batches = [_batch(case, rank * 1000 + i) for i in range(case["accumulation"])]
-        times, comm = [], []
-        phases = {"forward": 0.0, "backward": 0.0, "step": 0.0}
-        marks = []
-        for step in range(case["warmup"] + case["steps"]):
-            if step == case["warmup"]:
-                counter.reset()
-                phases = dict.fromkeys(phases, 0.0)
-                marks = []
-            dist.barrier()
-            t0 = time.perf_counter()
-            for x, mask in batches:
-                t = time.perf_counter()
-                loss = engine(x, mask)
-                t1 = time.perf_counter()
-                marks.append((dict(counter.bytes), dict(counter.calls)))
-                engine.backward(loss)
-                t2 = time.perf_counter()
-                marks.append((dict(counter.bytes), dict(counter.calls)))
-                engine.step()
-                t3 = time.perf_counter()
-                phases["forward"] += t1 - t
-                phases["backward"] += t2 - t1
-                phases["step"] += t3 - t2
-                marks.append((dict(counter.bytes), dict(counter.calls)))
-            counter.enabled = False
-            dist.barrier()
-            counter.enabled = True
-            if step >= case["warmup"]:
-                times.append(time.perf_counter() - t0)
-        snap = counter.snapshot()
-        n = case["steps"]
-        result.update(step_times=times, step_s=sorted(times)[len(times) // 2],
-                      bytes_per_step={k: v / n for k, v in snap["bytes"].items()},
-                      calls_per_step={k: v / n for k, v in snap["calls"].items()},
-                      comm_s_per_step={k: v / n for k, v in snap["seconds"].items()},
-                      phase_s_per_step={k: v / n for k, v in phases.items()},
-                      loss=float(loss.detach()), marks=marks)
+        _timed_steps(engine, case, rank, counter, result)
     if rank == 0:
         Path(out_file).write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _fsdp2_engine(case: dict, info):
+    """gigamim's FSDP2 engine (train/engines/fsdp2.py) through the engine seam, as the trainer
+    builds it: meta build, every block its own fully_shard unit + the root, fp32 (CPU), AdamW
+    over the sharded parameters, clipping at 1.0 like the DeepSpeed runs."""
+    from gigamim.config import load_config
+    from gigamim.train.engines import create_engine
+
+    world = info.world_size
+    cfg = load_config("demo", [
+        f"model.name={case['model']}", f"model.img_size={IMG}", f"model.window_size={WINDOW}",
+        "model.drop_path_rate=0.0", f"model.grad_checkpointing={str(bool(case['ckpt'])).lower()}",
+        "train.engine=fsdp2", "train.precision=fp32", "train.grad_clip=1.0",
+        f"train.micro_batch_size={case['micro_batch']}",
+        f"train.global_batch_size={case['micro_batch'] * case['accumulation'] * world}",
+        f"fsdp.reshard_after_forward={str(bool(case.get('reshard', True))).lower()}", "fsdp.reduce_dtype=fp32"])
+    engine = create_engine(cfg, info, "fp32")
+    # One parameter group, as the DeepSpeed runs' AdamW (the group split changes no collective).
+    engine.build(lambda: _build(case), lambda m: [{"params": list(m.parameters()), "weight_decay": 0.05}])
+    return engine
+
+
+def _fsdp_units(model) -> list:
+    """Parameters (elements) of each fully_shard unit: the blocks in forward order, the root
+    (what no block holds) last. Recorded with the run; the prediction does not read it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    return sizes + [sum(p.numel() for p in model.parameters()) - sum(sizes)]
+
+
+def _timed_steps(engine, case: dict, rank: int, counter, result: dict) -> None:
+    """Warm-up, then timed optimizer steps of `accumulation` micro-batches each; `engine` is a
+    DeepSpeed engine or gigamim's FSDP2 engine (the same forward / backward / step calls)."""
+    import torch.distributed as dist
+
+    batches = [_batch(case, rank * 1000 + i) for i in range(case["accumulation"])]
+    times, comm = [], []
+    phases = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+    marks = []
+    for step in range(case["warmup"] + case["steps"]):
+        if step == case["warmup"]:
+            counter.reset()
+            phases = dict.fromkeys(phases, 0.0)
+            marks = []
+        dist.barrier()
+        t0 = time.perf_counter()
+        for x, mask in batches:
+            t = time.perf_counter()
+            loss = engine(x, mask)
+            t1 = time.perf_counter()
+            marks.append((dict(counter.bytes), dict(counter.calls)))
+            engine.backward(loss)
+            t2 = time.perf_counter()
+            marks.append((dict(counter.bytes), dict(counter.calls)))
+            engine.step()
+            t3 = time.perf_counter()
+            phases["forward"] += t1 - t
+            phases["backward"] += t2 - t1
+            phases["step"] += t3 - t2
+            marks.append((dict(counter.bytes), dict(counter.calls)))
+        counter.enabled = False
+        dist.barrier()
+        counter.enabled = True
+        if step >= case["warmup"]:
+            times.append(time.perf_counter() - t0)
+    snap = counter.snapshot()
+    n = case["steps"]
+    result.update(step_times=times, step_s=sorted(times)[len(times) // 2],
+                  bytes_per_step={k: v / n for k, v in snap["bytes"].items()},
+                  calls_per_step={k: v / n for k, v in snap["calls"].items()},
+                  comm_s_per_step={k: v / n for k, v in snap["seconds"].items()},
+                  phase_s_per_step={k: v / n for k, v in phases.items()},
+                  loss=float(loss.detach()), marks=marks)
 
 
 # ---------------------------------------------------------------------------- driver side
@@ -304,7 +351,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/plan_calibration_<date>)")
     p.add_argument("--models", default="swinv2_tiny,swinv2_small")
-    p.add_argument("--stages", default="1,2,3")
+    p.add_argument("--stages", default="1,2,3", help="ZeRO stages (DeepSpeed runs); '' for none")
+    p.add_argument("--fsdp2", default="", help="FSDP2 runs (gigamim's engine): reshard_after_forward values, "
+                                              "e.g. 1,0; '' for none")
     p.add_argument("--ckpt", default="0,1")
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--accumulation", type=int, default=2)
@@ -334,14 +383,17 @@ def main(argv=None) -> int:
               f"mem {inputs['mem_gbps']:.1f} GB/s, gloo all-reduce {inputs['gloo']['all_reduce']['bytes_per_s'] / 1e9:.2f} GB/s",
               flush=True)
         runs = []
+        plans = [({"stage": int(x)}, f"ZeRO-{x}") for x in args.stages.split(",") if x]
+        plans += [({"engine": "fsdp2", "reshard": bool(int(x))}, "FSDP2" + ("" if int(x) else " no-reshard"))
+                  for x in args.fsdp2.split(",") if x]
         for model in args.models.split(","):
-            for stage in (int(s) for s in args.stages.split(",")):
+            for what, label in plans:
                 for ckpt in (int(c) for c in args.ckpt.split(",")):
-                    case = {"model": model, "stage": stage, "ckpt": ckpt, "micro_batch": args.micro_batch,
+                    case = {"model": model, **what, "ckpt": ckpt, "micro_batch": args.micro_batch,
                             "accumulation": args.accumulation, "steps": args.steps, "warmup": args.warmup}
                     r = run_case(case, tmp)
                     runs.append(r)
-                    print(f"{model} ZeRO-{stage} ckpt={ckpt}: {r['step_s']:.3f} s/step, bytes {r['bytes_per_step']}, "
+                    print(f"{model} {label} ckpt={ckpt}: {r['step_s']:.3f} s/step, bytes {r['bytes_per_step']}, "
                           f"calls {r['calls_per_step']} ({r['wall_s']:.0f} s)", flush=True)
     meta["wall_s"] = time.perf_counter() - t_all
     meta["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -40,15 +40,28 @@ def knobs_of(ds_zero: dict):
                      persistence_threshold=float(ds_zero.get("stage3_param_persistence_threshold", 1e5)))
 
 
-def predict(run: dict, inputs: dict, img_size: int, window: int, zero_passes=(0.0, 0.0, 0.0, 0.0)) -> dict:
-    from gigamim.tools.step_model import Candidate, model_facts, step_time
+def predict(run: dict, inputs: dict, img_size: int, window: int, zero_passes=(0.0, 0.0, 0.0, 0.0),
+            fsdp_passes: float = 0.0) -> dict:
+    from dataclasses import replace
+
+    from gigamim.tools.step_model import Candidate, ZeroKnobs, model_facts, step_time
 
     case = run["case"]
     device, net, costs, prec = calibration_inputs(inputs, zero_passes)
+    costs = replace(costs, fsdp_passes=fsdp_passes)
     facts = model_facts(case["model"], img_size, window)
+    ckpt = 1 if case["ckpt"] else 0
+    if is_fsdp2(run):
+        cand = Candidate(zero_stage=3, micro_batch=case["micro_batch"], accumulation=case["accumulation"],
+                         ckpt_every=ckpt, engine="fsdp2", reshard_after_forward=bool(case.get("reshard", True)))
+        return step_time(facts, cand, run["world"], run["world"], device, net, ZeroKnobs(), prec, costs)
     cand = Candidate(zero_stage=case["stage"], micro_batch=case["micro_batch"], accumulation=case["accumulation"],
-                     ckpt_every=1 if case["ckpt"] else 0)
+                     ckpt_every=ckpt)
     return step_time(facts, cand, run["world"], run["world"], device, net, knobs_of(run["ds_zero"]), prec, costs)
+
+
+def is_fsdp2(run: dict) -> bool:
+    return run["case"].get("engine") == "fsdp2"
 
 
 def fit_zero_passes(raw: dict, model: str = "swinv2_tiny") -> tuple:
@@ -62,7 +75,7 @@ def fit_zero_passes(raw: dict, model: str = "swinv2_tiny") -> tuple:
     fresh = inputs.get("fresh_gbps", inputs["mem_gbps"]) * 1e9
     for run in raw["runs"]:
         c = run["case"]
-        if c["model"] != model or c["ckpt"]:
+        if c["model"] != model or c["ckpt"] or is_fsdp2(run):
             continue
         base = predict(run, inputs, meta["img_size"], meta["window_size"])["step_s"]
         P = model_facts(c["model"], meta["img_size"], meta["window_size"]).params
@@ -71,13 +84,43 @@ def fit_zero_passes(raw: dict, model: str = "swinv2_tiny") -> tuple:
     return tuple(passes)
 
 
+def is_fsdp2_fit_run(run: dict, model: str = "swinv2_tiny") -> bool:
+    c = run["case"]
+    return is_fsdp2(run) and c["model"] == model and not c["ckpt"] and c.get("reshard", True)
+
+
+def fit_fsdp_passes(raw: dict, model: str = "swinv2_tiny") -> float:
+    """FSDP2's copies around its collectives, passes per micro-step over P x 4 bytes at the
+    first-touch bandwidth, from the ONE `model` FSDP2 run with reshard_after_forward and
+    without checkpointing; every other FSDP2 run is predicted with it."""
+    from gigamim.tools.step_model import model_facts
+
+    meta, inputs = raw["meta"], raw["inputs"]
+    fresh = inputs.get("fresh_gbps", inputs["mem_gbps"]) * 1e9
+    for run in raw["runs"]:
+        if is_fsdp2_fit_run(run, model):
+            c = run["case"]
+            base = predict(run, inputs, meta["img_size"], meta["window_size"])["step_s"]
+            P = model_facts(c["model"], meta["img_size"], meta["window_size"]).params
+            return max(0.0, (run["step_s"] - base) / (c["accumulation"] * P * 4 / fresh))
+    return 0.0
+
+
+def plan_label(run: dict) -> str:
+    c = run["case"]
+    if is_fsdp2(run):
+        return "FSDP2" + ("" if c.get("reshard", True) else " no-reshard")
+    return f"ZeRO-{c['stage']}"
+
+
 def build_table(raw: dict) -> list:
     meta, inputs = raw["meta"], raw["inputs"]
     passes = fit_zero_passes(raw)
+    fsdp_passes = fit_fsdp_passes(raw)
     rows = []
     for run in raw["runs"]:
         first = predict(run, inputs, meta["img_size"], meta["window_size"])
-        pred = predict(run, inputs, meta["img_size"], meta["window_size"], passes)
+        pred = predict(run, inputs, meta["img_size"], meta["window_size"], passes, fsdp_passes)
         measured_bytes = {k: v for k, v in run["bytes_per_step"].items() if v >= 1024}  # scalars (grad norm) aside
         kinds = sorted(set(measured_bytes) | set(pred["comm_bytes"]))
         byte_err = {k: pred["comm_bytes"].get(k, 0.0) / measured_bytes[k] - 1 if measured_bytes.get(k) else None
@@ -85,16 +128,18 @@ def build_table(raw: dict) -> list:
         total_m, total_p = sum(measured_bytes.values()), sum(pred["comm_bytes"].values())
         c = run["case"]
         rows.append({
-            "model": c["model"], "zero_stage": c["stage"], "ckpt": bool(c["ckpt"]), "micro_batch": c["micro_batch"],
+            "model": c["model"], "plan": plan_label(run), "engine": "fsdp2" if is_fsdp2(run) else "deepspeed",
+            "zero_stage": c.get("stage"), "ckpt": bool(c["ckpt"]), "micro_batch": c["micro_batch"],
             "accumulation": c["accumulation"], "steps": c["steps"],
             "measured_bytes": measured_bytes, "predicted_bytes": pred["comm_bytes"], "bytes_rel_err": byte_err,
             "bytes_total_rel_err": total_p / total_m - 1 if total_m else None,
             "measured_calls": run["calls_per_step"],
             "predicted_calls": {k: sum(x["calls"] for x in pred["comm"] if x["kind"] == k) for k in pred["comm_bytes"]},
             "measured_step_s": run["step_s"], "measured_step_times": run["step_times"],
-            "calibration_run": c["model"] == "swinv2_tiny" and not c["ckpt"],
+            "calibration_run": is_fsdp2_fit_run(run) if is_fsdp2(run) else (c["model"] == "swinv2_tiny"
+                                                                            and not c["ckpt"]),
             "first_principles_step_s": first["step_s"], "first_principles_rel_err": first["step_s"] / run["step_s"] - 1,
-            "zero_passes": passes,
+            "zero_passes": passes, "fsdp_passes": fsdp_passes,
             "predicted_step_s": pred["step_s"], "time_rel_err": pred["step_s"] / run["step_s"] - 1,
             "predicted_parts_s": {k: pred[k] for k in ("compute_s", "comm_exposed_s", "optimizer_s", "zero_copies_s",
                                                        "hooks_s")},
@@ -121,6 +166,8 @@ def markdown(raw: dict, rows: list) -> str:
         f"Runs: 2 ranks (gloo, one thread each), `deepspeed.initialize` directly, SimMIM + create_model, "
         f"{meta['img_size']} px, window {meta['window_size']}, fp32, random images; overlap_comm off; "
         f"stage 3 with persistence threshold 0, max_live 1e7, max_reuse_distance 0 (every parameter partitioned). "
+        f"FSDP2 runs: gigamim's engine through the engine seam (meta build, one fully_shard unit per block + the root, "
+        f"reduce in fp32, AdamW over the shards). "
         f"Bytes: logical buffer per collective, counted by wrapping torch.distributed (benchmarks/comm_count.py), "
         f"per step after {rows[0]['steps'] and raw['runs'][0]['case']['warmup']} warm-up step(s).",
         "",
@@ -132,11 +179,15 @@ def markdown(raw: dict, rows: list) -> str:
         "",
         f"Step time, two ways: *first principles* (compute at GEMM peak x efficiency, gloo collectives, AdamW; "
         f"nothing fitted) and *calibrated*: plus DeepSpeed's flat-buffer work, `zero_passes` per micro-step (ZeRO-1: per step) over "
-        f"P x 4 bytes at the first-touch bandwidth (copy bandwidth where the run predates that input), fitted per stage on the three swinv2_tiny runs without "
-        f"checkpointing (marked `fit`) and applied unchanged to the other nine: passes "
-        f"{', '.join(f'ZeRO-{i} {p:.2f}' for i, p in enumerate(rows[0]['zero_passes']) if i)}.",
+        f"P x 4 bytes at the first-touch bandwidth (copy bandwidth where the run predates that input), fitted per stage on the swinv2_tiny runs without "
+        f"checkpointing (marked `fit`) and applied unchanged to the others: passes "
+        f"{', '.join(f'ZeRO-{i} {p:.2f}' for i, p in enumerate(rows[0]['zero_passes']) if i and p)}"
+        + (f"; FSDP2's copies around its collectives, `fsdp_passes` {rows[0]['fsdp_passes']:.2f} per micro-step over "
+           f"P x 4 bytes, fitted on the one swinv2_tiny FSDP2 run with reshard_after_forward and without "
+           f"checkpointing, applied unchanged to the other FSDP2 runs" if any(r['engine'] == 'fsdp2' for r in rows)
+           else "") + ".",
         "",
-        "| model | ZeRO | ckpt | mb x acc | kind | measured MB/step | predicted MB/step | error | measured s/step | "
+        "| model | plan | ckpt | mb x acc | kind | measured MB/step | predicted MB/step | error | measured s/step | "
         "first principles s/step (error) | calibrated s/step | error |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -145,7 +196,7 @@ def markdown(raw: dict, rows: list) -> str:
         for i, k in enumerate(kinds):
             m, p = r["measured_bytes"].get(k, 0.0), r["predicted_bytes"].get(k, 0.0)
             e = r["bytes_rel_err"].get(k)
-            head = (f"| {r['model']} | {r['zero_stage']} | {'on' if r['ckpt'] else 'off'} | "
+            head = (f"| {r['model']} | {r.get('plan', r['zero_stage'])} | {'on' if r['ckpt'] else 'off'} | "
                     f"{r['micro_batch']} x {r['accumulation']} |") if i == 0 else "| | | | |"
             tail = (f" {r['measured_step_s']:.3f} | {r['first_principles_step_s']:.3f} "
                     f"({r['first_principles_rel_err']:+.1%}) | {r['predicted_step_s']:.3f} | {r['time_rel_err']:+.1%}"
@@ -161,8 +212,8 @@ def markdown(raw: dict, rows: list) -> str:
     worst_f = max(abs(r["first_principles_rel_err"]) for r in rows)
     lines += ["", f"Bytes within {BYTES_TOL:.0%}: {nb}/{len(rows)} runs (worst {worst_b:.2%}). "
                   f"Step time within {TIME_TOL:.0%}: calibrated {nt}/{len(held)} held-out runs (worst {worst_t:.1%}); "
-                  f"first principles {nf}/{len(rows)} (worst {worst_f:.1%}, always under: DeepSpeed's own buffer "
-                  f"work on CPU is what the first-principles terms leave out)."]
+                  f"first principles {nf}/{len(rows)} (worst {worst_f:.1%}: the engines' own buffer work on CPU is "
+                  f"what the first-principles terms leave out)."]
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,9 @@ gpu    one H200, < 8 min: SwinV2-B/L/H/G SimMIM steps at 192 px in bf16 (MFU per
        reference for B and L, attention paths and a resolution sweep for B.
 compile CPU, ~10 min: eager vs per-block compiled (gigamim and reference), and ZeRO-1 vs
        ZeRO-3 eager/compiled on 2 CPU ranks with collectives counted (the issue-15 numbers).
+engines CPU, ~30 min: DeepSpeed ZeRO-3 vs PyTorch FSDP2 on 2 CPU ranks, eager and per-block
+       compiled, SwinV2-T and SwinV2-S at 192 px (issue 20): step time (ABAB), bytes per step
+       (counted collectives), peak RSS per rank (one short run per variant).
 full   CPU, tens of minutes: quick + attention paths, checkpointing, resolution 192->768,
        micro-batch sweep, ZeRO 0/1/2/3 on 2 ranks, the data loader.
 """
@@ -117,6 +120,17 @@ def compile_profile():
                                  model="swinv2_tiny", img_size=192, micro_batch=4, warmup=2, steps=4)}
 
 
+def engines_profile():
+    """CPU, ~30 min: ZeRO-3 vs FSDP2 through the engine seam (benchmarks/engine_sweep.py).
+    Micro-batch 4 per rank for both models: SwinV2-S's fp32 step at 192 px stays well under
+    2 GiB per rank, so the 2 ranks fit a 24 GiB machine shared with other jobs."""
+    from .engine_sweep import DEFAULT_VARIANTS
+
+    return {"groups": [], "zero": None, "data": None,
+            "engines": dict(models=(("swinv2_tiny", 4), ("swinv2_small", 4)), variants=DEFAULT_VARIANTS,
+                            img_size=192, warmup=2, steps=8, memory=True, memory_steps=2)}
+
+
 def full():
     # Sized for a shared 2-core CPU: the sweeps use small batches (resolution and micro-batch
     # on nano, whose geometry scales the same way); the GPU profile runs them on SwinV2-B.
@@ -164,4 +178,5 @@ def gpu():
     return {"groups": groups, "zero": None, "data": None}
 
 
-PROFILES = {"smoke": smoke, "quick": quick, "gpu": gpu, "full": full, "compile": compile_profile}
+PROFILES = {"smoke": smoke, "quick": quick, "gpu": gpu, "full": full, "compile": compile_profile,
+            "engines": engines_profile}

@@ -17,6 +17,7 @@ GROUP_TITLES = {
     "compile": "Eager vs per-block torch.compile (gigamim and the timm reference compiled the same way)",
     "zero": "ZeRO stages on 2 ranks (gigamim pretrain)",
     "zero_compile": "ZeRO-1 vs ZeRO-3, eager vs compiled, on 2 CPU ranks (collectives counted per step)",
+    "engines": "DeepSpeed ZeRO-3 vs PyTorch FSDP2, eager and per-block compiled, on 2 CPU ranks",
     "smoke": "Smoke",
 }
 
@@ -101,6 +102,9 @@ def summarize(results: list[dict], meta: dict, data_bench: dict | None) -> dict:
     zc = _zero_compile_summary(results)
     if zc:
         s["zero_compile"] = zc
+    eng = _engines_summary(results)
+    if eng:
+        s["engines"] = eng
     s["failed_cases"] = [r["case"]["name"] for r in results if "error" in r]
     return s
 
@@ -131,6 +135,73 @@ def _compile_summary(results):
     any_case = next(r for r in pick.values() if r)
     out["geometry"] = {k: any_case["case"][k] for k in ("model", "img_size", "batch", "precision")}
     return out
+
+
+# (A, B): A's step time / B's, both from one ABAB run. The last two pairs move the same bytes.
+ENGINE_RATIOS = (("fsdp2_eager", "zero3_eager"), ("fsdp2_compiled", "zero3_compiled"),
+                 ("fsdp2_compiled", "zero3_eager"), ("zero3_compiled", "zero3_eager"),
+                 ("fsdp2_compiled", "fsdp2_eager"), ("fsdp2_eager", "zero3_regather_eager"),
+                 ("fsdp2_keep_eager", "zero3_eager"))
+
+
+def _step_ratio(a, b):
+    """A's step time / B's: from the medians, and the median of the per-round (ABAB) ratios;
+    `cpu`: the same ratio of CPU seconds per step (both ranks), where the results have it."""
+    pairs = [x / y for x, y in zip(a["step_times_s"], b["step_times_s"])]
+    out = {"ratio": a["step_time_s"] / b["step_time_s"], "paired_median": median(pairs)}
+    if a.get("cpu_time_per_step_s") and b.get("cpu_time_per_step_s"):
+        out["cpu"] = a["cpu_time_per_step_s"] / b["cpu_time_per_step_s"]
+    return out
+
+
+def _engines_summary(results):
+    """Per model: step time, bytes per step and peak RSS of each variant; the step-time ratios."""
+    by_model = {}
+    for r in results:
+        if r["case"]["group"] == "engines" and "error" not in r:
+            by_model.setdefault(f"{r['case']['model']}_b{r['case']['batch']}", {})[r["case"]["variant"]] = r
+    if not by_model:
+        return None
+    out = {}
+    for key, rs in by_model.items():
+        m = {"step_time_s": {v: r["step_time_s"] for v, r in rs.items()},
+             "collective_bytes_per_step": {v: r["collective_bytes_per_step"] for v, r in rs.items()},
+             "peak_rss_gib_per_rank": {v: [x / 2**30 for x in (r.get("memory") or {}).get("peak_rss_bytes", [])]
+                                       for v, r in rs.items()},
+             "load_avg_timed": next(iter(rs.values()))["load_avg_timed"], "ratios": {}}
+        for a, b in ENGINE_RATIOS:
+            if a in rs and b in rs:
+                m["ratios"][f"{a}_over_{b}_step_time"] = _step_ratio(rs[a], rs[b])
+        out[key] = m
+    return out
+
+
+def _engines_table(rs: list) -> list:
+    base = {r["case"]["variant"]: r for r in rs if "error" not in r}.get("zero3_eager")
+    lines = ["| variant | step s (median) | / ZeRO-3 eager (paired) | CPU s/step (2 ranks) | / ZeRO-3 eager | "
+             "fwd/bwd/opt s | s in collectives | all-gather calls / MiB | reduce-scatter calls / MiB | "
+             "all-reduce calls | peak RSS GiB rank 0 / 1 (before build) | warm-up s | losses (first 3) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rs:
+        if "error" in r:
+            lines.append(f"| {r['label']} | failed: {r['error'][-100:]!r} | | | | | | | | | | | |")
+            continue
+        c, b = r["collective_calls_per_step"], r["collective_bytes_per_step"]
+        ph = r.get("phases_s_median") or {}
+        rel = _step_ratio(r, base) if base else None
+        mem = r.get("memory") or {}
+        rss = (" / ".join(f"{x / 2**30:.2f}" for x in mem["peak_rss_bytes"])
+               + f" ({mem['rss_before_build_bytes'][0] / 2**30:.2f})") if mem.get("peak_rss_bytes") else "-"
+        lines.append(f"| {r['label']} | {_fmt(r['step_time_s'], 3)} | "
+                     f"{_fmt(rel['ratio'], 3) if rel else '-'} ({_fmt(rel['paired_median'], 3) if rel else '-'}) | "
+                     f"{_fmt(r.get('cpu_time_per_step_s'), 3)} | {_fmt((rel or {}).get('cpu'), 3)} | "
+                     f"{'/'.join(_fmt(ph.get(k), 3) for k in ('forward', 'backward', 'step'))} | "
+                     f"{_fmt(sum((r.get('collective_seconds_per_step_median') or {}).values()), 3)} | "
+                     f"{c.get('all_gather', 0)} / {b.get('all_gather', 0) / 2**20:.1f} | "
+                     f"{c.get('reduce_scatter', 0)} / {b.get('reduce_scatter', 0) / 2**20:.1f} | "
+                     f"{c.get('all_reduce', 0)} | {rss} | {'/'.join(_fmt(x, 1) for x in r['warmup_s'])} | "
+                     f"{', '.join(f'{x:.4f}' for x in r['loss'][:3])} |")
+    return lines
 
 
 def _zero_compile_summary(results):
@@ -197,6 +268,16 @@ def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: d
         for k, v in zc.items():
             if k.endswith("_step_time") and isinstance(v, float):
                 lines.append(f"  - **{k.replace('_', ' ')} = {v:.3f}**")
+    eng = summary.get("engines")
+    if eng:
+        lines.append("- ZeRO-3 vs FSDP2 on 2 CPU ranks (step-time ratios, lower is faster; median of steps, paired ABAB "
+                     "rounds in brackets):")
+        for key, m in eng.items():
+            lo = m["load_avg_timed"]
+            lines.append(f"  - {key} (load average {lo['start'][0]:.1f} -> {lo['end'][0]:.1f} over the timed steps):")
+            for k, v in m["ratios"].items():
+                cpu = f"; CPU time {v['cpu']:.3f}" if v.get("cpu") else ""
+                lines.append(f"    - **{k.replace('_', ' ')} = {v['ratio']:.3f}** ({v['paired_median']:.3f}{cpu})")
     if summary.get("skipped_groups"):
         lines.append(f"- skipped (time budget): {', '.join(summary['skipped_groups'])}")
     if summary.get("failed_cases"):
@@ -223,6 +304,25 @@ def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: d
                              f"{c.get('all_reduce', 0)} | {'/'.join(_fmt(x, 1) for x in r['warmup_s'])} | "
                              f"{', '.join(f'{x:.4f}' for x in r['loss'][:3])} |")
             lines.append("")
+            continue
+        if group == "engines":
+            by_model = {}
+            for r in rs:
+                by_model.setdefault((r["case"]["model"], r["case"]["batch"]), []).append(r)
+            for (model, batch), mrs in by_model.items():
+                ok = [r for r in mrs if "error" not in r]
+                load = ok[0]["load_avg_timed"] if ok else None
+                lines += [f"### {model}, {mrs[0]['case']['img_size']} px, micro-batch {batch} per rank x "
+                          f"{mrs[0]['case']['ranks']} ranks"
+                          + (f" (load average {load['start']} -> {load['end']} over the timed steps)" if load else ""),
+                          ""] + _engines_table(mrs) + [""]
+                for r in ok:
+                    mem = r.get("memory") or {}
+                    extra = f"; memory run load {mem['load_avg']['start'][0]:.1f}" if mem.get("load_avg") else ""
+                    lines.append(f"- {r['label']}: {r['case']['what']}; dynamo graphs compiled in warm-up "
+                                 f"{r.get('dynamo_graphs_compiled')}, in timed steps {r.get('dynamo_graphs_in_timed_steps')}"
+                                 f"{extra}")
+                lines.append("")
             continue
         if group == "zero":
             lines += ["| case | images/s | peak mem GB | wall s | note |", "|---|---|---|---|---|"]
@@ -264,7 +364,13 @@ def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: d
               "(checkpointed blocks' forward, sequential attention's QK^T).",
               "- CPU peak memory: resident tensors (parameters, optimizer states, batch) + the CPU allocator's "
               "high-water over one extra, untimed step, from torch.profiler(profile_memory=True) allocation events "
-              "(benchmarks/memory.py).", ""]
+              "(benchmarks/memory.py)."]
+    if summary.get("engines"):
+        lines += ["- ZeRO-3 vs FSDP2: peak RSS per rank is the process's VmHWM in a 2-rank run of that variant alone "
+                  "(1 warm-up + 2 steps; interpreter, torch, deepspeed and the process group included: the RSS before "
+                  "the engine was built is in brackets); bytes are the logical buffers of the counted torch.distributed "
+                  "collectives of one timed step on rank 0 (benchmarks/engine_sweep.py)."]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -353,6 +459,24 @@ def plots(results: list[dict], out: Path) -> list[str]:
         fig.savefig(out / "zero_compile.png", dpi=90)
         plt.close(fig)
         made.append("zero_compile.png")
+    eng = [r for r in results if r["case"]["group"] == "engines" and "error" not in r]
+    if eng:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        names = [f"{r['case']['model'].replace('swinv2_', '')}: {r['label']}" for r in eng]
+        colors = ["tab:blue" if r["case"]["engine"] == "deepspeed" else "tab:orange" for r in eng]
+        axes[0].barh(names, [r["step_time_s"] for r in eng], color=colors)
+        axes[0].set_xlabel("step time (s), 2 CPU ranks")
+        axes[0].invert_yaxis()
+        rss = [max((r.get("memory") or {}).get("peak_rss_bytes") or [0]) / 2**30 for r in eng]
+        axes[1].barh(names, rss, color=colors)
+        axes[1].set_xlabel("peak RSS per rank (GiB, the larger rank)")
+        axes[1].invert_yaxis()
+        axes[1].set_yticklabels([])
+        fig.suptitle("DeepSpeed ZeRO-3 (blue) vs PyTorch FSDP2 (orange)")
+        fig.tight_layout()
+        fig.savefig(out / "engines.png", dpi=90)
+        plt.close(fig)
+        made.append("engines.png")
     zero = [r for r in results if r["case"]["group"] == "zero" and "error" not in r]
     if zero:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -376,5 +500,9 @@ def write_report(out: Path, results: list[dict], meta: dict, data_bench: dict | 
     made = plots(results, out)
     summary["plots"] = made
     write_json(out / "summary.json", summary)
-    (out / "report.md").write_text(markdown(results, summary, made, data_bench))
+    text = markdown(results, summary, made, data_bench)
+    notes = out / "analysis.md"  # written by hand after a run: kept when the report is rebuilt
+    if notes.exists():
+        text += "\n" + notes.read_text()
+    (out / "report.md").write_text(text)
     return summary

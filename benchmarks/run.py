@@ -4,6 +4,7 @@
     gigamim bench --profile gpu --out bench_gpu            # one H200, < 8 min
     gigamim bench --profile full --out bench_full          # CPU sweeps + ZeRO 0-3 + data loader
     gigamim bench --profile full --only zero,data --out o  # some parts of a profile
+    gigamim bench --profile engines --out bench_engines    # ZeRO-3 vs FSDP2, 2 CPU ranks
 
 Writes one JSON per case, summary.json (train_step_ratio, peak_mem_ratio, ...), report.md
 and PNG plots into --out. Profiles are described in benchmarks/profiles.py.
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
                         "earlier runs (machine and command taken from the first DIR's summary.json)")
     p.add_argument("--list", action="store_true", help="print the profile's cases and exit (nothing is built)")
     p.add_argument("--only", default=None, help="comma-separated groups to run (ratio, memory, attention, "
-                                                "checkpointing, resolution, micro_batch, gpu_sizes, compile, zero, zero_compile, data)")
+                                                "checkpointing, resolution, micro_batch, gpu_sizes, compile, zero, zero_compile, engines, "
+                                                "data)")
     args = p.parse_args(argv)
 
     import torch
@@ -157,6 +159,8 @@ def main(argv=None) -> int:
             print(f"zero           {profile['zero']}")
         if profile.get("data"):
             print(f"data           {profile['data']}")
+        if profile.get("engines"):
+            print(f"engines        {profile['engines']}")
         return 0
     meta = {"profile": args.profile, "command": command_line(argv), "machine": machine_info(), "versions": versions(),
             "device": str(device)}
@@ -202,6 +206,13 @@ def main(argv=None) -> int:
 
         log("[zero_compile] 2 ranks, " + ", ".join(profile["zero_compile"]["variants"]))
         for res in run_zero_compile(out, log=log, **profile["zero_compile"]):
+            write_json(out / f"{res['case']['name']}.json", res)
+            results.append(res)
+    if profile.get("engines") and (not only or "engines" in only):
+        from .engine_sweep import run_engine_sweep
+
+        log("[engines] ZeRO-3 vs FSDP2 on 2 ranks, " + ", ".join(profile["engines"]["variants"]))
+        for res in run_engine_sweep(out, log=log, **profile["engines"]):
             write_json(out / f"{res['case']['name']}.json", res)
             results.append(res)
     data = None

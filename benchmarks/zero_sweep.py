@@ -116,16 +116,18 @@ ZERO_VARIANTS = {
     "zero3_engine_compile": (3, "engine", False, False),
 }
 
-_COLLECTIVES = ("all_gather_into_tensor", "_all_gather_base", "all_gather", "reduce_scatter_tensor",
+_COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_gather_into_tensor", "_all_gather_base", "all_gather", "reduce_scatter_tensor",
                 "_reduce_scatter_base", "reduce_scatter", "all_reduce", "all_reduce_coalesced", "broadcast",
                 "reduce", "all_to_all_single")
 
 
 class CollectiveCounter:
     """Counts calls and payload bytes of torch.distributed collectives (all entry points DeepSpeed
-    0.19's comm layer uses), grouped as all_gather / reduce_scatter / all_reduce / other."""
+    0.19's comm layer uses, and the all_gather_single / reduce_scatter_single that PyTorch FSDP2
+    calls on torch >= 2.12), grouped as all_gather / reduce_scatter / all_reduce / other."""
 
-    KIND = {"all_gather_into_tensor": "all_gather", "_all_gather_base": "all_gather", "all_gather": "all_gather",
+    KIND = {"all_gather_single": "all_gather", "reduce_scatter_single": "reduce_scatter",
+            "all_gather_into_tensor": "all_gather", "_all_gather_base": "all_gather", "all_gather": "all_gather",
             "reduce_scatter_tensor": "reduce_scatter", "_reduce_scatter_base": "reduce_scatter",
             "reduce_scatter": "reduce_scatter", "all_reduce": "all_reduce", "all_reduce_coalesced": "all_reduce"}
 
@@ -185,6 +187,86 @@ class CollectiveCounter:
 
     def reset(self):
         self.calls, self.bytes, self.seconds = {}, {}, {}
+
+
+def alternate_steps(engines: dict, batches: list, device, warmup: int, steps: int, counter,
+                    before_step=None) -> dict:
+    """Warm every engine up (compiled ones compile there), then alternate their timed steps
+    (ABAB...), each starting on all ranks together (barrier), with the collectives of that step
+    counted and the process CPU seconds it took (`phases_s[i]["cpu"]`). An engine is anything with `engine(images, mask) -> loss`, `.backward(loss)` and
+    `.step()` (a DeepSpeed engine, gigamim's engine seam). `before_step(name)` runs before each
+    of a variant's steps (outside the timing). Returns per name: warm-up and timed step seconds,
+    losses, per step collective calls / bytes / seconds, phase seconds, dynamo graphs new in
+    the variant's warm-up, and the load average at the start and end of the timed steps."""
+    import time as _time
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    from gigamim.data.transforms import normalize_on_device
+
+    on_gpu = device.type == "cuda"
+    phases = []
+
+    def now():
+        if on_gpu:
+            torch.cuda.synchronize()
+        return _time.perf_counter()
+
+    def step(name, i):
+        if before_step is not None:
+            before_step(name)
+        engine = engines[name]
+        b = batches[i % len(batches)]
+        images = normalize_on_device(b["image"], device)
+        mask = b["mask"].to(device)
+        if on_gpu:
+            images = images.bfloat16()
+        t0 = now()
+        c0 = _time.process_time()
+        loss = engine(images, mask)
+        t1 = now()
+        engine.backward(loss)
+        t2 = now()
+        engine.step()
+        t3 = now()
+        # CPU seconds of this process (all its threads, gloo's included): the work a step did,
+        # which other jobs on a shared machine do not inflate the way they inflate wall time
+        phases.append({"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2, "cpu": _time.process_time() - c0})
+        return t3 - t0, float(loss.detach())
+
+    names = list(engines)
+    res = {n: {"warmup_s": [], "step_s": [], "loss": [], "calls": [], "bytes": [], "comm_s": [], "phases_s": []}
+           for n in names}
+    for i in range(warmup):
+        for n in names:
+            before = counters["stats"]["unique_graphs"]
+            dt, loss = step(n, i)
+            res[n]["warmup_s"].append(dt)
+            res[n]["loss"].append(loss)
+            # dynamo graphs first compiled in this variant's warm-up (0 when it reuses another's)
+            res[n]["new_graphs"] = res[n].get("new_graphs", 0) + counters["stats"]["unique_graphs"] - before
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    for i in range(steps):
+        for n in names:
+            torch.distributed.barrier()  # each timed step starts together on both ranks
+            counter.reset()
+            before = counters["stats"]["unique_graphs"]
+            dt, loss = step(n, warmup + i)
+            # a graph compiled inside a timed step (a recompile) would make that step meaningless
+            res[n]["graphs_in_timed_steps"] = (res[n].get("graphs_in_timed_steps", 0)
+                                               + counters["stats"]["unique_graphs"] - before)
+            calls, nbytes = counter.snapshot()
+            res[n]["phases_s"].append(phases[-1])
+            res[n]["comm_s"].append(dict(counter.seconds))
+            res[n]["step_s"].append(dt)
+            res[n]["loss"].append(loss)
+            res[n]["calls"].append(calls)
+            res[n]["bytes"].append(nbytes)
+    load_end = [round(x, 2) for x in os.getloadavg()]
+    for n in names:
+        res[n]["load_avg_timed"] = {"start": load_start, "end": load_end}
+    return res
 
 
 def _zero_worker(argv) -> int:
@@ -261,55 +343,9 @@ def _zero_worker(argv) -> int:
         engines[name] = engine
         t_build[name] = _time.perf_counter() - t0
 
-    from gigamim.data.transforms import normalize_on_device
-
-    def step(engine, i):
-        b = batches[i % len(batches)]
-        images = normalize_on_device(b["image"], device)
-        mask = b["mask"].to(device)
-        if on_gpu:
-            images = images.bfloat16()
-            torch.cuda.synchronize()
-        def now():
-            if on_gpu:
-                torch.cuda.synchronize()
-            return _time.perf_counter()
-
-        t0 = now()
-        loss = engine(images, mask)
-        t1 = now()
-        engine.backward(loss)
-        t2 = now()
-        engine.step()
-        t3 = now()
-        phases.append({"forward": t1 - t0, "backward": t2 - t1, "step": t3 - t2})
-        return t3 - t0, float(loss.detach())
-
-    res = {n: {"warmup_s": [], "step_s": [], "loss": [], "calls": [], "bytes": [], "comm_s": [], "phases_s": [],
-               "build_s": t_build[n]} for n in names}
-    phases = []
-    from torch._dynamo.utils import counters
-
-    for i in range(a.warmup):
-        for n in names:
-            before = counters["stats"]["unique_graphs"]
-            dt, loss = step(engines[n], i)
-            res[n]["warmup_s"].append(dt)
-            res[n]["loss"].append(loss)
-            # dynamo graphs first compiled in this variant's warm-up (0 when it reuses another's)
-            res[n]["new_graphs"] = res[n].get("new_graphs", 0) + counters["stats"]["unique_graphs"] - before
-    for i in range(a.steps):
-        for n in names:
-            torch.distributed.barrier()  # each timed step starts together on both ranks
-            counter.reset()
-            dt, loss = step(engines[n], a.warmup + i)
-            calls, nbytes = counter.snapshot()
-            res[n]["phases_s"].append(phases[-1])
-            res[n]["comm_s"].append(dict(counter.seconds))
-            res[n]["step_s"].append(dt)
-            res[n]["loss"].append(loss)
-            res[n]["calls"].append(calls)
-            res[n]["bytes"].append(nbytes)
+    res = alternate_steps(engines, batches, device, a.warmup, a.steps, counter)
+    for n in names:
+        res[n]["build_s"] = t_build[n]
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / f"zero_compile_rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "world": world, "args": vars(a), "variants": res}, indent=1))

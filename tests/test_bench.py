@@ -115,9 +115,18 @@ def _count_worker(rank, world, port, out):
     # The c10d module path, as DeepSpeed's comm layer calls it.
     dist.distributed_c10d.all_gather_into_tensor(gathered, x)
     calls, nbytes = counter.snapshot()
+    # What PyTorch FSDP2 calls on torch >= 2.12 (all_gather_into_tensor forwards to it there:
+    # counted once above all the same).
+    fsdp = None
+    if hasattr(dist, "all_gather_single"):
+        counter.reset()
+        dist.all_gather_single(gathered, x)
+        half = torch.empty(500)
+        dist.reduce_scatter_single(half, x)
+        fsdp = counter.snapshot()
     dist.destroy_process_group()
     if rank == 0:
-        out.put((calls, nbytes, gathered[:2].tolist()))
+        out.put((calls, nbytes, gathered[:2].tolist(), fsdp))
 
 
 def test_collective_counter_counts_real_gloo_calls():
@@ -133,12 +142,15 @@ def test_collective_counter_counts_real_gloo_calls():
     procs = [ctx.Process(target=_count_worker, args=(r, 2, port, q)) for r in range(2)]
     for p in procs:
         p.start()
-    calls, nbytes, head = q.get(timeout=120)
+    calls, nbytes, head, fsdp = q.get(timeout=120)
     for p in procs:
         p.join(60)
     assert calls == {"all_gather": 2, "all_reduce": 2}
     assert nbytes == {"all_gather": 2 * 8000, "all_reduce": 2 * 4000}  # the gathered output; the reduced tensor
     assert head == [4.0, 4.0]  # the wrapped calls did their work: x = 1 -> 2 -> 4 (two all-reduces), gathered
+    if hasattr(torch.distributed, "all_gather_single"):
+        # the gathered output; the scattered input (the logical buffers)
+        assert fsdp == ({"all_gather": 1, "reduce_scatter": 1}, {"all_gather": 8000, "reduce_scatter": 4000})
 
 
 def test_compile_and_zero_summaries_from_known_results():
@@ -167,3 +179,35 @@ def test_compile_and_zero_summaries_from_known_results():
     assert z["zero3_compiled_over_zero3_eager_step_time"] == pytest.approx(0.5)
     assert z["zero3_eager_over_zero1_eager_step_time"] == pytest.approx(1.2)
     assert z["collective_calls_per_step"]["zero3_compiled"]["all_gather"] == 6
+
+
+def test_engines_summary_from_known_results():
+    from gigamim_benchmarks.report import markdown, summarize
+
+    def eng(variant, engine, times, ag, rss):
+        return {"case": {"group": "engines", "variant": variant, "model": "swinv2_tiny", "img_size": 192, "batch": 4,
+                         "ranks": 2, "engine": engine, "compile": variant.endswith("compiled"), "what": variant},
+                "label": variant, "step_time_s": sorted(times)[1], "step_times_s": times, "warmup_s": [9.0, 1.0],
+                "loss": [1.0, 0.9, 0.8], "collective_calls_per_step": {"all_gather": 1},
+                "collective_bytes_per_step": {"all_gather": ag, "reduce_scatter": 100},
+                "load_avg_timed": {"start": [2.0, 2.0, 2.0], "end": [2.5, 2.0, 2.0]},
+                "memory": {"peak_rss_bytes": [rss, rss], "rss_before_build_bytes": [1, 1],
+                           "load_avg": {"start": [2.0, 2, 2], "end": [2.0, 2, 2]}}}
+
+    results = [eng("zero3_eager", "deepspeed", [2.0, 2.0, 4.0], 100, 2**30),
+               eng("fsdp2_eager", "fsdp2", [1.0, 1.5, 1.0], 200, 2**29),
+               eng("zero3_compiled", "deepspeed", [1.0, 1.0, 1.0], 100, 2**30),
+               eng("fsdp2_compiled", "fsdp2", [2.0, 2.0, 2.0], 200, 2**29)]
+    s = summarize(results, {"profile": "engines", "command": "c", "machine": {}, "versions": {}}, None)
+    m = s["engines"]["swinv2_tiny_b4"]
+    r = m["ratios"]
+    assert r["fsdp2_eager_over_zero3_eager_step_time"]["ratio"] == pytest.approx(1.0 / 2.0)
+    assert r["fsdp2_eager_over_zero3_eager_step_time"]["paired_median"] == pytest.approx(0.5)  # 0.5, 0.75, 0.25
+    assert r["fsdp2_compiled_over_zero3_compiled_step_time"]["ratio"] == pytest.approx(2.0)
+    assert r["zero3_compiled_over_zero3_eager_step_time"]["ratio"] == pytest.approx(0.5)
+    assert m["collective_bytes_per_step"]["fsdp2_eager"]["all_gather"] == 200
+    assert m["peak_rss_gib_per_rank"]["fsdp2_eager"] == [0.5, 0.5]
+    s["machine"] = {"cpu_model": "x", "cpu_cores": 2, "torch_threads": 1, "load_avg_1_5_15": [1, 1, 1]}
+    text = markdown(results, s, [], None)
+    assert "fsdp2 eager over zero3 eager step time = 0.500" in text
+    assert "| fsdp2_eager | 1.000 | 0.500 (0.500) | - | - |" in text and "0.50 / 0.50 (0.00)" in text

@@ -288,6 +288,71 @@ def test_zero12_bytes_match_counted_collectives(stage, tmp_path):
     _counted_vs_predicted(stage, 0, tmp_path)
 
 
+def test_fsdp2_memory_rows_and_candidates():
+    # FSDP2 rows beside ZeRO's: fp32 shards of parameters, gradients, m and v (16 B / param / GPU),
+    # bf16 copies of the root unit + the current and the prefetched block, the gradients in flight
+    # (bf16 + the fp32 reduce-scatter copy of one block, the root's bf16), written out here for
+    # swinv2_tiny: the largest block is stage 3's (C = 768, 24 heads, CPB MLP 2 -> 512 -> 24).
+    P, c = TINY_SIMMIM, 768
+    block = 4 * c + (3 * c * c + 2 * c) + 24 + (2 * 512 + 512) + 24 * 512 + (c * c + c) + (4 * c * c + 4 * c) + (4 * c * c + c)
+    blocks = sum(sum(p.numel() for p in b.parameters()) for b in create_model("swinv2_tiny").blocks())
+    root = P - blocks
+    p = plan.make_plan("swinv2_tiny", 8, 80, global_batch=8 * 64)
+    rows = {(r["plan"], r["activations"]): r for r in p["rows"]}
+    reshard, keep = rows[("FSDP2", "fused")], rows[("FSDP2 no-reshard", "fused")]
+    grads = 2 * root + 6 * block
+    assert reshard["model_states_gb"] * GiB == pytest.approx(16 * P / 8 + 2 * (root + 2 * block) + grads)
+    assert keep["model_states_gb"] * GiB == pytest.approx(16 * P / 8 + 2 * P + grads)
+    assert reshard["accumulation_extra_gb"] * GiB == pytest.approx(4 * P)  # unsharded fp32 gradients
+    assert reshard["engine"] == "fsdp2" and reshard["zero_stage"] is None
+    text = plan.format_plan(p)
+    assert "FSDP2 no-reshard" in text and "unsharded fp32 gradients" in text
+    # the step-time candidates: FSDP2 rows with the communication of the model above
+    net, dev = hardware.Network(), hardware.DEVICES["h100"]
+    from gigamim.tools.candidates import enumerate_candidates
+
+    cands = enumerate_candidates("swinv2_tiny", 8, 8, 80, dev, net, global_batch=8 * 64)
+    f = [r for r in cands if r["plan"] == "FSDP2"]
+    assert f and all(r["engine"] == "fsdp2" and r["zero_stage"] is None for r in f)
+    r = f[0]
+    gb = r["comm_gb_per_step"]
+    padded = gb["reduce_scatter"] * 1e9 / 4  # fp32 reduce-scatter of every (padded) parameter, once per step
+    assert P <= padded < P * 1.01
+    assert gb["all_gather"] * 1e9 == pytest.approx(r["accumulation"] * 2 * 2 * padded)  # bf16, forward + backward
+
+
+def _fsdp2_counted_vs_predicted(reshard: bool, ckpt: int, accumulation: int, tmp_path):
+    """gigamim's FSDP2 engine on 2 real ranks (gloo, fully_shard per block + root), every
+    torch.distributed collective wrapped and counted; the planner's bytes and calls for the
+    same shape must be those, to the byte (FSDP2's dim-0 padding included)."""
+    from gigamim_benchmarks.plan_calibration import run_case
+    from gigamim_benchmarks.plan_calibration_report import predict
+
+    case = {"model": "swinv2_nano", "engine": "fsdp2", "reshard": reshard, "ckpt": ckpt, "micro_batch": 2,
+            "accumulation": accumulation, "steps": 1, "warmup": 1}
+    run = run_case(case, tmp_path, timeout=300)
+    counted = {k: v for k, v in run["bytes_per_step"].items() if v >= 1024}
+    pred = predict(run, {"gemm_tflops": 1.0, "mem_gbps": 1.0, "efficiency": 0.5, "optim_s_per_param": 1e-9,
+                         "gloo": {}}, 96, 6)
+    assert counted == pred["comm_bytes"], (counted, pred["comm_bytes"])
+    calls = {}
+    for c in pred["comm"]:
+        calls[c["kind"]] = calls.get(c["kind"], 0) + c["calls"]
+    assert {k: run["calls_per_step"][k] for k in counted} == calls
+
+
+def test_fsdp2_bytes_match_counted_collectives(tmp_path):
+    # reshard after forward (a second gather in backward, the root's too), accumulation 2
+    # (the reduce-scatter only at the boundary), nano's odd dim-0 parameters (padding).
+    _fsdp2_counted_vs_predicted(True, 0, 2, tmp_path)
+
+
+@pytest.mark.slow
+def test_fsdp2_no_reshard_checkpointed_bytes_match_counted_collectives(tmp_path):
+    # one gather per micro-step; checkpointed blocks recompute without gathering again
+    _fsdp2_counted_vs_predicted(False, 1, 3, tmp_path)
+
+
 def test_plan_cli_non_default_window(capsys):
     # 512 px needs a window dividing 128: the override must reach every part of the plan.
     assert plan.main(["--model", "swinv2_nano", "--img-size", "512", "--window-size", "16", "--gpus", "8"]) == 0

@@ -9,6 +9,13 @@ gathered (up to `stage3_max_live_parameters`, measured on CPU: DeepSpeed really 
 many from forward into backward) and the reduce bucket; hpZ its secondary partition
 (2 bytes x P / gpus_per_node); plus activations from `plan.activation_per_image` with SDPA
 ('fused') attention: per image x micro-batch + once per micro-batch.
+
+PyTorch FSDP2 (`train.engine: fsdp2`, with and without `fsdp.reshard_after_forward`): its
+sharded fp32 states (16 bytes per parameter / GPUs) plus `plan.fsdp2_buffer_bytes` (the
+gathered bf16 units in flight, the gradients being reduce-scattered, and with accumulation
+the unsharded gradients of the whole model), the same activations; its step time from
+`step_model` (engine "fsdp2"). It counts one step of complexity more than a DeepSpeed plan
+(the default engine).
 """
 
 from __future__ import annotations
@@ -88,7 +95,7 @@ def enumerate_candidates(name: str, gpus: int, gpus_per_node: int, gpu_mem_gb: f
                         t = step_time(facts, cand, gpus, gpus_per_node, device, net, knobs, prec, costs)
                         mem = states + fixed + mb * per_img
                         rows.append({
-                            "plan": cand.label, "zero_stage": stage, "offload": offload, "hpz": hpz, "qwz": qwz,
+                            "plan": cand.label, "engine": "deepspeed", "zero_stage": stage, "offload": offload, "hpz": hpz, "qwz": qwz,
                             "qgz": qgz, "checkpointing": cand.ckpt_label, "ckpt_every": ckpt_every,
                             "sequential_stages": list(seq), "micro_batch": mb, "accumulation": acc,
                             "global_batch": mb * acc * gpus, "max_micro_batch": mb_fit,
@@ -101,7 +108,65 @@ def enumerate_candidates(name: str, gpus: int, gpus_per_node: int, gpu_mem_gb: f
                             "complexity": int(offload) * 4 + int(hpz) + int(qwz) + int(qgz) + stage * 0
                             + (1 if seq else 0) + (1 if ckpt_every else 0),
                         })
+    rows += _fsdp2_rows(facts, gpus, gpus_per_node, budget, device, net, knobs, prec, costs, act, per_gpu,
+                        micro_batch, max_micro_batch)
     rows.sort(key=lambda r: -r["images_per_s"])
+    return rows
+
+
+def _fsdp2_rows(facts, gpus, gpus_per_node, budget, device, net, knobs, prec, costs, act, per_gpu, micro_batch,
+                max_micro_batch) -> list:
+    from gigamim.tools.plan import FSDP2_STATE_BYTES, fsdp2_buffer_bytes, model_state_bytes
+
+    P = facts.params
+    root, block = P - sum(facts.block_params), max(facts.block_params)
+    states = model_state_bytes(P, gpus, 3, False, 0, state_bytes=FSDP2_STATE_BYTES)["gpu"]["total"]
+    rows = []
+    for reshard in (True, False):
+        for ckpt_every in (0, 2, 1):
+            for seq in ((), (0,)):
+                per_img, fixed = act(ckpt_every, seq)
+
+                def fit(accumulation):
+                    buf = fsdp2_buffer_bytes(P, root, block, reshard, accumulation, prec.param_bytes,
+                                             prec.fsdp_reduce_bytes)["total"]
+                    room = budget - states - buf - fixed
+                    return (int(min(max_micro_batch, room // per_img)) if room > 0 else 0), buf
+
+                def choose(mb_fit):
+                    if micro_batch:
+                        return micro_batch if micro_batch <= mb_fit else 0
+                    if per_gpu:
+                        return max((d for d in divisors(per_gpu) if d <= mb_fit), default=0)
+                    return mb_fit
+
+                mb_fit, buf = fit(1)
+                mb = choose(mb_fit)
+                if mb and per_gpu and per_gpu // mb > 1:
+                    # accumulating: gradient sync is off until the boundary, the unsharded
+                    # gradients of the whole model stay; refit with them
+                    mb_fit, buf = fit(2)
+                    mb = choose(mb_fit)
+                if not mb:
+                    continue
+                acc = per_gpu // mb if per_gpu else 1
+                cand = Candidate(3, mb, acc, False, False, False, False, ckpt_every, seq, engine="fsdp2",
+                                 reshard_after_forward=reshard)
+                t = step_time(facts, cand, gpus, gpus_per_node, device, net, knobs, prec, costs)
+                mem = states + buf + fixed + mb * per_img
+                rows.append({
+                    "plan": cand.label, "engine": "fsdp2", "reshard_after_forward": reshard, "zero_stage": None,
+                    "offload": False, "hpz": False, "qwz": False, "qgz": False, "checkpointing": cand.ckpt_label,
+                    "ckpt_every": ckpt_every, "sequential_stages": list(seq), "micro_batch": mb, "accumulation": acc,
+                    "global_batch": mb * acc * gpus, "max_micro_batch": mb_fit,
+                    "mem_gb": mem / GiB, "states_gb": (states + buf) / GiB, "activations_gb": (fixed + mb * per_img) / GiB,
+                    "step_s": t["step_s"], "images_per_s": t["images_per_s"], "mfu": t["mfu"],
+                    "compute_s": t["compute_s"], "comm_s": t["comm_s"], "comm_exposed_s": t["comm_exposed_s"],
+                    "optimizer_s": t["optimizer_s"], "data_s": t["data_s"], "data_bound": t["data_bound"],
+                    "comm_over_compute": t["comm_over_compute"],
+                    "comm_gb_per_step": {k: v / 1e9 for k, v in t["comm_bytes"].items()},
+                    "complexity": 1 + (1 if seq else 0) + (1 if ckpt_every else 0),
+                })
     return rows
 
 
@@ -112,7 +177,7 @@ def recommend(rows: list, tolerance: float = 0.02) -> dict | None:
         return None
     best = rows[0]["images_per_s"]
     near = [r for r in rows if r["images_per_s"] >= best * (1 - tolerance)]
-    return min(near, key=lambda r: (r["complexity"], r["zero_stage"], -r["images_per_s"]))
+    return min(near, key=lambda r: (r["complexity"], r["zero_stage"] or 3, -r["images_per_s"]))
 
 
 def as_json(obj) -> dict:

@@ -13,6 +13,16 @@ Model states (mixed-precision Adam, the ZeRO paper's K=12): 2 bytes bf16 paramet
 optimizer (and with stage 3 the parameters) to host memory; what stays on the GPU then is
 the working set (gathered parameters of the layers in flight).
 
+PyTorch FSDP2 (`train.engine: fsdp2`) keeps fp32 shards of the parameters, gradients and
+AdamW m / v: 16 bytes per parameter / GPUs, as ZeRO-3 (bf16 training). On top
+(`fsdp2_buffer_bytes`): the bf16 compute copies gathered for the units in flight (the root
+unit: patch embedding, merges, final norm, decoder, for the whole forward / backward, plus
+the current and the prefetched block; every unit when `fsdp.reshard_after_forward` is off),
+the unsharded gradients of the unit being reduce-scattered (bf16, and their copy in
+`fsdp.reduce_dtype`), and with gradient accumulation the unsharded gradients of the whole
+model in the reduce dtype (gradient sync is off until the boundary: P x 4 bytes in fp32).
+CPU offload is not modelled for FSDP2.
+
 Activations: the tensors autograd saves for backward, counted op by op for the blocks as
 gigamim implements them (see `block_saved_elements`), plus patch embedding, merges, the
 final norm and the SimMIM decoder + loss. Checkpointed blocks keep only their input; in
@@ -41,8 +51,11 @@ from dataclasses import dataclass
 GiB = 2**30
 # Mixed-precision Adam bytes per parameter: bf16 weights, bf16 grads, fp32 master + m + v.
 PARAM_BYTES, GRAD_BYTES, OPTIM_BYTES = 2, 2, 12
-# fp32 training (the CPU check): weights, grads, Adam m + v; no master copy.
+# fp32 training (the CPU check): weights, grads, Adam m + v; no master copy. Also FSDP2's
+# sharded states under bf16 training (fp32 parameter and gradient shards, m, v).
 FP32_STATE_BYTES = (4, 4, 8)
+FSDP2_STATE_BYTES = FP32_STATE_BYTES
+FSDP2_LABELS = {True: "FSDP2", False: "FSDP2 no-reshard"}
 ATTN_MODES = ("explicit", "fused", "sequential")
 
 
@@ -281,6 +294,27 @@ def largest_layer_params(name: str, img_size: int | None = None, window_size=Non
     return 3 * c * c + c * c + 8 * c * c + 2 * 512 + 512 * heads + 10 * c
 
 
+def fsdp2_buffer_bytes(params: int, root_params: int, largest_block: int, reshard_after_forward: bool,
+                       accumulation: int = 1, param_bytes: int = 2, reduce_bytes: int = 4) -> dict:
+    """FSDP2's unsharded memory per GPU on top of its sharded states (see the module docstring)."""
+    if reshard_after_forward:
+        gathered = (root_params + 2 * largest_block) * param_bytes  # root + current + prefetched block
+    else:
+        gathered = params * param_bytes
+    grads = root_params * param_bytes + largest_block * (param_bytes + reduce_bytes)
+    accumulated = params * reduce_bytes if accumulation > 1 else 0
+    return {"gathered": gathered, "grads_in_flight": grads, "accumulated_grads": accumulated,
+            "total": gathered + grads + accumulated}
+
+
+def fsdp2_sizes(name: str, img_size: int | None = None, window_size=None) -> tuple:
+    """(parameters, the root unit's parameters, the largest block's) as the FSDP2 engine shards them."""
+    from gigamim.tools.step_model import model_facts
+
+    facts = model_facts(name, img_size, window_size)
+    return facts.params, facts.params - sum(facts.block_params), max(facts.block_params)
+
+
 def fit_micro_batch(budget: float, states: float, act_per_image: float, act_fixed: float = 0.0,
                     cap: int = 4096) -> int:
     """Largest micro-batch with states + fixed + mb * act_per_image <= budget (0 if none)."""
@@ -311,25 +345,46 @@ def make_plan(name: str, gpus: int, gpu_mem_gb: float, img_size: int | None = No
                                                     checkpointing=ckpt, attn_chunk=attn_chunk)
             act[f"{attn}{'+ckpt' if ckpt else ''}"] = {"per_image_gb": per_image / GiB, "fixed_gb": fixed / GiB}
     rows = []
-    for stage in (1, 2, 3):
-        for offload in (False, True):
+    plans = [("deepspeed", stage, offload, None) for stage in (1, 2, 3) for offload in (False, True)]
+    plans += [("fsdp2", None, False, reshard) for reshard in (True, False)]
+    _, root, block = fsdp2_sizes(name, size, window_size)
+    for engine, stage, offload, reshard in plans:
+        if engine == "fsdp2":
+            st = model_state_bytes(params, gpus, 3, False, 0, state_bytes=FSDP2_STATE_BYTES)
+            buffers = fsdp2_buffer_bytes(params, root, block, reshard)["total"]
+            # gradient sync off until the accumulation boundary: unsharded fp32 gradients meanwhile
+            accum_extra = fsdp2_buffer_bytes(params, root, block, reshard, accumulation=2)["total"] - buffers
+            st["gpu"]["total"] += buffers
+            label = FSDP2_LABELS[reshard]
+        else:
             st = model_state_bytes(params, gpus, stage, offload, largest)
-            for key, a in act.items():
-                per, fixed = a["per_image_gb"] * GiB, a["fixed_gb"] * GiB
-                mb = fit_micro_batch(budget, st["gpu"]["total"], per, fixed)
-                row = {"zero_stage": stage, "offload": offload, "activations": key,
-                       "model_states_gb": st["gpu"]["total"] / GiB, "host_gb_per_gpu": st["host_per_gpu"] / GiB,
-                       "max_micro_batch": mb, "global_batch": mb * gpus}
-                if global_batch and mb:
-                    # Reach the recipe's global batch with the fewest accumulation steps.
-                    accum = math.ceil(global_batch / (gpus * mb))
+            accum_extra, label = 0.0, f"ZeRO-{stage}" + (" offload" if offload else "")
+        for key, a in act.items():
+            per, fixed = a["per_image_gb"] * GiB, a["fixed_gb"] * GiB
+            mb = fit_micro_batch(budget, st["gpu"]["total"], per, fixed)
+            row = {"plan": label, "engine": engine, "zero_stage": stage, "offload": offload, "activations": key,
+                   "model_states_gb": st["gpu"]["total"] / GiB, "host_gb_per_gpu": st["host_per_gpu"] / GiB,
+                   "max_micro_batch": mb, "global_batch": mb * gpus}
+            if engine == "fsdp2":
+                row["reshard_after_forward"] = reshard
+                row["accumulation_extra_gb"] = accum_extra / GiB
+            if global_batch and mb:
+                # Reach the recipe's global batch with the fewest accumulation steps.
+                accum = math.ceil(global_batch / (gpus * mb))
+                if accum > 1 and accum_extra:
+                    # FSDP2 accumulating: the unsharded gradients take room from the micro-batch
+                    mb_acc = fit_micro_batch(budget, st["gpu"]["total"] + accum_extra, per, fixed)
+                    accum = math.ceil(global_batch / (gpus * mb_acc)) if mb_acc else 0
+                if accum:
                     row["accumulation"] = accum
                     row["micro_batch_for_global"] = math.ceil(global_batch / (gpus * accum))
-                if micro_batch:
-                    need = st["gpu"]["total"] + fixed + micro_batch * per
-                    row["mem_at_micro_batch_gb"] = need / GiB
-                    row["fits_micro_batch"] = need <= budget
-                rows.append(row)
+            if micro_batch:
+                need = st["gpu"]["total"] + fixed + micro_batch * per
+                if global_batch and accum_extra and global_batch > gpus * micro_batch:
+                    need += accum_extra
+                row["mem_at_micro_batch_gb"] = need / GiB
+                row["fits_micro_batch"] = need <= budget
+            rows.append(row)
     out = {"model": name, "img_size": size, "window_size": cfg["window_size"], "params": params,
            "gpus": gpus, "gpu_mem_gb": gpu_mem_gb, "budget_gb": budget / GiB, "margin": margin,
            "reserved_gb": reserved_gb, "micro_batch": micro_batch, "global_batch": global_batch,
@@ -354,10 +409,13 @@ def make_plan(name: str, gpus: int, gpu_mem_gb: float, img_size: int | None = No
 def _best(plan: dict) -> dict | None:
     """Fewest moving parts that fit: no offload before offload, lower stage first, then the
     largest micro-batch; checkpointing only when it buys a bigger batch."""
-    fits = [r for r in plan["rows"] if r["max_micro_batch"] > 0 and (not plan["micro_batch"] or r["fits_micro_batch"])]
+    fits = [r for r in plan["rows"] if r["max_micro_batch"] > 0 and (not plan["micro_batch"] or r["fits_micro_batch"])
+            and (not plan.get("global_batch") or "micro_batch_for_global" in r)]
     if not fits:
         return None
-    return max(fits, key=lambda r: (not r["offload"], r["max_micro_batch"] >= 8, -r["zero_stage"], r["max_micro_batch"]))
+    # FSDP2 shards like ZeRO-3; on a tie the default engine (DeepSpeed) is suggested.
+    return max(fits, key=lambda r: (not r["offload"], r["max_micro_batch"] >= 8, -(r["zero_stage"] or 3),
+                                    r["engine"] == "deepspeed", r["max_micro_batch"]))
 
 
 def format_speed(plan: dict, top: int = 14) -> list:
@@ -371,7 +429,7 @@ def format_speed(plan: dict, top: int = 14) -> list:
              f"{' (' + si['ib'] + ' IB)' if si.get('ib') else ''}; overlap {costs['overlap']:.0%}; data "
              f"{costs['cpu_ms_per_image']:g} ms/img/core x {costs['host_cores_per_gpu']:g} cores/GPU):"]
     shown = cands[:top]
-    for stage in (1, 2, 3):
+    for stage in (1, 2, 3, None):  # the fastest of each ZeRO stage and of FSDP2
         first = next((r for r in cands if r["zero_stage"] == stage), None)
         if first is not None and first not in shown:
             shown.append(first)
@@ -406,14 +464,18 @@ def format_plan(plan: dict) -> str:
     ]
     for key, a in plan["activations_per_image"].items():
         lines.append(f"  {key:<20} {a['per_image_gb']:8.3f}   (+{a['fixed_gb']:.3f} once per micro-batch)")
-    lines += ["", f"{'ZeRO':>4} {'offload':>7} {'activations':<20} {'states GiB':>10} {'host GiB':>8} "
+    lines += ["", f"{'plan':<16} {'activations':<20} {'states GiB':>10} {'host GiB':>8} "
                   f"{'max mb':>6} {'global':>7}" + ("  at --micro-batch" if plan["micro_batch"] else "")]
     for r in plan["rows"]:
         extra = ""
         if plan["micro_batch"]:
             extra = f"  {r['mem_at_micro_batch_gb']:.1f} GiB {'fits' if r['fits_micro_batch'] else 'OOM'}"
-        lines.append(f"{r['zero_stage']:>4} {str(r['offload']):>7} {r['activations']:<20} {r['model_states_gb']:>10.2f} "
+        lines.append(f"{r['plan']:<16} {r['activations']:<20} {r['model_states_gb']:>10.2f} "
                      f"{r['host_gb_per_gpu']:>8.2f} {r['max_micro_batch']:>6} {r['global_batch']:>7}{extra}")
+    if any(r["engine"] == "fsdp2" for r in plan["rows"]):
+        extra = next(r["accumulation_extra_gb"] for r in plan["rows"] if r["engine"] == "fsdp2")
+        lines.append(f"(FSDP2 states include its gathered bf16 units and gradients in flight; with gradient "
+                     f"accumulation +{extra:.1f} GiB of unsharded fp32 gradients until the boundary)")
     best = _best(plan)
     lines.append("")
     if plan.get("candidates") is not None:
@@ -421,7 +483,7 @@ def format_plan(plan: dict) -> str:
     if best is None:
         lines.append("nothing fits: more GPUs, offload, or a smaller image")
     else:
-        lines.append(f"suggested: ZeRO-{best['zero_stage']}{' + offload' if best['offload'] else ''}, "
+        lines.append(f"suggested: {best['plan'].replace(' offload', ' + offload')}, "
                      f"{best['activations']}, micro-batch {best['max_micro_batch']} -> global batch "
                      f"{best['global_batch']} per step without accumulation")
         if plan.get("global_batch"):

@@ -31,6 +31,18 @@ Communication, per rank, logical bytes (the buffer a collective works on; what
   forward gather as int8 (x 0.5 of bf16, + 1/256 for the fp32 scales); qgZ replaces the
   gradient reduce-scatter by a 2-hop all-to-all of int4 data (x 0.25 of bf16 on both
   hops, the inter-node hop carries 1/gpus_per_node of it).
+- PyTorch FSDP2 (`train.engine: fsdp2`, gigamim's engine: every block its own `fully_shard`
+  unit, the root unit holds the rest), per micro-step: one all-gather per unit in forward
+  (the parameter dtype: bf16 under bf16 training), and with `reshard_after_forward` one more
+  per unit in backward. The engine passes the setting to the root as well, so torch (2.9+)
+  re-gathers the root too (left to torch's default, the root would stay gathered). Gradients:
+  one reduce-scatter per unit in `fsdp.reduce_dtype` (fp32 by default, also under bf16) at
+  the accumulation boundary only (the engine turns gradient sync off in between; the
+  unsharded gradients accumulate locally meanwhile). FSDP2 shards dim 0 of every parameter
+  in `torch.chunk` pieces padded to the first one's size, so a collective's buffer is
+  sum over parameters of ceil(dim0 / ranks) x ranks x (the other dims) elements
+  (`ModelFacts.fsdp_padded`). Activation checkpointing adds no gathers (the block's
+  pre-backward hook gathers; the recompute's forward finds it gathered).
 Time per collective: `hardware.collective_seconds` (ring busbw + per-call latency).
 
 Overlap (stated): on GPUs with `overlap_comm`, communication that runs during compute
@@ -48,7 +60,9 @@ ZeRO bookkeeping (DeepSpeed's flat buffers: gradient buckets, gather outputs, fp
 partitions): `zero_passes[stage]` passes over P x grad_bytes per micro-step (ZeRO-1: per step) at the device
 memory bandwidth (on CPU ranks: the first-touch bandwidth of fresh memory, which is what
 those buffers cost there), calibrated on 2 CPU ranks; plus `hook_s` per ZeRO-3 module hook
-(4 per module per micro-step: pre/post forward and backward; 20 us).
+(4 per module per micro-step: pre/post forward and backward; 20 us). FSDP2 the same way:
+`fsdp_passes` over P x param_bytes per micro-step (its copy-in / copy-out around every
+all-gather and reduce-scatter; calibrated on 2 CPU ranks) and 4 hooks per unit per micro-step.
 Data (stated, overlapped by the loader workers): `cpu_ms_per_image` of decode + crop per
 host core / `host_cores_per_gpu`; a step is never faster than its data.
 """
@@ -78,6 +92,7 @@ class Precision:
     param_bytes: int = 2  # what the gathers carry (bf16)
     grad_bytes: int = 2  # what the reductions carry (communication_data_type)
     master_bytes: int = 4  # fp32 optimizer partition element
+    fsdp_reduce_bytes: int = 4  # FSDP2's gradient reduce-scatter (fsdp.reduce_dtype, fp32 by default)
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,11 @@ class Costs:
     # GPU default: ~3 passes (flatten into the bucket, copy back, copy into the fp32 partition) at
     # HBM speed; the CPU fit is larger because fresh host memory is paged in on first touch.
     zero_passes: tuple = (0.0, 3.0, 3.0, 3.0)
+    # FSDP2's copies around its collectives (all-gather copy-in / copy-out into the unsharded
+    # parameters, reduce-scatter copy-in), passes over P x param_bytes per micro-step at
+    # `buffer_bps`. GPU default ~3 (copy-out forward and backward, reduce-scatter copy-in);
+    # the CPU fit is in benchmarks/results/plan_calibration_2026-12-04.
+    fsdp_passes: float = 3.0
     buffer_bps: float | None = None
     cpu_ms_per_image: float = 2.5
     host_cores_per_gpu: float = 11.0
@@ -115,9 +135,13 @@ class Candidate:
     qgz: bool = False
     ckpt_every: int = 0  # 0 none, 1 every block, k every k-th block (the model's grad_checkpointing=k)
     sequential_stages: tuple = ()
+    engine: str = "deepspeed"  # or "fsdp2" (then zero_stage is 3: parameters, gradients and states sharded)
+    reshard_after_forward: bool = True  # fsdp2 only (fsdp.reshard_after_forward)
 
     @property
     def label(self) -> str:
+        if self.engine == "fsdp2":
+            return "FSDP2" + ("" if self.reshard_after_forward else " no-reshard")
         parts = [f"ZeRO-{self.zero_stage}"]
         if self.hpz or self.qwz or self.qgz:
             parts.append("+".join(n for n, on in (("hpZ", self.hpz), ("qwZ", self.qwz), ("qgZ", self.qgz)) if on))
@@ -146,6 +170,25 @@ class ModelFacts:
     modules_with_params: int
     small_params: dict = field(default_factory=dict)  # threshold -> parameters in tensors below it
     module_param_sizes: list = field(default_factory=list)  # per parameter-holding module, forward order
+    # FSDP2 units: each block's parameter shapes (forward order), and the root's (what no block holds)
+    block_shapes: list = field(default_factory=list)
+    root_shapes: list = field(default_factory=list)
+
+    def fsdp_padded(self, ranks: int) -> tuple:
+        """(block elements, root elements) as FSDP2's collectives carry them over `ranks`: each
+        parameter's dim 0 cut in torch.chunk pieces, every rank's piece padded to the first."""
+        def padded(shape):
+            if not shape:  # a 0-dim parameter is sharded as one element
+                return ranks
+            rest = math.prod(shape[1:])
+            return math.ceil(shape[0] / ranks) * ranks * rest
+
+        blocks = sum(padded(s) for blk in self.block_shapes for s in blk)
+        return blocks, sum(padded(s) for s in self.root_shapes)
+
+    @property
+    def fsdp_units(self) -> int:
+        return len(self.block_shapes) + 1
 
     def kept_from_forward(self, max_live: float, threshold: float) -> int:
         """Partitioned parameters ZeRO-3 still holds gathered when backward starts: the longest
@@ -200,7 +243,17 @@ def model_facts(name: str, img_size: int | None = None, window_size=None) -> Mod
     mods = len(per_module)
     per_image = float(forward_flops(model, size, batch_size=10**12))  # the CPB term vanishes
     cpb = float(forward_flops(model, size, batch_size=1)) - per_image
-    return ModelFacts(name, size, sum(sizes), bp, bf, ba, bs, per_image, cpb, mods, small, per_module)
+    # FSDP2's units as the engine makes them: every block found by models.compile.find_blocks.
+    from gigamim.models.compile import find_blocks
+
+    in_block = set()
+    block_shapes = []
+    for blk in find_blocks(model):
+        block_shapes.append([tuple(p.shape) for p in blk.parameters()])
+        in_block.update(id(p) for p in blk.parameters())
+    root_shapes = [tuple(p.shape) for p in model.parameters() if id(p) not in in_block]
+    return ModelFacts(name, size, sum(sizes), bp, bf, ba, bs, per_image, cpb, mods, small, per_module,
+                      block_shapes, root_shapes)
 
 
 def _small_params(facts: ModelFacts, threshold: float) -> int:
@@ -240,6 +293,17 @@ def comm_plan(facts: ModelFacts, cand: Candidate, ranks: int, gpus_per_node: int
                     "what": what})
 
     gb, pb = prec.grad_bytes, prec.param_bytes
+    if cand.engine == "fsdp2":
+        blocks, root = facts.fsdp_padded(ranks)
+        units = facts.fsdp_units
+        add("all_gather", acc * (blocks + root) * pb, acc * units, "micro_fwd", what="parameters, forward (every unit)")
+        if cand.reshard_after_forward:
+            # The engine gives the root the same setting, so it is re-gathered like the blocks.
+            add("all_gather", acc * (blocks + root) * pb, acc * units, "micro_bwd",
+                what="parameters, backward (resharded after forward)")
+        add("reduce_scatter", (blocks + root) * prec.fsdp_reduce_bytes, units, "boundary",
+            what="gradients (fsdp.reduce_dtype), at the accumulation boundary")
+        return out
     if cand.zero_stage in (1, 2):
         reductions = 1 if cand.zero_stage == 1 else acc
         calls = math.ceil(P / knobs.reduce_bucket)
@@ -302,14 +366,15 @@ def step_time(facts: ModelFacts, cand: Candidate, ranks: int, gpus_per_node: int
         c["seconds"] = _seconds(c, ranks, gpus_per_node, net)
         t[c["when"]] += c["seconds"]
     ov = costs.overlap
-    if cand.zero_stage == 3:
+    fsdp2 = cand.engine == "fsdp2"
+    if cand.zero_stage == 3 or fsdp2:
         exposed = max(0.0, t["micro_fwd"] + t["micro_bwd"] - ov * acc * compute_micro)
     else:
         exposed = max(0.0, t["micro_bwd"] - ov * acc * bwd_micro)
     exposed += max(0.0, t["boundary"] - ov * bwd_micro) + t["post"]
     # Optimizer over the local partition.
     P = facts.params
-    n_opt = P / ranks if cand.zero_stage >= 1 else P
+    n_opt = P / ranks if cand.zero_stage >= 1 or fsdp2 else P
     bw = device.mem_bw_gbps * 1e9
     if cand.offload:
         optim = n_opt / costs.cpu_adam_params_per_s + n_opt * (prec.grad_bytes + prec.param_bytes) / costs.pcie_bps
@@ -321,9 +386,13 @@ def step_time(facts: ModelFacts, cand: Candidate, ranks: int, gpus_per_node: int
     kinds = comm_bytes_by_kind(plan)
     buf_bw = costs.buffer_bps or bw
     # ZeRO-1 touches its flat buffers once per step (gradients accumulate in place); 2/3 per micro-step.
-    reps = 1 if cand.zero_stage == 1 else acc
-    copies = reps * costs.zero_passes[cand.zero_stage] * P * prec.grad_bytes / buf_bw
-    hooks = acc * 4 * facts.modules_with_params * costs.hook_s if cand.zero_stage == 3 else 0.0
+    if fsdp2:
+        copies = acc * costs.fsdp_passes * P * prec.param_bytes / buf_bw
+        hooks = acc * 4 * facts.fsdp_units * costs.hook_s
+    else:
+        reps = 1 if cand.zero_stage == 1 else acc
+        copies = reps * costs.zero_passes[cand.zero_stage] * P * prec.grad_bytes / buf_bw
+        hooks = acc * 4 * facts.modules_with_params * costs.hook_s if cand.zero_stage == 3 else 0.0
     gpu_step = acc * compute_micro + exposed + optim + copies + hooks
     images = mb * acc  # per rank
     data = images * costs.cpu_ms_per_image * 1e-3 / costs.host_cores_per_gpu if costs.cpu_ms_per_image else 0.0
