@@ -54,6 +54,23 @@ def describe_tag(info) -> str:
     return f"{info.tag} of {info.root} ({', '.join(f for f in facts if f)})"
 
 
+def closing_lines(info, files: list[str], out: str) -> list[str]:
+    """What `gigamim consolidate` did (which tag) and what to run next."""
+    return [f"consolidated {describe_tag(info)}",
+            f"wrote {len(files)} fp32 file(s): " + ", ".join(files),
+            f"next: `gigamim export {out} timm.safetensors --format timm` (timm), or "
+            f"`gigamim finetune --config CONFIG --set finetune.weights={out}`"]
+
+
+def universal_lines(out: str) -> list[str]:
+    """What `gigamim consolidate --universal` wrote and how a run resumes from it."""
+    tag = os.path.basename(out)
+    tag = tag[:-len("_universal")] if tag.endswith("_universal") else tag
+    return [f"universal checkpoint of {tag}: {out}",
+            f"resume it on any world size: `gigamim pretrain --config CONFIG --resume {out}` (the trainer loads "
+            "it with DeepSpeed's load_universal)"]
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -85,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.universal:
             out = to_universal(args.ckpt_dir, args.tag, args.out, overwrite=args.force, workers=args.workers,
                                quiet=not args.verbose)
-            print(f"universal checkpoint of {os.path.basename(out)[:-len('_universal')]}: {out}")
-            print(f"resume it on any world size: gigamim pretrain --config CONFIG --resume {out} "
-                  "(the trainer loads it with DeepSpeed's load_universal)")
+            print("\n".join(universal_lines(out)))
             return 0
         if not args.out:
             p.error("OUT is required (or pass --universal)")
@@ -99,10 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(e))
         info = open_checkpoint(args.ckpt_dir, args.tag)
         files = consolidate_tag(info, args.out, args.max_shard_size, overwrite=args.force, quiet=not args.verbose)
-        print(f"consolidated {describe_tag(info)}")
-        print(f"wrote {len(files)} fp32 file(s): " + ", ".join(files))
-        print(f"next: `gigamim export {args.out} timm.safetensors --format timm` (timm), or "
-              f"`gigamim finetune --config CONFIG --set finetune.weights={args.out}`")
+        print("\n".join(closing_lines(info, files, args.out)))
         return 0
     except (CheckpointError, FileExistsError) as e:
         print(f"gigamim consolidate: error: {e}", file=sys.stderr)

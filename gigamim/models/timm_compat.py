@@ -222,7 +222,7 @@ def check_timm_keys(enc: Mapping[str, Any], kwargs: Mapping[str, Any], family: s
             parts.append(f"timm keys missing here: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         if shapes:
             parts.append(f"shape mismatches: {shapes[:4]}")
-        hint = (" (SwinV2-H/G's main-branch norms (norm3) are not in timm's class: `gigamim export --format timm` "
+        hint = (" (SwinV2-H/G's main-branch norms (norm3) are not in timm's class: `gigamim export SRC OUT --format timm` "
                 "records their period and `timm_model_from_metadata` adds them; or use --format encoder.)"
                 if family == "swinv2" and any(".norm3." in k for k in extra) else "")
         raise TimmCompatError(f"encoder does not load strictly into timm {cls.__name__}"
@@ -394,7 +394,7 @@ def timm_model_from_metadata(metadata: Mapping[str, str]):
         kwargs = json.loads(metadata["timm_kwargs"])
         cls = metadata["timm_class"]
     except KeyError as e:
-        raise TimmCompatError(f"the metadata has no {e.args[0]!r}: not written by `gigamim export --format timm` "
+        raise TimmCompatError(f"the metadata has no {e.args[0]!r}: not written by `gigamim export SRC OUT --format timm` "
                               "or `gigamim finetune`") from None
     family = {timm_class_name(f): f for f in FAMILIES}.get(cls)
     if family is None:

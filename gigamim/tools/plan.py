@@ -435,7 +435,7 @@ ASSUMPTIONS = (
     ("intra", "--intra-node-gbps", "NVLink bus bandwidth inside a node (GB/s)",
      "`gigamim launch --nproc-per-node 8 doctor` measures the all-reduce busbw"),
     ("inter", "--inter-node-gbps", "bus bandwidth across nodes (GB/s), from --ib",
-     "doctor across nodes (deepspeed --hostfile ... --module gigamim doctor)"),
+     "`gigamim launch --nproc-per-node 8 --nnodes 2 --node-rank I --master-addr HOST0 doctor` on each of two nodes"),
     ("cpu_ms", "--cpu-ms-per-image", "data loading CPU time per image per core (ms)",
      "`gigamim bench --profile full --only data`"),
     ("cores", "--host-cores-per-gpu", "loader cores per GPU", "the node's cores / GPUs"),
@@ -513,9 +513,8 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def main(argv=None) -> int:
-    from gigamim.tools.hardware import DEVICES, Network, parse_ib
-    from gigamim.tools.step_model import Costs, ZeroKnobs
+def build_parser() -> argparse.ArgumentParser:
+    from gigamim.tools.hardware import DEVICES
 
     p = argparse.ArgumentParser(prog="gigamim plan",
                                 description="Per-GPU memory and step-time plan for SimMIM pretraining.")
@@ -545,7 +544,14 @@ def main(argv=None) -> int:
     p.add_argument("--max-live", type=float, default=None, help="stage3_max_live_parameters (default 1e9)")
     p.add_argument("--memory-only", action="store_true", help="no step-time model")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (same numbers as the text)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    from gigamim.tools.hardware import DEVICES, Network, parse_ib
+    from gigamim.tools.step_model import Costs, ZeroKnobs
+
+    args = build_parser().parse_args(argv)
     if args.gpus < 1 or (args.gpu_mem is not None and args.gpu_mem <= 0):
         return _fail(f"--gpus ({args.gpus}) and --gpu-mem ({args.gpu_mem}) must be positive")
     if args.gpus_per_node < 1:

@@ -63,7 +63,8 @@ def configure_from_weights(cfg) -> list[str]:
     if trained is not None:
         if asked is not None and asked != trained:
             raise FinetuneError(
-                f"model.pretrained_window_sizes={list(m.pretrained_window_sizes)} but {ft.weights} was trained with "
+                f"model.pretrained_window_sizes=[{','.join(map(str, m.pretrained_window_sizes))}] but {ft.weights} was "
+                f"trained with "
                 f"windows {list(trained)}: drop model.pretrained_window_sizes from the config (the weights' windows "
                 f"are used) or pass --set model.pretrained_window_sizes=[{','.join(map(str, trained))}]")
         if asked is None:
