@@ -102,12 +102,15 @@ def build_jit_op(out_json: Path) -> int:
     try:
         # No TORCH_CUDA_ARCH_LIST: DeepSpeed's JIT builder then compiles for the visible GPU's
         # architecture, exactly as the ranks' builder will, so they find this build in the cache.
+        from gigamim.train.engines.deepspeed import arch_list_for_deepspeed
+
+        res["arch_list"] = {"was": os.environ.get("TORCH_CUDA_ARCH_LIST"), "fix": arch_list_for_deepspeed()}
         from deepspeed.accelerator import get_accelerator
 
         accel = get_accelerator()
         builder = accel.create_op_builder("FusedAdamBuilder" if accel.device_name() == "cuda" else "ShareMemCommBuilder")
         builder.load()
-        res = {"ok": True, "op": builder.name, "accelerator": accel.device_name(), "max_jobs": os.environ.get("MAX_JOBS")}
+        res = {**res, "ok": True, "op": builder.name, "accelerator": accel.device_name(), "max_jobs": os.environ.get("MAX_JOBS")}
     except Exception as e:  # noqa: BLE001  (the pretrain step reports it)
         import traceback
 
@@ -225,7 +228,8 @@ def step_env(ctx: Ctx) -> None:
         except Exception as e:  # noqa: BLE001  (report every missing package, not the first)
             mods[mod] = {"error": f"{type(e).__name__}: {e}"[:300]}
     ctx.r.update(modules=mods, machine=machine_info(), versions=versions(), python=sys.version,
-                 executable=sys.executable, nvcc=shutil.which("nvcc"), pythonpath=os.environ.get("PYTHONPATH"))
+                 executable=sys.executable, nvcc=shutil.which("nvcc"), pythonpath=os.environ.get("PYTHONPATH"),
+                 cuda_env={k: os.environ.get(k) for k in ("TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "MAX_JOBS")})
     for mod in ("torch", "deepspeed", "webdataset", "timm", "pydantic", "gigamim"):
         ctx.check(f"import_{mod}", "error" not in mods[mod], mods[mod].get("error", ""))
     if "error" not in mods["timm"]:

@@ -304,7 +304,9 @@ class WindowAttention(nn.Module):
         out = self.cpb_mlp(table.to(dtype))  # ((2W-1)^2, heads): run once, then gather
         out = 16 * torch.sigmoid(out.to(torch.promote_types(out.dtype, torch.float32)))
         n = self.window_size[0] * self.window_size[1]
-        return out[self.relative_position_index].view(n, n, self.num_heads).permute(2, 0, 1)
+        # Contiguous: CUDA's fused SDPA kernels need the float mask's last dim at stride 1; the
+        # permuted view (stride heads) sent every unshifted block to the math path on an H200.
+        return out[self.relative_position_index].view(n, n, self.num_heads).permute(2, 0, 1).contiguous()
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B*nW, N, C) windows; mask: (nW, N, N) additive shift mask (0 / -inf) or None."""

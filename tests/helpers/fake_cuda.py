@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
+_TORCH_SDPA = F.scaled_dot_product_attention  # before patch_sdpa replaces it
 
 
 def to_fake_cuda(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
@@ -46,7 +47,14 @@ def h200_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     when there is no mask (bf16/fp16, head dim <= 256), else memory-efficient (the one fused
     kernel that takes a float mask; cuDNN refuses a mask that requires grad). Returns the fused
     kernel's output with that kernel's strides, e.g. a transposed (B, N, H, D) buffer for
-    memory-efficient attention."""
+    memory-efficient attention.
+
+    Like torch's selection (``sdp_utils_cpp.h``: ``check_last_dim_stride_equals_1``), an input
+    or float mask whose last dim is not at stride 1 rules out every fused kernel: the call then
+    takes SDPA's math path (softmax and all, what the GPU ran for a permuted CPB bias)."""
+    if any(t is not None and t.stride(-1) != 1 for t in (query, key, value, attn_mask)):
+        return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                           scale=scale, enable_gqa=enable_gqa)
     half = query.dtype in (torch.bfloat16, torch.float16)
     if attn_mask is None and half and query.shape[-1] <= 256 and not enable_gqa:
         out = aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False, scale=scale)

@@ -94,10 +94,36 @@ def build_ds_config(cfg: Config, world_size: int, on_gpu: bool, peak_lr: float) 
     return ds
 
 
+def arch_list_for_deepspeed(environ=os.environ) -> Optional[str]:
+    """Make ``TORCH_CUDA_ARCH_LIST`` one DeepSpeed's JIT op builder can parse; returns what it
+    rewrote (None if nothing).
+
+    DeepSpeed 0.19.8 sorts the list by ``int()`` of each dotted part (``builder.py``
+    ``compute_capability_args``), so an arch-specific entry such as ``9.0a`` (sm_90a, as an
+    H200 image may set it for its own kernels) fails FusedAdam's build with ``ValueError:
+    invalid literal for int() with base 10: '0a'`` (seen on the first GPU run). Its ops use no
+    sm_90a-only instructions: the plain ``9.0`` target builds them for the same GPU. The
+    suffix is dropped for this process and the ranks it starts; ``+PTX`` is kept."""
+    raw = environ.get("TORCH_CUDA_ARCH_LIST", "")
+    entries = raw.replace(";", " ").split()
+    fixed = []
+    for cc in entries:
+        arch, plus, ptx = cc.partition("+")
+        cc = ".".join(part.rstrip("abcdefghijklmnopqrstuvwxyz") for part in arch.split(".")) + plus + ptx
+        if cc not in fixed:
+            fixed.append(cc)
+    if fixed == entries:
+        return None
+    new = ";".join(fixed)
+    environ["TORCH_CUDA_ARCH_LIST"] = new
+    return f"TORCH_CUDA_ARCH_LIST {raw!r} -> {new!r} (DeepSpeed's op builder parses no arch suffix)"
+
+
 def _import_deepspeed():
     # DeepSpeed picks its accelerator at import; CPU ranks need it told.
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    arch_list_for_deepspeed()
     import deepspeed
 
     return deepspeed
