@@ -78,10 +78,25 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
+def _assert_summary(out: str, run_dir, metrics: list[dict]) -> None:
+    """The run ends with what it did and where things are (issue 24: runs ended on "saved
+    checkpoint"): the first and last logged loss and the last throughput as metrics.jsonl has
+    them, the last tag, the metrics file, the held-out accuracy and the classifier file."""
+    text = out[out.index("gigamim finetune: done: step 6 of 6"):]
+    first, last = metrics[0], metrics[-1]
+    assert f"loss        {first['loss']:.4f} (step 1) -> {last['loss']:.4f} (step 6); " \
+           f"{last['images_per_sec']:.1f} images/s" in text, text
+    assert f"checkpoint  {run_dir}/ckpt/step_00000006 (continue: --resume auto" in text, text
+    assert f"metrics     {run_dir}/logs/metrics.jsonl" in text, text
+    assert f"eval        top-1 {last['top1']:.4f}, top-5 {last['top5']:.4f} on 40 held-out images" in text, text
+    assert f"classifier  {run_dir}/ckpt/finetuned.safetensors (10 classes" in text, text
+
+
 def test_resume_is_exact_and_export_loads_into_timm_with_head(shards, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
     p = run(deepspeed_cmd(2, *_sets(shards, tmp_path, full)), timeout=600)
     assert p.returncode == 0, tail(p.stdout + p.stderr)
+    first_out = p.stdout
     p = run(deepspeed_cmd(2, *_sets(shards, tmp_path, split, ["train.stop_at_step=3"])), timeout=600)
     assert p.returncode == 0, tail(p.stdout + p.stderr)
     assert not (split / "ckpt" / "finetuned.safetensors").exists()  # stopped early: no final export yet
@@ -98,6 +113,7 @@ def test_resume_is_exact_and_export_loads_into_timm_with_head(shards, tmp_path):
     p = run(deepspeed_cmd(2, *_sets(shards, tmp_path, timed), "--resume", "auto"), timeout=600)
     assert p.returncode == 0, tail(p.stdout + p.stderr)
     a, b, c = _metrics(full), _metrics(split), _metrics(timed)
+    _assert_summary(first_out, full, a)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [r["step"] for r in c] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in a] == [r["loss"] for r in b] == [r["loss"] for r in c]  # bit-identical after resume
     assert [r.get("top1") for r in a] == [r.get("top1") for r in b] == [r.get("top1") for r in c]
