@@ -428,9 +428,11 @@ def _sdpa_backend(ctx: Ctx, model, run) -> dict:
 
 
 def step_kernels(ctx: Ctx) -> None:
+    # Forced: the default (auto) is torch, and this step measures the Triton kernels against it.
+    os.environ["GIGAMIM_KERNELS"] = "triton"
     if ctx.dry:
         # The same Triton kernels through Triton's CPU interpreter (set before triton is imported).
-        os.environ.update(TRITON_INTERPRET="1", GIGAMIM_KERNELS="triton")
+        os.environ["TRITON_INTERPRET"] = "1"
     from . import gpu_check
 
     path = ctx.results / "kernels.json"

@@ -2,10 +2,13 @@
 
 The choice is made per call from the tensor's device and the env var GIGAMIM_KERNELS:
 
-    auto (default)  a real CUDA tensor: triton if it imports, else apex if
-                    `apex.normalization` imports, else torch.  CPU, meta or fake tensors
-                    (FakeTensorMode: shapes without a GPU), no usable CUDA driver, or inside
-                    torch.compile: torch.
+    auto (default)  torch, on every device. Measured on an H200 (torch 2.11, triton 3.6;
+                    benchmarks/results/gpu_smoke_2026-12-04): the Triton residual+post-norm
+                    kernel is 2.1-2.9x faster than torch forward at (64, 2304, 128) but its
+                    backward makes forward+backward 0.22-0.73x torch's at the SwinV2 shapes
+                    (0.34x at (64, 144, 512) bf16), so training would lose with it. It stays
+                    opt-in (triton below) until its backward wins; per-block torch.compile
+                    (train.compile) is the fused path that measured faster (x1.05-1.22).
     triton          triton on any device; CPU tensors need TRITON_INTERPRET=1 set before
                     triton is first imported (the interpreter is how tests run it on CPU).
     apex            NVIDIA apex FusedLayerNorm (CUDA only, and only if already built).
@@ -140,13 +143,6 @@ def backend(device=None) -> str:
             raise RuntimeError(f"{ENV_VAR}=apex needs real CUDA tensors, got a {dev.type} tensor"
                                f"{'' if dev.type != 'cuda' else ' that is fake or has no usable driver'}")
         return "apex"
-    # auto. Under torch.compile inductor generates its own fused add+LayerNorm; an opaque
-    # autograd.Function with a hand-launched kernel would only cause graph breaks.
-    if torch.compiler.is_compiling():
-        return "torch"
-    if real_cuda(device):
-        if triton_importable():
-            return "triton"
-        if apex_importable():
-            return "apex"
+    # auto: torch (see the module docstring for the measurement). Under torch.compile inductor
+    # generates its own fused add+LayerNorm.
     return "torch"
