@@ -37,7 +37,8 @@ setup(
         "tensorboard",
     ],
     # scikit-learn: the probe tests compare with its logistic regression; the real-image check uses its digits.
-    extras_require={"test": ["pytest>=8", "pytest-timeout", "scikit-learn"]},
+    # scikit-image: the README's own-images test builds its photo folder from its sample photos.
+    extras_require={"test": ["pytest>=8", "pytest-timeout", "scikit-learn", "scikit-image"]},
     entry_points={"console_scripts": ["gigamim = gigamim.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )

@@ -180,3 +180,16 @@ def gpu():
 
 PROFILES = {"smoke": smoke, "quick": quick, "gpu": gpu, "full": full, "compile": compile_profile,
             "engines": engines_profile}
+
+# One line each, for `gigamim bench --help` (the module docstring says the same at length).
+DESCRIPTIONS = {
+    "smoke": "seconds: swinv2_nano at 64 px through every code path of the harness (what the tests run)",
+    "quick": "< 3 min on a 2-core CPU: SwinV2-T step vs the timm reference, SwinV2-B 512 px peak memory",
+    "gpu": "one H200, < 8 min: SwinV2-B/L/H/G bf16 steps at 192 px (MFU per size: what gigamim plan "
+           "--efficiency takes), attention paths, a resolution sweep",
+    "compile": "CPU, ~10 min: eager vs per-block torch.compile, ZeRO-1 vs ZeRO-3 on 2 CPU ranks",
+    "full": "CPU, tens of minutes: quick + attention, checkpointing, resolution and micro-batch sweeps, "
+            "ZeRO 0-3 on 2 ranks, the data loader",
+    "engines": "CPU, 15-30 min: DeepSpeed ZeRO-3 vs PyTorch FSDP2 on 2 ranks (swinv2_tiny/small, eager and "
+               "per-block compiled): step time, bytes per step, peak RSS",
+}

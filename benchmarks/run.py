@@ -91,11 +91,15 @@ def _rebuild(dirs, out: Path, command: str) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    from .profiles import PROFILES
+def build_parser() -> argparse.ArgumentParser:
+    from .profiles import DESCRIPTIONS, PROFILES
 
-    p = argparse.ArgumentParser(prog="gigamim bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    p = argparse.ArgumentParser(prog="gigamim bench", description=__doc__.split("\n\n")[0],
+                                epilog="profiles:\n" + "\n".join(f"  {name:<8} {DESCRIPTIONS[name]}"
+                                                                  for name in sorted(PROFILES)),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                   help="which cases to run (default quick; each is described below)")
     p.add_argument("--out", default="bench_out", help="output folder (created)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     p.add_argument("--threads", type=int, default=None,
@@ -110,7 +114,13 @@ def main(argv=None) -> int:
     p.add_argument("--only", default=None, help="comma-separated groups to run (ratio, memory, attention, "
                                                 "checkpointing, resolution, micro_batch, gpu_sizes, compile, zero, zero_compile, engines, "
                                                 "data)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    from .profiles import PROFILES
+
+    args = build_parser().parse_args(argv)
 
     import torch
 

@@ -27,6 +27,13 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+def parser_for(verb: str):
+    """The argparse parser of `gigamim <verb>` (each verb module's `build_parser()`): the one
+    that parses its command line, for checks of the command lines gigamim suggests."""
+    module_name = VERBS[verb][0].split(":")[0]
+    return importlib.import_module(module_name).build_parser()
+
+
 def _usage() -> str:
     width = max(map(len, VERBS))
     lines = ["usage: gigamim <verb> [options]   (or: python -m gigamim <verb>)", "", "verbs:"]

@@ -117,7 +117,9 @@ class LogConfig:
 
 @dataclass
 class DeepSpeedSection:
-    config: str = "zero3_bf16"  # template file, or a packaged name (configs/deepspeed/): ZeRO stage, offload, comms
+    # template file, or a packaged name (configs/deepspeed/): ZeRO stage, offload, comms; "auto" is
+    # the device's: zero3_bf16 where a GPU is visible, cpu (ZeRO-3 for CPU ranks) where none is
+    config: str = "auto"
 
 
 @dataclass
@@ -133,8 +135,11 @@ class FsdpSection:
 class FinetuneConfig:
     """`gigamim finetune` only (classification fine-tuning); pretraining ignores it."""
 
-    weights: str = ""  # consolidated SimMIM / exported encoder / DeepSpeed checkpoint; "" = from scratch
-    num_classes: int = 1000
+    # consolidated SimMIM / exported encoder / DeepSpeed checkpoint; "" = from scratch. The model
+    # (model.name, img_size, window_size, pretrained windows) comes from the weights' recorded run
+    # unless the config gives it explicitly (`gigamim finetune` says what it took).
+    weights: str = ""
+    num_classes: int = 0  # 0: the number of classes the training shards' index.json lists
     train_shards: str = ""  # labelled shards (make-shards of an ImageFolder: .cls members)
     val_shards: str = ""
     eval_every_steps: int = 0  # 0: only at the end
@@ -286,9 +291,24 @@ def resolve_config_path(path: str | os.PathLike) -> Path:
     raise ConfigError(f"config file '{path}' not found (packaged configs: {', '.join(names)})")
 
 
+def explicit_keys(cfg: Config) -> frozenset[str]:
+    """The dotted keys the YAML file or a `--set` gave (`load_config` records them): what a
+    run takes from elsewhere (fine-tuning: the weights' model) yields to these. A config built
+    in code has no record: its keys that differ from the defaults count as given."""
+    given = getattr(cfg, "explicit", None)
+    if given is not None:
+        return frozenset(given)
+    default = Config()
+    return frozenset(key for key in _all_keys()
+                     if getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+                     != getattr(getattr(default, key.split(".")[0]), key.split(".")[1]))
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file, then `--set` overrides, each key checked."""
+    """Defaults, then the YAML file, then `--set` overrides, each key checked. The keys given
+    are recorded (`explicit_keys`)."""
     cfg = Config()
+    given: set[str] = set()
     if path is not None:
         p = resolve_config_path(path)
         try:
@@ -303,8 +323,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"config file '{p}' must be a mapping of sections")
         for key, value in _flatten(tree).items():
             _apply(cfg, key, value)
+            given.add(key)
     for item in overrides or []:
-        _apply(cfg, *parse_override(item))
+        key, value = parse_override(item)
+        _apply(cfg, key, value)
+        given.add(key)
+    cfg.explicit = frozenset(given)  # not a dataclass field: never dumped, copied with the config
     return cfg
 
 
@@ -388,8 +412,9 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
 
 def _validate_finetune(ft: FinetuneConfig) -> None:
     """The finetune section's ranges (the defaults pass, so pretraining is never refused here)."""
-    if ft.num_classes < 2:
-        raise ConfigError(f"finetune.num_classes must be >= 2, got {ft.num_classes}")
+    if ft.num_classes < 2 and ft.num_classes != 0:
+        raise ConfigError(f"finetune.num_classes must be >= 2 (or 0: from the training shards' classes), "
+                          f"got {ft.num_classes}")
     if ft.eval_every_steps < 0:
         raise ConfigError(f"finetune.eval_every_steps must be >= 0 (0: only at the end); got {ft.eval_every_steps}")
     if not 0.0 < ft.layer_decay <= 1.0:
@@ -420,10 +445,25 @@ def missing_local_shards(spec) -> list[str]:
         raise ConfigError(f"data.shards: {exc}") from None
 
 
+AUTO_TEMPLATES = {"gpu": "zero3_bf16", "cpu": "cpu"}
+
+
+def auto_ds_template(on_gpu: bool | None = None) -> str:
+    """The packaged template `deepspeed.config: auto` means on this machine: ZeRO-3 in bf16 on
+    GPUs, the CPU ranks' ZeRO-3 template (small buckets, no comm overlap) without one."""
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    return AUTO_TEMPLATES["gpu" if on_gpu else "cpu"]
+
+
 def resolve_ds_config_path(path: str) -> Path:
     """The DeepSpeed template as given, else a packaged one (`gigamim/configs/deepspeed/`) by
     name: `zero3_bf16`, `zero3_bf16.json`, or the pre-0.2 spelling `ds_configs/zero3_bf16.json`
-    (still in the configs saved with old checkpoints, so they resume)."""
+    (still in the configs saved with old checkpoints, so they resume); `auto`: `auto_ds_template`."""
+    if path == "auto":
+        path = auto_ds_template()
     p = Path(path)
     if p.is_file():
         return p

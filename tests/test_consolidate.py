@@ -55,6 +55,10 @@ def test_consolidated_weights_equal_gathered_bit_for_bit(nano_ckpt, tmp_path, ca
     assert md["gigamim_config"] == (tag_dir / "gigamim_config.yaml").read_text()
     assert md["step"] == "2" and md["format"] == "simmim" and md["source_world_size"] == "2"
     assert md["zero_stage"] == "3"
+    # it says which tag it used: the one DeepSpeed's `latest` names, with the step and the ranks
+    # DeepSpeed recorded (issue 24: consolidate did not name the tag)
+    printed = capsys.readouterr().out
+    assert f"consolidated {tag_dir.name} of {ckpt} (step 2, swinv2_nano, ZeRO-3 from 2 rank(s))" in printed, printed
 
 
 def test_sharded_output_has_hf_index(nano_ckpt, tmp_path):

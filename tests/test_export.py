@@ -67,7 +67,7 @@ def test_timm_export_loads_strictly_and_matches_forward(nano_ckpt, tmp_path, cap
     out = tmp_path / "timm.safetensors"
     assert export.main([str(ckpt), str(out), "--format", "timm"]) == 0
     printed = capsys.readouterr().out
-    assert "none fits" in printed and "SwinTransformerV2(" in printed
+    assert "timm model: no named one" in printed and "SwinTransformerV2(" in printed
     sd, md = export.load_export(str(out))
     assert md["format"] == "timm" and md["timm_model"] == ""
     from timm.models.swin_transformer_v2 import SwinTransformerV2

@@ -78,10 +78,25 @@ def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
 
 
+def _assert_summary(out: str, run_dir, metrics: list[dict]) -> None:
+    """The run ends with what it did and where things are (issue 24: runs ended on "saved
+    checkpoint"): the first and last logged loss and the last throughput as metrics.jsonl has
+    them, the last tag, the metrics file, the held-out accuracy and the classifier file."""
+    text = out[out.index("gigamim finetune: done: step 6 of 6"):]
+    first, last = metrics[0], metrics[-1]
+    assert f"loss        {first['loss']:.4f} (step 1) -> {last['loss']:.4f} (step 6); " \
+           f"{last['images_per_sec']:.1f} images/s" in text, text
+    assert f"checkpoint  {run_dir}/ckpt/step_00000006 (continue: --resume auto" in text, text
+    assert f"metrics     {run_dir}/logs/metrics.jsonl" in text, text
+    assert f"eval        top-1 {last['top1']:.4f}, top-5 {last['top5']:.4f} on 40 held-out images" in text, text
+    assert f"classifier  {run_dir}/ckpt/finetuned.safetensors (10 classes" in text, text
+
+
 def test_resume_is_exact_and_export_loads_into_timm_with_head(shards, tmp_path):
     full, split = tmp_path / "full", tmp_path / "split"
     p = run(deepspeed_cmd(2, *_sets(shards, tmp_path, full)), timeout=600)
     assert p.returncode == 0, tail(p.stdout + p.stderr)
+    first_out = p.stdout
     p = run(deepspeed_cmd(2, *_sets(shards, tmp_path, split, ["train.stop_at_step=3"])), timeout=600)
     assert p.returncode == 0, tail(p.stdout + p.stderr)
     assert not (split / "ckpt" / "finetuned.safetensors").exists()  # stopped early: no final export yet
@@ -98,6 +113,7 @@ def test_resume_is_exact_and_export_loads_into_timm_with_head(shards, tmp_path):
     p = run(deepspeed_cmd(2, *_sets(shards, tmp_path, timed), "--resume", "auto"), timeout=600)
     assert p.returncode == 0, tail(p.stdout + p.stderr)
     a, b, c = _metrics(full), _metrics(split), _metrics(timed)
+    _assert_summary(first_out, full, a)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [r["step"] for r in c] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in a] == [r["loss"] for r in b] == [r["loss"] for r in c]  # bit-identical after resume
     assert [r.get("top1") for r in a] == [r.get("top1") for r in b] == [r.get("top1") for r in c]
@@ -120,12 +136,18 @@ def test_resume_is_exact_and_export_loads_into_timm_with_head(shards, tmp_path):
 
 
 def test_pretrained_window_becomes_pretrained_window_sizes(tmp_path):
-    cfg = load_config(None, ["model.name=swinv2_nano", "model.img_size=64", "model.window_size=8",
+    # Pretrained at 32 px / window 4: stage maps 8, 4, 2, 1, so the windows the position bias was
+    # scaled by are 4, 4, 2, 1 (a map no larger than the window is one window: the official
+    # recipe's [12, 12, 12, 6] for 192 px / window 12). Fine-tuned at 64 px / window 8 (maps
+    # 16, 8, 4, 2), each stage keeps its own pretraining window.
+    cfg = load_config(None, ["model.img_size=64", "model.window_size=8",
                              f"finetune.weights={_pretrained(tmp_path)}", "finetune.num_classes=10"])
     model, info = classifier.build_classifier(cfg)
-    assert info["kwargs"]["pretrained_window_sizes"] == 4 and info["kwargs"]["window_size"] == 8
-    attn = model.layers[0].blocks[0].attn
-    assert tuple(attn.pretrained_window_size) == (4, 4) and model.head.fc.out_features == 10
+    assert list(info["kwargs"]["pretrained_window_sizes"]) == [4, 4, 2, 1] and info["kwargs"]["window_size"] == 8
+    assert [tuple(layer.blocks[0].attn.pretrained_window_size) for layer in model.layers] == [(4, 4), (4, 4),
+                                                                                            (2, 2), (1, 1)]
+    assert [tuple(layer.blocks[0].attn.window_size) for layer in model.layers] == [(8, 8), (8, 8), (4, 4), (2, 2)]
+    assert model.head.fc.out_features == 10 and cfg.model.name == "swinv2_nano"  # the name from the weights
 
 
 @pytest.mark.parametrize("case", ["other_arch", "bad_window", "no_labels", "num_classes", "unknown_key"])
@@ -133,7 +155,8 @@ def test_bad_input_is_one_line(shards, tmp_path, capsys, case):
     sets = _sets(shards, tmp_path, tmp_path / "r")
     if case == "other_arch":
         sets += ["--set", f"finetune.weights={_pretrained(tmp_path, 'vit_nano_patch16', dict(img_size=64))}"]
-        want = "is a vit encoder, not one of swinv2_nano"
+        want = ("holds vit_nano_patch16 and the config sets model.name=swinv2_nano: drop model.name from the "
+                "config (the weights' model is used) or pass --set model.name=vit_nano_patch16")
     elif case == "bad_window":
         sets += ["--set", "model.window_size=3"]
         want = "window_size=3"
@@ -261,7 +284,7 @@ def test_a_tag_of_the_other_task_is_refused_before_any_weight_is_read(tmp_path):
     from gigamim.checkpoint.layout import CheckpointError
     from gigamim.train.resume import check_compatible
 
-    cfg = load_config(None, ["model.name=swinv2_nano"])
+    cfg = load_config(None, ["model.name=swinv2_nano", "finetune.num_classes=1000"])
     tag = Path("ck/step_00000003")
     check_compatible({"model": "swinv2_nano"}, cfg, tag)  # an old pretraining tag resumes pretraining
     check_compatible({"model": "swinv2_nano", "task": "finetune"}, cfg, tag, task="finetune")

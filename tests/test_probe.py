@@ -126,7 +126,7 @@ def test_bad_input_is_one_line(digit_shards, tmp_path, capsys, case):
     elif case == "other_arch":
         _, path = _simmim_file(tmp_path, "swin_nano", dict(img_size=64, window_size=4))
         args += ["--weights", str(path), "--model", "swinv2_nano"]
-        want = "is a swin encoder, not one of swinv2_nano (swinv2)"
+        want = "is a swin encoder (swin_nano), not one of swinv2_nano (swinv2)"
     elif case == "missing_file":
         args += ["--weights", str(tmp_path / "nope.safetensors")]
         want = "nope.safetensors"

@@ -47,7 +47,9 @@ def _torch_load(path: str):
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception as e:
         raise CheckpointError(f"cannot read partition file {path}: {type(e).__name__}: {e}. "
-                              "Use an earlier tag (--tag) or re-save the checkpoint.") from None
+                              "Use an earlier tag "
+                              "(consolidate/export: --tag TAG; pretrain/finetune: --resume CKPT_DIR/TAG) "
+                              "or re-save the checkpoint.") from None
 
 
 def _read_config(tag_dir: str) -> str | None:
@@ -120,7 +122,8 @@ def check_checkpoint(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Che
         raise CheckpointError(
             f"checkpoint {tag_dir} is incomplete: {first_model} records world size {world} but "
             f"{', '.join(os.path.basename(m) for m in missing)} {'is' if len(missing) == 1 else 'are'} missing "
-            "(a rank did not finish saving). Use an earlier tag (--tag) or re-save.")
+            "(a rank did not finish saving). Use an earlier tag "
+            "(consolidate/export: --tag TAG; pretrain/finetune: --resume CKPT_DIR/TAG) or re-save.")
     extra = sorted(set(model_files + optim_files) - set(want_model + want_optim))
     if extra:
         raise CheckpointError(

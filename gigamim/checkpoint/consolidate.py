@@ -29,9 +29,14 @@ def consolidate(ckpt_dir: str, out: str, tag: str | None = None, max_shard_size:
                 overwrite: bool = False, quiet: bool = True) -> list[str]:
     """Check, then stream the fp32 weights of a checkpoint tag into safetensors at `out`
     (a `.safetensors` file or an HF-style folder). Returns the written files."""
+    return consolidate_tag(open_checkpoint(ckpt_dir, tag), out, max_shard_size, overwrite, quiet)
+
+
+def consolidate_tag(info, out: str, max_shard_size: str | int | None = "5GB", overwrite: bool = False,
+                    quiet: bool = True) -> list[str]:
+    """`consolidate` of a tag already checked (`check.open_checkpoint`)."""
     from gigamim.checkpoint import safetensors_io
 
-    info = open_checkpoint(ckpt_dir, tag)
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"output {out} already exists; remove it or pass --force to replace it")
     sd = lazy_fp32_state_dict(info, quiet=quiet)
@@ -41,10 +46,35 @@ def consolidate(ckpt_dir: str, out: str, tag: str | None = None, max_shard_size:
                                dtype=torch.float32, overwrite=overwrite, progress=not quiet or sys.stderr.isatty())
 
 
+def describe_tag(info) -> str:
+    """Which tag, in words: `step_00000120 of runs/x/checkpoints (step 120, swinv2_nano, ZeRO-3 from 2 ranks)`."""
+    saver = (f"ZeRO-{info.zero_stage}" if info.zero_stage is not None else "torch.distributed.checkpoint")
+    facts = [f"step {info.meta['step']}" if info.meta.get("step") is not None else None,
+             info.meta.get("model"), f"{saver} from {info.world_size} rank(s)"]
+    return f"{info.tag} of {info.root} ({', '.join(f for f in facts if f)})"
+
+
+def closing_lines(info, files: list[str], out: str) -> list[str]:
+    """What `gigamim consolidate` did (which tag) and what to run next."""
+    return [f"consolidated {describe_tag(info)}",
+            f"wrote {len(files)} fp32 file(s): " + ", ".join(files),
+            f"next: `gigamim export {out} timm.safetensors --format timm` (timm), or "
+            f"`gigamim finetune --config CONFIG --set finetune.weights={out}`"]
+
+
+def universal_lines(out: str) -> list[str]:
+    """What `gigamim consolidate --universal` wrote and how a run resumes from it."""
+    tag = os.path.basename(out)
+    tag = tag[:-len("_universal")] if tag.endswith("_universal") else tag
+    return [f"universal checkpoint of {tag}: {out}",
+            f"resume it on any world size: `gigamim pretrain --config CONFIG --resume {out}` (the trainer loads "
+            "it with DeepSpeed's load_universal)"]
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gigamim consolidate",
         description="Consolidate a training checkpoint (DeepSpeed ZeRO 1/2/3, or torch.distributed.checkpoint "
@@ -54,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", nargs="?", help="output: a .safetensors file, or a folder (model.safetensors, or "
                    "shards + model.safetensors.index.json above --max-shard-size). With --universal: the "
                    "universal folder (default CKPT_DIR/<TAG>_universal)")
-    p.add_argument("--tag", help="checkpoint tag (default: the one named in CKPT_DIR/latest)")
+    p.add_argument("--tag", help="checkpoint tag (default: the one --resume would pick: 'latest' if it names a "
+                   "complete tag, else the newest complete one)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard when OUT is a folder "
                    "(default 5GB; units B, KB, MB, GB, KiB, MiB, GiB)")
     p.add_argument("--universal", action="store_true", help="write DeepSpeed's universal checkpoint instead")
@@ -65,15 +96,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = _parser()
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         if args.universal:
             out = to_universal(args.ckpt_dir, args.tag, args.out, overwrite=args.force, workers=args.workers,
                                quiet=not args.verbose)
-            print(f"universal checkpoint: {out}")
-            print("resume on any world size with DeepSpeed config checkpoint.load_universal=true and "
-                  f"load tag {os.path.basename(out)!r} from {os.path.dirname(out)}")
+            print("\n".join(universal_lines(out)))
             return 0
         if not args.out:
             p.error("OUT is required (or pass --universal)")
@@ -83,9 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             parse_size(args.max_shard_size)
         except ValueError as e:
             p.error(str(e))
-        files = consolidate(args.ckpt_dir, args.out, args.tag, args.max_shard_size, overwrite=args.force,
-                            quiet=not args.verbose)
-        print(f"wrote {len(files)} file(s): " + ", ".join(files))
+        info = open_checkpoint(args.ckpt_dir, args.tag)
+        files = consolidate_tag(info, args.out, args.max_shard_size, overwrite=args.force, quiet=not args.verbose)
+        print("\n".join(closing_lines(info, files, args.out)))
         return 0
     except (CheckpointError, FileExistsError) as e:
         print(f"gigamim consolidate: error: {e}", file=sys.stderr)

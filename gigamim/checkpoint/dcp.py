@@ -37,11 +37,13 @@ def read_metadata(tag_dir: str | os.PathLike):
     path = Path(tag_dir) / DCP_METADATA_FILE
     if not path.is_file():
         raise CheckpointError(f"checkpoint {tag_dir} is incomplete: {DCP_METADATA_FILE} (written last by "
-                              "torch.distributed.checkpoint) is missing. Use an earlier tag (--tag) or re-save.")
+                              "torch.distributed.checkpoint) is missing. Use an earlier tag "
+                              "(consolidate/export: --tag TAG; pretrain/finetune: --resume CKPT_DIR/TAG) or re-save.")
     try:
         return FileSystemReader(str(tag_dir)).read_metadata()
     except Exception as e:  # a truncated pickle: EOFError, UnpicklingError, ...
-        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}). Use an earlier tag (--tag) or "
+        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}). Use an earlier tag "
+                              f"(consolidate/export: --tag TAG; pretrain/finetune: --resume CKPT_DIR/TAG) or "
                               "re-save the checkpoint.") from None
 
 
@@ -59,17 +61,20 @@ def check_dcp(tag_dir: str | os.PathLike) -> tuple[list[str], int]:
         path = tag_dir / name
         if not path.is_file():
             raise CheckpointError(f"checkpoint {tag_dir} is incomplete: {name} is missing ({DCP_METADATA_FILE} "
-                                  "names it; a rank did not finish saving). Use an earlier tag (--tag) or re-save.")
+                                  "names it; a rank did not finish saving). Use an earlier tag "
+                                  "(consolidate/export: --tag TAG; pretrain/finetune: --resume CKPT_DIR/TAG) or re-save.")
         size = path.stat().st_size
         if size < end:
             raise CheckpointError(f"data file {path} is damaged ({size} bytes, its chunks end at byte {end}): it "
-                                  "was truncated or not fully written. Use an earlier tag (--tag) or re-save.")
+                                  "was truncated or not fully written. Use an earlier tag "
+                                  "(consolidate/export: --tag TAG; pretrain/finetune: --resume CKPT_DIR/TAG) or re-save.")
     if not any(k.startswith(f"{MODEL_KEY}.") for k in md.state_dict_metadata):
         raise CheckpointError(f"{tag_dir} holds no model weights ('{MODEL_KEY}.*' entries) in its DCP index")
     state = tag_dir / ENGINE_STATE_FILE
     if not state.is_file():
         raise CheckpointError(f"checkpoint {tag_dir} is incomplete: {ENGINE_STATE_FILE} (LR schedule and train "
-                              "state) is missing. Use an earlier tag (--tag) or re-save.")
+                              "state) is missing. Use an earlier tag "
+                              "(consolidate/export: --tag TAG; pretrain/finetune: --resume CKPT_DIR/TAG) or re-save.")
     check_zip(str(state))
     ranks = {name.split("_")[2] for name in needed if name.startswith("__") and name.count("_") >= 3}
     return [str(tag_dir / n) for n in sorted(needed)], len(ranks)

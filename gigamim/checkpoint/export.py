@@ -32,14 +32,7 @@ from typing import Any
 
 from gigamim.checkpoint import safetensors_io
 from gigamim.checkpoint.layout import LATEST_FILE, CheckpointError, complete_tags, is_tag_dir
-from gigamim.models.timm_compat import (
-    TimmCompatError,
-    check_timm_keys,
-    pick_timm_name,
-    read_arch,
-    swinv2_arch,
-    timm_kwargs,
-)
+from gigamim.models.timm_compat import TimmCompatError, timm_metadata
 
 FORMATS = ("encoder", "timm", "simmim")
 ENCODER_PREFIX = "encoder."
@@ -154,28 +147,18 @@ def export(src: str, out: str, fmt: str = "encoder", tag: str | None = None,
     if fmt == "timm":
         # timm's num_classes=0 model has no head; a classifier head is not part of pretraining.
         tensors = {k: v for k, v in tensors.items() if not k.startswith("head.")}
-        geo = run_geometry(metadata)
-        arch = read_arch(tensors, geo)
-        family = arch["family"]
-        if family == "swinv2":
-            arch = swinv2_arch(tensors)
-        kwargs = timm_kwargs(arch, geo)
-        check_timm_keys(tensors, kwargs, family)
-        name, note = pick_timm_name(arch, geo, tensors)
-        metadata.update(timm_model=name or "", timm_kwargs=json.dumps(kwargs), timm_class=timm_class_name(family))
-        result.update(timm_model=name, timm_note=note, timm_kwargs=kwargs, timm_class=timm_class_name(family))
+        timm_meta, note = timm_metadata(tensors, run_geometry(metadata))
+        metadata.update(timm_meta)
+        result.update(timm_model=timm_meta["timm_model"] or None, timm_note=note,
+                      timm_kwargs=json.loads(timm_meta["timm_kwargs"]), timm_class=timm_meta["timm_class"],
+                      timm_extra_norm_period=int(timm_meta.get("timm_extra_norm_period", 0)))
+    result["source"] = {k: metadata.get(k) for k in ("step", "source_tag", "model")}
     result["files"] = safetensors_io.save(out, tensors, metadata, max_shard_size=max_shard_size,
                                           dtype=torch.float32, overwrite=overwrite, progress=sys.stderr.isatty())
     return result
 
 
-def timm_class_name(family: str) -> str:
-    return {"swinv2": "timm.models.swin_transformer_v2.SwinTransformerV2",
-            "swin": "timm.models.swin_transformer.SwinTransformer",
-            "vit": "timm.models.vision_transformer.VisionTransformer"}[family]
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gigamim export",
                                 description="Export consolidated gigamim weights as encoder, timm or full "
                                             "SimMIM safetensors (with config, step and version metadata).")
@@ -184,10 +167,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="a .safetensors file, or a folder (sharded above --max-shard-size)")
     p.add_argument("--format", choices=FORMATS, default="encoder",
                    help="encoder: encoder only, no mask token (default); timm: strict-loadable into timm "
-                        "SwinTransformerV2 / SwinTransformer / VisionTransformer (num_classes=0); simmim: full model")
+                        "SwinTransformerV2 / SwinTransformer / VisionTransformer (num_classes=0; the constructor "
+                        "arguments and, where one fits, a timm model name in the metadata); simmim: full model")
     p.add_argument("--tag", help="tag of a DeepSpeed checkpoint SRC (default: its 'latest')")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    return p
+
+
+def summary(fmt: str, res: dict[str, Any]) -> list[str]:
+    """What `gigamim export` did and how to load the result, as printed lines."""
+    src = res.get("source") or {}
+    origin = ", ".join(f"{k} {v}" for k, v in (("step", src.get("step")), ("tag", src.get("source_tag")),
+                                                  ("model", src.get("model"))) if v)
+    lines = [f"wrote {fmt} weights ({origin or 'no provenance recorded'}): " + ", ".join(res["files"])]
+    if fmt != "timm":
+        return lines
+    kw = ", ".join(f"{k}={v!r}" for k, v in res["timm_kwargs"].items())
+    cls = res["timm_class"].rsplit(".", 1)[-1]
+    if res["timm_model"]:
+        lines.append(f"timm model: {res['timm_model']}: timm.create_model({res['timm_model']!r}, num_classes=0) "
+                     "loads it with strict=True")
+    else:
+        lines.append(f"timm model: no named one: {res['timm_note']}")
+    lines.append(f"timm class: {res['timm_class']}; {cls}(**json.loads(metadata['timm_kwargs'])) = {cls}({kw})"
+                 + (f" + a LayerNorm every {res['timm_extra_norm_period']} blocks: "
+                    "gigamim.models.timm_compat.timm_model_from_metadata(metadata)" if res["timm_extra_norm_period"]
+                    else " loads it with strict=True (any size: gigamim.models.timm_compat.timm_model_from_metadata)"))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         safetensors_io.parse_size(args.max_shard_size)
@@ -198,15 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, CheckpointError, FileExistsError) as e:
         print(f"gigamim export: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.format} weights: " + ", ".join(res["files"]))
-    if args.format == "timm":
-        kw = ", ".join(f"{k}={v!r}" for k, v in res["timm_kwargs"].items())
-        if res["timm_model"]:
-            print(f"timm model: {res['timm_model']}  ->  timm.create_model({res['timm_model']!r}, num_classes=0)"
-                  ".load_state_dict(weights, strict=True)")
-        else:
-            print(f"timm model: none fits: {res['timm_note']}")
-            print(f"load with {res['timm_class']}({kw})")
+    print("\n".join(summary(args.format, res)))
     return 0
 
 

@@ -108,7 +108,8 @@ def check_zip(path: str) -> None:
                     raise zipfile.BadZipFile(f"member {info.filename} runs past the end of the file")
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CheckpointError(f"partition file {path} is damaged ({os.path.getsize(path)} bytes; {e}): "
-                              "it was truncated or not fully written. Use an earlier tag (--tag) or "
+                              "it was truncated or not fully written. Use an earlier tag "
+                              "(consolidate/export: --tag TAG; pretrain/finetune: --resume CKPT_DIR/TAG) or "
                               "re-save the checkpoint.") from None
 
 

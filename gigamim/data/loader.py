@@ -154,7 +154,9 @@ def _make_sample(cfg: _Config, key, files, parts, url):
         raise BadSample(files.reason)
     found = pick_image(files, cfg.image_key) if files is not None else None
     if found is None:
-        raise BadSample("no_image", f"members: {sorted(files) if files else []}")
+        names = files.member_names() if hasattr(files, "member_names") else sorted(files or ())
+        raise BadSample("no_image", f"no image member among {names} (data.image_key picks another member)"
+                        if names else "the sample has no members")
     label = _label(files, key, url) if cfg.labels else None
     rng = sample_rng(*parts)
     img, info = cfg.transform.apply(found[1], rng)

@@ -352,6 +352,26 @@ def make_shards(src: str, out: str, *, max_count: int = 1000, max_size: int | No
     return report
 
 
+def summary(report: dict, out: str) -> list[str]:
+    """What `gigamim make-shards` did and where it wrote it, as printed lines."""
+    def reasons(counts: dict) -> str:
+        return ", ".join(f"{reason} {n}" for reason, n in counts.items())
+
+    classes = report.get("classes") or []
+    named = f"{len(classes)} classes: {', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''}" if classes \
+        else "no classes (unlabelled)"
+    conv, skip = sum(report["converted"].values()), sum(report["skipped"].values())
+    kept = [f"{report['written_unchanged']} unchanged"] + ([f"{conv} converted ({reasons(report['converted'])})"]
+                                                         if conv else [])
+    lines = [f"{report['inputs']} inputs: wrote {report['written']} samples in {report['shards']} shard(s) -> "
+             f"{os.path.join(out, INDEX_NAME)} ({named})",
+             "  " + ", ".join(kept) + "; " + (f"{skip} skipped ({reasons(report['skipped'])})" if skip else "none skipped")]
+    if report.get("shard_errors"):
+        lines.append(f"  {len(report['shard_errors'])} shard(s) unreadable in part (listed in the report)")
+    lines.append(f"  details: {os.path.join(out, REPORT_NAME)}")
+    return lines
+
+
 def _by_reason(entries: list[dict]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for e in entries:
@@ -412,10 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"gigamim make-shards: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{report['inputs']} inputs: wrote {report['written']} samples ({report['written_unchanged']} unchanged, "
-          f"converted {sum(report['converted'].values())} {report['converted'] or ''}) in {report['shards']} shard(s) "
-          f"-> {os.path.join(out, INDEX_NAME)}; skipped {sum(report['skipped'].values())} {report['skipped'] or ''}; "
-          f"details in {os.path.join(out, REPORT_NAME)}")
+    for line in summary(report, out):
+        print(line)
     return 0
 
 

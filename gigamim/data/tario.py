@@ -121,6 +121,18 @@ def is_image_ext(ext: str) -> bool:
     return ext.rsplit(".", 1)[-1] in IMAGE_EXTS
 
 
+class SampleFiles(dict):
+    """ext -> bytes of the members read, and `unread`: the exts of the sample's members left
+    unread (not asked for, or pickles), so a sample without an image can say what it holds."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unread: list[str] = []
+
+    def member_names(self) -> list[str]:
+        return sorted(set(self) | set(self.unread))
+
+
 def iter_samples(url: str, start: int = 0, stop: int | None = None,
                  want: Callable[[int], bool] | None = None,
                  read_exts: tuple[str, ...] | None = IMAGE_EXTS + ("cls",),
@@ -161,12 +173,14 @@ def iter_samples(url: str, start: int = 0, stop: int | None = None,
                 if stop is not None and index >= stop:
                     key = None
                     return
-                key, files = mkey, ({} if index >= start and (want is None or want(index)) else None)
+                key, files = mkey, (SampleFiles() if index >= start and (want is None or want(index)) else None)
             if files is None or ext in files:
                 continue
             if ext.rsplit(".", 1)[-1] in PICKLE_EXTS:
+                files.unread.append(ext)
                 continue  # never read, never unpickled
             if read_exts is not None and ext not in read_exts and not (read_images and is_image_ext(ext)):
+                files.unread.append(ext)
                 continue
             try:
                 fobj = tf.extractfile(ti)

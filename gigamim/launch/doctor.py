@@ -9,7 +9,7 @@ nccl-tests does: algbw = bytes / time, busbw = algbw * 2(n-1)/n, the ring all-re
 per-link traffic, comparable to the link speed. One process alone reports the test skipped.
 
     gigamim doctor
-    deepspeed --num_gpus 8 --no_local_rank --module gigamim doctor --bandwidth-mb 256
+    gigamim launch --nproc-per-node 8 doctor --bandwidth-mb 256      # one node (CPU ranks too)
     deepspeed --hostfile hosts --no_local_rank --module gigamim doctor   # across nodes
 """
 
@@ -256,7 +256,15 @@ def _format(report: dict, launch: dict, ranks: list[dict] | None, bw: dict | Non
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def launch_suggestion(report: dict) -> str:
+    """The command that runs doctor on this machine's ranks: gigamim's own launcher (it works
+    on CPU ranks too, where `deepspeed --num_gpus` would look for GPUs), every local GPU or 2
+    CPU ranks."""
+    gpus = sum(1 for d in report.get("devices") or [] if d.startswith("cuda:"))
+    return f"gigamim launch --nproc-per-node {gpus if gpus > 1 else 2} doctor"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gigamim doctor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--bandwidth-mb", type=float, default=64.0, help="all-reduce message size in MiB (default 64)")
     parser.add_argument("--iters", type=int, default=10, help="timed all-reduce iterations (default 10)")
@@ -264,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ops", action="store_true", help="skip DeepSpeed's op compatibility probe")
     parser.add_argument("--json", metavar="PATH", help="also write the report as JSON (rank 0)")
     parser.add_argument("--timeout-s", type=float, default=300, help="process-group timeout (default 300 s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.bandwidth_mb <= 0 or args.iters < 1 or args.warmup < 0:
         parser.error("--bandwidth-mb must be > 0, --iters >= 1 and --warmup >= 0")
@@ -291,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             rc = 1
         destroy_distributed()
     else:
-        skipped = "one process; run under a launcher with >1 rank, e.g. `deepspeed --num_gpus 2 --no_local_rank --module gigamim doctor`"
+        skipped = f"one process; for the all-reduce run it on >1 rank: `{launch_suggestion(report)}`"
 
     if launch.rank == 0:
         print(_format(report, launch_info, ranks, bw, skipped), flush=True)

@@ -39,6 +39,31 @@ def encoder_kwargs(model: Mapping[str, Any], defaults: Mapping[str, Any] | None 
     return kwargs
 
 
+def position_bias_windows(name: str, **geometry) -> tuple[int, ...] | None:
+    """Per stage, the window a model of variant ``name`` built with ``geometry`` (img_size,
+    window_size, pretrained_window_sizes; None = the variant's default) scales its continuous
+    position bias by: SwinV2's pretrained window where one is set, else the stage's own window
+    after the shrink rule (192 px, window 12: 12, 12, 12, 6). Fine-tuning at another window
+    keeps these as ``pretrained_window_sizes`` (the official recipe's [12, 12, 12, 6]). None for
+    families without such a scale (Swin V1's tables and ViT's embeddings are resized instead).
+    Built on the meta device: no memory, no weights."""
+    import torch
+
+    if "pretrained_window_sizes" not in model_arguments(name):
+        return None
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in geometry.items() if v is not None}
+    with torch.device("meta"):
+        encoder = create_model(name, **kwargs)
+    out = []
+    for layer in encoder.layers:
+        attn = layer.blocks[0].attn if len(layer.blocks) else None
+        if attn is None:
+            return None
+        pretrained, window = int(attn.pretrained_window_size[0]), int(attn.window_size[0])
+        out.append(pretrained if pretrained > 0 else window)
+    return tuple(out)
+
+
 def encoder_stride(encoder) -> int:
     """Total reduction from pixels to the encoder's output map (32 for Swin, 16 for ViT/16)."""
     stride = getattr(encoder, "encoder_stride", None)

@@ -162,13 +162,54 @@ def _signature(sd: Mapping[str, Any]) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
-def check_timm_keys(enc: Mapping[str, Any], kwargs: Mapping[str, Any], family: str = "swinv2") -> None:
-    """Raise TimmCompatError unless timm's class(**kwargs) has exactly these keys/shapes."""
+def extra_norm_period(enc: Mapping[str, Any]) -> int:
+    """SwinV2-H/G's main-branch LayerNorm period, read from the keys (``layers.i.blocks.j.norm3``
+    at the end of every period-th block of a stage), 0 when there are none."""
+    found = {(int(m.group(1)), int(m.group(2))) for m in
+             (re.match(r"layers\.(\d+)\.blocks\.(\d+)\.norm3\.weight$", k) for k in enc) if m}
+    if not found:
+        return 0
+    period = min(j + 1 for _, j in found)
+    want = {(i, j) for i, depth in enumerate(_stages(enc, "logit_scale")) for j in range(depth) if (j + 1) % period == 0}
+    if found != want:
+        raise TimmCompatError(f"main-branch norms at blocks {sorted(found)[:6]} follow no period (every {period}th "
+                              f"block would be {sorted(want)[:6]})")
+    return period
+
+
+def add_extra_norms(model, period: int):
+    """timm's SwinTransformerV2 with SwinV2-H/G's main-branch LayerNorm at the end of every
+    period-th block of each stage (``layers.i.blocks.j.norm3``, as the paper and gigamim place
+    it: after both residual branches), as a forward hook: timm's class has no such option."""
+    import torch
+
+    def apply_norm3(block, args, out):
+        return block.norm3(out)
+
+    for layer in model.layers:
+        for j, block in enumerate(layer.blocks):
+            if (j + 1) % period == 0:
+                dim = block.norm1.normalized_shape[0]
+                block.norm3 = torch.nn.LayerNorm(dim, device=block.norm1.weight.device, dtype=block.norm1.weight.dtype)
+                block.register_forward_hook(apply_norm3)
+    return model
+
+
+def build_timm(family: str, kwargs: Mapping[str, Any], norm_period: int = 0):
+    """timm's class of ``family`` with ``kwargs`` (+ SwinV2-H/G's main-branch norms)."""
+    model = timm_class(family)(**kwargs)
+    return add_extra_norms(model, norm_period) if norm_period else model
+
+
+def check_timm_keys(enc: Mapping[str, Any], kwargs: Mapping[str, Any], family: str = "swinv2",
+                    norm_period: int = 0) -> None:
+    """Raise TimmCompatError unless timm's class(**kwargs) (with SwinV2-H/G's main-branch
+    norms every ``norm_period`` blocks) has exactly these keys/shapes."""
     import torch
 
     cls = timm_class(family)
     with torch.device("meta"):
-        ref = cls(**kwargs).state_dict()
+        ref = build_timm(family, kwargs, norm_period).state_dict()
     missing = sorted(set(ref) - set(enc))
     extra = sorted(set(enc) - set(ref))
     shapes = [f"{k}: ours {tuple(enc[k].shape)} vs timm {tuple(ref[k].shape)}"
@@ -181,8 +222,9 @@ def check_timm_keys(enc: Mapping[str, Any], kwargs: Mapping[str, Any], family: s
             parts.append(f"timm keys missing here: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
         if shapes:
             parts.append(f"shape mismatches: {shapes[:4]}")
-        hint = (" (SwinV2-H/G's extra main-branch norms have no timm counterpart: use --format encoder.)"
-                if family == "swinv2" else "")
+        hint = (" (SwinV2-H/G's main-branch norms (norm3) are not in timm's class: `gigamim export SRC OUT --format timm` "
+                "records their period and `timm_model_from_metadata` adds them; or use --format encoder.)"
+                if family == "swinv2" and any(".norm3." in k for k in extra) else "")
         raise TimmCompatError(f"encoder does not load strictly into timm {cls.__name__}"
                               f"({json.dumps(dict(kwargs))}): " + "; ".join(parts) + "." + hint)
 
@@ -288,8 +330,7 @@ def pick_timm_name(arch: Mapping[str, Any], geo: Mapping[str, Any], enc: Mapping
     desc = (f"embed_dim {arch['embed_dim']}, depths {list(arch['depths'])}, heads {list(arch['num_heads'])}, "
             f"{_geo_text(geo)}")
     if not cands:
-        return None, (f"no timm swinv2 model has {desc} (timm has SwinV2 tiny/small/base/large at "
-                      "192/256/384 px)")
+        return None, f"no timm swinv2 model has {desc} ({timm_swinv2_sizes()})"
     fits = [n for n, g in cands if all(g[k] == geo[k] for k in geo if k in g)
             and (("pretrained_window_sizes" in geo) or g["pretrained_window_sizes"] == (0, 0, 0, 0))]
     if len(fits) == 1:
@@ -300,5 +341,91 @@ def pick_timm_name(arch: Mapping[str, Any], geo: Mapping[str, Any], enc: Mapping
     return None, f"several timm models fit ({', '.join(fits)}); the run's window_size is not recorded"
 
 
+@functools.lru_cache(maxsize=None)
+def timm_swinv2_sizes() -> str:
+    """What timm names among its SwinV2 models, by size and input size, read from its registry
+    (names and default configs, nothing built): "timm names SwinV2 tiny at 256 px, ..."."""
+    import timm
+
+    sizes: dict[str, set] = {}
+    for name in timm.list_models("swinv2_*"):
+        m = re.match(r"swinv2_(tiny|small|base|large|huge|giant)_", name)
+        if m and not name.startswith("swinv2_cr"):
+            sizes.setdefault(m.group(1), set()).add(_input_size(name))
+    order = ("tiny", "small", "base", "large", "huge", "giant")
+    parts = [f"{k} at {'/'.join(map(str, sorted(sizes[k])))} px" for k in order if k in sizes]
+    return "timm names SwinV2 " + ", ".join(parts) + "; the constructor arguments build any other"
+
+
+def timm_metadata(enc: Mapping[str, Any], geo: Mapping[str, Any], num_classes: int = 0) -> tuple[dict[str, str], str]:
+    """(safetensors metadata that rebuilds ``enc`` in timm, a sentence on the name): ``timm_class``,
+    ``timm_kwargs`` (JSON constructor arguments: these work for every size), ``timm_model`` (a
+    timm model name when one has exactly this architecture and geometry, else ""), and for
+    SwinV2-H/G ``timm_extra_norm_period``. Checked: the class with these arguments has exactly
+    these keys and shapes (``check_timm_keys``)."""
+    arch = read_arch(enc, geo)
+    family = arch["family"]
+    period = extra_norm_period(enc) if family == "swinv2" else 0
+    kwargs = timm_kwargs(arch, geo, num_classes=num_classes)
+    check_timm_keys(enc, kwargs, family, norm_period=period)
+    body = {k: v for k, v in enc.items() if not k.startswith("head.")}
+    name, note = pick_timm_name(arch, geo, body) if not period else (
+        None, f"no timm model has SwinV2-H/G's main-branch norms (every {period} blocks): timm's SwinTransformerV2 "
+        "with the recorded arguments plus the norms (`timm_model_from_metadata`)")
+    meta = {"timm_family": family, "timm_class": timm_class_name(family), "timm_kwargs": json.dumps(kwargs),
+            "timm_model": name or ""}
+    if period:
+        meta["timm_extra_norm_period"] = str(period)
+    return meta, note
+
+
+def timm_class_name(family: str) -> str:
+    """The dotted name of timm's class for ``family``."""
+    return {"swinv2": "timm.models.swin_transformer_v2.SwinTransformerV2",
+            "swin": "timm.models.swin_transformer.SwinTransformer",
+            "vit": "timm.models.vision_transformer.VisionTransformer"}[family]
+
+
+def timm_model_from_metadata(metadata: Mapping[str, str]):
+    """The timm model an export's (or a fine-tune's) metadata describes, ready for
+    ``load_state_dict(state, strict=True)``: timm's class with the recorded constructor
+    arguments, plus SwinV2-H/G's main-branch norms where the file has them. Any size."""
+    try:
+        kwargs = json.loads(metadata["timm_kwargs"])
+        cls = metadata["timm_class"]
+    except KeyError as e:
+        raise TimmCompatError(f"the metadata has no {e.args[0]!r}: not written by `gigamim export SRC OUT --format timm` "
+                              "or `gigamim finetune`") from None
+    family = {timm_class_name(f): f for f in FAMILIES}.get(cls)
+    if family is None:
+        raise TimmCompatError(f"timm_class {cls!r} is not one of {', '.join(timm_class_name(f) for f in FAMILIES)}")
+    return build_timm(family, kwargs, int(metadata.get("timm_extra_norm_period") or 0))
+
+
 def _geo_text(g: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} {list(v) if isinstance(v, tuple) else v}" for k, v in g.items()) or "geometry unknown"
+
+
+# ----------------------------------------------------------------------------- gigamim names
+
+
+def registered_model_for(enc: Mapping[str, Any]) -> str | None:
+    """The registered gigamim variant (``list_models()``) whose encoder, built at its default
+    geometry, has exactly the keys and shapes of ``enc`` (heads and the mask token left out), or
+    None. What a weights file holds when its metadata does not say: error messages name it."""
+    import torch
+
+    from gigamim.models.registry import create_model, list_models, model_defaults
+
+    arch = read_arch(enc)
+    depths = tuple(arch.get("depths") or (arch.get("depth"),))
+    want = {k: tuple(v.shape) for k, v in enc.items() if not k.startswith("head.") and k != "mask_token"}
+    for name in list_models():
+        d = model_defaults(name)
+        if d.get("embed_dim") != arch["embed_dim"] or tuple(d.get("depths") or (d.get("depth"),)) != depths:
+            continue  # the cheap test first: building a giant on meta takes seconds
+        with torch.device("meta"):
+            sd = create_model(name, num_classes=0).state_dict()
+        if encoder_family(sd) == arch["family"] and {k: tuple(v.shape) for k, v in sd.items()} == want:
+            return name
+    return None

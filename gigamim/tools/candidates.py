@@ -98,11 +98,14 @@ def enumerate_candidates(name: str, gpus: int, gpus_per_node: int, gpu_mem_gb: f
                             "plan": cand.label, "engine": "deepspeed", "zero_stage": stage, "offload": offload, "hpz": hpz, "qwz": qwz,
                             "qgz": qgz, "checkpointing": cand.ckpt_label, "ckpt_every": ckpt_every,
                             "sequential_stages": list(seq), "micro_batch": mb, "accumulation": acc,
+                            # DeepSpeed under bf16 sums micro-steps in the model dtype (plan.grad_accumulation_text)
+                            "grad_accum_dtype": "bf16" if acc > 1 else None,
                             "global_batch": mb * acc * gpus, "max_micro_batch": mb_fit,
                             "mem_gb": mem / GiB, "states_gb": states / GiB, "activations_gb": (fixed + mb * per_img) / GiB,
                             "step_s": t["step_s"], "images_per_s": t["images_per_s"], "mfu": t["mfu"],
                             "compute_s": t["compute_s"], "comm_s": t["comm_s"], "comm_exposed_s": t["comm_exposed_s"],
-                            "optimizer_s": t["optimizer_s"], "data_s": t["data_s"], "data_bound": t["data_bound"],
+                            "optimizer_s": t["optimizer_s"], "zero_copies_s": t["zero_copies_s"],
+                            "hooks_s": t["hooks_s"], "data_s": t["data_s"], "data_bound": t["data_bound"],
                             "comm_over_compute": t["comm_over_compute"],
                             "comm_gb_per_step": {k: v / 1e9 for k, v in t["comm_bytes"].items()},
                             "complexity": int(offload) * 4 + int(hpz) + int(qwz) + int(qgz) + stage * 0

@@ -423,8 +423,10 @@ def format_speed(plan: dict, top: int = 14) -> list:
     cands, best = plan["candidates"], plan["recommended"]
     si = plan["speed_inputs"]
     dev, net, costs = si["device"], si["network"], si["costs"]
+    given = set(plan.get("given") or ())
     lines = ["", f"step time on {plan['gpus']} x {dev['name']} ({si['gpus_per_node']} per node; peak "
-             f"{dev['peak_tflops']:g} TFLOP/s x efficiency {costs['efficiency']:.2f}; busbw intra "
+             f"{dev['peak_tflops']:g} TFLOP/s (data sheet) x efficiency {costs['efficiency']:.2f}"
+             f"{'' if 'efficiency' in given else ' (assumed)'}; busbw intra "
              f"{net['intra_bps'] / 1e9:.0f} GB/s, inter {net['inter_bps'] / 1e9:.0f} GB/s"
              f"{' (' + si['ib'] + ' IB)' if si.get('ib') else ''}; overlap {costs['overlap']:.0%}; data "
              f"{costs['cpu_ms_per_image']:g} ms/img/core x {costs['host_cores_per_gpu']:g} cores/GPU):"]
@@ -435,6 +437,7 @@ def format_speed(plan: dict, top: int = 14) -> list:
             shown.append(first)
     if best is not None and best not in shown:
         shown.append(best)
+    lines.append("  predicted from the figures marked assumed (listed at the end), not measured:")
     lines.append(f"  {'plan':<22} {'checkpointing':<16} {'seq':<4} {'mb x acc':>9} {'GiB':>6} {'step s':>7} "
                  f"{'img/s':>8} {'MFU':>6} {'comm s':>7} {'exposed':>7}")
     for r in shown:
@@ -446,11 +449,82 @@ def format_speed(plan: dict, top: int = 14) -> list:
     lines.append(f"  ({len(cands)} plans fit; --json lists them all with every term)")
     if best is not None:
         seq = f", sequential attention in stage(s) {best['sequential_stages']}" if best["sequential_stages"] else ""
+        asked = plan.get("global_batch")
         lines.append(f"recommended: {best['plan']}, checkpointing {best['checkpointing']}{seq}, micro-batch "
                      f"{best['micro_batch']} x {best['accumulation']} accumulation x {plan['gpus']} GPUs = global "
-                     f"{best['global_batch']}: {best['mem_gb']:.1f} GiB/GPU, {best['step_s']:.3f} s/step, "
+                     f"{best['global_batch']}" + (f" (the requested {asked})" if asked == best["global_batch"] else
+                                                 " (no --global-batch: the largest micro-batch, no accumulation)")
+                     + f": {best['mem_gb']:.1f} GiB/GPU; predicted {best['step_s']:.3f} s/step, "
                      f"{best['images_per_s']:.0f} img/s, MFU {best['mfu']:.1%}")
+        eff = costs["efficiency"]
+        share = best["compute_s"] / best["step_s"]
+        recompute = best["mfu"] / (eff * share) if share > 0 else 1.0  # model / executed FLOPs
+        lines.append(f"  MFU {best['mfu']:.1%} = the assumed efficiency {eff:.2f} x compute {best['compute_s']:.3f} s "
+                     f"/ step {best['step_s']:.3f} s" + (f" x model / executed FLOPs {recompute:.2f} (recompute)"
+                                                         if recompute < 0.995 else "")
+                     + f" (the rest: exposed communication {best['comm_exposed_s']:.3f} s, optimizer "
+                     f"{best['optimizer_s']:.3f} s"
+                     + (f", DeepSpeed's buffer copies {best['zero_copies_s']:.3f} s" if "zero_copies_s" in best else "")
+                     + (f", ZeRO-3 hooks {best['hooks_s']:.3f} s" if best.get("hooks_s") else "")
+                     + ("; data-bound" if best["data_bound"] else "")
+                     + "): a prediction from the assumptions below, not a measurement")
+        lines.append("  " + grad_accumulation_text(best["accumulation"], best["zero_stage"], plan["params"], best))
     return lines
+
+
+def grad_accumulation_text(accumulation: int, stage, params: int, row: dict | None = None) -> str:
+    """Which dtype gradients accumulate in across micro-steps, as DeepSpeed 0.19 does it with
+    gigamim's bf16 templates: the model's (bf16) unless the template sets data_types.grad_accum_dtype
+    (`engine.get_data_types`; ZeRO-1 with fp32 accumulation runs DeepSpeed's BF16_Optimizer, which
+    keeps an fp32 gradient copy: +4 bytes per parameter, not in the memory above). An FSDP2 row
+    (``row["engine"] == "fsdp2"``) keeps its unsharded gradients until the boundary instead."""
+    if accumulation <= 1:
+        return ("gradient accumulation: none (one micro-step per step); the bf16 gradients are reduced once "
+                "per step")
+    if row is not None and row.get("engine") == "fsdp2":
+        return (f"gradient accumulation: {accumulation} micro-steps with FSDP2's gradient sync off until the "
+                f"boundary: unsharded gradients on every GPU, +{row.get('accumulation_extra_gb', 0.0):.1f} GiB "
+                "(counted in the memory above), reduce-scattered in fsdp.reduce_dtype at the boundary")
+    fp32_copy = f"; ZeRO-1 then keeps an fp32 gradient copy, +{4 * params / 1e9:.1f} GB per GPU" if stage == 1 else ""
+    return (f"gradient accumulation: {accumulation} micro-steps summed in bf16 (DeepSpeed accumulates in the model "
+            "dtype under bf16; a precision choice: fp32 accumulation with \"data_types\": {\"grad_accum_dtype\": "
+            f"\"fp32\"}} in the DeepSpeed template{fp32_copy})")
+
+
+# What the step-time model assumes when no flag says otherwise, and how to measure it instead.
+ASSUMPTIONS = (
+    ("efficiency", "--efficiency", "fraction of peak a plain forward + backward reaches",
+     "`gigamim bench --profile gpu` on one GPU reports the MFU of each size's step: pass it as --efficiency"),
+    ("overlap", "--overlap", "fraction of compute that communication hides behind", "a profiler trace of a real step"),
+    ("intra", "--intra-node-gbps", "NVLink bus bandwidth inside a node (GB/s)",
+     "`gigamim launch --nproc-per-node 8 doctor` measures the all-reduce busbw"),
+    ("inter", "--inter-node-gbps", "bus bandwidth across nodes (GB/s), from --ib",
+     "`gigamim launch --nproc-per-node 8 --nnodes 2 --node-rank I --master-addr HOST0 doctor` on each of two nodes"),
+    ("cpu_ms", "--cpu-ms-per-image", "data loading CPU time per image per core (ms)",
+     "`gigamim bench --profile full --only data`"),
+    ("cores", "--host-cores-per-gpu", "loader cores per GPU", "the node's cores / GPUs"),
+    ("margin", "--margin", "GPU memory kept free for fragmentation", "peak_mem_gb in a real run's metrics.jsonl"),
+    ("reserved", "--reserved", "GiB reserved for the CUDA context, NCCL and buffers", "the same"),
+)
+
+
+def assumption_lines(plan: dict) -> list:
+    """The assumed figures (at their defaults: no flag given), each with its flag and how to measure it."""
+    given = set(plan.get("given") or ())
+    si = plan.get("speed_inputs") or {}
+    costs, net = si.get("costs", {}), si.get("network", {})
+    # written as the flag takes them, so each line is a working command-line fragment
+    values = {"efficiency": f"{costs.get('efficiency', 0):.2f}", "overlap": f"{costs.get('overlap', 0):.2f}",
+              "intra": f"{net.get('intra_bps', 0) / 1e9:.0f}", "inter": f"{net.get('inter_bps', 0) / 1e9:.0f}",
+              "cpu_ms": f"{costs.get('cpu_ms_per_image', 0):g}", "cores": f"{costs.get('host_cores_per_gpu', 0):g}",
+              "margin": f"{plan['margin']:.2f}", "reserved": f"{plan['reserved_gb']:g}"}
+    rows = [(k, flag, what, how) for k, flag, what, how in ASSUMPTIONS
+            if k not in given and (si or k in ("margin", "reserved"))]
+    if not rows:
+        return []
+    out = ["assumed (not measured; pass the flag to use a measurement):"]
+    out += [f"  {flag} {values[k]:<6} {what}; calibrate: {how}" for k, flag, what, how in rows]
+    return out
 
 
 def format_plan(plan: dict) -> str:
@@ -460,18 +534,27 @@ def format_plan(plan: dict) -> str:
         f"{plan['gpus']} GPUs x {plan['gpu_mem_gb']:g} GB; usable per GPU {plan['budget_gb']:.1f} GiB "
         f"({plan['margin']:.0%} margin + {plan['reserved_gb']:g} GiB reserved for context/buffers)",
         "",
-        "activation memory per image (bf16, GiB):",
+        "activation memory per image (bf16, GiB; counted from what autograd saves, checked against a fake-CUDA "
+        "measurement and a CPU run; the fused kernels' own memory is analytic):",
     ]
     for key, a in plan["activations_per_image"].items():
         lines.append(f"  {key:<20} {a['per_image_gb']:8.3f}   (+{a['fixed_gb']:.3f} once per micro-batch)")
+    gb = plan.get("global_batch")
+    # The last column is the requested global batch as micro-batch x accumulation (what the run
+    # would use), or, without --global-batch, what the largest micro-batch gives on these GPUs.
+    last = f"global {gb}: mb x acc" if gb else "max mb x GPUs"
     lines += ["", f"{'plan':<16} {'activations':<20} {'states GiB':>10} {'host GiB':>8} "
-                  f"{'max mb':>6} {'global':>7}" + ("  at --micro-batch" if plan["micro_batch"] else "")]
+                  f"{'max mb':>6} {last:>{max(len(last), 13)}}" + ("  at --micro-batch" if plan["micro_batch"] else "")]
     for r in plan["rows"]:
         extra = ""
         if plan["micro_batch"]:
             extra = f"  {r['mem_at_micro_batch_gb']:.1f} GiB {'fits' if r['fits_micro_batch'] else 'OOM'}"
+        if gb:
+            split = f"{r['micro_batch_for_global']} x {r['accumulation']}" if "micro_batch_for_global" in r else "-"
+        else:
+            split = str(r["global_batch"])
         lines.append(f"{r['plan']:<16} {r['activations']:<20} {r['model_states_gb']:>10.2f} "
-                     f"{r['host_gb_per_gpu']:>8.2f} {r['max_micro_batch']:>6} {r['global_batch']:>7}{extra}")
+                     f"{r['host_gb_per_gpu']:>8.2f} {r['max_micro_batch']:>6} {split:>{max(len(last), 13)}}{extra}")
     if any(r["engine"] == "fsdp2" for r in plan["rows"]):
         extra = next(r["accumulation_extra_gb"] for r in plan["rows"] if r["engine"] == "fsdp2")
         lines.append(f"(FSDP2 states include its gathered bf16 units and gradients in flight; with gradient "
@@ -479,7 +562,7 @@ def format_plan(plan: dict) -> str:
     best = _best(plan)
     lines.append("")
     if plan.get("candidates") is not None:
-        return "\n".join(lines + format_speed(plan)[1:])
+        return "\n".join(lines + format_speed(plan)[1:] + [""] + assumption_lines(plan))
     if best is None:
         lines.append("nothing fits: more GPUs, offload, or a smaller image")
     else:
@@ -489,7 +572,8 @@ def format_plan(plan: dict) -> str:
         if plan.get("global_batch"):
             lines.append(f"for global batch {plan['global_batch']}: micro-batch {best['micro_batch_for_global']} x "
                          f"{plan['gpus']} GPUs x {best['accumulation']} accumulation step(s)")
-    return "\n".join(lines)
+            lines.append(grad_accumulation_text(best["accumulation"], best["zero_stage"], plan["params"], best))
+    return "\n".join(lines + [""] + assumption_lines(plan))
 
 
 def _fail(msg: str) -> int:
@@ -497,9 +581,8 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def main(argv=None) -> int:
-    from gigamim.tools.hardware import DEVICES, Network, parse_ib
-    from gigamim.tools.step_model import Costs, ZeroKnobs
+def build_parser() -> argparse.ArgumentParser:
+    from gigamim.tools.hardware import DEVICES
 
     p = argparse.ArgumentParser(prog="gigamim plan",
                                 description="Per-GPU memory and step-time plan for SimMIM pretraining.")
@@ -513,20 +596,30 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch", type=int, default=None, help="check / plan at this micro-batch")
     p.add_argument("--global-batch", type=int, default=None,
                    help="target global batch (e.g. 9216 for SwinV2-G SimMIM): micro-batch x accumulation to reach it")
-    p.add_argument("--margin", type=float, default=0.1, help="fraction of GPU memory kept free (fragmentation)")
-    p.add_argument("--reserved", type=float, default=2.0, help="GiB reserved for CUDA context and buffers")
-    p.add_argument("--ib", default="8x400", help="InfiniBand per node: NICs x Gb/s (8x400, 4x400, ...)")
+    p.add_argument("--margin", type=float, default=None, help="fraction of GPU memory kept free (fragmentation; "
+                   "default 0.1)")
+    p.add_argument("--reserved", type=float, default=None, help="GiB reserved for CUDA context and buffers "
+                   "(default 2)")
+    p.add_argument("--ib", default=None, help="InfiniBand per node: NICs x Gb/s (8x400, 4x400, ...; default 8x400)")
     p.add_argument("--intra-node-gbps", type=float, default=None, help="busbw inside a node, GB/s (default 360)")
     p.add_argument("--inter-node-gbps", type=float, default=None, help="busbw across nodes, GB/s (default from --ib)")
     p.add_argument("--efficiency", type=float, default=None,
-                   help="fraction of peak a plain forward+backward reaches (default 0.50; `gigamim bench` MFU)")
+                   help="fraction of peak a plain forward+backward reaches (default 0.50, assumed; measure it with "
+                        "`gigamim bench --profile gpu` on one GPU and pass its MFU)")
     p.add_argument("--overlap", type=float, default=None, help="fraction of compute communication can hide behind")
     p.add_argument("--cpu-ms-per-image", type=float, default=None, help="data loading CPU ms per image per core")
     p.add_argument("--host-cores-per-gpu", type=float, default=None, help="loader cores per GPU")
     p.add_argument("--max-live", type=float, default=None, help="stage3_max_live_parameters (default 1e9)")
     p.add_argument("--memory-only", action="store_true", help="no step-time model")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (same numbers as the text)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    from gigamim.tools.hardware import DEVICES, Network, parse_ib
+    from gigamim.tools.step_model import Costs, ZeroKnobs
+
+    args = build_parser().parse_args(argv)
     if args.gpus < 1 or (args.gpu_mem is not None and args.gpu_mem <= 0):
         return _fail(f"--gpus ({args.gpus}) and --gpu-mem ({args.gpu_mem}) must be positive")
     if args.gpus_per_node < 1:
@@ -552,8 +645,15 @@ def main(argv=None) -> int:
             return _fail(f"--{name} must be in (0, 1], got {v}")
     device = DEVICES[args.gpu]
     gpu_mem = args.gpu_mem if args.gpu_mem is not None else device.mem_gb
+    given = {k for k, v in (("efficiency", args.efficiency), ("overlap", args.overlap),
+                            ("intra", args.intra_node_gbps), ("inter", args.inter_node_gbps),
+                            ("cpu_ms", args.cpu_ms_per_image), ("cores", args.host_cores_per_gpu),
+                            ("margin", args.margin), ("reserved", args.reserved)) if v is not None}
+    margin = 0.1 if args.margin is None else args.margin
+    reserved = 2.0 if args.reserved is None else args.reserved
+    ib = args.ib or "8x400"
     try:
-        inter = parse_ib(args.ib)
+        inter = parse_ib(ib)
         net = Network(intra_bps=(args.intra_node_gbps or 360.0) * 1e9,
                       inter_bps=args.inter_node_gbps * 1e9 if args.inter_node_gbps else inter)
         costs = Costs()
@@ -562,9 +662,12 @@ def main(argv=None) -> int:
             ("host_cores_per_gpu", args.host_cores_per_gpu)) if v is not None}})
         knobs = ZeroKnobs(max_live=args.max_live) if args.max_live is not None else ZeroKnobs()
         speed = None if args.memory_only else {"gpus_per_node": args.gpus_per_node, "device": device, "net": net,
-                                               "costs": costs, "knobs": knobs, "ib": args.ib}
+                                               "costs": costs, "knobs": knobs, "ib": ib}
         plan = make_plan(args.model, args.gpus, gpu_mem, args.img_size, args.micro_batch, args.window_size,
-                         args.margin, args.reserved, global_batch=args.global_batch, speed=speed)
+                         margin, reserved, global_batch=args.global_batch, speed=speed)
+        plan["given"] = sorted(given)
+        plan["assumed"] = [{"flag": flag, "what": what, "calibrate": how} for k, flag, what, how in ASSUMPTIONS
+                           if k not in given and (speed is not None or k in ("margin", "reserved"))]
     except ValueError as e:
         return _fail(str(e))
     if speed is not None and plan["recommended"] is None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import sys
 
 from gigamim.train.verb import Verb, run
+from gigamim.train.verb import build_parser as verb_parser
 
 
 def _task(cfg):
@@ -37,6 +38,10 @@ def _task(cfg):
 
 VERB = Verb("finetune", "Fine-tune an encoder for classification (layer decay, Mixup/CutMix, EMA, evaluation, "
             "exact resume).", _task, data_shards=False)  # data.shards is pretraining's; finetune.* has its own
+
+
+def build_parser():
+    return verb_parser(VERB)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,18 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return enc, dict(metadata)
 
 
+def read_metadata(path: str) -> dict[str, str]:
+    """The metadata of any gigamim weights (a training checkpoint folder: its checked tag's),
+    without reading a tensor."""
+    from gigamim.checkpoint.consolidate import CheckpointError
+    from gigamim.checkpoint.export import ExportError, open_source
+
+    try:
+        return dict(open_source(path)[1])
+    except (ExportError, CheckpointError, OSError) as e:
+        raise EncoderLoadError(f"cannot read weights {path}: {e}") from None
+
+
 def run_model_config(metadata: dict[str, str]) -> dict[str, Any]:
     """The ``model`` section of the run's config recorded in the metadata ({} if none)."""
     import yaml
@@ -57,11 +69,14 @@ _GEOMETRY_KEYS = ("img_size", "window_size", "pretrained_window_sizes")
 
 
 def build_encoder(name: str | None, weights: str | None, overrides: dict[str, Any] | None = None,
-                  num_classes: int = 0, keep_state: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+                  num_classes: int = 0, keep_state: bool = False,
+                  name_hint: str = "--model {name}") -> tuple[torch.nn.Module, dict[str, Any]]:
     """(encoder, info). ``weights`` None = random init (``name`` required).
     keep_state: also return the checked, shape-adapted weights as ``info["state"]`` (to load
     them into another copy of the model, e.g. one partitioned under ZeRO-3; built on the
-    meta device, this call then only checks the weights)."""
+    meta device, this call then only checks the weights).
+    name_hint: how the calling verb is told the model, with ``{name}`` for a model name
+    (probe: ``--model {name}``; finetune: ``--set model.name={name}``): errors suggest it."""
     from gigamim.models import create_model
     from gigamim.models.timm_compat import TimmCompatError, encoder_family
 
@@ -71,8 +86,14 @@ def build_encoder(name: str | None, weights: str | None, overrides: dict[str, An
         enc_sd, metadata = read_weights(weights)
         run_model = run_model_config(metadata)
     name = name or run_model.get("name")
+    if not name and enc_sd is None:
+        raise EncoderLoadError(f"no model name and no weights: pass {name_hint.format(name='NAME')} (a random init) "
+                               "or weights that record their model")
     if not name:
-        raise EncoderLoadError("no model name: pass --model (the weights' metadata records no run config)")
+        holds = _registered_match(enc_sd)
+        raise EncoderLoadError(f"{weights} records no model name (no run config in its metadata)"
+                               + (f"; its shapes are those of {holds}: pass {name_hint.format(name=holds)}" if holds
+                                  else f": pass {name_hint.format(name='NAME')}"))
     kwargs = {k: run_model[k] for k in _GEOMETRY_KEYS if run_model.get(k) is not None}
     kwargs.update(overrides)
     try:
@@ -92,10 +113,12 @@ def build_encoder(name: str | None, weights: str | None, overrides: dict[str, An
     missing = sorted(set(want) - set(enc_sd))
     extra = sorted(set(enc_sd) - set(want))
     if got_family != model_family or missing or extra:
+        holds = run_model.get("name") or _registered_match(enc_sd)
+        fix = (f"pass {name_hint.format(name=holds)}, the model the weights hold" if holds and holds != name
+               else f"pass {name_hint.format(name='NAME')} with the model the weights were trained as")
         raise EncoderLoadError(
-            f"{weights} is a {got_family} encoder, not one of {name} ({model_family}): "
-            f"{len(missing)} keys missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]}); "
-            "pass the --model the weights were trained as")
+            f"{weights} is a {got_family} encoder{f' ({holds})' if holds else ''}, not one of {name} ({model_family}): "
+            f"{len(missing)} keys missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]}); {fix}")
     enc_sd = adapt_shapes(encoder, enc_sd, str(weights))
     import warnings
 
@@ -108,6 +131,17 @@ def build_encoder(name: str | None, weights: str | None, overrides: dict[str, An
     if keep_state:
         info["state"] = enc_sd
     return encoder, info
+
+
+def _registered_match(enc_sd: dict) -> str | None:
+    """The registered model whose encoder has exactly these keys and shapes at its default
+    geometry (SwinV2's and Swin V1's shapes do not depend on the image size), else None."""
+    from gigamim.models.timm_compat import registered_model_for
+
+    try:
+        return registered_model_for(enc_sd)
+    except ValueError:
+        return None
 
 
 def adapt_shapes(encoder: torch.nn.Module, enc_sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:

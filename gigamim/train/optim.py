@@ -31,6 +31,21 @@ def lr_at(step: int, cfg: Config) -> float:
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
 
 
+def describe_lr(cfg: Config) -> str:
+    """The LR rule this run applies, in one line (the training verbs say it at start-up): the
+    peak, how it follows from optim.lr, and the warmup and cosine ends."""
+    o, peak = cfg.optim, peak_lr(cfg)
+    if o.lr_scaling == "linear":
+        rule = (f"optim.lr {o.lr:.4g} per 512 images x global batch {cfg.train.global_batch_size} / 512 "
+                f"(optim.lr_scaling=linear; lr_scaling=none takes optim.lr as it is)")
+    else:
+        rule = "optim.lr as it is (optim.lr_scaling=none)"
+    warmup = (f"linear warmup from {o.warmup_lr * lr_scale(cfg):.3g} over {o.warmup_steps} steps, "
+              if o.warmup_steps else "no warmup, ")
+    return (f"LR peak {peak:.4g} = {rule}; {warmup}cosine to {o.min_lr * lr_scale(cfg):.3g} "
+            f"at step {cfg.train.max_steps}")
+
+
 def make_lr_scheduler(cfg: Config):
     """A callable DeepSpeed gives the optimizer to; the engine steps it and saves its state."""
     import torch

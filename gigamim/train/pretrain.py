@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from gigamim.train.verb import Verb, run
+from gigamim.train.verb import build_parser as verb_parser
 
 
 def _task(cfg):
@@ -15,6 +16,10 @@ def _task(cfg):
 
 
 VERB = Verb("pretrain", "SimMIM pretraining of a SwinV2 (or ViT / Swin V1) encoder.", _task)
+
+
+def build_parser():
+    return verb_parser(VERB)
 
 
 def main(argv: list[str] | None = None) -> int:

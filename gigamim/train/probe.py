@@ -111,9 +111,12 @@ def probe(encoder: torch.nn.Module, train: tuple, val: tuple, stage: int | None 
     lin = fit_linear(ftr, ytr, n_cls, wd, max_iter)
     with torch.no_grad():
         lt, lv = lin(ftr), lin(fva)
-    return {"top1": topk(lv, yva, 1), "top5": topk(lv, yva, 5), "train_top1": topk(lt, ytr, 1),
-            "n_train": len(ytr), "n_val": len(yva), "num_classes": n_cls, "feature_dim": ftr.shape[1],
-            "stage": "final" if stage is None else stage, "seconds": round(time.time() - t0, 2)}
+    out = {"top1": topk(lv, yva, 1), "train_top1": topk(lt, ytr, 1),
+           "n_train": len(ytr), "n_val": len(yva), "num_classes": n_cls, "feature_dim": ftr.shape[1],
+           "stage": "final" if stage is None else stage, "seconds": round(time.time() - t0, 2)}
+    if n_cls > 5:  # with 5 classes or fewer every label is in the top 5: no information
+        out["top5"] = topk(lv, yva, 5)
+    return out
 
 
 def labelled_loader(shards: str, img_size: int, batch_size: int = 64, num_workers: int = 2):
@@ -123,15 +126,15 @@ def labelled_loader(shards: str, img_size: int, batch_size: int = 64, num_worker
     return ClassificationLoader(shards, batch_size, img_size=img_size, train=False, num_workers=num_workers)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gigamim probe", description="Linear probe of a frozen encoder on labelled shards.")
     p.add_argument("--train", required=True, help="labelled training shards (index.json, brace pattern)")
     p.add_argument("--val", required=True, help="labelled held-out shards")
     p.add_argument("--weights", help="consolidated SimMIM checkpoint / exported encoder / DeepSpeed checkpoint "
                    "folder; omit for random init")
     p.add_argument("--model", help="model name (default: from the weights' recorded config)")
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--window-size", type=int)
+    p.add_argument("--img-size", type=int, help="default: the weights' recorded image size")
+    p.add_argument("--window-size", type=int, help="default: the weights' recorded window")
     p.add_argument("--stage", type=int, help="features of this stage (ViT: block), 0-based; default: final")
     p.add_argument("--wd", type=float, default=1e-4, help="L2 on the classifier weights")
     p.add_argument("--max-iter", type=int, default=300)
@@ -140,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="images per feature-extraction forward")
     p.add_argument("--num-workers", type=int, default=2, help="data loader worker processes")
     p.add_argument("--out", help="also write the result JSON here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from gigamim.train.load_encoder import EncoderLoadError, build_encoder
 
@@ -163,10 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result.update(info)
     line = json.dumps(result)
-    print(line)
+    print(line)  # stdout: the result, one JSON line (scripts read it); the summary goes to stderr
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(line + "\n")
+    top5 = f", top-5 {result['top5']:.4f}" if "top5" in result else ""
+    print(f"gigamim probe: {info['model']} ({info['weights']}), {result['stage']} stage features: linear probe "
+          f"top-1 {result['top1']:.4f}{top5} on {result['n_val']} held-out images, {result['num_classes']} classes "
+          f"(train top-1 {result['train_top1']:.4f} on {result['n_train']})"
+          + (f"; result in {args.out}" if args.out else ""), file=sys.stderr)
     return 0
 
 

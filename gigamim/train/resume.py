@@ -61,7 +61,7 @@ def check_compatible(meta: dict, cfg: Config, tag_dir: Path, say=print, task: st
         # Each engine reads its own files (ZeRO partitions, DCP shards): one line, before any weight.
         raise CheckpointError(f"{tag_dir} was written by train.engine={saved_engine} and this run has "
                               f"train.engine={engine}: resume with --set train.engine={saved_engine}, or start from "
-                              f"its weights (`gigamim consolidate`, then finetune.weights)")
+                              f"its weights (`gigamim consolidate {tag_dir} OUT`, then finetune.weights=OUT)")
     saved_task = meta.get("task", "pretrain")  # tags before 0.2 are all pretraining's
     if saved_task != task:
         raise CheckpointError(f"{tag_dir} is a {saved_task} checkpoint and this is `gigamim {task}`: give "

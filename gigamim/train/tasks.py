@@ -42,6 +42,11 @@ class Task:
     def __init__(self, cfg: Config):
         self.cfg = cfg
 
+    def configure(self) -> list[str]:
+        """Complete the config from the task's inputs (in place, before it is validated or
+        printed); returns what was taken from where, as lines to say. Nothing by default."""
+        return []
+
     def check(self) -> None:
         """Refuse what this task cannot train (its data, its weights), before any process group."""
 
@@ -56,6 +61,10 @@ class Task:
 
     def finish(self, trainer, batch) -> None:
         pass
+
+    def summary(self, trainer) -> list[str]:
+        """The task's lines of the closing summary (what it wrote, what it measured)."""
+        return []
 
     def state_dict(self) -> dict:
         return {}
@@ -143,6 +152,9 @@ class PretrainTask(Task):
         if batch is not None:
             self.picture(trainer, batch)
 
+    def summary(self, trainer) -> list[str]:
+        return [f"picture     {self.last_picture}"] if getattr(self, "last_picture", None) else []
+
     def picture(self, trainer, batch: dict) -> None:
         """A reconstruction PNG. Collective under ZeRO-3 (the forward gathers parameters)."""
         import torch
@@ -160,6 +172,7 @@ class PretrainTask(Task):
             step = trainer.state.step
             path = Path(self.cfg.log.dir) / "reconstructions" / f"step_{step:08d}.png"
             save_reconstruction_png(path, batch["image"][:n], batch["mask"][:n], rec, title=f"step {step}")
+            self.last_picture = path
 
 
 class FinetuneTask(Task):
@@ -179,7 +192,18 @@ class FinetuneTask(Task):
         self.zero3 = False
         self.info: dict = {}  # from build_classifier; empty until prepare()
         self.loaded_keys: set[str] = set()  # ZeRO-3: the parameters after_build reads in
+        self.last_eval: dict = {}  # the last evaluation's top-1 (top-5), for the closing summary
+        self.export_path: Path | None = None
         self._setup_loss()
+
+    def configure(self) -> list[str]:
+        """The model from the weights' recorded run (unless the config gives it), the class
+        count from the training shards (finetune.num_classes: 0)."""
+        from gigamim.train.classifier import classes_from_shards, configure_from_weights
+
+        lines = configure_from_weights(self.cfg) + classes_from_shards(self.cfg)
+        self._setup_loss()  # Mixup's label smoothing needs the class count
+        return lines
 
     def check(self) -> None:
         from gigamim.train.classifier import FinetuneError
@@ -372,8 +396,10 @@ class FinetuneTask(Task):
         if self.ema is not None:
             out.update({f"ema_{k}": v for k, v in self.evaluate(trainer, self.ema.module).items()
                         if k != "eval_images"})
-        trainer.say(f"gigamim finetune: step {step} top-1 {out['top1']:.4f} top-5 {out['top5']:.4f}"
+        trainer.say(f"gigamim finetune: step {step} top-1 {out['top1']:.4f}"
+                    + (f" top-5 {out['top5']:.4f}" if "top5" in out else "")
                     + (f" (EMA top-1 {out['ema_top1']:.4f})" if "ema_top1" in out else ""))
+        self.last_eval = dict(out, step=step)
         return out
 
     def evaluate(self, trainer, module) -> dict:
@@ -403,15 +429,30 @@ class FinetuneTask(Task):
         module.train(was_training)
         dist.all_reduce(t)
         n = max(1.0, t[2].item())
-        return {"top1": t[0].item() / n, "top5": t[1].item() / n, "eval_images": int(t[2].item())}
+        out = {"top1": t[0].item() / n, "eval_images": int(t[2].item())}
+        if self.ft.num_classes > 5:  # with 5 classes or fewer every label is in the top 5: no information
+            out["top5"] = t[1].item() / n
+        return out
 
     # -- the end, resume, meta
 
     def finish(self, trainer, batch) -> None:
         if trainer.state.step == self.cfg.train.max_steps:  # not after train.stop_at_step
             module = self.ema.module if self.ema is not None else trainer.engine.module
-            export_finetuned(module, self.cfg, self.info, trainer.state.step, trainer.rank,
-                             trainer.engine.full_state_dict)
+            self.export_path = export_finetuned(module, self.cfg, self.info, trainer.state.step, trainer.rank,
+                                                trainer.engine.full_state_dict)
+
+    def summary(self, trainer) -> list[str]:
+        lines = []
+        ev = self.last_eval
+        if ev:
+            lines.append(f"eval        top-1 {ev['top1']:.4f}" + (f", top-5 {ev['top5']:.4f}" if "top5" in ev else "")
+                         + f" on {ev['eval_images']} held-out images ({self.ft.val_shards}), step {ev['step']}"
+                         + (f"; EMA top-1 {ev['ema_top1']:.4f}" if "ema_top1" in ev else ""))
+        if self.export_path is not None:
+            lines.append(f"classifier  {self.export_path} ({self.ft.num_classes} classes; timm: "
+                         "gigamim.models.timm_compat.timm_model_from_metadata, see README 'Your own images')")
+        return lines
 
     def state_dict(self) -> dict:
         return {self.EMA_KEY: self.ema.state_dict()} if self.ema is not None else {}
@@ -439,33 +480,33 @@ class FinetuneTask(Task):
         return {**super().meta(), "num_classes": self.ft.num_classes}
 
 
-def export_finetuned(module, cfg: Config, info: dict, step: int, rank: int, full_state_dict) -> None:
-    """Rank 0 writes encoder + head as timm-keyed safetensors, with the timm class arguments
-    in the metadata (collective: `full_state_dict`, the engine's, makes partitioned parameters
-    whole on rank 0)."""
+def export_finetuned(module, cfg: Config, info: dict, step: int, rank: int, full_state_dict) -> Path | None:
+    """Rank 0 writes encoder + head as timm-keyed safetensors, with what rebuilds it in timm in
+    the metadata (`timm_compat.timm_metadata`: the class, its constructor arguments, a timm model
+    name when one fits); returns the path on rank 0. Collective: `full_state_dict`, the
+    engine's, makes partitioned parameters whole on rank 0."""
     import torch
 
     from gigamim import __version__
     from gigamim.checkpoint import safetensors_io
-    from gigamim.models.timm_compat import read_arch, timm_kwargs
+    from gigamim.models.timm_compat import timm_metadata
 
     ft = cfg.finetune
     sd = full_state_dict(module)
     if rank != 0:
-        return
+        return None
     geometry = {"img_size": cfg.model.img_size, "window_size": cfg.model.window_size}
+    if cfg.model.pretrained_window_sizes is not None:
+        geometry["pretrained_window_sizes"] = tuple(cfg.model.pretrained_window_sizes)
     if getattr(module, "family", "swinv2") == "vit":
         geometry["num_heads"] = module.num_heads
-    arch = read_arch(sd, geometry)
-    kwargs = timm_kwargs(arch, geometry, num_classes=ft.num_classes)
-    pws = info.get("kwargs", {}).get("pretrained_window_sizes")
-    if arch["family"] == "swinv2" and pws is not None:
-        kwargs["pretrained_window_sizes"] = (list(pws) if isinstance(pws, (list, tuple))
-                                             else [int(pws)] * len(arch["depths"]))
+    timm_meta, _ = timm_metadata(sd, geometry, num_classes=ft.num_classes)
     out = Path(cfg.checkpoint.dir) / "finetuned.safetensors"
     metadata = {"format": "finetuned", "step": str(step), "gigamim_version": __version__,
-                "gigamim_config": cfg.dump(), "timm_family": arch["family"], "timm_kwargs": json.dumps(kwargs),
-                "num_classes": str(ft.num_classes)}
+                "gigamim_config": cfg.dump(), **timm_meta, "num_classes": str(ft.num_classes), "model": cfg.model.name,
+                "weights": str(info.get("weights", ""))}
     safetensors_io.save(str(out), sd, metadata, max_shard_size=None, dtype=torch.float32, overwrite=True)
-    print(f"gigamim finetune: wrote {out} (timm {arch['family']} kwargs {kwargs})", flush=True)
-
+    print(f"gigamim finetune: wrote {out} (timm {timm_meta['timm_class'].rsplit('.', 1)[-1]}"
+          f"({', '.join(f'{k}={v!r}' for k, v in json.loads(timm_meta['timm_kwargs']).items())})"
+          + (f", named {timm_meta['timm_model']}" if timm_meta["timm_model"] else "") + ")", flush=True)
+    return out

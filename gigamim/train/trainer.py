@@ -35,10 +35,15 @@ class Trainer:
         self.resume = resume
         self.force_unlock = force_unlock
         self.lock = None
+        self.records: list[dict] = []  # first and last metrics record, for the closing summary
+        self.last_tag = None  # the last checkpoint written
 
     def run(self) -> int:
+        import time
+
         from gigamim.train.signals import Deadline, StopFlag
 
+        self.started = time.monotonic()
         self.deadline = Deadline(self.cfg.train.stop_after)  # the clock starts with the run
         with StopFlag() as stop:
             try:
@@ -174,6 +179,8 @@ class Trainer:
                     self.say(f"gigamim: {why}; checkpoint saved at step {step}, exiting. Continue with --resume auto.")
                     return 0
             self.task.finish(self, last_batch)
+            for line in self.summary():
+                self.say(line)
             return 0
         finally:
             batches.close()  # stops the loader's workers now, before interpreter exit
@@ -246,6 +253,7 @@ class Trainer:
         )
         if logger is not None:
             logger.log(record)
+        self.records[1:] = [record]
 
     def save(self) -> None:
         """Collective: every rank writes its partition; rank 0 the meta and `latest` (last)."""
@@ -267,6 +275,32 @@ class Trainer:
                        self.cfg.dump(), self.cfg.checkpoint.keep_last,
                        size_estimate=estimate_tag_bytes(self.num_params))
         self.say(f"gigamim: saved checkpoint {tag_dir}")
+        self.last_tag = tag_dir
+
+    def summary(self) -> list[str]:
+        """The closing lines of a completed run (rank 0 prints them): what it did (steps, time,
+        loss first -> last, throughput) and where everything is (checkpoint, metrics, the
+        task's own outputs)."""
+        import time
+
+        cfg, step = self.cfg, self.state.step
+        took = time.monotonic() - self.started
+        first, last = (self.records + [None, None])[:2] if self.records else (None, None)
+        last = last or first
+        lines = [f"gigamim {self.task.name}: done: step {step} of {cfg.train.max_steps} in {took / 60:.1f} min "
+                 f"({self.world} rank(s), {self.precision}, {cfg.train.engine})"]
+        if first is not None and first.get("loss") is not None:
+            speed = f"{last['images_per_sec']:.1f} images/s"
+            if last.get("mfu") is not None:
+                speed += f", MFU {last['mfu']:.1%}"
+            lines.append(f"  loss        {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} "
+                         f"(step {last['step']}); {speed} (last logged interval)")
+        if self.last_tag is not None:
+            lines.append(f"  checkpoint  {self.last_tag} (continue: --resume auto; weights: gigamim consolidate "
+                         f"{cfg.checkpoint.dir} OUT)")
+        lines.append(f"  metrics     {Path(cfg.log.dir) / 'metrics.jsonl'}"
+                     + (f" (TensorBoard: {Path(cfg.log.dir) / 'tensorboard'})" if cfg.log.tensorboard else ""))
+        return lines + [f"  {line}" for line in self.task.summary(self)]
 
     def _weights_finite(self) -> bool:
         """Each rank checks its own part of the weights (the engine's valid local elements)."""

@@ -64,10 +64,21 @@ def run(verb: Verb, argv: list[str] | None = None) -> int:
     say = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
     try:
         cfg = load_config(args.config, args.overrides)
+        from gigamim.train.precision import pick_for_device
+
+        # What the task's inputs decide (fine-tuning: the model from the weights, the classes
+        # from the shards) and what `auto` means on this device, before anything is checked or
+        # printed: --print-config shows the config that would run.
+        task = verb.make_task(cfg)
+        configured = task.configure()
+        device_line = pick_for_device(cfg)
         if args.print_config:
             print(cfg.dump(), end="")
             return 0
+        for line in configured + ([device_line] if device_line else []):
+            say(f"gigamim {verb.name}: {line}")
         from gigamim.train.engines import check_engine_config
+        from gigamim.train.optim import describe_lr
         from gigamim.train.resume import check_compatible, resolve_resume
         from gigamim.train.trainer import Trainer, record_window_size
 
@@ -77,8 +88,8 @@ def run(verb: Verb, argv: list[str] | None = None) -> int:
         resume = resolve_resume(args.resume, cfg.checkpoint.dir, launch.world_size, say=say)
         if resume is not None:
             check_compatible(resume.meta, cfg, resume.tag_dir, say=say, task=verb.name)
-        task = verb.make_task(cfg)
         task.check()  # the task's own refusals (its data, its weights), still before any process group
+        say(f"gigamim {verb.name}: {describe_lr(cfg)}")
         try:
             return Trainer(cfg, task, resume=resume, force_unlock=args.force_unlock).run()
         except RuntimeError as e:

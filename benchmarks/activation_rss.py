@@ -1,0 +1,169 @@
+"""`gigamim plan`'s activation memory with checkpointing against a real CPU run's peak RSS.
+
+    python -m gigamim_benchmarks.activation_rss --out benchmarks/results/activation_rss_<date>
+    python -m gigamim_benchmarks.activation_rss --model swinv2_tiny --batches 8 16 --setting ckpt
+
+The planner's per-image figures were checked against fake-CUDA / meta-device tracking
+(`activation_memory.py`); this is the independent check on real memory: a SimMIM forward +
+backward of real tensors on the CPU, fp32 (the planner at 4 bytes per element), every block
+checkpointed, explicit attention (the CPU path), measured as the process's resident set.
+
+Each micro-batch size runs in a fresh process with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc serves
+every allocation above 64 KiB with mmap and returns it on free, so the resident set follows the
+live tensors) and one BLAS thread. In it: the model is built, one warm-up step at micro-batch 1
+allocates the gradients and every lazily built table (index tables, masks, BLAS/oneDNN state);
+the gradients are zeroed in place (kept: they are model states, like the parameters); then the
+resident set is read (``VmRSS``: the baseline, model states included), the peak is reset
+(``/proc/self/clear_refs`` 5 resets ``VmHWM``), the batch is made and one forward + backward
+runs; measured = ``VmHWM`` - baseline: the input batch, what autograd saves, the recompute of
+one checkpointed block and the gradients in flight, and whatever the kernels allocate on top.
+Per image = measured / micro-batch at each size, and the slope between the two sizes (the
+per-micro-batch constants drop out). Ratio = planner / measured, the planner being
+`plan.activation_bytes(..., dtype_bytes=4)` ``total`` at the same size (its ``per_image`` for
+the slope).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MiB = 2**20
+SETTINGS = {"ckpt": dict(grad_checkpointing=True), "plain": {}}
+
+
+def _status_kib(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+) kB", text).group(1))
+
+
+def child(model: str, img: int, window: int | None, batch: int, setting: str) -> dict:
+    """In this process: the baseline and peak resident set of one forward + backward."""
+    import torch
+
+    from gigamim.models import SimMIM, create_model
+
+    torch.manual_seed(0)
+    kw = dict(img_size=img, drop_path_rate=0.0, attn_impl="explicit", **SETTINGS[setting])
+    if window is not None:
+        kw["window_size"] = window
+    net = SimMIM(create_model(model, **kw)).train()
+    side = img // 4
+
+    def step(b: int) -> float:
+        g = torch.Generator().manual_seed(b)
+        x = torch.randn(b, 3, img, img, generator=g)
+        mask = torch.rand(b, side, side, generator=g) > 0.4
+        loss = net(x, mask)
+        loss.backward()
+        return float(loss)
+
+    step(1)  # warm-up: gradients, tables, library state
+    net.zero_grad(set_to_none=False)  # gradients stay allocated: model states, not activations
+    base = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    t0 = time.time()
+    loss = step(batch)
+    peak = _status_kib("VmHWM")
+    states = sum(p.numel() * p.element_size() for p in net.parameters()) * 2  # weights + grads
+    return {"model": model, "img_size": img, "window_size": window, "batch": batch, "setting": setting,
+            "base_mib": base / 1024, "peak_mib": peak / 1024, "measured_mib": (peak - base) / 1024,
+            "model_states_mib": states / MiB, "seconds": round(time.time() - t0, 1), "loss": loss,
+            "threads": torch.get_num_threads()}
+
+
+def measure(model: str, batch: int, setting: str = "ckpt", img: int = 192, window: int | None = None,
+            timeout: int = 1800) -> dict:
+    """`child` in a fresh process (see the module docstring for why)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, "-m", "gigamim_benchmarks.activation_rss", "--child", "--model", model,
+           "--batches", str(batch), "--setting", setting, "--img-size", str(img)]
+    if window is not None:
+        cmd += ["--window-size", str(window)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def planner(model: str, batch: int, setting: str, img: int, window: int | None) -> dict:
+    from gigamim.tools import plan
+
+    a = plan.activation_bytes(model, img, window_size=window, batch=batch, dtype_bytes=4, attn="explicit",
+                              checkpointing=setting == "ckpt")
+    return {"total_mib": a["total"] / MiB, "per_image_mib": a["per_image"] / MiB, "fixed_mib": a["fixed"] / MiB}
+
+
+def compare(model: str, batches, setting: str = "ckpt", img: int = 192, window: int | None = None) -> dict:
+    """Measured and planned activation memory per image at each micro-batch size, and the slope."""
+    rows = []
+    for b in batches:
+        m = measure(model, b, setting, img, window)
+        p = planner(model, b, setting, img, window)
+        rows.append({**m, "plan_total_mib": p["total_mib"], "plan_per_image_mib": p["per_image_mib"],
+                     "measured_per_image_mib": m["measured_mib"] / b, "plan_at_batch_per_image_mib": p["total_mib"] / b,
+                     "ratio": p["total_mib"] / m["measured_mib"]})
+    out = {"model": model, "setting": setting, "img_size": img, "window_size": window, "rows": rows}
+    if len(rows) >= 2:
+        a, b = rows[0], rows[-1]
+        slope = (b["measured_mib"] - a["measured_mib"]) / (b["batch"] - a["batch"])
+        out.update(measured_slope_mib=slope, plan_per_image_mib=a["plan_per_image_mib"],
+                   slope_ratio=a["plan_per_image_mib"] / slope)
+    return out
+
+
+def markdown(res: dict) -> str:
+    lines = [f"| micro-batch | baseline RSS (model states {res['rows'][0]['model_states_mib']:.0f} MiB incl.) | "
+             "peak RSS | measured (peak - baseline) | per image | `gigamim plan` | per image | planner / measured |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['batch']} | {r['base_mib']:.0f} MiB | {r['peak_mib']:.0f} MiB | {r['measured_mib']:.1f} MiB | "
+                     f"{r['measured_per_image_mib']:.2f} | {r['plan_total_mib']:.1f} MiB | "
+                     f"{r['plan_at_batch_per_image_mib']:.2f} | {r['ratio']:.3f} |")
+    if "slope_ratio" in res:
+        lines.append(f"| slope {res['rows'][0]['batch']} -> {res['rows'][-1]['batch']} | | | | "
+                     f"{res['measured_slope_mib']:.2f} | | {res['plan_per_image_mib']:.2f} | {res['slope_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gigamim_benchmarks.activation_rss", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="swinv2_tiny")
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="ckpt")
+    p.add_argument("--img-size", type=int, default=192)
+    p.add_argument("--window-size", type=int, default=None)
+    p.add_argument("--out", help="folder for results.json and README-ready table.md")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.model, args.img_size, args.window_size, args.batches[0], args.setting)))
+        return 0
+    from .common import machine_info, versions
+
+    res = compare(args.model, args.batches, args.setting, args.img_size, args.window_size)
+    table = markdown(res)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        argv = list(argv if argv is not None else sys.argv[1:])
+        res.update(machine=machine_info(), versions=versions(),
+                   command=" ".join(["python", "-m", "gigamim_benchmarks.activation_rss", *argv]))
+        (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+        (out / "table.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
