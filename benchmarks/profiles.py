@@ -8,6 +8,8 @@ gpu    one H200, < 8 min: SwinV2-B/L/H/G SimMIM steps at 192 px in bf16 (MFU per
        reference for B and L, attention paths and a resolution sweep for B.
 compile CPU, ~10 min: eager vs per-block compiled (gigamim and reference), and ZeRO-1 vs
        ZeRO-3 eager/compiled on 2 CPU ranks with collectives counted (the issue-15 numbers).
+compile_model  CPU, ~10-20 min: eager vs whole-model `torch.compile(model)` (gigamim and
+       reference, ABAB), the way a library user compiles (issue 20).
 full   CPU, tens of minutes: quick + attention paths, checkpointing, resolution 192->768,
        micro-batch sweep, ZeRO 0/1/2/3 on 2 ranks, the data loader.
 """
@@ -108,6 +110,25 @@ def _compile_group(model, img, batch, steps, warmup=2, precision="fp32", attn="e
             Case(name=f"compile_{tag}_reference_compiled", impl="reference", compile=True, **base)]
 
 
+def _compile_model_group(model, img, batch, steps, warmup=2, precision="fp32", attn="explicit"):
+    """Eager vs whole-model ``torch.compile(model)``, gigamim and the timm reference alike, ABAB."""
+    base = dict(group="compile_model", model=model, img_size=img, batch=batch, steps=steps, warmup=warmup,
+                precision=precision, memory=False)
+    tag = f"{model.replace('swinv2_', '')}_{img}_b{batch}"
+    return [Case(name=f"compile_model_{tag}_gigamim_eager", impl="gigamim", attn_impl=attn, **base),
+            Case(name=f"compile_model_{tag}_gigamim_compiled", impl="gigamim", attn_impl=attn, compile=True,
+                 compile_scope="model", **base),
+            Case(name=f"compile_model_{tag}_reference_eager", impl="reference", **base),
+            Case(name=f"compile_model_{tag}_reference_compiled", impl="reference", compile=True,
+                 compile_scope="model", **base)]
+
+
+def compile_model_profile():
+    """CPU: the whole-model compile axis alone (SwinV2-T 192 px batch 8 fp32, both sides eager
+    and ``torch.compile(model)``); the compiles take minutes each on a 2-core machine."""
+    return {"groups": [_compile_model_group("swinv2_tiny", 192, 8, steps=8)], "zero": None, "data": None}
+
+
 def compile_profile():
     """CPU, ~10 min: the compile axis (SwinV2-T 192 px batch 8, both sides eager and compiled),
     then the ZeRO x compile axis on 2 CPU ranks (ZeRO-1 vs ZeRO-3, eager vs compiled)."""
@@ -164,4 +185,5 @@ def gpu():
     return {"groups": groups, "zero": None, "data": None}
 
 
-PROFILES = {"smoke": smoke, "quick": quick, "gpu": gpu, "full": full, "compile": compile_profile}
+PROFILES = {"smoke": smoke, "quick": quick, "gpu": gpu, "full": full, "compile": compile_profile,
+            "compile_model": compile_model_profile}

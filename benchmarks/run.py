@@ -107,7 +107,8 @@ def main(argv=None) -> int:
                         "earlier runs (machine and command taken from the first DIR's summary.json)")
     p.add_argument("--list", action="store_true", help="print the profile's cases and exit (nothing is built)")
     p.add_argument("--only", default=None, help="comma-separated groups to run (ratio, memory, attention, "
-                                                "checkpointing, resolution, micro_batch, gpu_sizes, compile, zero, zero_compile, data)")
+                                                "checkpointing, resolution, micro_batch, gpu_sizes, compile, "
+                                                "compile_model, zero, zero_compile, data)")
     args = p.parse_args(argv)
 
     import torch
