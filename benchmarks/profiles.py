@@ -11,6 +11,8 @@ compile CPU, ~10 min: eager vs per-block compiled (gigamim and reference), and Z
 engines CPU, ~30 min: DeepSpeed ZeRO-3 vs PyTorch FSDP2 on 2 CPU ranks, eager and per-block
        compiled, SwinV2-T and SwinV2-S at 192 px (issue 20): step time (ABAB), bytes per step
        (counted collectives), peak RSS per rank (one short run per variant).
+compile_model  CPU, ~10-20 min: eager vs whole-model `torch.compile(model)` (gigamim and
+       reference, ABAB), the way a library user compiles (issue 20).
 full   CPU, tens of minutes: quick + attention paths, checkpointing, resolution 192->768,
        micro-batch sweep, ZeRO 0/1/2/3 on 2 ranks, the data loader.
 """
@@ -111,6 +113,25 @@ def _compile_group(model, img, batch, steps, warmup=2, precision="fp32", attn="e
             Case(name=f"compile_{tag}_reference_compiled", impl="reference", compile=True, **base)]
 
 
+def _compile_model_group(model, img, batch, steps, warmup=2, precision="fp32", attn="explicit"):
+    """Eager vs whole-model ``torch.compile(model)``, gigamim and the timm reference alike, ABAB."""
+    base = dict(group="compile_model", model=model, img_size=img, batch=batch, steps=steps, warmup=warmup,
+                precision=precision, memory=False)
+    tag = f"{model.replace('swinv2_', '')}_{img}_b{batch}"
+    return [Case(name=f"compile_model_{tag}_gigamim_eager", impl="gigamim", attn_impl=attn, **base),
+            Case(name=f"compile_model_{tag}_gigamim_compiled", impl="gigamim", attn_impl=attn, compile=True,
+                 compile_scope="model", **base),
+            Case(name=f"compile_model_{tag}_reference_eager", impl="reference", **base),
+            Case(name=f"compile_model_{tag}_reference_compiled", impl="reference", compile=True,
+                 compile_scope="model", **base)]
+
+
+def compile_model_profile():
+    """CPU: the whole-model compile axis alone (SwinV2-T 192 px batch 8 fp32, both sides eager
+    and ``torch.compile(model)``); the compiles take minutes each on a 2-core machine."""
+    return {"groups": [_compile_model_group("swinv2_tiny", 192, 8, steps=8)], "zero": None, "data": None}
+
+
 def compile_profile():
     """CPU, ~10 min: the compile axis (SwinV2-T 192 px batch 8, both sides eager and compiled),
     then the ZeRO x compile axis on 2 CPU ranks (ZeRO-1 vs ZeRO-3, eager vs compiled)."""
@@ -179,7 +200,7 @@ def gpu():
 
 
 PROFILES = {"smoke": smoke, "quick": quick, "gpu": gpu, "full": full, "compile": compile_profile,
-            "engines": engines_profile}
+            "engines": engines_profile, "compile_model": compile_model_profile}
 
 # One line each, for `gigamim bench --help` (the module docstring says the same at length).
 DESCRIPTIONS = {
@@ -188,6 +209,7 @@ DESCRIPTIONS = {
     "gpu": "one H200, < 8 min: SwinV2-B/L/H/G bf16 steps at 192 px (MFU per size: what gigamim plan "
            "--efficiency takes), attention paths, a resolution sweep",
     "compile": "CPU, ~10 min: eager vs per-block torch.compile, ZeRO-1 vs ZeRO-3 on 2 CPU ranks",
+    "compile_model": "CPU, 10-20 min: eager vs whole-model torch.compile(model), gigamim and the reference (ABAB)",
     "full": "CPU, tens of minutes: quick + attention, checkpointing, resolution and micro-batch sweeps, "
             "ZeRO 0-3 on 2 ranks, the data loader",
     "engines": "CPU, 15-30 min: DeepSpeed ZeRO-3 vs PyTorch FSDP2 on 2 ranks (swinv2_tiny/small, eager and "

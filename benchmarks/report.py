@@ -15,6 +15,7 @@ GROUP_TITLES = {
     "micro_batch": "Micro-batch sweep",
     "gpu_sizes": "Model sizes on one GPU (bf16)",
     "compile": "Eager vs per-block torch.compile (gigamim and the timm reference compiled the same way)",
+    "compile_model": "Eager vs whole-model torch.compile(model) (gigamim and the timm reference compiled the same way)",
     "zero": "ZeRO stages on 2 ranks (gigamim pretrain)",
     "zero_compile": "ZeRO-1 vs ZeRO-3, eager vs compiled, on 2 CPU ranks (collectives counted per step)",
     "engines": "DeepSpeed ZeRO-3 vs PyTorch FSDP2, eager and per-block compiled, on 2 CPU ranks",
@@ -96,9 +97,10 @@ def summarize(results: list[dict], meta: dict, data_bench: dict | None) -> dict:
     if data_bench:
         s["data_loader"] = {k: data_bench.get(k) for k in ("ratios",)} | {
             "images_per_sec": {w: v["images_per_sec"] for w, v in data_bench.get("pipeline", {}).items()}}
-    comp = _compile_summary(results)
-    if comp:
-        s["compile"] = comp
+    for group in ("compile", "compile_model"):
+        comp = _compile_summary(results, group)
+        if comp:
+            s[group] = comp
     zc = _zero_compile_summary(results)
     if zc:
         s["zero_compile"] = zc
@@ -110,16 +112,23 @@ def summarize(results: list[dict], meta: dict, data_bench: dict | None) -> dict:
 
 
 def _speedup(fast, slow):
-    """(throughput ratio fast/slow from medians, median of the paired per-round ratios)."""
+    """(throughput ratio fast/slow from medians, median of the paired per-round ratios, fastest
+    step over fastest step, and process CPU time per step: the two least sensitive to other jobs)."""
     if not (fast and slow and fast.get("step_time_s") and slow.get("step_time_s")):
         return None
     pairs = [b / a for a, b in zip(fast["step_times_s"], slow["step_times_s"])]
-    return {"ratio": slow["step_time_s"] / fast["step_time_s"], "paired_median": median(pairs)}
+    out = {"ratio": slow["step_time_s"] / fast["step_time_s"], "paired_median": median(pairs)}
+    if fast.get("min_step_time_s") and slow.get("min_step_time_s"):
+        out["best_of"] = slow["min_step_time_s"] / fast["min_step_time_s"]
+    if fast.get("cpu_time_per_step_s") and slow.get("cpu_time_per_step_s"):
+        out["cpu_time"] = slow["cpu_time_per_step_s"] / fast["cpu_time_per_step_s"]
+    return out
 
 
-def _compile_summary(results):
-    """Throughput ratios of the compile group: X / Y = Y's step time / X's step time."""
-    pick = {(impl, comp): _find(results, "compile", impl=impl, compile=comp)
+def _compile_summary(results, group="compile"):
+    """Throughput ratios of a compile group ('compile': per block; 'compile_model': whole model):
+    X / Y = Y's step time / X's step time."""
+    pick = {(impl, comp): _find(results, group, impl=impl, compile=comp)
             for impl in ("gigamim", "reference") for comp in (False, True)}
     if not any(pick.values()):
         return None
@@ -254,14 +263,18 @@ def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: d
     if pc:
         lines.append(f"- planner (gigamim plan) vs measured peak: max |error| {pc['max_abs_error']:.1%} over "
                      f"{len(pc['cases'])} cases")
-    comp = summary.get("compile")
-    if comp:
+    for group, what in (("compile", "per-block"), ("compile_model", "whole-model")):
+        comp = summary.get(group)
+        if not comp:
+            continue
         g = comp["geometry"]
-        lines.append(f"- compile axis ({g['model']} @ {g['img_size']} px, batch {g['batch']}, {g['precision']}, "
-                     "throughput ratios, median steps / median of paired ABAB rounds):")
+        lines.append(f"- {what} compile axis ({g['model']} @ {g['img_size']} px, batch {g['batch']}, {g['precision']}, "
+                     "throughput ratios, median steps / median of paired ABAB rounds / fastest steps / "
+                     "process CPU time per step):")
         for k, v in comp.items():
             if isinstance(v, dict) and "ratio" in v:
-                lines.append(f"  - **{k.replace('_', ' ')} = {v['ratio']:.3f}** (paired {_fmt(v['paired_median'], 3)})")
+                lines.append(f"  - **{k.replace('_', ' ')} = {v['ratio']:.3f}** (paired {_fmt(v['paired_median'], 3)}, "
+                             f"best-of {_fmt(v.get('best_of'), 3)}, CPU time {_fmt(v.get('cpu_time'), 3)})")
     zc = summary.get("zero_compile")
     if zc:
         lines.append("- ZeRO x compile on 2 CPU ranks (step-time ratios, lower is faster):")
@@ -382,7 +395,8 @@ def plots(results: list[dict], out: Path) -> list[str]:
 
     made = []
     ok = [r for r in results if "error" not in r and (r.get("images_per_sec") or r.get("peak_mem_gb"))]
-    bars = [r for r in ok if r["case"]["group"] in ("ratio", "attention", "checkpointing", "memory", "smoke", "compile")]
+    bars = [r for r in ok if r["case"]["group"] in ("ratio", "attention", "checkpointing", "memory", "smoke", "compile",
+                                                   "compile_model")]
     if bars:
         fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(bars) + 2))
         names = [f"{r['case']['group']}: {r['label']} ({r['case']['model'].replace('swinv2_', '')} "

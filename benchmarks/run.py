@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .profiles import DESCRIPTIONS, PROFILES
 
     p = argparse.ArgumentParser(prog="gigamim bench", description=__doc__.split("\n\n")[0],
-                                epilog="profiles:\n" + "\n".join(f"  {name:<8} {DESCRIPTIONS[name]}"
+                                epilog="profiles:\n" + "\n".join(f"  {name:<13} {DESCRIPTIONS[name]}"
                                                                   for name in sorted(PROFILES)),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "earlier runs (machine and command taken from the first DIR's summary.json)")
     p.add_argument("--list", action="store_true", help="print the profile's cases and exit (nothing is built)")
     p.add_argument("--only", default=None, help="comma-separated groups to run (ratio, memory, attention, "
-                                                "checkpointing, resolution, micro_batch, gpu_sizes, compile, zero, zero_compile, engines, "
-                                                "data)")
+                                                "checkpointing, resolution, micro_batch, gpu_sizes, compile, compile_model, zero, "
+                                                "zero_compile, engines, data)")
     return p
 
 

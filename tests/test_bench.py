@@ -175,6 +175,15 @@ def test_compile_and_zero_summaries_from_known_results():
     assert c["gigamim_compiled_over_reference_compiled"]["ratio"] == pytest.approx(2.4)
     assert c["gigamim_eager_over_reference_eager"]["ratio"] == pytest.approx(1.5)
     assert c["gigamim_compiled_over_reference_eager"]["paired_median"] == pytest.approx(3.0)
+    assert "compile_model" not in s
+    # The whole-model group (torch.compile(model)) is summarised on its own, with the fastest-step
+    # and process-CPU-time ratios beside the medians.
+    whole = [dict(r, case=dict(r["case"], group="compile_model"), min_step_time_s=min(r["step_times_s"]),
+                  cpu_time_per_step_s=2 * r["step_time_s"]) for r in results[:4]]
+    w = summarize(whole, meta, None)["compile_model"]
+    assert w["gigamim_compiled_over_reference_compiled"]["ratio"] == pytest.approx(2.4)
+    assert w["gigamim_compiled_over_reference_compiled"]["best_of"] == pytest.approx(2.4)
+    assert w["gigamim_compiled_over_reference_compiled"]["cpu_time"] == pytest.approx(2.4)
     z = s["zero_compile"]
     assert z["zero3_compiled_over_zero3_eager_step_time"] == pytest.approx(0.5)
     assert z["zero3_eager_over_zero1_eager_step_time"] == pytest.approx(1.2)

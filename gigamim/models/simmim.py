@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gigamim.models.init import init_mask_token_
+from gigamim.models.patch_conv import PatchConv2d
 
 
 def norm_targets(targets: torch.Tensor, patch_size: int = 47) -> torch.Tensor:
@@ -78,8 +79,10 @@ class SimMIM(nn.Module):
         # Its init (trunc normal, std .02) is `init_mask_token_`, which the encoder's own
         # reset_parameters() repeats after a meta-device build.
         encoder.mask_token = nn.Parameter(init_mask_token_(torch.zeros(1, 1, 1, encoder.embed_dim)))
+        # The 1x1 conv as a GEMM on the NHWC features (PatchConv2d, same keys): no convolution
+        # in a whole-model compiled graph (gigamim.models.patch_conv says why that matters).
         self.decoder = nn.Sequential(
-            nn.Conv2d(encoder.num_features, encoder_stride**2 * self.in_chans, kernel_size=1),
+            PatchConv2d(encoder.num_features, encoder_stride**2 * self.in_chans, kernel_size=1),
             nn.PixelShuffle(encoder_stride),
         )
 

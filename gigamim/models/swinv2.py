@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from gigamim.kernels import ResPostLayerNorm, drop_path_scale
 from gigamim.models.attention import TruncNormalLinear, WindowAttention
 from gigamim.models.init import init_mask_token_
+from gigamim.models.patch_conv import PatchConv2d
 from gigamim.models.registry import register_model
 
 IntOrSeq = Union[int, Sequence[int]]
@@ -45,11 +46,15 @@ class ZeroInitLayerNorm(ResPostLayerNorm):
 
 
 class PatchEmbed(nn.Module):
-    """Conv patchify + LayerNorm, NHWC output (keys patch_embed.proj.*, patch_embed.norm.*)."""
+    """Conv patchify + LayerNorm, NHWC output (keys patch_embed.proj.*, patch_embed.norm.*).
+
+    The patchify is a ``PatchConv2d`` (a Conv2d computed as one GEMM over patches): a graph with
+    a convolution in it turns on inductor's CPU channels-last layout optimisation for every
+    saved activation of a whole-model ``torch.compile`` (see gigamim.models.patch_conv)."""
 
     def __init__(self, patch_size: int, in_chans: int, dim: int):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = PatchConv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
