@@ -117,7 +117,7 @@ class LogConfig:
 
 @dataclass
 class DeepSpeedSection:
-    config: str = "zero3_bf16"  # template file, or a packaged name (configs/deepspeed/): ZeRO stage, offload, comms
+    config: str = "zero3_bf16"  # template file, or a packaged name (ds_configs/): ZeRO stage, offload, comms
 
 
 @dataclass
@@ -420,14 +420,23 @@ def missing_local_shards(spec) -> list[str]:
         raise ConfigError(f"data.shards: {exc}") from None
 
 
+def ds_template_dir() -> Path:
+    """Where the packaged DeepSpeed templates are: the checkout's top-level `ds_configs/`, or,
+    installed from a wheel, `gigamim/configs/deepspeed/` (setup.py maps one to the other)."""
+    here = Path(__file__).parent
+    checkout = here.parent / "ds_configs"
+    return checkout if (checkout / "zero3_bf16.json").is_file() else here / "configs" / "deepspeed"
+
+
 def resolve_ds_config_path(path: str) -> Path:
-    """The DeepSpeed template as given, else a packaged one (`gigamim/configs/deepspeed/`) by
-    name: `zero3_bf16`, `zero3_bf16.json`, or the pre-0.2 spelling `ds_configs/zero3_bf16.json`
-    (still in the configs saved with old checkpoints, so they resume)."""
+    """The DeepSpeed template as given, else a packaged one (`ds_template_dir()`) by name:
+    `zero3_bf16`, `zero3_bf16.json`, `ds_configs/zero3_bf16.json` (the pre-0.2 spelling, still
+    in the configs saved with old checkpoints, so they resume) or
+    `gigamim/configs/deepspeed/zero3_bf16.json` (where 0.1 kept them)."""
     p = Path(path)
     if p.is_file():
         return p
-    packaged = Path(__file__).parent / "configs" / "deepspeed"
+    packaged = ds_template_dir()
     for candidate in (packaged / p.name, packaged / f"{p.name}.json"):
         if candidate.is_file():
             return candidate
