@@ -29,6 +29,7 @@ setup(
         "timm>=1.0.31",  # ModelEmaV3(dtype=): an fp32 EMA of a bf16 model (finetune.ema)
         "deepspeed>=0.19,<0.20",
         "webdataset>=1.0.2,<1.1",
+        "braceexpand",  # data/shardspec.py expands {000..099} itself (webdataset's own dependency too)
         "pyyaml>=6",
         "triton>=3.0; platform_system == 'Linux'",
         "safetensors>=0.4",
