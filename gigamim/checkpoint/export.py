@@ -32,14 +32,8 @@ from typing import Any
 
 from gigamim.checkpoint import safetensors_io
 from gigamim.checkpoint.layout import LATEST_FILE, CheckpointError, complete_tags, is_tag_dir
-from gigamim.models.timm_compat import (
-    TimmCompatError,
-    check_timm_keys,
-    pick_timm_name,
-    read_arch,
-    swinv2_arch,
-    timm_kwargs,
-)
+from gigamim.models.family import family_of_state_dict
+from gigamim.models.timm_compat import TimmCompatError
 
 FORMATS = ("encoder", "timm", "simmim")
 ENCODER_PREFIX = "encoder."
@@ -155,24 +149,14 @@ def export(src: str, out: str, fmt: str = "encoder", tag: str | None = None,
         # timm's num_classes=0 model has no head; a classifier head is not part of pretraining.
         tensors = {k: v for k, v in tensors.items() if not k.startswith("head.")}
         geo = run_geometry(metadata)
-        arch = read_arch(tensors, geo)
-        family = arch["family"]
-        if family == "swinv2":
-            arch = swinv2_arch(tensors)
-        kwargs = timm_kwargs(arch, geo)
-        check_timm_keys(tensors, kwargs, family)
-        name, note = pick_timm_name(arch, geo, tensors)
-        metadata.update(timm_model=name or "", timm_kwargs=json.dumps(kwargs), timm_class=timm_class_name(family))
-        result.update(timm_model=name, timm_note=note, timm_kwargs=kwargs, timm_class=timm_class_name(family))
+        spec = family_of_state_dict(tensors)  # the family whose keys these are
+        kwargs = spec.timm_export(tensors, geo, check=True)
+        name, note = spec.pick_timm_name(tensors, geo)
+        metadata.update(timm_model=name or "", timm_kwargs=json.dumps(kwargs), timm_class=spec.timm_class_name)
+        result.update(timm_model=name, timm_note=note, timm_kwargs=kwargs, timm_class=spec.timm_class_name)
     result["files"] = safetensors_io.save(out, tensors, metadata, max_shard_size=max_shard_size,
                                           dtype=torch.float32, overwrite=overwrite, progress=sys.stderr.isatty())
     return result
-
-
-def timm_class_name(family: str) -> str:
-    return {"swinv2": "timm.models.swin_transformer_v2.SwinTransformerV2",
-            "swin": "timm.models.swin_transformer.SwinTransformer",
-            "vit": "timm.models.vision_transformer.VisionTransformer"}[family]
 
 
 def main(argv: list[str] | None = None) -> int:

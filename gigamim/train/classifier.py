@@ -14,6 +14,7 @@ class FinetuneError(ValueError):
 def build_classifier(cfg, keep_state: bool = False):
     """(encoder with a num_classes head, info). The pretrained window becomes
     pretrained_window_sizes for a SwinV2 fine-tuned at another window."""
+    from gigamim.models.registry import model_arguments
     from gigamim.train.load_encoder import EncoderLoadError, build_encoder, read_weights, run_model_config
 
     m, ft = cfg.model, cfg.finetune
@@ -22,7 +23,7 @@ def build_classifier(cfg, keep_state: bool = False):
         overrides["window_size"] = m.window_size
     if m.pretrained_window_sizes is not None:
         overrides["pretrained_window_sizes"] = list(m.pretrained_window_sizes)
-    elif ft.weights and m.name.startswith("swinv2"):
+    elif ft.weights and "pretrained_window_sizes" in model_arguments(m.name):  # the family rescales windows
         try:
             run = run_model_config(read_weights(ft.weights)[1])
         except EncoderLoadError:

@@ -110,9 +110,9 @@ class PretrainTask(Task):
         return param_groups(model, self.cfg.optim.weight_decay)
 
     def flops(self, model):
-        from gigamim.models.flops import model_and_hardware_flops
+        from gigamim.models.family import family_of
 
-        return model_and_hardware_flops(model, self.cfg.model.img_size)
+        return family_of(model).flops(model, self.cfg.model.img_size)  # (None, None): no count, mfu null
 
     def make_loader(self, trainer, model):
         from gigamim.data.loader import SimMIMLoader
@@ -270,11 +270,9 @@ class FinetuneTask(Task):
         return groups
 
     def flops(self, model):
-        from gigamim.models.flops import model_and_hardware_flops
+        from gigamim.models.family import family_of
 
-        if getattr(model, "family", "swinv2") != "swinv2":
-            return None, None  # the analytic count covers SwinV2; ViT / Swin V1 log mfu null
-        return model_and_hardware_flops(model, self.cfg.model.img_size)
+        return family_of(model).flops(model, self.cfg.model.img_size)  # (None, None): no count, mfu null
 
     # -- data
 
@@ -447,25 +445,20 @@ def export_finetuned(module, cfg: Config, info: dict, step: int, rank: int, full
 
     from gigamim import __version__
     from gigamim.checkpoint import safetensors_io
-    from gigamim.models.timm_compat import read_arch, timm_kwargs
+    from gigamim.models.family import family_of
 
     ft = cfg.finetune
     sd = full_state_dict(module)
     if rank != 0:
         return
-    geometry = {"img_size": cfg.model.img_size, "window_size": cfg.model.window_size}
-    if getattr(module, "family", "swinv2") == "vit":
-        geometry["num_heads"] = module.num_heads
-    arch = read_arch(sd, geometry)
-    kwargs = timm_kwargs(arch, geometry, num_classes=ft.num_classes)
-    pws = info.get("kwargs", {}).get("pretrained_window_sizes")
-    if arch["family"] == "swinv2" and pws is not None:
-        kwargs["pretrained_window_sizes"] = (list(pws) if isinstance(pws, (list, tuple))
-                                             else [int(pws)] * len(arch["depths"]))
+    spec = family_of(module)
+    geometry = {"img_size": cfg.model.img_size, "window_size": cfg.model.window_size,
+                **spec.export_geometry(module, info.get("kwargs", {}))}
+    kwargs = spec.timm_export(sd, geometry, num_classes=ft.num_classes)
     out = Path(cfg.checkpoint.dir) / "finetuned.safetensors"
     metadata = {"format": "finetuned", "step": str(step), "gigamim_version": __version__,
-                "gigamim_config": cfg.dump(), "timm_family": arch["family"], "timm_kwargs": json.dumps(kwargs),
+                "gigamim_config": cfg.dump(), "timm_family": spec.timm_family, "timm_kwargs": json.dumps(kwargs),
                 "num_classes": str(ft.num_classes)}
     safetensors_io.save(str(out), sd, metadata, max_shard_size=None, dtype=torch.float32, overwrite=True)
-    print(f"gigamim finetune: wrote {out} (timm {arch['family']} kwargs {kwargs})", flush=True)
+    print(f"gigamim finetune: wrote {out} (timm {spec.timm_family} kwargs {kwargs})", flush=True)
 
