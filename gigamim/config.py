@@ -356,14 +356,7 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be > 0; got {value!r}")
-    if cfg.model.img_size % 32:
-        raise ConfigError(f"model.img_size={cfg.model.img_size} must be divisible by 32 (SwinV2's total stride)")
-    if cfg.data.mask_patch_size % 4:
-        raise ConfigError(f"data.mask_patch_size={cfg.data.mask_patch_size} must be a multiple of the model's 4-px patch")
-    if cfg.model.img_size % cfg.data.mask_patch_size:
-        raise ConfigError(
-            f"model.img_size={cfg.model.img_size} must be divisible by data.mask_patch_size={cfg.data.mask_patch_size}"
-        )
+    _validate_model(cfg)
     if not 0.0 < cfg.data.mask_ratio < 1.0:
         raise ConfigError(f"data.mask_ratio must be in (0, 1); got {cfg.data.mask_ratio}")
     if cfg.data.norm_target_patch % 2 == 0:
@@ -384,6 +377,18 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise ConfigError(f"data.shards: shard file '{missing[0]}' does not exist{more}")
         resolve_ds_config_path(cfg.deepspeed.config)
+
+
+def _validate_model(cfg: Config) -> None:
+    """The model-shape rules are the model family's (`gigamim.models.build.check_model_section`)."""
+    from gigamim.models.build import check_model_section
+    from gigamim.models.family import ModelConfigError
+
+    try:
+        check_model_section(dataclasses.asdict(cfg.model), dataclasses.asdict(ModelConfig()), cfg.data.mask_patch_size)
+    except ModelConfigError as e:
+        key = f"{'data' if e.key == 'mask_patch_size' else 'model'}.{e.key}"
+        raise ConfigError(f"config key '{key}': {e}") from None
 
 
 def _validate_finetune(ft: FinetuneConfig) -> None:
