@@ -174,3 +174,31 @@ def test_no_family_switch_outside_models():
     out = subprocess.run(["grep", "-rnE", r"""["'](swinv2|swin|vit)["']""", "gigamim", "--include=*.py"], cwd=ROOT,
                          capture_output=True, text=True).stdout
     assert [line for line in out.splitlines() if not line.startswith("gigamim/models/")] == []
+
+
+@pytest.mark.parametrize("name, size", [("swinv2_tiny", 256), ("swin_base", 192), ("vit_base_patch16", 224)])
+def test_spec_geometry_and_counts_match_the_built_model(name, size):
+    """What a planner reads from the spec, before building, against the model built on the meta
+    device: tokens after embedding, the output map's stride, per-stage tokens and channels."""
+    from gigamim.models import create_model, family_of
+    from gigamim.models.registry import model_defaults
+
+    spec = family_of(name)
+    args = {**model_defaults(name), "img_size": size, **({"window_size": 8} if name == "swinv2_tiny" else {})}
+    geo = spec.validate(args, mask_patch_size=32)
+    with torch.device("meta"):
+        enc = create_model(name, **{k: v for k, v in args.items() if k in ("img_size", "window_size")})
+        x = torch.empty(1, 3, size, size)
+        tokens = enc.patch_embed(x)
+        out = enc(x, features_only=True)
+    prefix = getattr(enc, "num_prefix_tokens", 0)
+    assert geo.tokens_per_image == tokens[0, ..., 0].numel() + prefix
+    assert geo.encoder_stride == size // out.shape[1] and geo.stage_dims[-1] == out.shape[-1]
+    assert geo.patch_size == enc.patch_size and sum(geo.stage_tokens) > 0
+    assert spec.count_parameters(enc) == sum(p.numel() for p in enc.parameters())
+
+
+def test_swinv2_tiny_parameter_count_is_timms():
+    from gigamim.models import family_of
+
+    assert family_of("swinv2_tiny").count_parameters("swinv2_tiny") == 27_578_154  # timm, encoder only

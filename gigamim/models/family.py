@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from gigamim.models.registry import model_defaults, register_model, registered_family
+from gigamim.models.registry import list_models, model_defaults, register_model, registered_family
 
 NO_DECAY_KEYWORDS = ("mask_token",)
 
@@ -71,8 +71,6 @@ class FamilySpec:
     # -- built
 
     def variants(self) -> List[str]:
-        from gigamim.models.registry import list_models
-
         return [n for n in list_models() if registered_family(n) is self]
 
     def resolve(self, name: str, args: Mapping[str, Any] | None = None) -> Dict[str, Any]:
@@ -288,8 +286,6 @@ def _factory(cls: type, name: str, defaults: Mapping[str, Any]) -> Callable[...,
 
 def families() -> List[FamilySpec]:
     """Every registered family, in registration order."""
-    from gigamim.models.registry import list_models
-
     out: List[FamilySpec] = []
     for n in list_models():
         spec = registered_family(n)
