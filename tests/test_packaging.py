@@ -55,10 +55,18 @@ def test_wheel_carries_configs_and_templates(wheel_env):
     assert "gigamim/configs/demo.yaml" in names and "gigamim_benchmarks/run.py" in names
 
 
+def _wheel_env() -> dict:
+    """The CPU environment without PYTHONPATH: no checkout on the path, gigamim from the wheel."""
+    env = cpu_env()
+    env.pop("PYTHONPATH", None)
+    return env
+
+
 def test_installed_cli_finds_packaged_files_from_another_directory(wheel_env, tmp_path):
     _, py, elsewhere = wheel_env
     code = "import gigamim, sys; print(gigamim.__file__)"
-    where = subprocess.run([str(py), "-c", code], cwd=elsewhere, capture_output=True, text=True, check=True)
+    where = subprocess.run([str(py), "-c", code], cwd=elsewhere, env=_wheel_env(), capture_output=True, text=True,
+                           check=True)
     assert "site-packages" in where.stdout and str(REPO) not in where.stdout
     # Validation lists the packaged DeepSpeed templates (the shard check runs first, so give
     # it a real file).
@@ -67,9 +75,9 @@ def test_installed_cli_finds_packaged_files_from_another_directory(wheel_env, tm
     write_synthetic_shards(tmp_path / "s", 4, image_size=64, samples_per_shard=4)
     shard = next((tmp_path / "s").glob("*.tar"))
     r = subprocess.run([str(py), "-m", "gigamim", "pretrain", "--config", "demo", "--set", f"data.shards={shard}",
-                        "--set", "deepspeed.config=zero9"], cwd=elsewhere, env=cpu_env(), capture_output=True,
+                        "--set", "deepspeed.config=zero9"], cwd=elsewhere, env=_wheel_env(), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "packaged: cpu, zero1, zero1_bf16, zero2, zero3_bf16, zero3_offload" in r.stderr, r.stderr
     r = subprocess.run([str(py), "-m", "gigamim", "pretrain", "--config", "demo", "--print-config"], cwd=elsewhere,
-                       env=cpu_env(), capture_output=True, text=True, timeout=120)
+                       env=_wheel_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "config: cpu" in r.stdout
