@@ -15,10 +15,12 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The benchmark harnesses live in benchmarks/ (next to their results) and install as
-    # `gigamim_benchmarks`, so `gigamim bench` works from any directory.
-    packages=find_packages(include=["gigamim", "gigamim.*"]) + ["gigamim_benchmarks"],
-    package_dir={"gigamim_benchmarks": "benchmarks"},
-    package_data={"gigamim": ["configs/*.yaml", "configs/deepspeed/*.json"]},
+    # `gigamim_benchmarks`, so `gigamim bench` works from any directory. The DeepSpeed templates
+    # live in the top-level ds_configs/ and install where they always were,
+    # gigamim/configs/deepspeed/ (gigamim.config.resolve_ds_config_path looks in both).
+    packages=find_packages(include=["gigamim", "gigamim.*"]) + ["gigamim_benchmarks", "gigamim.configs.deepspeed"],
+    package_dir={"gigamim_benchmarks": "benchmarks", "gigamim.configs.deepspeed": "ds_configs"},
+    package_data={"gigamim": ["configs/*.yaml"], "gigamim.configs.deepspeed": ["*.json"]},
     include_package_data=True,
     install_requires=[
         # Tested: torch 2.11.0 (triton 3.6, Python 3.12: the GPU image's stack) and 2.14.1 (triton
@@ -27,6 +29,7 @@ setup(
         "timm>=1.0.31",  # ModelEmaV3(dtype=): an fp32 EMA of a bf16 model (finetune.ema)
         "deepspeed>=0.19,<0.20",
         "webdataset>=1.0.2,<1.1",
+        "braceexpand",  # data/shardspec.py expands {000..099} itself (webdataset's own dependency too)
         "pyyaml>=6",
         "triton>=3.0; platform_system == 'Linux'",
         "safetensors>=0.4",

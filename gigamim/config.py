@@ -117,8 +117,8 @@ class LogConfig:
 
 @dataclass
 class DeepSpeedSection:
-    # template file, or a packaged name (configs/deepspeed/): ZeRO stage, offload, comms; "auto" is
-    # the device's: zero3_bf16 where a GPU is visible, cpu (ZeRO-3 for CPU ranks) where none is
+    # template file, or a packaged name (ds_configs/): ZeRO stage, offload, comms; "auto" is the
+    # device's: zero3_bf16 where a GPU is visible, cpu (ZeRO-3 for CPU ranks) where none is
     config: str = "auto"
 
 
@@ -380,14 +380,7 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be > 0; got {value!r}")
-    if cfg.model.img_size % 32:
-        raise ConfigError(f"model.img_size={cfg.model.img_size} must be divisible by 32 (SwinV2's total stride)")
-    if cfg.data.mask_patch_size % 4:
-        raise ConfigError(f"data.mask_patch_size={cfg.data.mask_patch_size} must be a multiple of the model's 4-px patch")
-    if cfg.model.img_size % cfg.data.mask_patch_size:
-        raise ConfigError(
-            f"model.img_size={cfg.model.img_size} must be divisible by data.mask_patch_size={cfg.data.mask_patch_size}"
-        )
+    _validate_model(cfg)
     if not 0.0 < cfg.data.mask_ratio < 1.0:
         raise ConfigError(f"data.mask_ratio must be in (0, 1); got {cfg.data.mask_ratio}")
     if cfg.data.norm_target_patch % 2 == 0:
@@ -408,6 +401,18 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise ConfigError(f"data.shards: shard file '{missing[0]}' does not exist{more}")
         resolve_ds_config_path(cfg.deepspeed.config)
+
+
+def _validate_model(cfg: Config) -> None:
+    """The model-shape rules are the model family's (`gigamim.models.build.check_model_section`)."""
+    from gigamim.models.build import check_model_section
+    from gigamim.models.family import ModelConfigError
+
+    try:
+        check_model_section(dataclasses.asdict(cfg.model), dataclasses.asdict(ModelConfig()), cfg.data.mask_patch_size)
+    except ModelConfigError as e:
+        key = f"{'data' if e.key == 'mask_patch_size' else 'model'}.{e.key}"
+        raise ConfigError(f"config key '{key}': {e}") from None
 
 
 def _validate_finetune(ft: FinetuneConfig) -> None:
@@ -458,16 +463,25 @@ def auto_ds_template(on_gpu: bool | None = None) -> str:
     return AUTO_TEMPLATES["gpu" if on_gpu else "cpu"]
 
 
+def ds_template_dir() -> Path:
+    """Where the packaged DeepSpeed templates are: the checkout's top-level `ds_configs/`, or,
+    installed from a wheel, `gigamim/configs/deepspeed/` (setup.py maps one to the other)."""
+    here = Path(__file__).parent
+    checkout = here.parent / "ds_configs"
+    return checkout if (checkout / "zero3_bf16.json").is_file() else here / "configs" / "deepspeed"
+
+
 def resolve_ds_config_path(path: str) -> Path:
-    """The DeepSpeed template as given, else a packaged one (`gigamim/configs/deepspeed/`) by
-    name: `zero3_bf16`, `zero3_bf16.json`, or the pre-0.2 spelling `ds_configs/zero3_bf16.json`
-    (still in the configs saved with old checkpoints, so they resume); `auto`: `auto_ds_template`."""
+    """The DeepSpeed template as given, else a packaged one (`ds_template_dir()`) by name:
+    `zero3_bf16`, `zero3_bf16.json`, `ds_configs/zero3_bf16.json` (the pre-0.2 spelling, still
+    in the configs saved with old checkpoints, so they resume) or
+    `gigamim/configs/deepspeed/zero3_bf16.json` (where 0.1 kept them); `auto`: `auto_ds_template`."""
     if path == "auto":
         path = auto_ds_template()
     p = Path(path)
     if p.is_file():
         return p
-    packaged = Path(__file__).parent / "configs" / "deepspeed"
+    packaged = ds_template_dir()
     for candidate in (packaged / p.name, packaged / f"{p.name}.json"):
         if candidate.is_file():
             return candidate

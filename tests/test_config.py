@@ -127,16 +127,18 @@ def test_packaged_recipes_are_consistent():
     assert base.model.window_size == 12 and base.model.img_size == 192
 
 
-@pytest.mark.parametrize("name", ["zero3_bf16", "zero3_bf16.json", "ds_configs/zero3_bf16.json"])
-def test_deepspeed_templates_are_packaged_and_found_from_any_directory(name, tmp_path, monkeypatch):
-    """The templates travel inside the package (a wheel has no repository root); the pre-0.2
-    spelling saved in old checkpoints' configs still resolves."""
+@pytest.mark.parametrize("name", ["zero3_bf16", "zero3_bf16.json", "ds_configs/zero3_bf16.json",
+                                  "gigamim/configs/deepspeed/zero3_bf16.json"])
+def test_deepspeed_templates_are_found_from_any_directory(name, tmp_path, monkeypatch):
+    """In a checkout the templates are the top-level ds_configs/ (the wheel installs them as
+    gigamim/configs/deepspeed/: tests/test_packaging.py); the older spellings saved in old
+    checkpoints' configs still resolve."""
     import gigamim
     from gigamim.config import resolve_ds_config_path
 
     monkeypatch.chdir(tmp_path)
     path = resolve_ds_config_path(name)
-    assert path.parent == Path(gigamim.__file__).parent / "configs" / "deepspeed"
+    assert path == Path(gigamim.__file__).parent.parent / "ds_configs" / "zero3_bf16.json"
     assert json.loads(path.read_text())["zero_optimization"]["stage"] == 3
 
 

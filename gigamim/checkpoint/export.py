@@ -32,7 +32,8 @@ from typing import Any
 
 from gigamim.checkpoint import safetensors_io
 from gigamim.checkpoint.layout import LATEST_FILE, CheckpointError, complete_tags, is_tag_dir
-from gigamim.models.timm_compat import TimmCompatError, timm_metadata
+from gigamim.models.family import family_of_state_dict
+from gigamim.models.timm_compat import TimmCompatError
 
 FORMATS = ("encoder", "timm", "simmim")
 ENCODER_PREFIX = "encoder."
@@ -147,7 +148,7 @@ def export(src: str, out: str, fmt: str = "encoder", tag: str | None = None,
     if fmt == "timm":
         # timm's num_classes=0 model has no head; a classifier head is not part of pretraining.
         tensors = {k: v for k, v in tensors.items() if not k.startswith("head.")}
-        timm_meta, note = timm_metadata(tensors, run_geometry(metadata))
+        timm_meta, note = family_of_state_dict(tensors).timm_metadata(tensors, run_geometry(metadata))
         metadata.update(timm_meta)
         result.update(timm_model=timm_meta["timm_model"] or None, timm_note=note,
                       timm_kwargs=json.loads(timm_meta["timm_kwargs"]), timm_class=timm_meta["timm_class"],

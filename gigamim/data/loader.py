@@ -53,7 +53,7 @@ from gigamim.data import assign, shardspec
 from gigamim.data.masking import MaskGenerator
 from gigamim.data.seeding import derive_seed, sample_rng
 from gigamim.data import tario
-from gigamim.data.tario import ShardError, count_samples, image_key_options, iter_samples, pick_image, shard_name
+from gigamim.data.tario import SampleFiles, ShardError, count_samples, image_key_options, iter_samples, pick_image, shard_name
 from gigamim.data.transforms import BadSample, ClassifyTransform, SimMIMTransform
 
 log = logging.getLogger("gigamim.data")
@@ -154,7 +154,7 @@ def _make_sample(cfg: _Config, key, files, parts, url):
         raise BadSample(files.reason)
     found = pick_image(files, cfg.image_key) if files is not None else None
     if found is None:
-        names = files.member_names() if hasattr(files, "member_names") else sorted(files or ())
+        names = files.member_names() if isinstance(files, SampleFiles) else sorted(files or ())
         raise BadSample("no_image", f"no image member among {names} (data.image_key picks another member)"
                         if names else "the sample has no members")
     label = _label(files, key, url) if cfg.labels else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from gigamim.models.family import Geometry, ModelConfigError, encoder_stride, family_of
 from gigamim.models.registry import create_model, model_arguments
 from gigamim.models.simmim import SimMIM
 
@@ -64,10 +65,24 @@ def position_bias_windows(name: str, **geometry) -> tuple[int, ...] | None:
     return tuple(out)
 
 
-def encoder_stride(encoder) -> int:
-    """Total reduction from pixels to the encoder's output map (32 for Swin, 16 for ViT/16)."""
-    stride = getattr(encoder, "encoder_stride", None)
-    return int(stride) if stride else int(encoder.patch_size * 2 ** (len(encoder.depths) - 1))
+def check_model_section(model: Mapping[str, Any], defaults: Mapping[str, Any] | None = None,
+                        mask_patch_size: int | None = None) -> Geometry:
+    """The model-shape rules of a model section, before anything is built or any process group
+    exists: the variant is registered, its family takes every key set, and the family's rules
+    hold (`FamilySpec.validate`: image size, patch, window tiling, the mask grid). Raises
+    ModelConfigError whose ``key`` is the section's key (``name``, ``img_size``, ...) or
+    ``mask_patch_size``; returns the geometry."""
+    name = model["name"]
+    try:
+        spec = family_of(str(name))
+    except ValueError as e:
+        raise ModelConfigError("name", str(e)) from None
+    kwargs = encoder_kwargs(model, defaults)
+    accepted = model_arguments(name)
+    for key in sorted(set(kwargs) - accepted):
+        raise ModelConfigError(key, f"{key}={kwargs[key]!r}: {name} ({spec.name}) takes no {key!r}; leave it unset "
+                               f"(its arguments: {', '.join(sorted(accepted))})")
+    return spec.validate(spec.resolve(name, kwargs), mask_patch_size)
 
 
 def build_simmim(model: Mapping[str, Any], num_classes: int = 0, *, defaults: Mapping[str, Any] | None = None,

@@ -26,16 +26,16 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def default_block_classes() -> tuple:
-    """gigamim's SwinV2 block, timm's SwinV2 block (the benchmark reference), and the timm
-    blocks gigamim's ViT and Swin V1 encoders are made of: the units an engine shards (FSDP2)
-    or gathers (ZeRO-3 leaf modules) one at a time, and compiles one by one."""
-    from timm.models.swin_transformer import SwinTransformerBlock as SwinV1Block
+    """Every registered family's blocks (`FamilySpec.block_classes`: gigamim's SwinV2 block,
+    the timm blocks its ViT and Swin V1 encoders are made of) and timm's SwinV2 block (the
+    benchmark reference): the units an engine shards (FSDP2) or gathers (ZeRO-3 leaf modules)
+    one at a time, and compiles one by one."""
     from timm.models.swin_transformer_v2 import SwinTransformerV2Block as TimmBlock
-    from timm.models.vision_transformer import Block as ViTBlock
 
-    from gigamim.models.swinv2 import SwinTransformerV2Block
+    from gigamim.models.family import families
 
-    return (SwinTransformerV2Block, TimmBlock, ViTBlock, SwinV1Block)
+    classes = [c for spec in families() for c in spec.block_classes()]
+    return tuple(dict.fromkeys(classes + [TimmBlock]))
 
 
 def find_blocks(module: nn.Module, classes: Optional[Sequence[Type[nn.Module]]] = None) -> list:

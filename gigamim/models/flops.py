@@ -17,21 +17,23 @@ from typing import Optional
 
 import torch.nn as nn
 
-from gigamim.models.swinv2 import SwinTransformerV2, stage_geometry
+from gigamim.models.family import encoder_of
+
+# The count is SwinV2's (`models.swinv2.SwinV2Spec.flops` asks it): this module does not import
+# that family's file (which imports it); it reads the encoder's own `stage_geometry`.
 
 
-def _encoder(model: nn.Module) -> SwinTransformerV2:
-    enc = getattr(model, "encoder", model)
-    if not isinstance(enc, SwinTransformerV2):
+def _encoder(model: nn.Module) -> nn.Module:
+    enc = encoder_of(model)
+    if not callable(getattr(enc, "stage_geometry", None)):
         raise TypeError(f"forward_flops needs a SwinTransformerV2 or SimMIM, got {type(model).__name__}")
     return enc
 
 
-def encoder_flops(enc: SwinTransformerV2, img_size: Optional[int] = None, batch_size: int = 1) -> int:
+def encoder_flops(enc: nn.Module, img_size: Optional[int] = None, batch_size: int = 1) -> int:
     size = img_size or enc.img_size
-    n = len(enc.depths)
     # Same window/shrink rule (and same ValueError) as construction at that size.
-    geometry = stage_geometry(size, enc.patch_size, n, enc.target_window_sizes)
+    geometry = enc.stage_geometry(size)
     side0 = size // enc.patch_size
     flops = 2 * side0 * side0 * enc.embed_dim * enc.in_chans * enc.patch_size**2  # patch embed conv
     for i, ((side, ws, _), depth, heads) in enumerate(zip(geometry, enc.depths, enc.num_heads)):
@@ -71,9 +73,9 @@ def train_flops(model: nn.Module, img_size: Optional[int] = None, recompute: boo
     return (4 if recompute else 3) * forward_flops(model, img_size, batch_size)
 
 
-def _block_flops(enc: SwinTransformerV2, size: int, batch_size: int):
+def _block_flops(enc: nn.Module, size: int, batch_size: int):
     """Per block, in forward order: (forward FLOPs per image, attention-core QK^T+AV FLOPs)."""
-    geometry = stage_geometry(size, enc.patch_size, len(enc.depths), enc.target_window_sizes)
+    geometry = enc.stage_geometry(size)
     out = []
     for i, ((side, ws, _), depth, heads) in enumerate(zip(geometry, enc.depths, enc.num_heads)):
         d, tokens, win = enc.embed_dim * 2**i, side * side, ws * ws

@@ -30,6 +30,37 @@ def init_mask_token_(token: torch.Tensor) -> torch.Tensor:
         return trunc_normal_(token, std=MASK_TOKEN_STD)
 
 
+class MaskTokenMixin:
+    """SimMIM's mask token, declared by the encoder (key ``mask_token``, shape (1, 1, 1, C)).
+
+    An encoder calls ``_declare_mask_token()`` in its ``__init__``: the token is then a
+    parameter slot holding None (no state-dict key, so a bare encoder loads strictly into timm)
+    until the SimMIM wrapper calls ``add_mask_token()``. ``mask_token_reset()`` belongs in the
+    encoder's ``reset_parameters`` (a meta-device build)."""
+
+    def _declare_mask_token(self) -> None:
+        self.register_parameter("mask_token", None)
+
+    def add_mask_token(self) -> nn.Parameter:
+        """Create the token (trunc normal, std .02, as the official code) and return it."""
+        self.mask_token = nn.Parameter(init_mask_token_(torch.zeros(1, 1, 1, self.embed_dim)))
+        return self.mask_token
+
+    def mask_token_reset(self) -> None:
+        if self.mask_token is not None:
+            init_mask_token_(self.mask_token)
+
+    def masked(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Patch embeddings ``x`` (B, ..., C) with the masked ones (``mask``: B, ..., one entry
+        per patch) replaced by the token; ``x`` itself without a mask."""
+        if mask is None:
+            return x
+        if self.mask_token is None:
+            raise ValueError("a mask was given but this encoder has no mask_token (wrap it in SimMIM)")
+        w = mask.reshape(*x.shape[:-1], 1).to(x.dtype)
+        return x * (1.0 - w) + self.mask_token.reshape(*([1] * (x.ndim - 1)), -1).to(x.dtype) * w
+
+
 def _owns_state(module: nn.Module) -> bool:
     return any(p is not None for p in module._parameters.values()) or any(
         b is not None for b in module._buffers.values())

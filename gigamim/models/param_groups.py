@@ -1,11 +1,12 @@
 """Optimizer parameter groups: no weight decay where it hurts, layer ids for layer-wise LR decay.
 
 No weight decay (SimMIM / official Swin): every 1-D parameter (norm weights, biases, q_bias,
-v_bias) plus ``logit_scale``, the ``cpb_mlp`` and ``mask_token`` (and any position table).
+v_bias) plus the family's keywords (`FamilySpec.no_decay_keywords`: SwinV2 ``logit_scale``,
+the ``cpb_mlp``; Swin V1 the bias tables; ViT ``pos_embed``, ``cls_token``; all ``mask_token``).
 Shapes are read from ``ds_shape`` when present: under ZeRO-3 a partitioned parameter's
 ``.shape`` is an empty 1-D placeholder, which would otherwise put every weight in no-decay.
 
-Layer ids (official SimMIM fine-tuning convention, mapped to timm's layout): patch embed and
+Layer ids (the family's `FamilySpec.layer_id`; official SimMIM fine-tuning convention, mapped to timm's layout): patch embed and
 mask token 0; block j of stage i is ``sum(depths[:i]) + j + 1``; the PatchMerging at the start
 of stage i belongs with the last block of stage i-1 (``sum(depths[:i])``, where the official
 code keeps it); everything else (final norm, head, decoder) gets ``sum(depths) + 1``. Swin V1 (timm layout)
@@ -19,68 +20,42 @@ from typing import Callable, Dict, List, Optional, Set
 
 import torch.nn as nn
 
-NO_DECAY_KEYWORDS = ("logit_scale", "cpb_mlp", "mask_token", "relative_position", "pos_embed", "cls_token")
-_VIT_LAYER0 = ("cls_token", "pos_embed", "mask_token", "reg_token")
-
+from gigamim.models.family import encoder_of, family_of
 
 def _shape(p) -> tuple:
     return tuple(getattr(p, "ds_shape", p.shape))
 
 
 def no_weight_decay_names(model: nn.Module) -> Set[str]:
+    keywords = family_of(model).no_decay_keywords
     return {
         name
         for name, p in model.named_parameters()
-        if len(_shape(p)) <= 1 or any(k in name for k in NO_DECAY_KEYWORDS)
+        if len(_shape(p)) <= 1 or any(k in name for k in keywords)
     }
 
 
 def _encoder_and_prefix(model: nn.Module):
-    enc = getattr(model, "encoder", None)
-    return (enc, "encoder.") if enc is not None else (model, "")
-
-
-def _is_vit(enc: nn.Module) -> bool:
-    return getattr(enc, "family", None) == "vit"
+    enc = encoder_of(model)
+    return (enc, "encoder.") if enc is not model else (model, "")
 
 
 def num_layer_ids(model: nn.Module) -> int:
-    enc, _ = _encoder_and_prefix(model)
-    return (enc.depth if _is_vit(enc) else sum(enc.depths)) + 2
-
-
-def _vit_layer_id(n: str, depth: int) -> int:
-    if n in _VIT_LAYER0 or n.startswith("patch_embed."):
-        return 0
-    if n.startswith("blocks."):
-        return int(n.split(".")[1]) + 1
-    return depth + 1
+    enc = encoder_of(model)
+    return family_of(enc).num_layer_ids(enc)
 
 
 def layer_id_map(model: nn.Module) -> Dict[str, int]:
-    """Parameter name -> layer id (see module docstring); works for encoders and SimMIM."""
+    """Parameter name -> layer id (the family's, see module docstring); encoders and SimMIM."""
     enc, prefix = _encoder_and_prefix(model)
-    vit = _is_vit(enc)
-    depths = (enc.depth,) if vit else enc.depths
-    last = sum(depths) + 1
+    spec = family_of(enc)
+    last = spec.num_layer_ids(enc) - 1
     ids = {}
     for name, _ in model.named_parameters():
-        n = name[len(prefix):] if name.startswith(prefix) else None
-        if n is None:
-            ids[name] = last
-        elif vit:
-            ids[name] = _vit_layer_id(n, enc.depth)
-        elif n.startswith("patch_embed.") or n == "mask_token":
-            ids[name] = 0
-        elif n.startswith("layers."):
-            parts = n.split(".")
-            stage = int(parts[1])
-            if parts[2] == "downsample":
-                ids[name] = sum(depths[:stage])
-            else:
-                ids[name] = sum(depths[:stage]) + int(parts[3]) + 1
+        if prefix and not name.startswith(prefix):
+            ids[name] = last  # the decoder
         else:
-            ids[name] = last
+            ids[name] = spec.layer_id(enc, name[len(prefix):])
     return ids
 
 

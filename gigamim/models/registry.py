@@ -8,37 +8,46 @@ typo in a config fails at start-up with the list of valid choices.
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 _REGISTRY: Dict[str, Callable] = {}
 _DEFAULTS: Dict[str, dict] = {}
-_CLASSES: Dict[str, type] = {}
+_CLASSES: Dict[str, Any] = {}
+_FAMILIES: Dict[str, Any] = {}
 
 
-def register_model(name: str, factory: Callable, defaults: dict | None = None, model_class: type | None = None) -> Callable:
+def register_model(name: str, factory: Callable, defaults: dict | None = None, model_class: type | None = None,
+                   family: Any = None) -> Callable:
     """``model_class``: the class the factory builds; its ``__init__`` arguments (and those of
-    its bases, e.g. timm's) are the valid overrides. Default: gigamim's SwinTransformerV2."""
+    its bases, e.g. timm's) are the valid overrides (default: the factory's own arguments).
+    ``family``: the variant's `models.family.FamilySpec` (`models.family.register_variants`
+    registers a whole family through here)."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
     _REGISTRY[name] = factory
     _DEFAULTS[name] = dict(defaults or {})
-    if model_class is not None:
-        _CLASSES[name] = model_class
+    _CLASSES[name] = model_class if model_class is not None else factory
+    _FAMILIES[name] = family
     return factory
 
 
 def model_class(name: str) -> type:
-    """The class variant ``name`` builds."""
+    """The class variant ``name`` builds (its factory, when registered without one)."""
     _check_name(name)
-    if name not in _CLASSES:
-        from gigamim.models.swinv2 import SwinTransformerV2
-
-        return SwinTransformerV2
     return _CLASSES[name]
+
+
+def registered_family(name: str):
+    """The family spec variant ``name`` was registered with (None: registered without one)."""
+    _check_name(name)
+    return _FAMILIES[name]
 
 
 def _allowed_arguments(cls: type) -> set:
     """Named ``__init__`` arguments of ``cls`` and of the bases it passes ``**kwargs`` on to."""
+    if not isinstance(cls, type):  # a factory registered without its class: its own arguments
+        params = inspect.signature(cls).parameters
+        return {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
     allowed = set()
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")

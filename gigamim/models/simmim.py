@@ -11,9 +11,9 @@ first normalises the target image per pixel by the mean and unbiased variance of
 ``norm_target_patch`` x ``norm_target_patch`` neighbourhood (windows cut by the image border
 count only the pixels inside): ``(x - mean) / sqrt(var + 1e-6)``.
 
-The encoder says its own geometry: ``encoder.encoder_stride`` (total reduction: 32 for Swin,
-16 for ViT-B/16), ``encoder.patch_size`` (the mask grid), ``encoder.img_size``,
-``encoder.in_chans``, ``encoder.embed_dim``, ``encoder.num_features``, and accepts
+The encoder's family says its total reduction (`models.family.encoder_stride`: 32 for Swin,
+16 for ViT-B/16); the encoder says ``encoder.patch_size`` (the mask grid), ``encoder.img_size``,
+``encoder.in_chans``, ``encoder.num_features``, has ``add_mask_token()``, and accepts
 ``encoder(images, mask=..., features_only=True) -> (B, H/stride, W/stride, C)``.
 """
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gigamim.models.init import init_mask_token_
+from gigamim.models.family import encoder_stride
 from gigamim.models.patch_conv import PatchConv2d
 
 
@@ -43,13 +43,7 @@ def norm_targets(targets: torch.Tensor, patch_size: int = 47) -> torch.Tensor:
     return (targets - mean) / (var + 1.0e-6) ** 0.5
 
 
-def encoder_stride_of(encoder: nn.Module) -> int:
-    """Total reduction of an encoder: its ``encoder_stride`` (ViT, Swin V1 here), else, for a
-    hierarchical encoder that does not say it (SwinV2), patch size x 2^(stages - 1)."""
-    stride = getattr(encoder, "encoder_stride", None)
-    if stride is None:
-        stride = encoder.patch_size * 2 ** (len(encoder.depths) - 1)
-    return int(stride)
+encoder_stride_of = encoder_stride  # the one definition is the family's (`models.family.encoder_stride`)
 
 
 class SimMIM(nn.Module):
@@ -74,11 +68,11 @@ class SimMIM(nn.Module):
         self.patch_size = encoder.patch_size
         self.norm_target = bool(norm_target)
         self.norm_target_patch = int(norm_target_patch)
-        # The token belongs to the encoder (key encoder.mask_token, as in the official code) but
-        # is created here so that a bare encoder still loads strictly into timm.
-        # Its init (trunc normal, std .02) is `init_mask_token_`, which the encoder's own
-        # reset_parameters() repeats after a meta-device build.
-        encoder.mask_token = nn.Parameter(init_mask_token_(torch.zeros(1, 1, 1, encoder.embed_dim)))
+        # The token belongs to the encoder (key encoder.mask_token, as in the official code), which
+        # declares it (`models.init.MaskTokenMixin`) and creates it only now, so that a bare
+        # encoder still loads strictly into timm; its reset_parameters() re-initialises it
+        # after a meta-device build.
+        encoder.add_mask_token()
         # The 1x1 conv as a GEMM on the NHWC features (PatchConv2d, same keys): no convolution
         # in a whole-model compiled graph (gigamim.models.patch_conv says why that matters).
         self.decoder = nn.Sequential(

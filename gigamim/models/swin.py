@@ -15,16 +15,14 @@ from typing import Optional, Sequence
 import torch
 from timm.models.swin_transformer import SwinTransformer
 
-from gigamim.models.registry import register_model
-from gigamim.models.init import init_mask_token_
+from gigamim.models.family import HierarchicalSpec, register_variants
+from gigamim.models.init import MaskTokenMixin
 from gigamim.models.timm_init import linear_init_in_place, timm_linear_init_
 
 
-class SwinTransformerForSimMIM(SwinTransformer):
+class SwinTransformerForSimMIM(MaskTokenMixin, SwinTransformer):
     """timm Swin V1 + SimMIM's mask input. ``forward(x, mask=None, features_only=False)``:
     logits, or with ``features_only`` the final normed (B, H/32, W/32, C) map."""
-
-    family = "swin"
 
     def __init__(self, img_size: int = 192, patch_size: int = 4, in_chans: int = 3, num_classes: int = 0,
                  embed_dim: int = 128, depths: Sequence[int] = (2, 2, 18, 2),
@@ -45,14 +43,14 @@ class SwinTransformerForSimMIM(SwinTransformer):
         self.depths = tuple(depths)
         self.num_heads = tuple(num_heads)
         self.window_size = window_size
+        self._declare_mask_token()
 
     def reset_parameters(self) -> None:
         """After a meta-device build (`models.init.reset_after_meta`, children first: timm's
         window attention and blocks rebuild their tables and masks): timm's model-wide Linear
         init, and SimMIM's mask token."""
         timm_linear_init_(self)
-        if hasattr(self, "mask_token"):
-            init_mask_token_(self.mask_token)
+        self.mask_token_reset()
 
     def stage_modules(self):
         return list(self.layers)
@@ -61,13 +59,7 @@ class SwinTransformerForSimMIM(SwinTransformer):
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
             raise ValueError(f"expected images (B, {self.in_chans}, {self.img_size}, {self.img_size}), got "
                              f"{tuple(x.shape)}; build the model with img_size matching the input")
-        x = self.patch_embed(x)  # B, H/4, W/4, C (normed)
-        if mask is not None:
-            if not hasattr(self, "mask_token"):
-                raise ValueError("a mask was given but this encoder has no mask_token (wrap it in SimMIM)")
-            w = mask.unsqueeze(-1).to(x.dtype)
-            x = x * (1.0 - w) + self.mask_token.reshape(1, 1, 1, -1).to(x.dtype) * w
-        return x
+        return self.masked(self.patch_embed(x), mask)  # B, H/4, W/4, C (normed)
 
     def forward_features(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.norm(self.layers(self.embed(x, mask)))
@@ -76,6 +68,24 @@ class SwinTransformerForSimMIM(SwinTransformer):
         x = self.forward_features(x, mask)
         return x if features_only else self.forward_head(x)
 
+
+class SwinSpec(HierarchicalSpec):
+    """The Swin V1 family (timm's SwinTransformer keys): relative position bias tables, no
+    analytic FLOPs count (mfu null). No window-tiling rule: timm's blocks pad a stage map the
+    window does not tile."""
+
+    name = "swin"
+    model_class = SwinTransformerForSimMIM
+    timm_family = "swin"
+    no_decay_keywords = ("relative_position", "pos_embed", "mask_token")
+
+    def block_classes(self):
+        from timm.models.swin_transformer import SwinTransformerBlock
+
+        return (SwinTransformerBlock,)
+
+
+SWIN = SwinSpec()
 
 _VARIANTS = {
     # nano: the test size, like swinv2_nano (C=32, one shifted pair per stage, window 6)
@@ -88,16 +98,4 @@ _VARIANTS = {
 _COMMON = dict(img_size=192, window_size=6, drop_path_rate=0.0)
 
 
-def _register(name: str, arch: dict) -> None:
-    defaults = {**_COMMON, **arch}
-
-    def factory(**overrides) -> SwinTransformerForSimMIM:
-        return SwinTransformerForSimMIM(**{**defaults, **overrides})
-
-    factory.__name__ = name
-    factory.__doc__ = f"{name}: {defaults}"
-    register_model(name, factory, defaults, model_class=SwinTransformerForSimMIM)
-
-
-for _name, _arch in _VARIANTS.items():
-    _register(_name, _arch)
+register_variants(SWIN, _VARIANTS, _COMMON)

@@ -27,9 +27,9 @@ from torch.utils.checkpoint import checkpoint
 
 from gigamim.kernels import ResPostLayerNorm, drop_path_scale
 from gigamim.models.attention import TruncNormalLinear, WindowAttention
-from gigamim.models.init import init_mask_token_
+from gigamim.models.family import HierarchicalSpec, ModelConfigError, register_variants
+from gigamim.models.init import MaskTokenMixin
 from gigamim.models.patch_conv import PatchConv2d
-from gigamim.models.registry import register_model
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -160,8 +160,9 @@ class SwinTransformerV2Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
         self.norm2 = ZeroInitLayerNorm(dim)
         self.drop_path = drop_path  # per-sample, drawn as timm's DropPath draws it
-        if extra_norm:
-            self.norm3 = nn.LayerNorm(dim)  # huge/giant: keeps the main branch's scale bounded
+        # huge/giant: a main-branch LayerNorm keeps the main branch's scale bounded; Identity
+        # (no parameters, no state-dict key) in every other block.
+        self.norm3 = nn.LayerNorm(dim) if extra_norm else nn.Identity()
         self.checkpointed = False
         if any(self.shift_size):
             # Integer and non-persistent, like attention's index buffers: zero.Init and bf16
@@ -196,9 +197,7 @@ class SwinTransformerV2Block(nn.Module):
         x = self.norm1(self._window_attention(x), shortcut=x,
                        drop_path_scale=drop_path_scale(x, self.drop_path, self.training))
         x = self.norm2(self.mlp(x), shortcut=x, drop_path_scale=drop_path_scale(x, self.drop_path, self.training))
-        if hasattr(self, "norm3"):
-            x = self.norm3(x)
-        return x
+        return self.norm3(x)
 
 
 class SwinTransformerV2Stage(nn.Module):
@@ -236,8 +235,14 @@ def _per_stage(value: IntOrSeq, n: int, name: str) -> Tuple[int, ...]:
         return (value,) * n
     value = tuple(int(v) for v in value)
     if len(value) != n:
-        raise ValueError(f"{name} must be an int or {n} values (one per stage), got {value}")
+        raise ModelConfigError(name, f"{name} must be an int or {n} values (one per stage), got {value}")
     return value
+
+
+def _check_sequential(sequential_stages: Sequence[int], n: int) -> None:
+    bad = set(sequential_stages) - set(range(n))
+    if bad:
+        raise ModelConfigError("sequential_stages", f"sequential_stages {sorted(bad)} out of range 0..{n - 1}")
 
 
 def stage_geometry(img_size: int, patch_size: int, num_stages: int, window_size: IntOrSeq):
@@ -248,11 +253,11 @@ def stage_geometry(img_size: int, patch_size: int, num_stages: int, window_size:
     for i, target in enumerate(windows):
         side = img_size // patch_size // 2**i
         if target < 1:
-            raise ValueError(f"window_size must be >= 1, got {target} for stage {i}")
+            raise ModelConfigError("window_size", f"window_size must be >= 1, got {target} for stage {i}")
         if side <= target:
             out.append((side, side, 0))
         elif side % target:
-            raise ValueError(
+            raise ModelConfigError("window_size",
                 f"img_size={img_size} with window_size={target}: stage {i} feature map {side}x{side} is not "
                 f"divisible by the window; pick a window_size that divides {side} (or is >= it)"
             )
@@ -271,20 +276,21 @@ def _checkpoint_plan(grad_checkpointing, depths: Sequence[int]) -> list:
         return [True] * total
     if isinstance(grad_checkpointing, int):
         if grad_checkpointing < 0:
-            raise ValueError(f"grad_checkpointing={grad_checkpointing}: use True, k >= 1, or a list of stage ids")
+            raise ModelConfigError("grad_checkpointing", f"grad_checkpointing={grad_checkpointing}: use True, k >= 1, or a list of stage ids")
         return [grad_checkpointing > 0 and i % grad_checkpointing == 0 for i in range(total)]
     stages = set(int(s) for s in grad_checkpointing)
     bad = stages - set(range(len(depths)))
     if bad:
-        raise ValueError(f"grad_checkpointing stage ids {sorted(bad)} out of range 0..{len(depths) - 1}")
+        raise ModelConfigError("grad_checkpointing", f"grad_checkpointing stage ids {sorted(bad)} out of range 0..{len(depths) - 1}")
     return [s in stages for s, d in enumerate(depths) for _ in range(d)]
 
 
-class SwinTransformerV2(nn.Module):
+class SwinTransformerV2(MaskTokenMixin, nn.Module):
     """SwinV2 encoder. ``forward_features(x[, mask]) -> (B, H/32, W/32, C)``; ``forward`` adds the head.
 
     ``mask`` (bool, (B, H/4, W/4)) swaps masked patch embeddings for ``self.mask_token``,
-    which exists only once SimMIM has attached it (so plain encoders load into timm strictly).
+    which is None until SimMIM calls ``add_mask_token()`` (so plain encoders load into timm
+    strictly).
     """
 
     def __init__(
@@ -318,9 +324,7 @@ class SwinTransformerV2(nn.Module):
                 f"img_size={img_size!r} must be a positive multiple of {patch_size * 2 ** (n - 1)} "
                 f"(patch {patch_size} x {2 ** (n - 1)} downsamplings)"
             )
-        bad = set(sequential_stages) - set(range(n))
-        if bad:
-            raise ValueError(f"sequential_stages {sorted(bad)} out of range 0..{n - 1}")
+        _check_sequential(sequential_stages, n)
         geometry = stage_geometry(img_size, patch_size, n, window_size)
         pretrained = _per_stage(pretrained_window_sizes, n, "pretrained_window_sizes")
 
@@ -360,13 +364,18 @@ class SwinTransformerV2(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.norm = nn.LayerNorm(self.num_features)
         self.head = Head(self.num_features, num_classes)
+        self._declare_mask_token()
         self.set_grad_checkpointing(grad_checkpointing)
 
     def reset_parameters(self) -> None:
-        """The encoder's own parameter: SimMIM's mask token, when attached (every other
+        """The encoder's own parameter: SimMIM's mask token, when added (every other
         parameter belongs to a submodule that resets itself; `models.init.reset_after_meta`)."""
-        if hasattr(self, "mask_token"):
-            init_mask_token_(self.mask_token)
+        self.mask_token_reset()
+
+    def stage_geometry(self, img_size: Optional[int] = None):
+        """Per stage (map side, window side, shift) at ``img_size`` (default: the built size),
+        by the same shrink rule (and ValueError) as construction."""
+        return stage_geometry(img_size or self.img_size, self.patch_size, len(self.depths), self.target_window_sizes)
 
     def blocks(self):
         """All blocks in forward order."""
@@ -384,12 +393,7 @@ class SwinTransformerV2(nn.Module):
                 f"expected images (B, {self.in_chans}, {self.img_size}, {self.img_size}), got {tuple(x.shape)}; "
                 f"build the model with img_size matching the input"
             )
-        x = self.patch_embed(x)
-        if mask is not None:
-            if not hasattr(self, "mask_token"):
-                raise ValueError("a mask was given but this encoder has no mask_token (wrap it in SimMIM)")
-            w = mask.unsqueeze(-1).to(x.dtype)
-            x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
+        x = self.masked(self.patch_embed(x), mask)
         # save_on_cpu keeps what autograd saves (for checkpointed blocks: their inputs) in host memory.
         offload = self.checkpoint_offload and torch.is_grad_enabled()
         ctx = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if offload else nullcontext()
@@ -408,6 +412,43 @@ class SwinTransformerV2(nn.Module):
         return x if features_only else self.forward_head(x)
 
 
+class SwinV2Spec(HierarchicalSpec):
+    """The SwinV2 family: timm's SwinTransformerV2 keys (+ huge/giant's ``norm3``), analytic
+    FLOPs (`models.flops`), no weight decay on the CPB MLP and the logit scales."""
+
+    name = "swinv2"
+    model_class = SwinTransformerV2
+    timm_family = "swinv2"
+    no_decay_keywords = ("logit_scale", "cpb_mlp", "mask_token")
+
+    def check_args(self, args) -> None:
+        super().check_args(args)
+        patch, depths, _ = self.stage_args(args)
+        n = len(depths)
+        stage_geometry(args["img_size"], patch, n, args.get("window_size", 12))  # every stage tiled
+        _per_stage(args.get("pretrained_window_sizes", 0), n, "pretrained_window_sizes")
+        _check_sequential(args.get("sequential_stages", ()) or (), n)
+        _checkpoint_plan(args.get("grad_checkpointing", False), depths)
+
+    def flops(self, model, img_size=None):
+        from gigamim.models.flops import model_and_hardware_flops
+
+        return model_and_hardware_flops(model, img_size)
+
+    def export_geometry(self, encoder, run_args=None):
+        """The run's pretrained window sizes (not in the keys), one per stage."""
+        pws = (run_args or {}).get("pretrained_window_sizes")
+        if pws is None:
+            return {}
+        return {"pretrained_window_sizes": list(pws) if isinstance(pws, (list, tuple))
+                else [int(pws)] * len(encoder.depths)}
+
+    def block_classes(self):
+        return (SwinTransformerV2Block,)
+
+
+SWINV2 = SwinV2Spec()
+
 # Defaults: SimMIM pretraining geometry (192 px, window 12); nano is the test/demo model.
 _VARIANTS = {
     # nano: C=32, one shifted pair per stage, window 6 so stages 0-2 use shifted windows at 192 px.
@@ -422,16 +463,4 @@ _VARIANTS = {
 _COMMON = dict(img_size=192, window_size=12, drop_path_rate=0.1)
 
 
-def _register(name: str, arch: dict) -> None:
-    defaults = {**_COMMON, **arch}
-
-    def factory(**overrides) -> SwinTransformerV2:
-        return SwinTransformerV2(**{**defaults, **overrides})
-
-    factory.__name__ = name
-    factory.__doc__ = f"{name}: {defaults}"
-    register_model(name, factory, defaults)
-
-
-for _name, _arch in _VARIANTS.items():
-    _register(_name, _arch)
+register_variants(SWINV2, _VARIANTS, _COMMON)

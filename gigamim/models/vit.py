@@ -20,16 +20,14 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
-from gigamim.models.registry import register_model
-from gigamim.models.init import init_mask_token_
+from gigamim.models.family import FamilySpec, Geometry, ModelConfigError, register_variants
+from gigamim.models.init import MaskTokenMixin
 from gigamim.models.timm_init import linear_init_in_place, timm_linear_init_
 
 
-class VisionTransformerForSimMIM(VisionTransformer):
+class VisionTransformerForSimMIM(MaskTokenMixin, VisionTransformer):
     """timm ViT + SimMIM's mask input. ``forward(x, mask=None, features_only=False)``: logits,
     or with ``features_only`` the normed patch tokens as a (B, H/p, W/p, C) map."""
-
-    family = "vit"
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 0,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
@@ -42,6 +40,7 @@ class VisionTransformerForSimMIM(VisionTransformer):
                              embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                              drop_path_rate=drop_path_rate, init_values=init_values, global_pool=global_pool,
                              weight_init="skip", **timm_kwargs)
+        self._declare_mask_token()
         # The rest of timm's init_weights: top-level parameters, still whole here (zero.Init
         # partitions them when this __init__ returns).
         self._init_own()
@@ -58,8 +57,7 @@ class VisionTransformerForSimMIM(VisionTransformer):
             for token in (self.cls_token, self.reg_token):
                 if token is not None:
                     nn.init.normal_(token, std=1e-6)
-            if hasattr(self, "mask_token"):
-                init_mask_token_(self.mask_token)
+        self.mask_token_reset()
 
     def reset_parameters(self) -> None:
         """After a meta-device build (`models.init.reset_after_meta`, children first): timm's
@@ -80,12 +78,7 @@ class VisionTransformerForSimMIM(VisionTransformer):
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_chans, self.img_size, self.img_size):
             raise ValueError(f"expected images (B, {self.in_chans}, {self.img_size}, {self.img_size}), got "
                              f"{tuple(x.shape)}; build the model with img_size matching the input")
-        x = self.patch_embed(x)  # B, L, C
-        if mask is not None:
-            if not hasattr(self, "mask_token"):
-                raise ValueError("a mask was given but this encoder has no mask_token (wrap it in SimMIM)")
-            w = mask.flatten(1).unsqueeze(-1).to(x.dtype)
-            x = x * (1.0 - w) + self.mask_token.reshape(1, 1, -1).to(x.dtype) * w
+        x = self.masked(self.patch_embed(x), mask)  # B, L, C
         x = self._pos_embed(x)
         x = self.patch_drop(x)
         return self.norm_pre(x)
@@ -106,6 +99,67 @@ class VisionTransformerForSimMIM(VisionTransformer):
         return self.tokens_to_map(x) if features_only else self.forward_head(x)
 
 
+_LAYER0 = ("cls_token", "pos_embed", "mask_token", "reg_token")
+
+
+class ViTSpec(FamilySpec):
+    """timm's ViT as a SimMIM encoder: one stage of ``depth`` blocks at stride ``patch_size``;
+    layer ids as the official SimMIM ``get_vit_layer``; probed after any block (mean of the
+    patch tokens); no analytic FLOPs count (mfu null)."""
+
+    name = "vit"
+    model_class = VisionTransformerForSimMIM
+    timm_family = "vit"
+    no_decay_keywords = ("pos_embed", "cls_token", "mask_token")
+    probe_unit = "blocks"
+
+    def check_args(self, args) -> None:
+        patch = int(args.get("patch_size", 16))
+        if args["img_size"] % patch:
+            raise ModelConfigError("img_size", f"img_size={args['img_size']} must be divisible by "
+                                   f"patch_size={patch} (the ViT's stride)")
+
+    def geometry(self, args) -> Geometry:
+        patch, depth, dim = int(args.get("patch_size", 16)), int(args["depth"]), int(args["embed_dim"])
+        prefix = (1 if args.get("class_token", True) else 0) + int(args.get("reg_tokens", 0) or 0)
+        tokens = (args["img_size"] // patch) ** 2 + prefix
+        return Geometry(args["img_size"], patch, patch, tokens, (tokens,) * depth, (dim,) * depth)
+
+    def encoder_stride(self, encoder) -> int:
+        return encoder.patch_size
+
+    def num_layer_ids(self, encoder) -> int:
+        return encoder.depth + 2
+
+    def layer_id(self, encoder, name: str) -> int:
+        """Patch embed, class/register tokens, position embedding, mask token 0; block i
+        ``i + 1``; the rest ``depth + 1``."""
+        if name in _LAYER0 or name.startswith("patch_embed."):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return encoder.depth + 1
+
+    def probe_depth(self, encoder) -> int:
+        return len(encoder.blocks)
+
+    def stage_features(self, encoder, x, stage: int):
+        t = encoder.embed(x)
+        for blk in encoder.blocks[: stage + 1]:
+            t = blk(t)
+        return t[:, encoder.num_prefix_tokens:].mean(dim=1)
+
+    def export_geometry(self, encoder, run_args=None):
+        return {"num_heads": encoder.num_heads}  # not in the keys' shapes
+
+    def block_classes(self):
+        from timm.models.vision_transformer import Block
+
+        return (Block,)
+
+
+VIT = ViTSpec()
+
 _VARIANTS = {
     # nano: the test size (64 px, 4x4 patches of 16 px), 4 blocks
     "vit_nano_patch16": dict(img_size=64, embed_dim=64, depth=4, num_heads=2, drop_path_rate=0.0),
@@ -117,16 +171,4 @@ _VARIANTS = {
 _COMMON = dict(img_size=224, patch_size=16, drop_path_rate=0.1)
 
 
-def _register(name: str, arch: dict) -> None:
-    defaults = {**_COMMON, **arch}
-
-    def factory(**overrides) -> VisionTransformerForSimMIM:
-        return VisionTransformerForSimMIM(**{**defaults, **overrides})
-
-    factory.__name__ = name
-    factory.__doc__ = f"{name}: {defaults}"
-    register_model(name, factory, defaults, model_class=VisionTransformerForSimMIM)
-
-
-for _name, _arch in _VARIANTS.items():
-    _register(_name, _arch)
+register_variants(VIT, _VARIANTS, _COMMON)

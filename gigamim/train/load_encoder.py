@@ -78,7 +78,8 @@ def build_encoder(name: str | None, weights: str | None, overrides: dict[str, An
     name_hint: how the calling verb is told the model, with ``{name}`` for a model name
     (probe: ``--model {name}``; finetune: ``--set model.name={name}``): errors suggest it."""
     from gigamim.models import create_model
-    from gigamim.models.timm_compat import TimmCompatError, encoder_family
+    from gigamim.models.family import family_of, family_of_state_dict
+    from gigamim.models.timm_compat import TimmCompatError
 
     overrides = dict(overrides or {})
     enc_sd, metadata, run_model = None, {}, {}
@@ -106,10 +107,10 @@ def build_encoder(name: str | None, weights: str | None, overrides: dict[str, An
         return encoder, info
     want = {k: v for k, v in encoder.state_dict().items() if not k.startswith("head.")}
     try:
-        got_family = encoder_family(enc_sd)
+        got_family = family_of_state_dict(enc_sd).name
     except TimmCompatError:
         got_family = "unknown"
-    model_family = getattr(encoder, "family", "swinv2")
+    model_family = family_of(encoder).name
     missing = sorted(set(want) - set(enc_sd))
     extra = sorted(set(enc_sd) - set(want))
     if got_family != model_family or missing or extra:

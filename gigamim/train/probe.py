@@ -26,22 +26,15 @@ import torch.nn.functional as F
 
 def stage_features(encoder: torch.nn.Module, x: torch.Tensor, stage: int | None = None) -> torch.Tensor:
     """(B, C) average-pooled features of the final normed map, or of stage ``stage``."""
-    vit = getattr(encoder, "family", None) == "vit"
-    n = len(encoder.blocks) if vit else len(encoder.layers)
+    from gigamim.models.family import family_of
+
+    spec = family_of(encoder)  # which stages (ViT: blocks) and how they are pooled
+    n = spec.probe_depth(encoder)
     if stage is None or stage in (-1, n - 1):
         return encoder(x, features_only=True).mean(dim=(1, 2))
     if not -n <= stage < n:
-        raise ValueError(f"--stage {stage} is out of range for this encoder ({n} {'blocks' if vit else 'stages'})")
-    stage %= n
-    if vit:
-        t = encoder.embed(x)
-        for blk in encoder.blocks[: stage + 1]:
-            t = blk(t)
-        return t[:, encoder.num_prefix_tokens:].mean(dim=1)
-    t = encoder.patch_embed(x)
-    for layer in encoder.layers[: stage + 1]:
-        t = layer(t)
-    return t.mean(dim=(1, 2))
+        raise ValueError(f"--stage {stage} is out of range for this encoder ({n} {spec.probe_unit})")
+    return spec.stage_features(encoder, x, stage % n)
 
 
 @torch.no_grad()

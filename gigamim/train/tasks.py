@@ -119,9 +119,9 @@ class PretrainTask(Task):
         return param_groups(model, self.cfg.optim.weight_decay)
 
     def flops(self, model):
-        from gigamim.models.flops import model_and_hardware_flops
+        from gigamim.models.family import family_of
 
-        return model_and_hardware_flops(model, self.cfg.model.img_size)
+        return family_of(model).flops(model, self.cfg.model.img_size)  # (None, None): no count, mfu null
 
     def make_loader(self, trainer, model):
         from gigamim.data.loader import SimMIMLoader
@@ -294,11 +294,9 @@ class FinetuneTask(Task):
         return groups
 
     def flops(self, model):
-        from gigamim.models.flops import model_and_hardware_flops
+        from gigamim.models.family import family_of
 
-        if getattr(model, "family", "swinv2") != "swinv2":
-            return None, None  # the analytic count covers SwinV2; ViT / Swin V1 log mfu null
-        return model_and_hardware_flops(model, self.cfg.model.img_size)
+        return family_of(model).flops(model, self.cfg.model.img_size)  # (None, None): no count, mfu null
 
     # -- data
 
@@ -489,18 +487,18 @@ def export_finetuned(module, cfg: Config, info: dict, step: int, rank: int, full
 
     from gigamim import __version__
     from gigamim.checkpoint import safetensors_io
-    from gigamim.models.timm_compat import timm_metadata
+    from gigamim.models.family import family_of
 
     ft = cfg.finetune
     sd = full_state_dict(module)
     if rank != 0:
         return None
-    geometry = {"img_size": cfg.model.img_size, "window_size": cfg.model.window_size}
-    if cfg.model.pretrained_window_sizes is not None:
-        geometry["pretrained_window_sizes"] = tuple(cfg.model.pretrained_window_sizes)
-    if getattr(module, "family", "swinv2") == "vit":
-        geometry["num_heads"] = module.num_heads
-    timm_meta, _ = timm_metadata(sd, geometry, num_classes=ft.num_classes)
+    # What the keys do not show (SwinV2's pretrained windows, ViT's heads): the family says.
+    spec = family_of(module)
+    extra = spec.export_geometry(module, {"pretrained_window_sizes": cfg.model.pretrained_window_sizes})
+    geometry = {"img_size": cfg.model.img_size, "window_size": cfg.model.window_size,
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in extra.items()}}
+    timm_meta, _ = spec.timm_metadata(sd, geometry, num_classes=ft.num_classes)
     out = Path(cfg.checkpoint.dir) / "finetuned.safetensors"
     metadata = {"format": "finetuned", "step": str(step), "gigamim_version": __version__,
                 "gigamim_config": cfg.dump(), **timm_meta, "num_classes": str(ft.num_classes), "model": cfg.model.name,

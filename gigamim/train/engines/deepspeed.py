@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO 0-3 behind the engine seam (the default engine).
 
-The DeepSpeed config is a template (gigamim/configs/deepspeed/*.json, by name: zero3_bf16,
+The DeepSpeed config is a template (ds_configs/*.json, by name: zero3_bf16,
 cpu, ...) that says how to partition and communicate (ZeRO stage, offload, buckets).
 Everything that must agree with the gigamim config (batch sizes, precision, gradient
 clipping, the optimizer) is written here from it, and a template that sets any of those is
