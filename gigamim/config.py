@@ -356,6 +356,9 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be > 0; got {value!r}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"config key 'data.num_workers' must be >= 0 (0: read in the training process); "
+                          f"got {cfg.data.num_workers!r}")
     if cfg.model.img_size % 32:
         raise ConfigError(f"model.img_size={cfg.model.img_size} must be divisible by 32 (SwinV2's total stride)")
     if cfg.data.mask_patch_size % 4:

@@ -26,14 +26,20 @@ EXIT_NONFINITE = 3
 
 
 class Trainer:
-    def __init__(self, cfg: Config, task, resume=None, force_unlock: bool = False):
+    def __init__(self, cfg: Config, task, resume: str | None = None, force_unlock: bool = False,
+                 overwrite: bool = False):
         """task: what is trained (a `train.tasks` task: SimMIM pretraining, fine-tuning).
-        resume: a `train.resume.ResumePoint` (already resolved and checked) or None.
-        force_unlock: take checkpoint.dir's run lock even from a holder that cannot be checked."""
+        resume: the `--resume` argument ('auto', a folder, a tag folder) or None; resolved by
+        rank 0 once it holds the run lock (`_resolve_under_lock`), so the tag cannot change
+        between the choice and the load.
+        force_unlock: take checkpoint.dir's run lock even from a holder that cannot be checked.
+        overwrite: a fresh start moves another run's tags and logs aside (`preflight`)."""
         self.cfg = cfg
         self.task = task
-        self.resume = resume
+        self.resume_spec = resume
+        self.resume = None  # the train.resume.ResumePoint, once resolved
         self.force_unlock = force_unlock
+        self.overwrite = overwrite
         self.lock = None
 
     def run(self) -> int:
@@ -62,6 +68,7 @@ class Trainer:
         self.dist = init_distributed()
         self.rank, self.world, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self._take_run_lock()
+        self.resume = self._resolve_under_lock()
         self.accum = gradient_accumulation_steps(cfg, self.world)
         self.precision = resolve_precision(cfg.train.precision, self.device.type == "cuda")
 
@@ -93,11 +100,42 @@ class Trainer:
     def _take_run_lock(self) -> None:
         self.lock = take_run_lock(self.cfg.checkpoint.dir, self.rank, self.force_unlock)
 
+    def _resolve_under_lock(self):
+        """Collective, right after the run lock: rank 0 chooses the resume point (or, on a fresh
+        start, checks that no other run's work would be overwritten, moving it aside with
+        --overwrite) while it holds the lock, then every rank gets rank 0's answer. Nothing
+        can prune or replace the chosen tag before it is loaded: only the lock holder writes."""
+        import torch.distributed as dist
+
+        from gigamim.checkpoint.layout import CheckpointError
+
+        answer = [None, None]  # (ResumePoint or None, refusal message or None)
+        if self.rank == 0:
+            from gigamim.train import preflight
+            from gigamim.train.resume import check_compatible, resolve_resume
+
+            try:
+                point = None
+                if self.resume_spec:
+                    point = resolve_resume(self.resume_spec, self.cfg.checkpoint.dir, self.world, say=self.say)
+                    if point is not None:
+                        check_compatible(point.meta, self.cfg, point.tag_dir, say=self.say, task=self.task.name)
+                elif self.overwrite:
+                    preflight.replace_previous_run(self.cfg, say=self.say)
+                else:
+                    preflight.refuse_previous_run(self.cfg)
+                answer = [point, None]
+            except CheckpointError as e:
+                answer = [None, str(e)]
+        dist.broadcast_object_list(answer, src=0)
+        if answer[1]:
+            raise CheckpointError(answer[1])
+        return answer[0]
+
     def load(self) -> None:
         from gigamim.train.optim import lr_at, peak_lr
         from gigamim.train.state import CLIENT_KEY
 
-        self._agree_on_resume_tag()
         client = self.engine.load(str(self.resume.root), self.resume.tag)
         self.task.load_state_dict(client)  # first: it may refuse the tag
         self.state.load_state_dict(client.get(CLIENT_KEY, {}))
@@ -116,18 +154,6 @@ class Trainer:
         change = lr_schedule_change(self.resume.meta.get("lr_schedule"), self.cfg, self.state.step)
         if change:
             self.say(f"gigamim: warning: {change}", err=True)
-
-    def _agree_on_resume_tag(self) -> None:
-        """Every rank resolved the tag on its own (shared file system): all load the same one or none."""
-        import torch.distributed as dist
-
-        tags = [None] * self.world
-        dist.all_gather_object(tags, str(self.resume.tag_dir))
-        if len(set(tags)) > 1:
-            from gigamim.checkpoint.layout import CheckpointError
-
-            raise CheckpointError(f"ranks picked different checkpoints to resume ({sorted(set(tags))}); "
-                                  "is checkpoint.dir on a file system that every node sees?")
 
     # ------------------------------------------------------------------ the loop
 
@@ -299,6 +325,9 @@ def take_run_lock(ckpt_dir: str, rank: int, force: bool):
             lock = RunLock(ckpt_dir, force=force).acquire()
         except RunLockError as e:
             refused = [str(e)]
+        except OSError as e:  # a read-only or vanished folder (preflight checks it; it may change)
+            refused = [f"cannot take the run lock of checkpoint.dir={ckpt_dir} ({e.strerror or e}): give a "
+                       "writable checkpoint.dir"]
     dist.broadcast_object_list(refused, src=0)
     if refused[0]:
         raise RunLockError(refused[0]) if rank == 0 else CheckpointError("run lock refused on rank 0")

@@ -46,6 +46,9 @@ def build_parser(verb: Verb) -> argparse.ArgumentParser:
                    help="'auto' (newest complete checkpoint in checkpoint.dir, else start fresh), "
                         "a checkpoint folder, or one tag folder (also a universal one)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh although checkpoint.dir / log.dir hold another run: its tags, `latest` and "
+                        "log outputs are moved into replaced/<time>/ beside them (never deleted)")
     p.add_argument("--force-unlock", action="store_true",
                    help="take checkpoint.dir's run lock even though another run (on another host) holds it")
     # The deepspeed launcher appends --local_rank=N; torchrun sets LOCAL_RANK instead.
@@ -55,32 +58,27 @@ def build_parser(verb: Verb) -> argparse.ArgumentParser:
 
 def run(verb: Verb, argv: list[str] | None = None) -> int:
     args = build_parser(verb).parse_args(argv)
-    from gigamim.config import load_config, validate
+    from gigamim.config import load_config
     from gigamim.runtime.dist import detect_launch, peer_lost
     from gigamim.train.classifier import FinetuneError
 
     launch = detect_launch()
     rank0 = launch.rank == 0
-    say = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
             print(cfg.dump(), end="")
             return 0
-        from gigamim.train.engines import check_engine_config
-        from gigamim.train.resume import check_compatible, resolve_resume
-        from gigamim.train.trainer import Trainer, record_window_size
+        from gigamim.train.preflight import preflight
+        from gigamim.train.trainer import Trainer
 
-        validate(cfg, world_size=launch.world_size, check_files=verb.data_shards)
-        check_engine_config(cfg)
-        record_window_size(cfg)
-        resume = resolve_resume(args.resume, cfg.checkpoint.dir, launch.world_size, say=say)
-        if resume is not None:
-            check_compatible(resume.meta, cfg, resume.tag_dir, say=say, task=verb.name)
         task = verb.make_task(cfg)
-        task.check()  # the task's own refusals (its data, its weights), still before any process group
+        # Every refusal the config and the files allow, before any process group (one line, exit 2).
+        preflight(cfg, task, world_size=launch.world_size, resume=args.resume, overwrite=args.overwrite,
+                  force_unlock=args.force_unlock, check_files=verb.data_shards)
         try:
-            return Trainer(cfg, task, resume=resume, force_unlock=args.force_unlock).run()
+            return Trainer(cfg, task, resume=args.resume, force_unlock=args.force_unlock,
+                           overwrite=args.overwrite).run()
         except RuntimeError as e:
             if not peer_lost(e):
                 raise

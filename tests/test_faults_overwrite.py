@@ -1,0 +1,138 @@
+"""A run never overwrites another run's work, the resume point is chosen under the run lock (issue 21),
+on real CPU ranks (DeepSpeed ZeRO-3, gloo, real tar shards, real checkpoints on disk)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gigamim.checkpoint.layout import complete_tags, read_latest
+from tests.helpers.faults import launch_cmd, no_traceback, pretrain_args
+from tests.launch import REPO, cpu_env, free_port, run
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from gigamim.data.synthetic import write_synthetic_shards
+
+    return str(write_synthetic_shards(tmp_path_factory.mktemp("shards"), 96, image_size=112, samples_per_shard=48))
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under `folder` (the run lock aside)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != ".lock":
+            out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _read_only_bind(src: Path, dst: Path):
+    dst.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "--bind", str(src), str(dst)], capture_output=True).returncode:
+        return False
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(dst)], check=True, capture_output=True)
+    return True
+
+
+def test_fresh_start_never_overwrites_a_run(tmp_path, shards):
+    first = run(launch_cmd(2, *pretrain_args(tmp_path, shards, 4, "checkpoint.every_steps=2")))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert complete_tags(tmp_path / "ck") == ["step_00000002", "step_00000004"]
+    ck_before, log_before = _digest(tmp_path / "ck"), _digest(tmp_path / "log")
+    assert "metrics.jsonl" in log_before
+
+    # The issue's resubmitted job: same folders, another seed and length, no --resume.
+    t0 = time.monotonic()
+    second = run(launch_cmd(2, *pretrain_args(tmp_path, shards, 2, "train.seed=1")))
+    took = time.monotonic() - t0
+    out = (second.stdout + second.stderr).strip()
+    assert second.returncode == 2, out[-3000:]
+    no_traceback(out)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1, out
+    for needle in (str(tmp_path / "ck"), "step_00000004", "--resume auto", "--overwrite", "metrics"):
+        assert needle in lines[0], lines[0]
+    assert _digest(tmp_path / "ck") == ck_before and _digest(tmp_path / "log") == log_before
+    print(f"refused in {took:.1f} s")
+
+    # consolidate --universal into a read-only copy of the folder: one line, exit 2.
+    ro = tmp_path / "ro"
+    if _read_only_bind(tmp_path / "ck", ro):
+        try:
+            done = subprocess.run([sys.executable, "-m", "gigamim", "consolidate", str(ro), "--universal"],
+                                  capture_output=True, text=True, cwd=REPO, env=cpu_env(), timeout=300)
+            err = (done.stdout + done.stderr).strip()
+            assert done.returncode == 2, err[-3000:]
+            no_traceback(err)
+            assert [line for line in err.splitlines() if "error" in line] == [err.splitlines()[-1]]
+            assert "Read-only file system" in err and "writable" in err and "Resume" not in err
+        finally:
+            subprocess.run(["umount", "-l", str(ro)], capture_output=True)
+
+    # --overwrite: the old run is moved aside, byte for byte, and the new one starts at step 0.
+    third = run(launch_cmd(2, *pretrain_args(tmp_path, shards, 2, "train.seed=1"), "--overwrite"))
+    assert third.returncode == 0, third.stderr[-3000:]
+    (moved,) = list((tmp_path / "ck" / "replaced").iterdir())
+    assert _digest(moved) == {k: v for k, v in ck_before.items()}
+    (moved_log,) = list((tmp_path / "log" / "replaced").iterdir())
+    assert _digest(moved_log) == log_before
+    assert complete_tags(tmp_path / "ck") == ["step_00000002"] and read_latest(tmp_path / "ck") == "step_00000002"
+    records = [json.loads(line) for line in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"rank 0 exited ({proc.returncode}) before it listened on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"rank 0 never listened on {port}")
+
+
+def test_resume_point_is_chosen_under_the_lock(tmp_path, shards):
+    """Rank 0 starts alone (`--resume auto`) and waits in the process group for rank 1; meanwhile
+    the folder changes as a run ending in between would change it (its newest tag pruned,
+    `latest` moved). The rank must load what the folder holds when it holds the lock: not the
+    tag it saw at start-up (which no longer exists)."""
+    first = run(launch_cmd(2, *pretrain_args(tmp_path, shards, 4, "checkpoint.every_steps=2")))
+    assert first.returncode == 0, first.stderr[-3000:]
+    port = free_port()
+    args = pretrain_args(tmp_path, shards, 5)[1:] + ["--resume", "auto"]
+    env = dict(WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    rank0 = subprocess.Popen([sys.executable, "-m", "gigamim", "pretrain", *args], cwd=REPO, text=True,
+                             env=cpu_env(RANK=0, LOCAL_RANK=0, **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    rank1 = None
+    try:
+        _wait_listening(port, rank0, 240)  # past start-up: in init_process_group, waiting for rank 1
+        import shutil
+
+        shutil.rmtree(tmp_path / "ck" / "step_00000004")
+        (tmp_path / "ck" / "latest").write_text("step_00000002")
+        rank1 = subprocess.Popen([sys.executable, "-m", "gigamim", "pretrain", *args], cwd=REPO, text=True,
+                                 env=cpu_env(RANK=1, LOCAL_RANK=1, **env), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+        out0, err0 = rank0.communicate(timeout=600)
+        out1, err1 = rank1.communicate(timeout=120)
+    finally:
+        for p in (rank0, rank1):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert rank0.returncode == 0 and rank1.returncode == 0, (err0 + err1)[-4000:]
+    no_traceback(out0 + err0 + out1 + err1)
+    assert f"resumed from {tmp_path / 'ck' / 'step_00000002'} at step 2" in out0
+    assert read_latest(tmp_path / "ck") == "step_00000005"
