@@ -136,3 +136,9 @@ def test_resume_point_is_chosen_under_the_lock(tmp_path, shards):
     no_traceback(out0 + err0 + out1 + err1)
     assert f"resumed from {tmp_path / 'ck' / 'step_00000002'} at step 2" in out0
     assert read_latest(tmp_path / "ck") == "step_00000005"
+
+    # Resuming past train.stop_at_step: nothing to train, said in one line (it used to exit 0 silently).
+    again = run(launch_cmd(2, *pretrain_args(tmp_path, shards, 5, "train.stop_at_step=3"), "--resume", "auto"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = [line for line in again.stderr.splitlines() if "nothing to train" in line]
+    assert len(said) == 1 and "step 5" in said[0] and "train.stop_at_step=3" in said[0], again.stderr[-3000:]

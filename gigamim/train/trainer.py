@@ -167,6 +167,11 @@ class Trainer:
         keys_log = self._open_keys_log() if cfg.log.sample_keys else None
         batches = iter(self.loader)
         meter, last_batch = Meter(), None
+        if state.step >= end:
+            limit = (f"train.stop_at_step={cfg.train.stop_at_step}" if cfg.train.stop_at_step and end < cfg.train.max_steps
+                     else f"train.max_steps={cfg.train.max_steps}")
+            self.say(f"gigamim: the checkpoint is at step {state.step}, at or past {limit}: nothing to train "
+                     f"(raise {limit.split('=')[0]} to continue)", err=True)
         try:
             while state.step < end:
                 result = train_step(self.engine, batches, self.accum,
