@@ -49,6 +49,10 @@ def test_fresh_start_never_overwrites_a_run(tmp_path, shards):
     first = run(launch_cmd(2, *pretrain_args(tmp_path, shards, 4, "checkpoint.every_steps=2")))
     assert first.returncode == 0, first.stderr[-3000:]
     assert complete_tags(tmp_path / "ck") == ["step_00000002", "step_00000004"]
+    # A quiet console (item 5): gigamim's lines, no FutureWarning raised inside DeepSpeed, no
+    # per-rank start-up warnings (this run has no progress bar).
+    console = [line for line in (first.stdout + first.stderr).splitlines() if line.strip()]
+    assert len(console) <= 10 and not any("FutureWarning" in line for line in console), "\n".join(console)
     ck_before, log_before = _digest(tmp_path / "ck"), _digest(tmp_path / "log")
     assert "metrics.jsonl" in log_before
 

@@ -51,6 +51,8 @@ def build_parser(verb: Verb) -> argparse.ArgumentParser:
                         "log outputs are moved into replaced/<time>/ beside them (never deleted)")
     p.add_argument("--force-unlock", action="store_true",
                    help="take checkpoint.dir's run lock even though another run (on another host) holds it")
+    p.add_argument("--verbose", action="store_true",
+                   help="show every library warning and DeepSpeed's INFO lines on every rank (also GIGAMIM_VERBOSE=1)")
     # The deepspeed launcher appends --local_rank=N; torchrun sets LOCAL_RANK instead.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -64,6 +66,9 @@ def run(verb: Verb, argv: list[str] | None = None) -> int:
 
     launch = detect_launch()
     rank0 = launch.rank == 0
+    from gigamim.runtime.quiet import quiet_libraries
+
+    quiet_libraries(verbose=args.verbose, rank=launch.rank)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
