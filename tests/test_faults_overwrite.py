@@ -1,11 +1,13 @@
-"""A run never overwrites another run's work, the resume point is chosen under the run lock (issue 21),
-on real CPU ranks (DeepSpeed ZeRO-3, gloo, real tar shards, real checkpoints on disk)."""
+"""A run never overwrites another run's work, the resume point is chosen under the run lock,
+and background saves never leave `latest` on a half-written tag (issue 21), on real CPU ranks
+(DeepSpeed ZeRO-3 / FSDP2, gloo, real tar shards, real checkpoints on disk)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from gigamim.checkpoint.layout import complete_tags, read_latest
-from tests.helpers.faults import launch_cmd, no_traceback, pretrain_args
-from tests.launch import REPO, cpu_env, free_port, run
+from gigamim.checkpoint.layout import META_FILE, complete_tags, read_latest
+from tests.helpers.faults import launch_cmd, losses, no_traceback, pretrain_args, rank_pids, wait_for
+from tests.launch import REPO, cpu_env, free_port, run, start
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
@@ -146,3 +148,36 @@ def test_resume_point_is_chosen_under_the_lock(tmp_path, shards):
     assert again.returncode == 0, again.stderr[-3000:]
     said = [line for line in again.stderr.splitlines() if "nothing to train" in line]
     assert len(said) == 1 and "step 5" in said[0] and "train.stop_at_step=3" in said[0], again.stderr[-3000:]
+
+
+def test_kill9_during_background_write_keeps_latest_and_resumes_exactly(tmp_path, shards):
+    """FSDP2 + DCP async_save: the tag is marked complete only after every rank's write ended;
+    kill -9 of a rank while step 4's tag is in flight leaves `latest` on step 2, and
+    `--resume auto` gives the uninterrupted run's losses."""
+    fsdp = ("train.engine=fsdp2", "checkpoint.every_steps=2", "checkpoint.async_save=true")
+    ref = tmp_path / "ref"
+    done = run(launch_cmd(2, *pretrain_args(ref, shards, 6, *fsdp)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "written in the background" in done.stdout
+    records = [json.loads(line) for line in (ref / "log" / "metrics.jsonl").read_text().splitlines()]
+    saves = [r for r in records if "ckpt_blocking_s" in r]
+    assert [r["ckpt_step"] for r in saves] == [2, 4] and all(r["ckpt_write_s"] > 0 for r in saves), saves
+    assert complete_tags(ref / "ck") == ["step_00000004", "step_00000006"]
+
+    wd = tmp_path / "killed"
+    wd.mkdir()
+    job = start(launch_cmd(2, *pretrain_args(wd, shards, 6, *fsdp)), wd / "job.log")
+    try:
+        wait_for(lambda: (wd / "ck" / "step_00000004").is_dir(), 300, job, "step 4's background save")
+        os.kill(rank_pids(job.pid)[1], signal.SIGKILL)
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert not (wd / "ck" / "step_00000004" / META_FILE).exists(), (wd / "job.log").read_text()[-3000:]
+    assert read_latest(wd / "ck") == "step_00000002" and complete_tags(wd / "ck") == ["step_00000002"]
+    resumed = run(launch_cmd(2, *pretrain_args(wd, shards, 6, *fsdp), "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 2" in resumed.stdout
+    want, got = losses(ref), losses(wd)
+    assert {s: got[s] for s in range(3, 7)} == {s: want[s] for s in range(3, 7)}

@@ -127,6 +127,8 @@ class Trainer:
                 answer = [point, None]
             except CheckpointError as e:
                 answer = [None, str(e)]
+            except OSError as e:  # --overwrite could not move the old run aside: say so on every rank
+                answer = [None, f"could not prepare {self.cfg.checkpoint.dir}: {e}"]
         dist.broadcast_object_list(answer, src=0)
         if answer[1]:
             raise CheckpointError(answer[1])
@@ -167,6 +169,8 @@ class Trainer:
         keys_log = self._open_keys_log() if cfg.log.sample_keys else None
         batches = iter(self.loader)
         meter, last_batch = Meter(), None
+        self.pending, self.ckpt_record = None, {}
+        self.async_save = self._async_save_enabled()
         if state.step >= end:
             limit = (f"train.stop_at_step={cfg.train.stop_at_step}" if cfg.train.stop_at_step and end < cfg.train.max_steps
                      else f"train.max_steps={cfg.train.max_steps}")
@@ -183,8 +187,11 @@ class Trainer:
                     self.say(f"gigamim: stopping: {self.guard.in_a_row} non-finite losses in a row "
                              f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}). Lower optim.lr, check "
                              "the data, or resume from the last checkpoint. No checkpoint written.", err=True)
+                    self.finish_pending_save()  # written from finite weights before the losses went bad
                     return EXIT_NONFINITE
                 state.step += 1
+                if self.pending is not None and self.pending.done_everywhere():
+                    self.finish_pending_save()
                 meter.add(result)
                 if keys_log is not None:
                     keys_log.write(json.dumps({"step": state.step, "keys": result.trained_keys}) + "\n")
@@ -197,7 +204,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if stopping or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or step == end:
-                    self.save()
+                    # The last save and a stop's save are waited for (the process exits next).
+                    self.save(background=self.async_save and not (stopping or step == end))
                 if stopping:
                     # Agreed over ranks: rank 0 names its reason (its own signal, else the clock).
                     why = (f"got signal {stop.signum}" if stop else
@@ -271,19 +279,35 @@ class Trainer:
             self.state.step, global_batch=self.cfg.train.global_batch_size, world_size=self.world,
             model_flops=self.model_flops, hardware_flops=self.hardware_flops,
             peak_tflops=self.peak_tflops, sum_over_ranks=self._sum_over_ranks,
-            grad_norm=grad_norm,
+            grad_norm=grad_norm, **self._pop_ckpt_record(),
             peak_mem_gb=peak_memory_gb(self.device), nonfinite_skipped=self.state.nonfinite_total,
             epoch=self.loader.epoch, **merge_counters(counters), **extra,
         )
         if logger is not None:
             logger.log(record)
 
-    def save(self) -> None:
-        """Collective: every rank writes its partition; rank 0 the meta and `latest` (last)."""
+    def _async_save_enabled(self) -> bool:
+        setting = self.cfg.checkpoint.async_save
+        return bool(setting) and self.engine.supports_async_save  # "auto" or true (true was checked)
+
+    def _pop_ckpt_record(self) -> dict:
+        """ckpt_blocking_s / ckpt_write_s of the saves since the last record (the loop logs
+        before it saves, so a save shows up in the next record)."""
+        record, self.ckpt_record = getattr(self, "ckpt_record", {}), {}
+        return record
+
+    def save(self, background: bool = False) -> None:
+        """Collective: every rank writes its partition; rank 0 the meta and `latest` (last).
+        background: the engine's background write (`checkpoint.save.start_save`); the tag is
+        marked complete later (`finish_pending_save`), so the loop blocks only for the snapshot.
+        A save first waits for the one in flight: one background write at a time."""
+        import time
+
         from gigamim import __version__
-        from gigamim.checkpoint.save import save
+        from gigamim.checkpoint.save import save, start_save
         from gigamim.train.state import CLIENT_KEY
 
+        self.finish_pending_save()
         step = self.state.step
         if not self._weights_finite():
             raise RuntimeError(f"weights are not finite at step {step}; refusing to write a checkpoint")
@@ -294,10 +318,37 @@ class Trainer:
                 "world_size": self.world, **self.engine.describe(), "precision": self.precision,
                 "lr_schedule": lr_schedule_record(self.cfg), "version": __version__, **self.task.meta()}
         client = {CLIENT_KEY: self.state.state_dict(), **self.task.state_dict()}
-        tag_dir = save(self.engine, self.cfg.checkpoint.dir, step, client, meta,
-                       self.cfg.dump(), self.cfg.checkpoint.keep_last,
-                       size_estimate=estimate_tag_bytes(self.num_params))
-        self.say(f"gigamim: saved checkpoint {tag_dir}")
+        args = (self.engine, self.cfg.checkpoint.dir, step, client, meta, self.cfg.dump(), self.cfg.checkpoint.keep_last)
+        size = estimate_tag_bytes(self.num_params)
+        if background:
+            self.pending = start_save(*args, size_estimate=size)
+            return
+        t0 = time.perf_counter()
+        tag_dir = save(*args, size_estimate=size)
+        took = time.perf_counter() - t0
+        self.ckpt_record.update(ckpt_step=step, ckpt_blocking_s=took, ckpt_write_s=took)
+        self.say(f"gigamim: saved checkpoint {tag_dir} ({took:.2f} s)")
+
+    def finish_pending_save(self) -> None:
+        """Collective: wait for the background write in flight (if any) and mark its tag complete."""
+        pending, self.pending = getattr(self, "pending", None), None
+        if pending is None:
+            return
+        import time
+
+        t0 = time.perf_counter()
+        write_s = pending.finish()
+        waited = time.perf_counter() - t0
+        # What the loop lost to this save: the snapshot, and here the wait for the write's end
+        # (none when it ended on its own) plus marking the tag complete and pruning.
+        blocked = pending.blocking_s + waited
+        self.ckpt_record.update(ckpt_step=self.state_step_of(pending), ckpt_blocking_s=blocked, ckpt_write_s=write_s)
+        self.say(f"gigamim: saved checkpoint {pending.tag_dir} (blocked {blocked:.2f} s, written in the background "
+                 f"in {write_s:.2f} s)")
+
+    @staticmethod
+    def state_step_of(pending) -> int:
+        return int(pending.meta["step"])
 
     def _weights_finite(self) -> bool:
         """Each rank checks its own part of the weights (the engine's valid local elements)."""

@@ -145,7 +145,10 @@ def init_comm() -> None:
 
     if comm.is_initialized():
         return
-    deepspeed.init_distributed(dist_backend=tdist.get_backend(), verbose=False)
+    from gigamim.runtime.quiet import library_prints
+
+    with library_prints():
+        deepspeed.init_distributed(dist_backend=tdist.get_backend(), verbose=False)
     if tdist.get_backend() != "gloo":
         return
     path = Path("/dev/shm") / "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
