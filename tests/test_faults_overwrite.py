@@ -90,7 +90,8 @@ def test_fresh_start_never_overwrites_a_run(tmp_path, shards):
     third = run(launch_cmd(2, *pretrain_args(tmp_path, shards, 2, "train.seed=1"), "--overwrite"))
     assert third.returncode == 0, third.stderr[-3000:]
     (moved,) = list((tmp_path / "ck" / "replaced").iterdir())
-    assert _digest(moved) == {k: v for k, v in ck_before.items()}
+    # every tag and `latest` (DeepSpeed's zero_to_fp32.py helpers beside them are rewritten by each run)
+    assert _digest(moved) == {k: v for k, v in ck_before.items() if not k.startswith("zero_to_")}
     (moved_log,) = list((tmp_path / "log" / "replaced").iterdir())
     assert _digest(moved_log) == log_before
     assert complete_tags(tmp_path / "ck") == ["step_00000002"] and read_latest(tmp_path / "ck") == "step_00000002"
