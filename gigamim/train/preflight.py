@@ -53,8 +53,7 @@ def preflight(cfg: Config, task, *, world_size: int, resume: str | None, overwri
         raise ConfigError(f"model.name: {e}") from None
     check_engine_config(cfg)
     task.check()  # the model (built on the meta device), the task's data and weights
-    if check_files:
-        task.check_data_readable()
+    task.check_data_readable()  # the task's own data (data.shards, finetune.*_shards)
     for key in ("checkpoint.dir", "log.dir"):
         check_writable(key, getattr(getattr(cfg, key.split(".")[0]), "dir"))
     if not force_unlock:
