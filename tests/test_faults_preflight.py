@@ -138,3 +138,21 @@ def test_locked_folder_prints_only_the_refusal(tmp_path, shards):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def test_launch_refuses_before_starting_any_rank(tmp_path, shards):
+    """`gigamim launch` runs the verb's pre-flight itself: with the rendezvous port taken by
+    another process, a launcher that started its agent and ranks would fail on that port; one
+    that refused first says only the one line."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        args = ["pretrain", "--config", "demo", "--set", f"data.shards={shards}", "--set", "model.img_size=64",
+                "--set", f"checkpoint.dir={tmp_path}/ck", "--set", f"log.dir={tmp_path}/log"]
+        done = subprocess.run([sys.executable, "-m", "gigamim", "launch", "--nproc-per-node", "2", "--master-port",
+                               str(port), *args], env=cpu_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    _one_line(done, "model", "window")
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "log").exists()

@@ -106,3 +106,28 @@ def run(verb: Verb, argv: list[str] | None = None) -> int:
         where = f" (rank {launch.rank})" if launch.world_size > 1 else ""
         print(f"gigamim {verb.name}: error{where}: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+
+
+def check_before_launch(verb: Verb, argv: list[str], world_size: int) -> int | None:
+    """`gigamim launch` runs this before it starts any rank: the verb's pre-flight for a job of
+    `world_size` ranks. Returns 2 after printing the one-line refusal, None when the ranks may
+    start (they run the same checks again: the files may change, and a rank sees its own node).
+    Touches nothing: no lock taken, no folder created."""
+    args = build_parser(verb).parse_args(argv)
+    if args.print_config:
+        return None
+    from gigamim.config import load_config
+    from gigamim.runtime.quiet import quiet_libraries
+    from gigamim.train.classifier import FinetuneError
+    from gigamim.train.preflight import preflight
+
+    quiet_libraries(verbose=args.verbose, rank=0)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        preflight(cfg, verb.make_task(cfg), world_size=world_size, resume=args.resume, overwrite=args.overwrite,
+                  force_unlock=args.force_unlock, check_files=verb.data_shards)
+    except (ConfigError, CheckpointError, FinetuneError) as e:
+        kind = "config" if isinstance(e, ConfigError) else "checkpoint" if isinstance(e, CheckpointError) else "input"
+        print(f"gigamim {verb.name}: {kind} error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    return None
