@@ -75,7 +75,10 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="ckpt_save_") as tmp:
         shards = str(write_synthetic_shards(Path(tmp) / "shards", 128, image_size=112, samples_per_shard=64))
-        results = [run_one(name, SETTINGS[name], args, shards, Path(tmp)) for name in args.settings.split(",")]
+        results = []
+        for name in args.settings.split(","):
+            results.append(run_one(name, SETTINGS[name], args, shards, Path(tmp)))
+            (out / "partial.json").write_text(json.dumps(results, indent=1))  # kept if a later setting fails
     import torch
 
     doc = {"command": " ".join(sys.argv), "machine": platform.platform(), "cpus": os.cpu_count(),
