@@ -100,6 +100,10 @@ class CheckpointConfig:
     dir: str = "runs/simmim/checkpoints"
     every_steps: int = 1000  # 0: only at the end (and on SIGTERM)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+    # Write tags in the background (the step loop waits only for a host copy of the state):
+    # auto = where the engine can (fsdp2: DCP async_save); true = required; false = never.
+    # The last save of a run and a SIGTERM / stop_after save are always waited for.
+    async_save: bool | str = "auto"
 
 
 @dataclass
@@ -380,6 +384,12 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be > 0; got {value!r}")
+    if cfg.checkpoint.async_save not in (True, False, "auto"):
+        raise ConfigError(f"config key 'checkpoint.async_save' must be auto, true or false; got "
+                          f"{cfg.checkpoint.async_save!r}")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"config key 'data.num_workers' must be >= 0 (0: read in the training process); "
+                          f"got {cfg.data.num_workers!r}")
     _validate_model(cfg)
     if not 0.0 < cfg.data.mask_ratio < 1.0:
         raise ConfigError(f"data.mask_ratio must be in (0, 1); got {cfg.data.mask_ratio}")

@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.global_batch_size={16 * nproc}")
     overrides += args.overrides
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-           "--master_port", str(free_port()), "--module", "gigamim", "pretrain", "--config", "demo"]
+           "--master_port", str(free_port()), "--module", "gigamim", "pretrain", "--config", "demo",
+           # a demo run again into the same --out starts over; the previous one is moved into
+           # <out>/checkpoints/replaced/ and <out>/logs/replaced/, never deleted
+           "--overwrite"]
     for o in overrides:
         cmd += ["--set", o]
     env = dict(os.environ)

@@ -50,7 +50,7 @@ DAMAGE = {
     "healthy": (lambda r: None, NEW, None),
     "latest names a missing tag": (lambda r: (r / "latest").write_text("step_00000077"), NEW, "step_00000077"),
     "latest is binary junk": (lambda r: (r / "latest").write_bytes(bytes(range(130, 194))), NEW, "readable"),
-    "latest is absent": (lambda r: (r / "latest").unlink(), NEW, None),
+    "latest is absent": (lambda r: (r / "latest").unlink(), NEW, "latest is missing"),
     "newest tag has no meta (save cut short)": (lambda r: (r / NEW / "gigamim_meta.json").unlink(), OLD, NEW),
     "newest tag has a truncated optimizer partition": (
         lambda r: _truncate(r / NEW / "zero_pp_rank_1_mp_rank_00_optim_states.pt"), OLD,
@@ -71,6 +71,7 @@ def test_resume_and_consolidate_pick_the_same_tag(two_tags, state, capsys):
     assert open_checkpoint(two_tags).tag == expected
     if named_in_warning:
         assert len(notes) == 1 and named_in_warning in notes[0] and expected in notes[0], notes
+        assert ".;" not in notes[0], notes  # one sentence per note, not "... re-save the checkpoint.; using"
         assert named_in_warning in capsys.readouterr().err
     else:
         assert notes == []

@@ -15,8 +15,15 @@ from gigamim.train.pretrain import main as pretrain_main
 
 @pytest.fixture
 def shard(tmp_path):
+    import io
+    import tarfile
+
     p = tmp_path / "data-000000.tar"
-    p.write_bytes(b"")  # existence is all validation checks
+    # A tar with one member: the start-up check wants one readable shard (the rest is the loader's).
+    with tarfile.open(p, "w") as tar:
+        info = tarfile.TarInfo("k0.jpg")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
     return p
 
 

@@ -143,7 +143,8 @@ def test_cpu_ranks_leave_no_shared_memory_behind(tmp_path):
         "dist.destroy_process_group()\n"
     )
     proc = run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
-                str(script), str(tmp_path)], timeout=180)
+                str(script), str(tmp_path)], timeout=180,
+               GIGAMIM_VERBOSE=1)  # DeepSpeed's own "... built" print, which gigamim hides by default
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "shm_comm_op built" in proc.stdout + proc.stderr, "DeepSpeed's shm comm op was not used: nothing tested"
     for rank in range(2):

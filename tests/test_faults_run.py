@@ -131,7 +131,7 @@ def test_shards_without_a_readable_sample_one_line(tmp_path):
     spec = f"{tmp_path}/junk-{{0..1}}.tar"
     done = run(launch_cmd(2, *pretrain_args(tmp_path, spec, 3)))
     assert done.returncode == 2, done.stderr[-3000:]
-    _one_line_error(done, "data.shards", "no samples")
+    _one_line_error(done, "data.shards", "readable tar")
 
 
 # ---------------------------------------------------------------------- two runs, one folder

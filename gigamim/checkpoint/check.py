@@ -215,7 +215,9 @@ def resolve_checked(path: str | os.PathLike, tag: str | None = None, *, missing_
             notes.append(str(e))
             continue
         if damaged:
-            r = Resolved(r.root, r.tag, note="; ".join(notes + [f"using the newest complete tag {r.tag}"]))
+            # Each note is a sentence of its own ("... re-save the checkpoint."): no ".;" joints.
+            r = Resolved(r.root, r.tag, note="; ".join([n.rstrip(". ") for n in notes]
+                                                       + [f"using the newest complete tag {r.tag}"]))
         return r, info
 
 

@@ -247,7 +247,9 @@ def resolve(path: str | os.PathLike, tag: str | None = None, *, missing_ok: bool
     note = None
     if named is not None and named not in exclude and (path / named).is_dir() and is_usable(path / named):
         return Resolved(path, named)
-    if (path / LATEST_FILE).exists():
+    if not os.path.lexists(path / LATEST_FILE):
+        note = f"{path / LATEST_FILE} is missing (deleted, or a save was cut short before writing it)"
+    else:
         if named is None:
             note = f"{path / LATEST_FILE} does not hold a readable tag name"
         elif named in exclude:

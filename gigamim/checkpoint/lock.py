@@ -148,6 +148,19 @@ class RunLock:
         finally:
             tmp.unlink(missing_ok=True)
 
+    def check_free(self) -> None:
+        """Read-only peek, before a run builds anything: raise the refusal `acquire` would
+        give when a live run holds the lock (a stale or absent lock passes; nothing is taken)."""
+        holder = self.holder()
+        if holder is None or (holder and self.stale_reason(holder)):
+            return
+        raise self._refusal(holder)
+
+    def _refusal(self, holder: dict) -> "RunLockError":
+        who = describe(holder) if holder else f"an unreadable {self.path}"
+        return RunLockError(f"{self.dir} is in use by another run ({who}); wait for it to end, use another "
+                            f"checkpoint.dir, or pass --force-unlock if that run is gone")
+
     def acquire(self) -> "RunLock":
         for _ in range(3):  # a takeover can race another takeover; the loser looks again
             if self._try_link():
@@ -162,10 +175,7 @@ class RunLock:
                 self.log(f"taking over the lock of {self.dir} from {describe(holder) if holder else 'an unreadable .lock'} ({why})")
                 self._remove_if(holder)
                 continue
-            who = describe(holder) if holder else f"an unreadable {self.path}"
-            raise RunLockError(
-                f"{self.dir} is in use by another run ({who}); wait for it to end, use another "
-                f"checkpoint.dir, or pass --force-unlock if that run is gone")
+            raise self._refusal(holder)
         raise RunLockError(f"could not take the lock {self.path}: other runs keep taking it")
 
     def _remove_if(self, holder: dict) -> None:

@@ -31,15 +31,93 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, met
     `size_estimate` (bytes) is only used in that message when there is no previous tag."""
     import torch.distributed as dist
 
-    from gigamim.checkpoint import space
     from gigamim.runtime.dist import peer_lost
+
+    root, tag = _prepare(ckpt_dir, step)
+    failure = None
+    try:
+        engine.save(str(root), tag, client_state)
+    except Exception as e:
+        if peer_lost(e):
+            raise
+        failure = e
+        # The ranks whose writes succeeded wait in the barrier that ends Engine.save: meet them.
+        dist.barrier()
+    # Engine.save ends with a barrier: every rank's files are on disk from here on.
+    return _commit(failure, root, tag, meta, config_yaml, keep_last, size_estimate)
+
+
+class PendingSave:
+    """A tag being written in the background (`start_save`); `finish` marks it complete."""
+
+    def __init__(self, handle, root: Path, tag: str, meta: dict, config_yaml: str, keep_last: int,
+                 size_estimate: int | None, blocking_s: float, started: float):
+        self.handle, self.root, self.tag = handle, root, tag
+        self.meta, self.config_yaml, self.keep_last, self.size_estimate = meta, config_yaml, keep_last, size_estimate
+        self.blocking_s, self.started = blocking_s, started
+
+    @property
+    def tag_dir(self) -> Path:
+        return self.root / self.tag
+
+    def done_everywhere(self) -> bool:
+        """Collective: whether every rank's background write has ended (one tiny all-reduce)."""
+        import torch
+        import torch.distributed as dist
+
+        # on the default group's device (NCCL reduces CUDA tensors only)
+        device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1 if self.handle.done() else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def finish(self) -> float:
+        """Collective: wait for every rank's write, check it, then (rank 0) the config, the
+        meta and `latest`, and prune. Returns the write's wall time (start to all written).
+        Raises as `save` does; `latest` then still names the previous tag."""
+        import time
+
+        from gigamim.runtime.dist import peer_lost
+
+        failure = None
+        try:
+            self.handle.wait()
+        except Exception as e:
+            if peer_lost(e):
+                raise
+            failure = e
+        write_s = time.perf_counter() - self.started
+        _commit(failure, self.root, self.tag, self.meta, self.config_yaml, self.keep_last, self.size_estimate,
+                check=True)
+        return write_s
+
+
+def start_save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, meta: dict, config_yaml: str,
+               keep_last: int, size_estimate: int | None = None) -> PendingSave:
+    """Collective: the tag's background write (`Engine.save_async`): returns once this rank's
+    state is copied to host memory; `PendingSave.finish` marks the tag complete. Until then
+    `latest` names the previous tag, so a crash, kill -9 or SIGTERM mid-write loses nothing."""
+    import time
+
+    t0 = time.perf_counter()
+    root, tag = _prepare(ckpt_dir, step)
+    handle = engine.save_async(str(root), tag, client_state)
+    return PendingSave(handle, root, tag, meta, config_yaml, keep_last, size_estimate,
+                       blocking_s=time.perf_counter() - t0, started=t0)
+
+
+def _prepare(ckpt_dir, step: int) -> tuple[Path, str]:
+    """Collective: rank 0 clears a crashed save's remnants of this tag and checks the free
+    space; nobody writes before that (the broadcast is the barrier)."""
+    import torch.distributed as dist
+
+    from gigamim.checkpoint import space
 
     root = Path(ckpt_dir)
     tag = tag_for(step)
     tag_dir = root / tag
-    rank0 = dist.get_rank() == 0
     refused = [None]
-    if rank0:
+    if dist.get_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists():  # remnants of a save that crashed at this step
             shutil.rmtree(tag_dir)
@@ -51,28 +129,32 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, met
     dist.broadcast_object_list(refused, src=0)
     if refused[0]:
         raise space.NoSpaceError(refused[0])
+    return root, tag
 
-    failure = None
-    try:
-        engine.save(str(root), tag, client_state)
-    except Exception as e:
-        if peer_lost(e):
-            raise
-        failure = e
-        # The ranks whose writes succeeded wait in the barrier that ends Engine.save: meet them.
-        dist.barrier()
-    # Engine.save ends with a barrier: every rank's files are on disk from here on.
-    # Agree on how it went before the tag is marked complete.
+
+def _commit(failure, root: Path, tag: str, meta: dict, config_yaml: str, keep_last: int,
+            size_estimate: int | None, check: bool = False) -> Path:
+    """Collective, once every rank's files are written (or failed): agree on how it went,
+    then rank 0 marks the tag complete (config, meta, `latest` last) and prunes. check: rank
+    0 first runs the completeness check of the tag's format on the written files."""
+    import torch.distributed as dist
+
+    from gigamim.checkpoint import space
+
+    tag_dir = root / tag
+    rank0 = dist.get_rank() == 0
     reports = [None] * dist.get_world_size()
     dist.all_gather_object(reports, _report(failure, root))
     if not any(reports):
         final = [None]
         if rank0:
             try:
+                if check:
+                    _check_written(tag_dir)
                 atomic_write(tag_dir / CONFIG_FILE, config_yaml)
                 atomic_write(tag_dir / META_FILE, json.dumps(meta, indent=1))
                 atomic_write(root / LATEST_FILE, tag)
-            except OSError as e:
+            except (OSError, CheckpointError) as e:
                 final = [_report(e, root)]
                 # `latest` is written last: if it was that write, the old `latest` is intact.
                 (tag_dir / META_FILE).unlink(missing_ok=True)
@@ -92,6 +174,14 @@ def save(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict, met
         prune(root, keep_last, current=tag)
     dist.barrier()
     return tag_dir
+
+
+def _check_written(tag_dir: Path) -> None:
+    """The completeness check of a background-written tag before it is marked complete."""
+    from gigamim.checkpoint.dcp import check_dcp, is_dcp_tag
+
+    if is_dcp_tag(tag_dir):
+        check_dcp(str(tag_dir))
 
 
 def _report(failure: BaseException | None, root: Path):

@@ -73,10 +73,25 @@ def estimate_tag_bytes(num_params: int, bytes_per_param: int = 16) -> int:
     return int(num_params * bytes_per_param)
 
 
+def older_tags_bytes(ckpt_dir: str | os.PathLike) -> int:
+    """Bytes of the complete tags older than the newest one (what a lower keep_last frees)."""
+    tags = [t for t in complete_tags(Path(ckpt_dir)) if not t.endswith("_universal")]
+    return sum(tree_bytes(Path(ckpt_dir) / t) for t in tags[:-1])
+
+
 def no_space_message(ckpt_dir, need: float | None, have: float) -> str:
     need_part = f"need ~{gb(need)}, " if need else ""
-    return (f"no space left on {existing_dir(ckpt_dir)}: {need_part}have {gb(have)}; free space or "
-            f"lower checkpoint.keep_last, then resume with --resume auto (earlier checkpoints are kept)")
+    older = older_tags_bytes(ckpt_dir) if Path(ckpt_dir).is_dir() else 0
+    if need and need > have + older:
+        # Not even deleting every older tag would make room: keep_last is not the answer.
+        advice = (f"one tag does not fit even without the older tags ({gb(older)}): free space on this file "
+                  "system or use a checkpoint.dir on a larger one")
+    elif older:
+        advice = f"free space, or delete older tags ({gb(older)}) and lower checkpoint.keep_last"
+    else:
+        advice = "free space"
+    return (f"no space left on {existing_dir(ckpt_dir)}: {need_part}have {gb(have)}; {advice}, then resume with "
+            f"--resume auto (earlier checkpoints are kept)")
 
 
 def check_free_space(ckpt_dir: str | os.PathLike, need: int | None = None) -> int | None:

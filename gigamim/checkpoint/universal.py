@@ -37,8 +37,12 @@ def to_universal(ckpt_dir: str, tag: str | None = None, out: str | None = None, 
     if os.path.lexists(out) and not overwrite:
         raise FileExistsError(f"output {out} already exists; remove it or pass --force to replace it")
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", suffix=".partial", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", suffix=".partial", dir=parent)
+    except OSError as e:  # a read-only checkpoint folder (a mounted archive) is a user's choice, not a crash
+        raise CheckpointError(f"cannot write the universal checkpoint into {parent} ({e.strerror or e}): give OUT "
+                              "in a writable folder (gigamim consolidate CKPT_DIR --universal OUT)") from None
     latest_universal = os.path.join(parent, LATEST_UNIVERSAL_FILE)
     previous = open(latest_universal, encoding="utf-8").read() if os.path.isfile(latest_universal) else None
     args = argparse.Namespace(input_folder=info.tag_dir, output_folder=tmp, num_extract_workers=workers,

@@ -281,6 +281,26 @@ def run_ranks(args) -> int:
         shutil.rmtree(log_dir, ignore_errors=True)
 
 
+# Verbs whose mistakes the launcher refuses itself, before any rank starts (their `Verb`).
+TRAINING_VERBS = {"pretrain": "gigamim.train.pretrain", "finetune": "gigamim.train.finetune"}
+
+
+def check_verb(args) -> int | None:
+    """A training verb's pre-flight (`train.verb.check_before_launch`) in the launcher: a config
+    or folder mistake is one line and exit 2 before any rank is started (each rank checks again)."""
+    if args.verb not in TRAINING_VERBS:
+        return None
+    import importlib
+
+    from gigamim.train.verb import check_before_launch
+
+    verb = importlib.import_module(TRAINING_VERBS[args.verb]).VERB
+    try:
+        return check_before_launch(verb, list(args.args), world_size=args.nproc_per_node * args.nnodes)
+    except SystemExit as e:  # argparse: it printed its usage (or --help) already
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -288,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as e:
         _err(f"error: {e}")
         return EXIT_USAGE
+    refused = check_verb(args)
+    if refused is not None:
+        return refused
     return run_ranks(args)
 
 

@@ -48,7 +48,23 @@ class Task:
         return []
 
     def check(self) -> None:
-        """Refuse what this task cannot train (its data, its weights), before any process group."""
+        """Refuse what this task cannot train (its model, its data, its weights), before any process group."""
+
+    def data_specs(self) -> dict:
+        """config key -> shard spec of the data this task reads (checked for a readable shard)."""
+        return {}
+
+    def check_data_readable(self) -> None:
+        """Before any process group: each shard set has at least one readable tar archive."""
+        from gigamim.data.readable import first_readable_shard
+
+        for key, spec in self.data_specs().items():
+            if not spec:
+                continue
+            try:
+                first_readable_shard(spec)
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
 
     def after_build(self, model, engine) -> None:
         pass
@@ -101,17 +117,36 @@ class PretrainTask(Task):
 
     name = "pretrain"
 
-    def build_model(self, trainer):
-        from gigamim.config import ModelConfig
+    def check(self) -> None:
+        """The model, asked of the model code: built on the meta device (no memory, no process
+        group), so a window that does not tile a stage or an unknown name is one line now."""
+        import torch
+
         from gigamim.models.attention import resolve_attn_impl
+
+        try:
+            attn_impl = resolve_attn_impl(self.cfg.model.attn_impl, "cpu")
+            with torch.device("meta"):
+                self._build(attn_impl)()
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"model: {str(e).splitlines()[0]}") from None
+
+    def data_specs(self) -> dict:
+        return {"data.shards": self.cfg.data.shards}
+
+    def _build(self, attn_impl: str):
+        from gigamim.config import ModelConfig
         from gigamim.models.build import build_simmim
 
         cfg = self.cfg
-        section = dict(dataclasses.asdict(cfg.model), attn_impl=resolve_attn_impl(cfg.model.attn_impl,
-                                                                                  trainer.device.type))
-        return (lambda: build_simmim(section, defaults=dataclasses.asdict(ModelConfig()),
-                                     norm_target=cfg.data.norm_target, norm_target_patch=cfg.data.norm_target_patch),
-                True)
+        section = dict(dataclasses.asdict(cfg.model), attn_impl=attn_impl)
+        return lambda: build_simmim(section, defaults=dataclasses.asdict(ModelConfig()),
+                                    norm_target=cfg.data.norm_target, norm_target_patch=cfg.data.norm_target_patch)
+
+    def build_model(self, trainer):
+        from gigamim.models.attention import resolve_attn_impl
+
+        return self._build(resolve_attn_impl(self.cfg.model.attn_impl, trainer.device.type)), True
 
     def param_groups(self, model):
         from gigamim.models.param_groups import param_groups
@@ -217,6 +252,9 @@ class FinetuneTask(Task):
                                 "finetune.cutmix=0)")
         self.check_data()
         self.prepare()
+
+    def data_specs(self) -> dict:
+        return {"finetune.train_shards": self.ft.train_shards, "finetune.val_shards": self.ft.val_shards}
 
     # -- model
 

@@ -26,14 +26,20 @@ EXIT_NONFINITE = 3
 
 
 class Trainer:
-    def __init__(self, cfg: Config, task, resume=None, force_unlock: bool = False):
+    def __init__(self, cfg: Config, task, resume: str | None = None, force_unlock: bool = False,
+                 overwrite: bool = False):
         """task: what is trained (a `train.tasks` task: SimMIM pretraining, fine-tuning).
-        resume: a `train.resume.ResumePoint` (already resolved and checked) or None.
-        force_unlock: take checkpoint.dir's run lock even from a holder that cannot be checked."""
+        resume: the `--resume` argument ('auto', a folder, a tag folder) or None; resolved by
+        rank 0 once it holds the run lock (`_resolve_under_lock`), so the tag cannot change
+        between the choice and the load.
+        force_unlock: take checkpoint.dir's run lock even from a holder that cannot be checked.
+        overwrite: a fresh start moves another run's tags and logs aside (`preflight`)."""
         self.cfg = cfg
         self.task = task
-        self.resume = resume
+        self.resume_spec = resume
+        self.resume = None  # the train.resume.ResumePoint, once resolved
         self.force_unlock = force_unlock
+        self.overwrite = overwrite
         self.lock = None
         self.records: list[dict] = []  # first and last metrics record, for the closing summary
         self.last_tag = None  # the last checkpoint written
@@ -67,6 +73,7 @@ class Trainer:
         self.dist = init_distributed()
         self.rank, self.world, self.device = self.dist.rank, self.dist.world_size, self.dist.device
         self._take_run_lock()
+        self.resume = self._resolve_under_lock()
         self.accum = gradient_accumulation_steps(cfg, self.world)
         self.precision = resolve_precision(cfg.train.precision, self.device.type == "cuda")
 
@@ -98,11 +105,44 @@ class Trainer:
     def _take_run_lock(self) -> None:
         self.lock = take_run_lock(self.cfg.checkpoint.dir, self.rank, self.force_unlock)
 
+    def _resolve_under_lock(self):
+        """Collective, right after the run lock: rank 0 chooses the resume point (or, on a fresh
+        start, checks that no other run's work would be overwritten, moving it aside with
+        --overwrite) while it holds the lock, then every rank gets rank 0's answer. Nothing
+        can prune or replace the chosen tag before it is loaded: only the lock holder writes."""
+        import torch.distributed as dist
+
+        from gigamim.checkpoint.layout import CheckpointError
+
+        answer = [None, None]  # (ResumePoint or None, refusal message or None)
+        if self.rank == 0:
+            from gigamim.train import preflight
+            from gigamim.train.resume import check_compatible, resolve_resume
+
+            try:
+                point = None
+                if self.resume_spec:
+                    point = resolve_resume(self.resume_spec, self.cfg.checkpoint.dir, self.world, say=self.say)
+                    if point is not None:
+                        check_compatible(point.meta, self.cfg, point.tag_dir, say=self.say, task=self.task.name)
+                elif self.overwrite:
+                    preflight.replace_previous_run(self.cfg, say=self.say)
+                else:
+                    preflight.refuse_previous_run(self.cfg)
+                answer = [point, None]
+            except CheckpointError as e:
+                answer = [None, str(e)]
+            except OSError as e:  # --overwrite could not move the old run aside: say so on every rank
+                answer = [None, f"could not prepare {self.cfg.checkpoint.dir}: {e}"]
+        dist.broadcast_object_list(answer, src=0)
+        if answer[1]:
+            raise CheckpointError(answer[1])
+        return answer[0]
+
     def load(self) -> None:
         from gigamim.train.optim import lr_at, peak_lr
         from gigamim.train.state import CLIENT_KEY
 
-        self._agree_on_resume_tag()
         client = self.engine.load(str(self.resume.root), self.resume.tag)
         self.task.load_state_dict(client)  # first: it may refuse the tag
         self.state.load_state_dict(client.get(CLIENT_KEY, {}))
@@ -122,18 +162,6 @@ class Trainer:
         if change:
             self.say(f"gigamim: warning: {change}", err=True)
 
-    def _agree_on_resume_tag(self) -> None:
-        """Every rank resolved the tag on its own (shared file system): all load the same one or none."""
-        import torch.distributed as dist
-
-        tags = [None] * self.world
-        dist.all_gather_object(tags, str(self.resume.tag_dir))
-        if len(set(tags)) > 1:
-            from gigamim.checkpoint.layout import CheckpointError
-
-            raise CheckpointError(f"ranks picked different checkpoints to resume ({sorted(set(tags))}); "
-                                  "is checkpoint.dir on a file system that every node sees?")
-
     # ------------------------------------------------------------------ the loop
 
     def fit(self, stop) -> int:
@@ -146,6 +174,13 @@ class Trainer:
         keys_log = self._open_keys_log() if cfg.log.sample_keys else None
         batches = iter(self.loader)
         meter, last_batch = Meter(), None
+        self.pending, self.ckpt_record = None, {}
+        self.async_save = self._async_save_enabled()
+        if state.step >= end:
+            limit = (f"train.stop_at_step={cfg.train.stop_at_step}" if cfg.train.stop_at_step and end < cfg.train.max_steps
+                     else f"train.max_steps={cfg.train.max_steps}")
+            self.say(f"gigamim: the checkpoint is at step {state.step}, at or past {limit}: nothing to train "
+                     f"(raise {limit.split('=')[0]} to continue)", err=True)
         try:
             while state.step < end:
                 result = train_step(self.engine, batches, self.accum,
@@ -157,8 +192,11 @@ class Trainer:
                     self.say(f"gigamim: stopping: {self.guard.in_a_row} non-finite losses in a row "
                              f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}). Lower optim.lr, check "
                              "the data, or resume from the last checkpoint. No checkpoint written.", err=True)
+                    self.finish_pending_save()  # written from finite weights before the losses went bad
                     return EXIT_NONFINITE
                 state.step += 1
+                if self.pending is not None and self.pending.done_everywhere():
+                    self.finish_pending_save()
                 meter.add(result)
                 if keys_log is not None:
                     keys_log.write(json.dumps({"step": state.step, "keys": result.trained_keys}) + "\n")
@@ -171,7 +209,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if stopping or (cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0) or step == end:
-                    self.save()
+                    # The last save and a stop's save are waited for (the process exits next).
+                    self.save(background=self.async_save and not (stopping or step == end))
                 if stopping:
                     # Agreed over ranks: rank 0 names its reason (its own signal, else the clock).
                     why = (f"got signal {stop.signum}" if stop else
@@ -247,7 +286,7 @@ class Trainer:
             self.state.step, global_batch=self.cfg.train.global_batch_size, world_size=self.world,
             model_flops=self.model_flops, hardware_flops=self.hardware_flops,
             peak_tflops=self.peak_tflops, sum_over_ranks=self._sum_over_ranks,
-            grad_norm=grad_norm,
+            grad_norm=grad_norm, **self._pop_ckpt_record(),
             peak_mem_gb=peak_memory_gb(self.device), nonfinite_skipped=self.state.nonfinite_total,
             epoch=self.loader.epoch, **merge_counters(counters), **extra,
         )
@@ -255,12 +294,28 @@ class Trainer:
             logger.log(record)
         self.records[1:] = [record]
 
-    def save(self) -> None:
-        """Collective: every rank writes its partition; rank 0 the meta and `latest` (last)."""
+    def _async_save_enabled(self) -> bool:
+        setting = self.cfg.checkpoint.async_save
+        return bool(setting) and self.engine.supports_async_save  # "auto" or true (true was checked)
+
+    def _pop_ckpt_record(self) -> dict:
+        """ckpt_blocking_s / ckpt_write_s of the saves since the last record (the loop logs
+        before it saves, so a save shows up in the next record)."""
+        record, self.ckpt_record = getattr(self, "ckpt_record", {}), {}
+        return record
+
+    def save(self, background: bool = False) -> None:
+        """Collective: every rank writes its partition; rank 0 the meta and `latest` (last).
+        background: the engine's background write (`checkpoint.save.start_save`); the tag is
+        marked complete later (`finish_pending_save`), so the loop blocks only for the snapshot.
+        A save first waits for the one in flight: one background write at a time."""
+        import time
+
         from gigamim import __version__
-        from gigamim.checkpoint.save import save
+        from gigamim.checkpoint.save import save, start_save
         from gigamim.train.state import CLIENT_KEY
 
+        self.finish_pending_save()
         step = self.state.step
         if not self._weights_finite():
             raise RuntimeError(f"weights are not finite at step {step}; refusing to write a checkpoint")
@@ -271,11 +326,39 @@ class Trainer:
                 "world_size": self.world, **self.engine.describe(), "precision": self.precision,
                 "lr_schedule": lr_schedule_record(self.cfg), "version": __version__, **self.task.meta()}
         client = {CLIENT_KEY: self.state.state_dict(), **self.task.state_dict()}
-        tag_dir = save(self.engine, self.cfg.checkpoint.dir, step, client, meta,
-                       self.cfg.dump(), self.cfg.checkpoint.keep_last,
-                       size_estimate=estimate_tag_bytes(self.num_params))
-        self.say(f"gigamim: saved checkpoint {tag_dir}")
+        args = (self.engine, self.cfg.checkpoint.dir, step, client, meta, self.cfg.dump(), self.cfg.checkpoint.keep_last)
+        size = estimate_tag_bytes(self.num_params)
+        if background:
+            self.pending = start_save(*args, size_estimate=size)
+            return
+        t0 = time.perf_counter()
+        tag_dir = save(*args, size_estimate=size)
+        took = time.perf_counter() - t0
+        self.ckpt_record.update(ckpt_step=step, ckpt_blocking_s=took, ckpt_write_s=took)
+        self.say(f"gigamim: saved checkpoint {tag_dir} ({took:.2f} s)")
         self.last_tag = tag_dir
+
+    def finish_pending_save(self) -> None:
+        """Collective: wait for the background write in flight (if any) and mark its tag complete."""
+        pending, self.pending = getattr(self, "pending", None), None
+        if pending is None:
+            return
+        import time
+
+        t0 = time.perf_counter()
+        write_s = pending.finish()
+        waited = time.perf_counter() - t0
+        # What the loop lost to this save: the snapshot, and here the wait for the write's end
+        # (none when it ended on its own) plus marking the tag complete and pruning.
+        blocked = pending.blocking_s + waited
+        self.ckpt_record.update(ckpt_step=self.state_step_of(pending), ckpt_blocking_s=blocked, ckpt_write_s=write_s)
+        self.say(f"gigamim: saved checkpoint {pending.tag_dir} (blocked {blocked:.2f} s, written in the background "
+                 f"in {write_s:.2f} s)")
+        self.last_tag = pending.tag_dir
+
+    @staticmethod
+    def state_step_of(pending) -> int:
+        return int(pending.meta["step"])
 
     def summary(self) -> list[str]:
         """The closing lines of a completed run (rank 0 prints them): what it did (steps, time,
@@ -333,6 +416,9 @@ def take_run_lock(ckpt_dir: str, rank: int, force: bool):
             lock = RunLock(ckpt_dir, force=force).acquire()
         except RunLockError as e:
             refused = [str(e)]
+        except OSError as e:  # a read-only or vanished folder (preflight checks it; it may change)
+            refused = [f"cannot take the run lock of checkpoint.dir={ckpt_dir} ({e.strerror or e}): give a "
+                       "writable checkpoint.dir"]
     dist.broadcast_object_list(refused, src=0)
     if refused[0]:
         raise RunLockError(refused[0]) if rank == 0 else CheckpointError("run lock refused on rank 0")

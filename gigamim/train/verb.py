@@ -46,8 +46,13 @@ def build_parser(verb: Verb) -> argparse.ArgumentParser:
                    help="'auto' (newest complete checkpoint in checkpoint.dir, else start fresh), "
                         "a checkpoint folder, or one tag folder (also a universal one)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start fresh although checkpoint.dir / log.dir hold another run: its tags, `latest` and "
+                        "log outputs are moved into replaced/<time>/ beside them (never deleted)")
     p.add_argument("--force-unlock", action="store_true",
                    help="take checkpoint.dir's run lock even though another run (on another host) holds it")
+    p.add_argument("--verbose", action="store_true",
+                   help="show every library warning and DeepSpeed's INFO lines on every rank (also GIGAMIM_VERBOSE=1)")
     # The deepspeed launcher appends --local_rank=N; torchrun sets LOCAL_RANK instead.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -55,13 +60,16 @@ def build_parser(verb: Verb) -> argparse.ArgumentParser:
 
 def run(verb: Verb, argv: list[str] | None = None) -> int:
     args = build_parser(verb).parse_args(argv)
-    from gigamim.config import load_config, validate
+    from gigamim.config import load_config
     from gigamim.runtime.dist import detect_launch, peer_lost
     from gigamim.train.classifier import FinetuneError
 
     launch = detect_launch()
     rank0 = launch.rank == 0
     say = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
+    from gigamim.runtime.quiet import quiet_libraries
+
+    quiet_libraries(verbose=args.verbose, rank=launch.rank)
     try:
         cfg = load_config(args.config, args.overrides)
         from gigamim.train.precision import pick_for_device
@@ -77,21 +85,17 @@ def run(verb: Verb, argv: list[str] | None = None) -> int:
             return 0
         for line in configured + ([device_line] if device_line else []):
             say(f"gigamim {verb.name}: {line}")
-        from gigamim.train.engines import check_engine_config
         from gigamim.train.optim import describe_lr
-        from gigamim.train.resume import check_compatible, resolve_resume
-        from gigamim.train.trainer import Trainer, record_window_size
+        from gigamim.train.preflight import preflight
+        from gigamim.train.trainer import Trainer
 
-        validate(cfg, world_size=launch.world_size, check_files=verb.data_shards)
-        check_engine_config(cfg)
-        record_window_size(cfg)
-        resume = resolve_resume(args.resume, cfg.checkpoint.dir, launch.world_size, say=say)
-        if resume is not None:
-            check_compatible(resume.meta, cfg, resume.tag_dir, say=say, task=verb.name)
-        task.check()  # the task's own refusals (its data, its weights), still before any process group
+        # Every refusal the config and the files allow, before any process group (one line, exit 2).
+        preflight(cfg, task, world_size=launch.world_size, resume=args.resume, overwrite=args.overwrite,
+                  force_unlock=args.force_unlock, check_files=verb.data_shards)
         say(f"gigamim {verb.name}: {describe_lr(cfg)}")
         try:
-            return Trainer(cfg, task, resume=resume, force_unlock=args.force_unlock).run()
+            return Trainer(cfg, task, resume=args.resume, force_unlock=args.force_unlock,
+                           overwrite=args.overwrite).run()
         except RuntimeError as e:
             if not peer_lost(e):
                 raise
@@ -114,3 +118,28 @@ def run(verb: Verb, argv: list[str] | None = None) -> int:
         where = f" (rank {launch.rank})" if launch.world_size > 1 else ""
         print(f"gigamim {verb.name}: error{where}: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+
+
+def check_before_launch(verb: Verb, argv: list[str], world_size: int) -> int | None:
+    """`gigamim launch` runs this before it starts any rank: the verb's pre-flight for a job of
+    `world_size` ranks. Returns 2 after printing the one-line refusal, None when the ranks may
+    start (they run the same checks again: the files may change, and a rank sees its own node).
+    Touches nothing: no lock taken, no folder created."""
+    args = build_parser(verb).parse_args(argv)
+    if args.print_config:
+        return None
+    from gigamim.config import load_config
+    from gigamim.runtime.quiet import quiet_libraries
+    from gigamim.train.classifier import FinetuneError
+    from gigamim.train.preflight import preflight
+
+    quiet_libraries(verbose=args.verbose, rank=0)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        preflight(cfg, verb.make_task(cfg), world_size=world_size, resume=args.resume, overwrite=args.overwrite,
+                  force_unlock=args.force_unlock, check_files=verb.data_shards)
+    except (ConfigError, CheckpointError, FinetuneError) as e:
+        kind = "config" if isinstance(e, ConfigError) else "checkpoint" if isinstance(e, CheckpointError) else "input"
+        print(f"gigamim {verb.name}: {kind} error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    return None

@@ -116,6 +116,16 @@ class Engine:
         tag's `latest`, meta and config are the caller's (`checkpoint.save`)."""
         raise NotImplementedError
 
+    # Whether `save_async` exists: the tag is written in the background after a snapshot.
+    supports_async_save = False
+
+    def save_async(self, root: str, tag: str, client_state: dict):
+        """Collective: snapshot this rank's state (device -> host copy) and start writing the tag
+        in the background; returns a handle with `done() -> bool` (this rank's write ended) and
+        `wait()` (blocks until it ended; raises this rank's failure). When every rank's wait()
+        returned, every rank's files are on disk (the caller then marks the tag complete)."""
+        raise NotImplementedError(f"train.engine={self.name} saves synchronously")
+
     def load(self, root: str, tag: str) -> dict:
         """Collective: restore weights, optimizer and scheduler from `root/tag`; returns the
         client state given to `save`."""

@@ -145,7 +145,10 @@ def init_comm() -> None:
 
     if comm.is_initialized():
         return
-    deepspeed.init_distributed(dist_backend=tdist.get_backend(), verbose=False)
+    from gigamim.runtime.quiet import library_prints
+
+    with library_prints():
+        deepspeed.init_distributed(dist_backend=tdist.get_backend(), verbose=False)
     if tdist.get_backend() != "gloo":
         return
     path = Path("/dev/shm") / "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
@@ -228,6 +231,11 @@ class DeepSpeedEngine(Engine):
 
     @classmethod
     def check_config(cls, cfg) -> None:
+        if cfg.checkpoint.async_save is True:
+            raise ConfigError("checkpoint.async_save=true: train.engine=deepspeed saves synchronously (DeepSpeed "
+                              "0.19's decoupled engine commits inside the next engine.step, waiting there for the "
+                              "write, and writes `latest` before the other ranks' files are checked): set "
+                              "checkpoint.async_save=auto, or train.engine=fsdp2 for background saves")
         ds = load_template(cfg.deepspeed.config)
         if cfg.model.compile and zero_stage(ds) == 3 and cfg.model.compile_mode == "reduce-overhead":
             raise ConfigError("model.compile_mode=reduce-overhead uses CUDA graphs, which ZeRO-3's parameter "

@@ -249,13 +249,47 @@ class FSDP2Engine(Engine):
             raise self._own_failure(e, f"could not write {tag_dir}") from None
         if self.dist.rank == 0:
             # On disk (fsync, as DCP syncs its own files) before the caller writes meta + `latest`.
-            tmp = tag_dir / f".{ENGINE_STATE_FILE}.tmp"
-            with open(tmp, "wb") as f:
-                torch.save({"scheduler": self.scheduler.state_dict(), "client": client_state}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(tag_dir / ENGINE_STATE_FILE)
+            self._write_engine_state(tag_dir, client_state)
         dist.barrier()
+
+    # -- background saves (checkpoint.async_save) ------------------------------------------------
+
+    supports_async_save = True
+
+    def _checkpoint_group(self):
+        """A gloo group of its own for the background writes: DCP's planning and finishing
+        collectives run in the writer thread, and must never interleave with the training
+        step's collectives on the default group (same ranks, same order, one thread each)."""
+        if getattr(self, "_ckpt_pg", None) is None:
+            import torch.distributed as dist
+
+            self._ckpt_pg = dist.new_group(backend="gloo")
+        return self._ckpt_pg
+
+    def save_async(self, root, tag, client_state):
+        """DCP `async_save`: the step loop waits for the host copy of this rank's shards
+        (DCP's stager: pinned memory on GPUs), a thread writes them; rank 0's engine state
+        (LR schedule + client state, a few kB) is written here, before the handle returns."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        tag_dir = Path(root) / tag
+        group = self._checkpoint_group()
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tag_dir),
+                                process_group=group)
+        if self.dist.rank == 0:
+            self._write_engine_state(tag_dir, client_state)
+        return _DCPWrite(future, self, tag_dir)
+
+    def _write_engine_state(self, tag_dir: Path, client_state: dict) -> None:
+        tmp = tag_dir / f".{ENGINE_STATE_FILE}.tmp"
+        with open(tmp, "wb") as f:
+            torch.save({"scheduler": self.scheduler.state_dict(), "client": client_state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(tag_dir / ENGINE_STATE_FILE)
 
     def _own_failure(self, e, what: str) -> BaseException:
         """This rank's exception out of DCP's gathered ones, else one naming the rank that failed
@@ -291,3 +325,22 @@ class FSDP2Engine(Engine):
         extra = torch.load(tag_dir / ENGINE_STATE_FILE, map_location="cpu", weights_only=False)
         self.scheduler.load_state_dict(extra["scheduler"])
         return extra["client"] or {}
+
+
+class _DCPWrite:
+    """The handle of one background DCP write (`FSDP2Engine.save_async`)."""
+
+    def __init__(self, future, engine: FSDP2Engine, tag_dir: Path):
+        self.future, self.engine, self.tag_dir = future, engine, tag_dir
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def wait(self) -> None:
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            self.future.result()
+        except CheckpointException as e:
+            # a BaseException gathering every rank's failure: this rank's own (a full disk stays an OSError)
+            raise self.engine._own_failure(e, f"could not write {self.tag_dir}") from None
