@@ -1,9 +1,10 @@
-"""SwinV2 (nano..giant), Swin V1 and ViT encoders and the SimMIM wrapper; plain PyTorch, never
+"""SwinV2 (nano..giant), Swin V1, ViT (timm's and the official SimMIM one) encoders and the SimMIM wrapper; plain PyTorch, never
 imports deepspeed."""
 
 from gigamim.models import swinv2 as _swinv2  # noqa: F401  (registers the variants)
 from gigamim.models import swin as _swin  # noqa: F401
 from gigamim.models import vit as _vit  # noqa: F401
+from gigamim.models import vit_simmim as _vit_simmim  # noqa: F401  (the official SimMIM ViT)
 from gigamim.models.registry import create_model, list_models, model_defaults, register_model
 from gigamim.models.simmim import SimMIM
 from gigamim.models.swinv2 import SwinTransformerV2
