@@ -5,8 +5,9 @@ from gigamim.models import swinv2 as _swinv2  # noqa: F401  (registers the varia
 from gigamim.models import swin as _swin  # noqa: F401
 from gigamim.models import vit as _vit  # noqa: F401
 from gigamim.models import vit_simmim as _vit_simmim  # noqa: F401  (the official SimMIM ViT)
+from gigamim.models.pretrained import from_pretrained
 from gigamim.models.registry import create_model, list_models, model_defaults, register_model
 from gigamim.models.simmim import SimMIM
 from gigamim.models.swinv2 import SwinTransformerV2
 
-__all__ = ["create_model", "list_models", "model_defaults", "register_model", "SimMIM", "SwinTransformerV2"]
+__all__ = ["create_model", "from_pretrained", "list_models", "model_defaults", "register_model", "SimMIM", "SwinTransformerV2"]

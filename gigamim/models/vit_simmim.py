@@ -157,6 +157,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attn_drop = attn_drop
+        self.explicit = False  # the encoder sets it (attn_impl="explicit")
         self.qkv = _QKV(dim, dim * 3, bias=False, bound=bound)
         self.q_bias = nn.Parameter(torch.empty(dim)) if qkv_bias else None
         self.v_bias = nn.Parameter(torch.empty(dim)) if qkv_bias else None
@@ -195,8 +196,13 @@ class Attention(nn.Module):
             mask = rel_pos_bias.unsqueeze(0) if mask is None else mask + rel_pos_bias
         if mask is not None:
             mask = mask.to(q.dtype)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.attn_drop if self.training else 0.0)
+        if self.explicit:
+            attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+            attn = (attn if mask is None else attn + mask).softmax(dim=-1)
+            x = F.dropout(attn, self.attn_drop, self.training) @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
@@ -261,8 +267,12 @@ class VisionTransformerSimMIMOfficial(nn.Module):
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, init_values: Optional[float] = 0.1, use_abs_pos_emb: bool = False,
                  use_rel_pos_bias: bool = False, use_shared_rel_pos_bias: bool = True,
-                 use_mean_pooling: bool = False, init_scale: float = 0.001, grad_checkpointing: bool = False):
+                 use_mean_pooling: bool = False, init_scale: float = 0.001, grad_checkpointing: bool = False,
+                 attn_impl: str = "auto"):
         super().__init__()
+        if attn_impl not in ("auto", "explicit", "sdpa"):
+            raise ValueError(f"attn_impl={attn_impl!r}: this ViT has 'explicit' (softmax(q k^T / sqrt(d) + bias) v, the "
+                             "official formula) and 'sdpa' ('auto': sdpa)")
         if not isinstance(img_size, int) or img_size <= 0 or img_size % patch_size:
             raise ValueError(f"img_size={img_size!r} must be a positive multiple of patch_size={patch_size}")
         if use_rel_pos_bias and use_shared_rel_pos_bias:
@@ -287,6 +297,8 @@ class VisionTransformerSimMIMOfficial(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], init_values,
                   shape if use_rel_pos_bias else None, bound, layer=i + 1)
             for i in range(depth)])
+        for blk in self.blocks:
+            blk.attn.explicit = attn_impl == "explicit"
         self.norm = nn.Identity() if use_mean_pooling else nn.LayerNorm(embed_dim, eps=LN_EPS)
         self.fc_norm = nn.LayerNorm(embed_dim, eps=LN_EPS) if use_mean_pooling else None
         self.head = _InitLinear(embed_dim, num_classes, bound=bound, scale=init_scale) if num_classes > 0 \
