@@ -230,3 +230,21 @@ def test_finetune_weights_from_a_pretraining_checkpoint_load_through_build_encod
     table = sim.encoder.rel_pos_bias.relative_position_bias_table.detach()
     assert all(torch.equal(b.attn.relative_position_bias_table.detach(), table) for b in enc.blocks)
     assert torch.equal(enc.blocks[2].mlp.fc1.weight.detach(), sim.encoder.blocks[2].mlp.fc1.weight.detach())
+
+
+def test_weight_decay_groups_follow_the_official_optimizer():
+    """microsoft/SimMIM optimizer.py: no decay for 1-D parameters, names ending in .bias and the
+    model's no_weight_decay() ({'pos_embed', 'cls_token'}, 'encoder.'-prefixed under SimMIM);
+    the ViT defines no keywords, so its relative position tables and mask token are decayed."""
+    from gigamim.models.param_groups import param_groups
+
+    for sim in (SimMIM(create_model("vit_nano_patch16_simmim"), encoder_stride=16),
+                create_model("vit_nano_patch16_simmim_ft", num_classes=3)):
+        prefix = "encoder." if isinstance(sim, SimMIM) else ""
+        skip = {prefix + "pos_embed", prefix + "cls_token"}
+        names = {id(p): n for n, p in sim.named_parameters()}
+        official = {n for n, p in sim.named_parameters()
+                    if n != prefix + "mask_token" and (p.ndim == 1 or n.endswith(".bias") or n in skip)}
+        got = {names[id(p)] for g in param_groups(sim, 0.05) if g["weight_decay"] == 0 for p in g["params"]}
+        assert got == official
+        assert any("relative_position_bias_table" in n for n in names.values())

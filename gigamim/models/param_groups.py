@@ -28,10 +28,13 @@ def _shape(p) -> tuple:
 
 
 def no_weight_decay_names(model: nn.Module) -> Set[str]:
+    # An encoder may name its own keywords (the official SimMIM ViT decays its position tables
+    # and mask token: only pos_embed and cls_token are exempt there, besides 1-D parameters).
+    keywords = getattr(_encoder_and_prefix(model)[0], "no_weight_decay_keywords", NO_DECAY_KEYWORDS)
     return {
         name
         for name, p in model.named_parameters()
-        if len(_shape(p)) <= 1 or any(k in name for k in NO_DECAY_KEYWORDS)
+        if len(_shape(p)) <= 1 or any(k in name for k in keywords)
     }
 
 

@@ -261,6 +261,9 @@ class VisionTransformerSimMIMOfficial(nn.Module):
 
     family = "vit"
     num_prefix_tokens = 1
+    # The official optimizer exempts 1-D parameters and no_weight_decay() = {pos_embed, cls_token};
+    # the relative position tables and the (3-D there) mask token are decayed.
+    no_weight_decay_keywords = ("pos_embed", "cls_token")
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 0,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
