@@ -152,3 +152,23 @@ def test_what_cannot_be_mapped_is_one_line(tmp_path):
     torch.save({"model": _official_swin_layout(ref)}, tmp_path / "odd.pth")
     with pytest.raises(OfficialImportError, match="no gigamim swinv2 model has embed_dim=48"):
         import_official(str(tmp_path / "odd.pth"), str(tmp_path / "odd.safetensors"))
+
+
+def test_imported_files_serve_as_finetune_weights(tmp_path):
+    """`finetune.weights` reads the imported file (its metadata names the model): SwinV2 SimMIM
+    pretraining -> the encoder at the fine-tuning geometry; the SimMIM ViT -> its _ft form."""
+    from gigamim.train.load_encoder import build_encoder
+
+    ref = ReferenceSimMIM(SwinTransformerV2(num_classes=0, **V2)).double()
+    randomize_weights(ref, seed=8)
+    torch.save({"model": _official_swin_layout(ref, prefix="encoder.")}, tmp_path / "v2.pth")
+    import_official(str(tmp_path / "v2.pth"), str(tmp_path / "v2.safetensors"))
+    enc, info = build_encoder(None, str(tmp_path / "v2.safetensors"), dict(img_size=96, window_size=6), num_classes=4)
+    assert info["model"] == "swinv2_nano"
+    assert torch.equal(enc.layers[2].blocks[1].mlp.fc1.weight, ref.encoder.layers[2].blocks[1].mlp.fc1.weight.float())
+    _, _, _, sd = _beit_official_file(tmp_path, finetune=False)
+    torch.save({"model": sd}, tmp_path / "vit.pth")
+    import_official(str(tmp_path / "vit.pth"), str(tmp_path / "vit.safetensors"))
+    vit, _ = build_encoder("vit_nano_patch16_simmim_ft", str(tmp_path / "vit.safetensors"), num_classes=4)
+    table = sd["encoder.rel_pos_bias.relative_position_bias_table"].float()
+    assert all(torch.equal(b.attn.relative_position_bias_table.detach(), table) for b in vit.blocks)
