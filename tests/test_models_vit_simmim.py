@@ -248,3 +248,20 @@ def test_weight_decay_groups_follow_the_official_optimizer():
         got = {names[id(p)] for g in param_groups(sim, 0.05) if g["weight_decay"] == 0 for p in g["params"]}
         assert got == official
         assert any("relative_position_bias_table" in n for n in names.values())
+
+
+def test_probe_features_of_an_intermediate_block_use_the_shared_bias():
+    """The probe's block-k features (the paper's protocol: block 8, patch tokens averaged, no
+    final norm) equal timm's Beit run through k blocks with the shared bias."""
+    from gigamim.train.probe import stage_features
+
+    sim, ref, _, _ = _pretrain_pair(seed=9)
+    x, _ = _batch(10)
+    with torch.no_grad():
+        got = stage_features(sim.encoder, x, stage=1)
+        t = torch.cat((ref.cls_token.expand(3, -1, -1), ref.patch_embed(x)), dim=1)
+        rel = ref.rel_pos_bias()
+        for blk in ref.blocks[:2]:
+            t = blk(t, shared_rel_pos_bias=rel)
+        want = t[:, 1:].mean(1)
+    assert _rel(got, want) < 1e-12
