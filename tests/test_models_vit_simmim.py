@@ -265,3 +265,18 @@ def test_probe_features_of_an_intermediate_block_use_the_shared_bias():
             t = blk(t, shared_rel_pos_bias=rel)
         want = t[:, 1:].mean(1)
     assert _rel(got, want) < 1e-12
+
+
+def test_timm_equivalent_is_timm_beit_with_the_same_keys_and_logits():
+    """The fine-tuning export names timm's Beit: the state dict loads strictly, logits agree."""
+    ft = create_model("vit_nano_patch16_simmim_ft", num_classes=6).double().eval()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    family, kwargs = ft.timm_equivalent()
+    assert family == "beit"
+    ref = Beit(**kwargs).double().eval()
+    ref.load_state_dict(ft.state_dict(), strict=True)
+    x, _ = _batch(12)
+    assert _rel(ft(x), ref(x)) < 1e-12

@@ -374,14 +374,28 @@ class VisionTransformerSimMIMOfficial(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = bool(enable)
 
+    def timm_equivalent(self) -> tuple[str, dict]:
+        """(timm family, kwargs): timm's ``Beit`` with these arguments has this model's keys and
+        computes the same function (the fine-tuning export names it)."""
+        a = self.blocks[0].attn
+        return "beit", dict(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
+                            num_classes=self.num_classes, embed_dim=self.embed_dim, depth=self.depth,
+                            num_heads=self.num_heads, mlp_ratio=self.blocks[0].mlp.fc1.out_features / self.embed_dim,
+                            qkv_bias=a.q_bias is not None, init_values=self.blocks[0].init_values,
+                            use_abs_pos_emb=self.pos_embed is not None,
+                            use_rel_pos_bias=a.relative_position_bias_table is not None,
+                            use_shared_rel_pos_bias=self.rel_pos_bias is not None,
+                            global_pool="avg" if self.fc_norm is not None else "token")
+
     def remap_pretrained_state(self, state: dict) -> dict:
         """Encoder weights of either form -> this form's keys (see `remap_pretrained_state`);
         a ``fc_norm`` the weights lack (pretraining has none) starts at the official LayerNorm
         init (1, 0), like the head."""
         out = remap_pretrained_state(state, self)
         if self.fc_norm is not None and "fc_norm.weight" not in out:
-            out["fc_norm.weight"] = torch.ones(self.embed_dim)
-            out["fc_norm.bias"] = torch.zeros(self.embed_dim)
+            like = next(iter(out.values()))  # on the weights' device even inside torch.device("meta")
+            out["fc_norm.weight"] = torch.ones(self.embed_dim, dtype=like.dtype, device=like.device)
+            out["fc_norm.bias"] = torch.zeros(self.embed_dim, dtype=like.dtype, device=like.device)
         return out
 
 

@@ -112,6 +112,8 @@ class PretrainTask(Task):
     def flops(self, model):
         from gigamim.models.flops import model_and_hardware_flops
 
+        if getattr(getattr(model, "encoder", model), "family", "swinv2") != "swinv2":
+            return None, None  # the analytic count covers SwinV2; ViT / Swin V1 pretraining logs mfu null
         return model_and_hardware_flops(model, self.cfg.model.img_size)
 
     def make_loader(self, trainer, model):
@@ -456,8 +458,12 @@ def export_finetuned(module, cfg: Config, info: dict, step: int, rank: int, full
     geometry = {"img_size": cfg.model.img_size, "window_size": cfg.model.window_size}
     if getattr(module, "family", "swinv2") == "vit":
         geometry["num_heads"] = module.num_heads
-    arch = read_arch(sd, geometry)
-    kwargs = timm_kwargs(arch, geometry, num_classes=ft.num_classes)
+    if callable(getattr(module, "timm_equivalent", None)):  # e.g. the SimMIM ViT: timm's Beit, same keys
+        family, kwargs = module.timm_equivalent()
+        arch = {"family": family}
+    else:
+        arch = read_arch(sd, geometry)
+        kwargs = timm_kwargs(arch, geometry, num_classes=ft.num_classes)
     pws = info.get("kwargs", {}).get("pretrained_window_sizes")
     if arch["family"] == "swinv2" and pws is not None:
         kwargs["pretrained_window_sizes"] = (list(pws) if isinstance(pws, (list, tuple))
