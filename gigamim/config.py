@@ -44,6 +44,9 @@ class ModelConfig:
     # torch.compile each block (ZeRO-3: blocks become z3 leaf modules, one gather per block)
     compile: bool = False
     compile_mode: str = "default"  # default, reduce-overhead (not with ZeRO-3), max-autotune, max-autotune-no-cudagraphs
+    # pretraining only: start from these weights (gigamim safetensors: `gigamim import` of an
+    # official SimMIM checkpoint, or an export); a --resume overrides them
+    init_from: str = ""
 
 
 @dataclass

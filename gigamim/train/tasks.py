@@ -104,6 +104,12 @@ class PretrainTask(Task):
                                      norm_target=cfg.data.norm_target, norm_target_patch=cfg.data.norm_target_patch),
                 True)
 
+    def after_build(self, model, engine) -> None:
+        if self.cfg.model.init_from:  # continued pretraining (e.g. an imported official checkpoint)
+            from gigamim.train.init_from import load_init_from
+
+            load_init_from(self.cfg.model.init_from, model, engine, engine.dist.rank)
+
     def param_groups(self, model):
         from gigamim.models.param_groups import param_groups
 
