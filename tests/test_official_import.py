@@ -172,3 +172,27 @@ def test_imported_files_serve_as_finetune_weights(tmp_path):
     vit, _ = build_encoder("vit_nano_patch16_simmim_ft", str(tmp_path / "vit.safetensors"), num_classes=4)
     table = sd["encoder.rel_pos_bias.relative_position_bias_table"].float()
     assert all(torch.equal(b.attn.relative_position_bias_table.detach(), table) for b in vit.blocks)
+
+
+def test_swin_v1_simmim_and_classification_files(tmp_path):
+    """microsoft/SimMIM Swin V1 files (per-block relative_position_bias_table, its index and the
+    shift masks as buffers): the window is read from the tables, the image size from the masks."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    v1 = dict(img_size=96, window_size=6, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+              drop_path_rate=0.0)
+    ref = ReferenceSimMIM(SwinTransformer(num_classes=0, **v1)).double()
+    randomize_weights(ref, seed=12)
+    torch.save({"model": _official_swin_layout(ref, prefix="encoder.")}, tmp_path / "swin.pth")
+    info = import_official(str(tmp_path / "swin.pth"), str(tmp_path / "swin.safetensors"))
+    assert info["model"] == {"name": "swin_nano", "img_size": 96, "window_size": 6}
+    sim = from_pretrained(str(tmp_path / "swin.safetensors"))
+    x, mask = _rand_batch(96, 24, seed=13)
+    assert abs(sim(x, mask).item() - ref(x, mask).item()) <= 1e-12 * abs(ref(x, mask).item())
+    cls = SwinTransformer(num_classes=3, **v1).double().eval()
+    randomize_weights(cls, seed=14)
+    torch.save({"model": _official_swin_layout(cls)}, tmp_path / "swin_ft.pth")
+    import_official(str(tmp_path / "swin_ft.pth"), str(tmp_path / "swin_ft.safetensors"))
+    enc = from_pretrained(str(tmp_path / "swin_ft.safetensors")).eval()
+    want = cls(x)
+    assert float((enc(x) - want).abs().max() / want.abs().max()) < 1e-12
