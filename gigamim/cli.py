@@ -18,6 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "make-shards": ("gigamim.data.make_shards:main", "write webdataset tar shards from images, lists, shards or synthetic data"),
     "consolidate": ("gigamim.checkpoint.consolidate:main", "ZeRO checkpoint -> fp32 safetensors (or universal format)"),
     "export": ("gigamim.checkpoint.export:main", "consolidated weights -> encoder / timm / simmim safetensors"),
+    "import": ("gigamim.checkpoint.official_import:main", "official SimMIM / Swin-Transformer .pth -> gigamim safetensors"),
     "finetune": ("gigamim.train.finetune:main", "classification fine-tuning of a (SimMIM-pretrained) encoder under DeepSpeed"),
     "probe": ("gigamim.train.probe:main", "linear probe of a frozen encoder on labelled shards"),
     "bench": ("gigamim_benchmarks.run:main", "throughput / MFU / memory benchmarks against a timm reference"),

@@ -44,6 +44,9 @@ class ModelConfig:
     # torch.compile each block (ZeRO-3: blocks become z3 leaf modules, one gather per block)
     compile: bool = False
     compile_mode: str = "default"  # default, reduce-overhead (not with ZeRO-3), max-autotune, max-autotune-no-cudagraphs
+    # pretraining only: start from these weights (gigamim safetensors: `gigamim import` of an
+    # official SimMIM checkpoint, or an export); a --resume overrides them
+    init_from: str = ""
 
 
 @dataclass
@@ -93,6 +96,14 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     lr_scaling: str = "linear"  # "linear" (x global_batch/512) or "none" (lr is absolute)
+    # The official schedulers (train/lr_schedules.py), per optimizer step: "cosine" (to min_lr)
+    # or "multistep" (x gamma at each of milestones, optimizer steps), both after the warmup.
+    schedule: str = "cosine"
+    # cosine only: True counts the cosine from the end of the warmup (Swin-Transformer's
+    # WARMUP_PREFIX default); False from step 0 over max_steps (microsoft/SimMIM's scheduler)
+    warmup_prefix: bool = True
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
 
 
 @dataclass
@@ -344,6 +355,7 @@ _CHOICES = {
     "data.mode": ("epoch", "resampled"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
     "optim.lr_scaling": ("linear", "none"),
+    "optim.schedule": ("cosine", "multistep"),
     "fsdp.reduce_dtype": ("fp32", "bf16"),
 }
 
@@ -402,6 +414,13 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
     except ValueError as e:
         raise ConfigError(f"config key 'data.cache_size': {e}") from None
     _validate_finetune(cfg.finetune)
+    from gigamim.train.lr_schedules import Schedule  # plain functions: no import cycle
+
+    problem = Schedule(cfg.optim.schedule, cfg.optim.lr, cfg.optim.warmup_lr, cfg.optim.min_lr, cfg.optim.warmup_steps,
+                       cfg.train.max_steps, cfg.optim.warmup_prefix, tuple(cfg.optim.milestones),
+                       cfg.optim.gamma).problem()
+    if problem:
+        raise ConfigError(f"optim.schedule={cfg.optim.schedule}: {problem}")
     gradient_accumulation_steps(cfg, world_size)
     if check_files:
         if not str(cfg.data.shards).strip():

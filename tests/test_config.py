@@ -112,17 +112,20 @@ def test_ds_config_written_from_gigamim_config(shard):
 
 
 def test_lr_schedule_matches_formula():
+    """The official stepping: optimizer step k runs with the scheduler's value for update k - 1
+    (`step_update(i)` follows optimizer step i), so the peak comes one step after the warmup."""
     cfg = load_config(None, ["optim.lr=1e-4", "optim.min_lr=1e-5", "optim.warmup_lr=1e-6", "optim.warmup_steps=10",
                              "train.max_steps=110", "train.global_batch_size=1024", "train.micro_batch_size=8"])
     s = 1024 / 512  # linear scaling rule
     assert lr_at(0, cfg) == pytest.approx(1e-6 * s)
-    assert lr_at(5, cfg) == pytest.approx((1e-6 + (1e-4 - 1e-6) * 0.5) * s)
-    assert lr_at(10, cfg) == pytest.approx(1e-4 * s)
+    assert lr_at(1, cfg) == pytest.approx(1e-6 * s)
+    assert lr_at(6, cfg) == pytest.approx((1e-6 + (1e-4 - 1e-6) * 0.5) * s)
+    assert lr_at(11, cfg) == pytest.approx(1e-4 * s)
     # halfway through the cosine: the mean of peak and floor
-    assert lr_at(60, cfg) == pytest.approx((1e-5 + 0.5 * (1e-4 - 1e-5) * (1 + math.cos(math.pi * 0.5))) * s)
-    assert lr_at(110, cfg) == pytest.approx(1e-5 * s)
+    assert lr_at(61, cfg) == pytest.approx((1e-5 + 0.5 * (1e-4 - 1e-5) * (1 + math.cos(math.pi * 0.5))) * s)
+    assert lr_at(111, cfg) == pytest.approx(1e-5 * s)
     cfg.optim.lr_scaling = "none"
-    assert lr_at(10, cfg) == pytest.approx(1e-4)
+    assert lr_at(11, cfg) == pytest.approx(1e-4)
 
 
 def test_packaged_recipes_are_consistent():

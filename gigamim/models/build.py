@@ -15,7 +15,7 @@ from gigamim.models.registry import create_model, model_arguments
 from gigamim.models.simmim import SimMIM
 
 # model.* keys that are not encoder arguments (handled by the trainer).
-_NOT_ENCODER_ARGS = ("name", "compile", "compile_mode")
+_NOT_ENCODER_ARGS = ("name", "compile", "compile_mode", "init_from")
 # Values that mean "not used": a key the family has no use for (a ViT has no windows or
 # sequential attention) may keep them; any other value there is an error naming the key.
 _UNUSED = (None, False, [], (), 0)

@@ -149,6 +149,11 @@ class ViTSpec(FamilySpec):
             t = blk(t)
         return t[:, encoder.num_prefix_tokens:].mean(dim=1)
 
+    def owns_state_dict(self, sd) -> bool:
+        # timm's ViT keys; the official SimMIM ViT (models/vit_simmim.py) has its own layout
+        return super().owns_state_dict(sd) and not ("blocks.0.gamma_1" in sd or any(
+            k.endswith("relative_position_bias_table") for k in sd))
+
     def export_geometry(self, encoder, run_args=None):
         return {"num_heads": encoder.num_heads}  # not in the keys' shapes
 

@@ -105,6 +105,8 @@ def build_encoder(name: str | None, weights: str | None, overrides: dict[str, An
             "step": metadata.get("step")}
     if enc_sd is None:
         return encoder, info
+    if callable(getattr(encoder, "remap_pretrained_state", None)):
+        enc_sd = encoder.remap_pretrained_state(enc_sd)  # e.g. the SimMIM ViT: shared -> per-block tables
     want = {k: v for k, v in encoder.state_dict().items() if not k.startswith("head.")}
     try:
         got_family = family_of_state_dict(enc_sd).name

@@ -1,6 +1,6 @@
 """`gigamim probe`: linear probe of a frozen encoder on labelled shards.
 
-    gigamim probe --train SHARDS --val SHARDS [--weights PATH | --model NAME] [--stage K]
+    gigamim probe --train SHARDS --val SHARDS [--weights PATH | --model NAME] [--stage K | --protocol simmim]
                   [--img-size N] [--window-size N] [--wd 1e-4] [--max-iter 300] [--out probe.json]
 
 Features: the encoder in eval mode, no gradients; the (B, h, w, C) map of the final stage (or
@@ -11,6 +11,10 @@ eval mode (resize to S / 0.875 + centre crop S, every sample once). A linear cla
 the held-out shards are printed as one JSON line (and written to ``--out``). Weights: a
 consolidated SimMIM checkpoint, an exported encoder, a DeepSpeed checkpoint folder, or
 none (random init of ``--model``). Labels come from each sample's ``.cls`` member.
+
+``--protocol simmim``: the SimMIM paper's ViT linear probe (Table 6; the protocol as the
+authors state it in microsoft/SimMIM issue #14): the output of the 8th block, average-pooled
+over the patch tokens (not the [CLS] token), before any final LayerNorm.
 """
 
 from __future__ import annotations
@@ -129,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, help="default: the weights' recorded image size")
     p.add_argument("--window-size", type=int, help="default: the weights' recorded window")
     p.add_argument("--stage", type=int, help="features of this stage (ViT: block), 0-based; default: final")
+    p.add_argument("--protocol", choices=("simmim",), help="simmim: the SimMIM paper's ViT probe (microsoft/SimMIM "
+                   "issue #14): the 8th block's patch tokens, average-pooled, no [CLS], no final norm (= --stage 7)")
     p.add_argument("--wd", type=float, default=1e-4, help="L2 on the classifier weights")
     p.add_argument("--max-iter", type=int, default=300)
     p.add_argument("--limit", type=int, help="read at most this many samples per split")
@@ -148,6 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in (("img_size", args.img_size), ("window_size", args.window_size)) if v is not None}
     try:
         encoder, info = build_encoder(args.model, args.weights, overrides)
+        if args.protocol == "simmim":
+            from gigamim.models.family import family_of
+
+            spec = family_of(encoder)  # the paper's protocol probes a block of a plain stack of blocks
+            flat = spec.probe_unit == "blocks"
+            if not flat or spec.probe_depth(encoder) < 8 or args.stage not in (None, 7):
+                blocks = spec.probe_depth(encoder) if flat else "not a ViT, no"
+                raise EncoderLoadError("--protocol simmim is the SimMIM paper's ViT probe (the 8th block, average-pooled "
+                                       f"patch tokens, = --stage 7): not for {info['model']} ({blocks} blocks"
+                                       f"{'' if args.stage is None else f', --stage {args.stage}'})")
+            args.stage = 7
         features = {}
         for split, shards in (("train", args.train), ("val", args.val)):
             try:

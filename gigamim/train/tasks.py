@@ -148,6 +148,12 @@ class PretrainTask(Task):
 
         return self._build(resolve_attn_impl(self.cfg.model.attn_impl, trainer.device.type)), True
 
+    def after_build(self, model, engine) -> None:
+        if self.cfg.model.init_from:  # continued pretraining (e.g. an imported official checkpoint)
+            from gigamim.train.init_from import load_init_from
+
+            load_init_from(self.cfg.model.init_from, model, engine, engine.dist.rank)
+
     def param_groups(self, model):
         from gigamim.models.param_groups import param_groups
 

@@ -140,7 +140,7 @@ class Trainer:
         return answer[0]
 
     def load(self) -> None:
-        from gigamim.train.optim import lr_at, peak_lr
+        from gigamim.train.optim import lr_factor, peak_lr
         from gigamim.train.state import CLIENT_KEY
 
         client = self.engine.load(str(self.resume.root), self.resume.tag)
@@ -156,7 +156,7 @@ class Trainer:
         peak, groups = peak_lr(self.cfg), scheduler.optimizer.param_groups
         scheduler.base_lrs = [peak * g.get("lr_scale", 1.0) for g in groups]
         for base, group in zip(scheduler.base_lrs, groups):
-            group["lr"] = base * (lr_at(self.state.step, self.cfg) / peak)
+            group["lr"] = base * lr_factor(self.state.step, self.cfg, group.get("lr_scale", 1.0))
         self.say(f"gigamim: resumed from {self.resume.tag_dir} at step {self.state.step}")
         change = lr_schedule_change(self.resume.meta.get("lr_schedule"), self.cfg, self.state.step)
         if change:
