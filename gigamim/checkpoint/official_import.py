@@ -72,7 +72,7 @@ def import_official(src: str, out: str, img_size: int | None = None, window_size
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gigamim import", description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="official .pth (SimMIM or Swin-Transformer; a 'model' state dict)")
     p.add_argument("out", help="output .safetensors")
@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window-size", type=int, default=None, help="when the weights do not say it")
     p.add_argument("--trust", action="store_true", help="unpickle the whole file (it holds more than tensors)")
     p.add_argument("--force", action="store_true", help="replace OUT")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     try:
         info = import_official(a.src, a.out, a.img_size, a.window_size, a.trust, a.force)
     except (OfficialImportError, FileExistsError) as e:
