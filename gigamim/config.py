@@ -96,7 +96,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     lr_scaling: str = "linear"  # "linear" (x global_batch/512) or "none" (lr is absolute)
-    # The official schedulers (train/lr_schedules.py), per optimizer step: "cosine" (to min_lr)
+    # The official schedulers (lr_schedules.py), per optimizer step: "cosine" (to min_lr)
     # or "multistep" (x gamma at each of milestones, optimizer steps), both after the warmup.
     schedule: str = "cosine"
     # cosine only: True counts the cosine from the end of the warmup (Swin-Transformer's
@@ -414,7 +414,7 @@ def validate(cfg: Config, world_size: int = 1, check_files: bool = True) -> None
     except ValueError as e:
         raise ConfigError(f"config key 'data.cache_size': {e}") from None
     _validate_finetune(cfg.finetune)
-    from gigamim.train.lr_schedules import Schedule  # plain functions: no import cycle
+    from gigamim.lr_schedules import Schedule
 
     problem = Schedule(cfg.optim.schedule, cfg.optim.lr, cfg.optim.warmup_lr, cfg.optim.min_lr, cfg.optim.warmup_steps,
                        cfg.train.max_steps, cfg.optim.warmup_prefix, tuple(cfg.optim.milestones),

@@ -69,7 +69,7 @@ def write_synthetic_shards(out_dir, num_images: int, *, image_size: int = 256, s
                            seed: int = 0, workers: int = 1, max_size: int | None = None, prefix: str = "synth",
                            progress: bool = False) -> str:
     """Write `num_images` synthetic JPEGs as tar shards + index.json in `out_dir`; returns the index path."""
-    from gigamim.data.make_shards import ShardSink, parallel_map
+    from gigamim.data.shard_sink import ShardSink, parallel_map
 
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")

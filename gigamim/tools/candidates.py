@@ -47,7 +47,7 @@ def enumerate_candidates(name: str, gpus: int, gpus_per_node: int, gpu_mem_gb: f
                          margin: float = 0.1, reserved_gb: float = 2.0, attn_chunk: int = 64,
                          max_micro_batch: int = 1024) -> list:
     """One row per configuration that fits (dicts, JSON-able), fastest first."""
-    from gigamim.tools.plan import activation_per_image, model_state_bytes
+    from gigamim.tools.memory import activation_per_image, model_state_bytes
 
     facts = model_facts(name, img_size, window_size)
     P = facts.params
@@ -119,7 +119,7 @@ def enumerate_candidates(name: str, gpus: int, gpus_per_node: int, gpu_mem_gb: f
 
 def _fsdp2_rows(facts, gpus, gpus_per_node, budget, device, net, knobs, prec, costs, act, per_gpu, micro_batch,
                 max_micro_batch) -> list:
-    from gigamim.tools.plan import FSDP2_STATE_BYTES, fsdp2_buffer_bytes, model_state_bytes
+    from gigamim.tools.memory import FSDP2_STATE_BYTES, fsdp2_buffer_bytes, model_state_bytes
 
     P = facts.params
     root, block = P - sum(facts.block_params), max(facts.block_params)

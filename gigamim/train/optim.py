@@ -1,4 +1,4 @@
-"""Learning-rate schedule of a run: the official schedulers (`train/lr_schedules.py`: linear
+"""Learning-rate schedule of a run: the official schedulers (`lr_schedules.py`: linear
 warmup from warmup_lr, then cosine to min_lr or multistep), per optimizer step.
 
 LRs in the config are base values per 512 images; with `optim.lr_scaling: linear` (the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 
 from gigamim.config import Config
-from gigamim.train.lr_schedules import Schedule, lr_for_step
+from gigamim.lr_schedules import Schedule, lr_for_step
 
 
 def lr_scale(cfg: Config) -> float:

@@ -44,7 +44,6 @@ def preflight(cfg: Config, task, *, world_size: int, resume: str | None, overwri
     from gigamim.config import validate
     from gigamim.train.engines import check_engine_config
 
-    from gigamim.train.trainer import record_window_size
 
     validate(cfg, world_size=world_size, check_files=check_files)
     try:
@@ -154,3 +153,12 @@ def _move_aside(folder: Path, names: list[str], stamp: str) -> list[Path]:
         os.rename(folder / name, dest / name)
         out.append(dest / name)
     return out
+
+
+def record_window_size(cfg: Config) -> None:
+    """Write the variant's default window into the resolved config when it has none, so that
+    resume checks, exports and fine-tune builds never have to guess the geometry."""
+    if cfg.model.window_size is None:
+        from gigamim.models.registry import model_defaults
+
+        cfg.model.window_size = model_defaults(cfg.model.name).get("window_size")

@@ -64,6 +64,7 @@ class Trainer:
     def setup(self) -> None:
         from gigamim.runtime.dist import init_distributed
         from gigamim.train.engines import create_engine
+        from gigamim.train.preflight import record_window_size
         from gigamim.train.precision import resolve_precision
         from gigamim.train.state import TrainState, seed_everything
         from gigamim.train.step import NonFiniteGuard
@@ -391,15 +392,6 @@ class Trainer:
 
         ok = all(bool(torch.isfinite(t).all()) for t in self.engine.local_shards() if t.numel())
         return self._sum_over_ranks([0.0 if ok else 1.0], op="max")[0] == 0.0
-
-
-def record_window_size(cfg: Config) -> None:
-    """Write the variant's default window into the resolved config when it has none, so that
-    resume checks, exports and fine-tune builds never have to guess the geometry."""
-    if cfg.model.window_size is None:
-        from gigamim.models.registry import model_defaults
-
-        cfg.model.window_size = model_defaults(cfg.model.name).get("window_size")
 
 
 def take_run_lock(ckpt_dir: str, rank: int, force: bool):
