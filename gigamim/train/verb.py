@@ -83,16 +83,17 @@ def run(verb: Verb, argv: list[str] | None = None) -> int:
         if args.print_config:
             print(cfg.dump(), end="")
             return 0
-        for line in configured + ([device_line] if device_line else []):
-            say(f"gigamim {verb.name}: {line}")
         from gigamim.train.optim import describe_lr
         from gigamim.train.preflight import preflight
         from gigamim.train.trainer import Trainer
 
-        # Every refusal the config and the files allow, before any process group (one line, exit 2).
+        # Every refusal the config and the files allow, before any process group: a refusal is
+        # the one line printed (exit 2); what was taken from the weights, the shards and the
+        # device is said once the run is going to start.
         preflight(cfg, task, world_size=launch.world_size, resume=args.resume, overwrite=args.overwrite,
                   force_unlock=args.force_unlock, check_files=verb.data_shards)
-        say(f"gigamim {verb.name}: {describe_lr(cfg)}")
+        for line in configured + ([device_line] if device_line else []) + [describe_lr(cfg)]:
+            say(f"gigamim {verb.name}: {line}")
         try:
             return Trainer(cfg, task, resume=args.resume, force_unlock=args.force_unlock,
                            overwrite=args.overwrite).run()
