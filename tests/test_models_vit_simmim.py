@@ -280,3 +280,22 @@ def test_timm_equivalent_is_timm_beit_with_the_same_keys_and_logits():
     ref.load_state_dict(ft.state_dict(), strict=True)
     x, _ = _batch(12)
     assert _rel(ft(x), ref(x)) < 1e-12
+
+
+def test_timm_export_of_bare_weights_is_one_line(tmp_path, capsys):
+    """`gigamim export --format timm` of SimMIM-ViT weights: the module's Beit flags are not in a
+    weights file, so it refuses in one line (exit 2) instead of a KeyError traceback."""
+    import yaml
+
+    from gigamim.checkpoint import safetensors_io
+    from gigamim.checkpoint.export import main as export_main
+    from gigamim.models import SimMIM, create_model
+
+    sd = {k: v.detach() for k, v in SimMIM(create_model("vit_nano_patch16_simmim")).state_dict().items()}
+    src = tmp_path / "w.safetensors"
+    meta = {"format": "consolidated", "step": "1",
+            "gigamim_config": yaml.safe_dump({"model": {"name": "vit_nano_patch16_simmim", "img_size": 64}})}
+    safetensors_io.save(str(src), sd, meta, max_shard_size=None, dtype=torch.float32, overwrite=True)
+    assert export_main([str(src), str(tmp_path / "o.safetensors"), "--format", "timm"]) == 2
+    err = capsys.readouterr()
+    assert "--format encoder or simmim" in err.out + err.err and "Traceback" not in err.out + err.err

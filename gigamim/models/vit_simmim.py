@@ -467,6 +467,11 @@ class ViTSimMIMSpec(ViTSpec):
     def timm_metadata(self, sd, geo, num_classes: int = 0):
         import json
 
+        if "beit_kwargs" not in geo:  # a weights file alone (gigamim export): the module's flags are not in it
+            from gigamim.models.timm_compat import TimmCompatError
+
+            raise TimmCompatError("the official SimMIM ViT exports for timm from its fine-tune run (finetuned.safetensors "
+                                  "names timm's Beit); export these weights with --format encoder or simmim")
         kwargs = dict(geo["beit_kwargs"], num_classes=num_classes)
         return ({"timm_family": "beit", "timm_class": "timm.models.beit.Beit", "timm_kwargs": json.dumps(kwargs),
                  "timm_model": ""}, "timm's Beit with the recorded arguments has this model's keys")
