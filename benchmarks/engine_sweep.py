@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 from .common import median
@@ -85,9 +82,9 @@ def _config(variant: str, model: str, img_size: int, micro_batch: int, world: in
 
 
 def _on_gpu() -> bool:
-    import torch
+    from .zero_sweep import _cuda_visible
 
-    return torch.cuda.is_available()
+    return _cuda_visible()
 
 
 def _memory_status() -> dict:
@@ -207,24 +204,13 @@ def _worker(argv) -> int:
 
 
 def _launch(raw: Path, variants, model, img_size, micro_batch, warmup, steps, nproc, tag, timeout):
-    from .zero_sweep import _benchmarks_path
+    from .zero_sweep import run_ranks
 
-    repo = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "gigamim_benchmarks.engine_sweep", "--engine-worker", str(raw), "--variants", ",".join(variants),
-           "--model", model, "--img-size", str(img_size), "--micro-batch", str(micro_batch), "--warmup",
-           str(warmup), "--steps", str(steps), "--tag", tag]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    if not _on_gpu():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), _benchmarks_path(repo), env.get("PYTHONPATH")) if p)
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=timeout)
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-4000:]
-    except subprocess.TimeoutExpired:
-        rc, tail = None, f"timed out after {timeout} s"
-    wall = time.perf_counter() - t0
+    rc, tail, wall, cmd = run_ranks(
+        "gigamim_benchmarks.engine_sweep",
+        ["--engine-worker", str(raw), "--variants", ",".join(variants), "--model", model, "--img-size",
+         str(img_size), "--micro-batch", str(micro_batch), "--warmup", str(warmup), "--steps", str(steps),
+         "--tag", tag], nproc, timeout)
     files = [raw / f"engines_{tag}_rank{r}.json" for r in range(nproc)]
     data = [json.loads(f.read_text()) for f in files] if rc == 0 and all(f.exists() for f in files) else None
     return data, rc, tail, wall, " ".join(cmd[1:])

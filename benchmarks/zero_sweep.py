@@ -361,22 +361,11 @@ def run_zero_compile(out_dir, *, variants=("zero1_eager", "zero3_eager", "zero3_
 
     out_dir = Path(out_dir)
     raw = out_dir / "zero_compile_raw"
-    repo = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "gigamim_benchmarks.zero_sweep", "--zero-worker", str(raw), "--variants", ",".join(variants),
-           "--model", model, "--img-size", str(img_size), "--micro-batch", str(micro_batch), "--warmup",
-           str(warmup), "--steps", str(steps)] + (["--window-size", str(window_size)] if window_size else [])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    if not _cuda_visible():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), _benchmarks_path(repo), env.get("PYTHONPATH")) if p)
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=timeout)
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-4000:]
-    except subprocess.TimeoutExpired:
-        rc, tail = None, f"timed out after {timeout} s"
-    wall = time.perf_counter() - t0
+    rc, tail, wall, cmd = run_ranks(
+        "gigamim_benchmarks.zero_sweep",
+        ["--zero-worker", str(raw), "--variants", ",".join(variants), "--model", model, "--img-size", str(img_size),
+         "--micro-batch", str(micro_batch), "--warmup", str(warmup), "--steps", str(steps)]
+        + (["--window-size", str(window_size)] if window_size else []), nproc, timeout)
     results = []
     ranks = [raw / f"zero_compile_rank{r}.json" for r in range(nproc)]
     if rc != 0 or not all(f.exists() for f in ranks):
@@ -411,6 +400,26 @@ def run_zero_compile(out_dir, *, variants=("zero1_eager", "zero3_eager", "zero3_
             f"({res['collective_bytes_per_step'].get('all_gather', 0) / 2**20:.1f} MiB)  "
             f"reduce_scatter {calls.get('reduce_scatter', 0)}  all_reduce {calls.get('all_reduce', 0)}")
     return results
+
+
+def run_ranks(module: str, args: list, nproc: int, timeout: float) -> tuple:
+    """``torch.distributed.run`` of benchmark worker ``module`` on ``nproc`` local ranks (CPU ranks
+    get DeepSpeed's CPU accelerator, one OpenMP thread each): (rc or None on timeout, the output's
+    tail, wall seconds, the command list)."""
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", module, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if not _cuda_visible():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), _benchmarks_path(repo), env.get("PYTHONPATH")) if p)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=timeout)
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-4000:]
+    except subprocess.TimeoutExpired:
+        rc, tail = None, f"timed out after {timeout} s"
+    return rc, tail, time.perf_counter() - t0, cmd
 
 
 def _cuda_visible() -> bool:
