@@ -387,6 +387,34 @@ def markdown(results: list[dict], summary: dict, plots: list[str], data_bench: d
     return "\n".join(lines)
 
 
+def _bar_pair(out: Path, fname: str, names: list, left: list, right: list, labels: tuple, *,
+              colors=None, title: str | None = None, horizontal: bool = True, size=None) -> str:
+    """Two bar panels over the same cases (e.g. speed | memory), saved as ``out/fname``: the shape
+    of most of the report's figures, written once."""
+    import matplotlib.pyplot as plt
+
+    if size is None:
+        size = (12, 0.5 * len(names) + 2) if horizontal else (10, 3.5)
+    fig, axes = plt.subplots(1, 2, figsize=size)
+    for ax, vals, label in zip(axes, (left, right), labels):
+        if horizontal:
+            ax.barh(names, vals, color=colors)
+            ax.set_xlabel(label)
+            ax.invert_yaxis()
+        else:
+            ax.bar(names, vals, color=colors)
+            ax.set_ylabel(label)
+            ax.tick_params(axis="x", labelrotation=20)
+    if horizontal:
+        axes[1].set_yticklabels([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out / fname, dpi=90)
+    plt.close(fig)
+    return fname
+
+
 def plots(results: list[dict], out: Path) -> list[str]:
     import matplotlib
 
@@ -398,22 +426,12 @@ def plots(results: list[dict], out: Path) -> list[str]:
     bars = [r for r in ok if r["case"]["group"] in ("ratio", "attention", "checkpointing", "memory", "smoke", "compile",
                                                    "compile_model")]
     if bars:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(bars) + 2))
         names = [f"{r['case']['group']}: {r['label']} ({r['case']['model'].replace('swinv2_', '')} "
                  f"{r['case']['img_size']}px b{r['case']['batch']})" for r in bars]
         colors = ["tab:gray" if r["case"].get("impl") == "reference" else "tab:blue" for r in bars]
-        axes[0].barh(names, [r.get("images_per_sec") or 0 for r in bars], color=colors)
-        axes[0].set_xlabel("images/s")
-        axes[0].invert_yaxis()
-        axes[1].barh(names, [r.get("peak_mem_gb") or 0 for r in bars], color=colors)
-        axes[1].set_xlabel("peak memory (GiB)")
-        axes[1].invert_yaxis()
-        axes[1].set_yticklabels([])
-        fig.suptitle("gigamim (blue) vs timm reference (gray)")
-        fig.tight_layout()
-        fig.savefig(out / "cases.png", dpi=90)
-        plt.close(fig)
-        made.append("cases.png")
+        made.append(_bar_pair(out, "cases.png", names, [r.get("images_per_sec") or 0 for r in bars],
+                              [r.get("peak_mem_gb") or 0 for r in bars], ("images/s", "peak memory (GiB)"),
+                              colors=colors, title="gigamim (blue) vs timm reference (gray)"))
         fig, ax = plt.subplots(figsize=(10, 0.5 * len(bars) + 2))
         left = [0.0] * len(bars)
         for k, col in zip(("data", "forward", "backward", "optimizer"), ("tab:green", "tab:blue", "tab:orange", "tab:red")):
@@ -462,46 +480,23 @@ def plots(results: list[dict], out: Path) -> list[str]:
         made.append("mfu.png")
     zc = [r for r in results if r["case"]["group"] == "zero_compile" and "error" not in r]
     if zc:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-        axes[0].bar([r["label"] for r in zc], [r["step_time_s"] for r in zc])
-        axes[0].set_ylabel("step time (s), 2 CPU ranks")
-        axes[1].bar([r["label"] for r in zc], [r["collective_calls_per_step"].get("all_gather", 0) for r in zc])
-        axes[1].set_ylabel("all-gather calls per step")
-        for ax in axes:
-            ax.tick_params(axis="x", labelrotation=20)
-        fig.tight_layout()
-        fig.savefig(out / "zero_compile.png", dpi=90)
-        plt.close(fig)
-        made.append("zero_compile.png")
+        made.append(_bar_pair(out, "zero_compile.png", [r["label"] for r in zc], [r["step_time_s"] for r in zc],
+                              [r["collective_calls_per_step"].get("all_gather", 0) for r in zc],
+                              ("step time (s), 2 CPU ranks", "all-gather calls per step"), horizontal=False))
     eng = [r for r in results if r["case"]["group"] == "engines" and "error" not in r]
     if eng:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-        names = [f"{r['case']['model'].replace('swinv2_', '')}: {r['label']}" for r in eng]
-        colors = ["tab:blue" if r["case"]["engine"] == "deepspeed" else "tab:orange" for r in eng]
-        axes[0].barh(names, [r["step_time_s"] for r in eng], color=colors)
-        axes[0].set_xlabel("step time (s), 2 CPU ranks")
-        axes[0].invert_yaxis()
-        rss = [max((r.get("memory") or {}).get("peak_rss_bytes") or [0]) / 2**30 for r in eng]
-        axes[1].barh(names, rss, color=colors)
-        axes[1].set_xlabel("peak RSS per rank (GiB, the larger rank)")
-        axes[1].invert_yaxis()
-        axes[1].set_yticklabels([])
-        fig.suptitle("DeepSpeed ZeRO-3 (blue) vs PyTorch FSDP2 (orange)")
-        fig.tight_layout()
-        fig.savefig(out / "engines.png", dpi=90)
-        plt.close(fig)
-        made.append("engines.png")
+        made.append(_bar_pair(
+            out, "engines.png", [f"{r['case']['model'].replace('swinv2_', '')}: {r['label']}" for r in eng],
+            [r["step_time_s"] for r in eng],
+            [max((r.get("memory") or {}).get("peak_rss_bytes") or [0]) / 2**30 for r in eng],
+            ("step time (s), 2 CPU ranks", "peak RSS per rank (GiB, the larger rank)"),
+            colors=["tab:blue" if r["case"]["engine"] == "deepspeed" else "tab:orange" for r in eng],
+            title="DeepSpeed ZeRO-3 (blue) vs PyTorch FSDP2 (orange)", size=(12, 4)))
     zero = [r for r in results if r["case"]["group"] == "zero" and "error" not in r]
     if zero:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-        axes[0].bar([r["label"] for r in zero], [r["images_per_sec"] for r in zero])
-        axes[0].set_ylabel("images/s (2 ranks)")
-        axes[1].bar([r["label"] for r in zero], [r["peak_mem_gb"] for r in zero])
-        axes[1].set_ylabel("peak memory GB (rank 0)")
-        fig.tight_layout()
-        fig.savefig(out / "zero.png", dpi=90)
-        plt.close(fig)
-        made.append("zero.png")
+        made.append(_bar_pair(out, "zero.png", [r["label"] for r in zero], [r["images_per_sec"] for r in zero],
+                              [r["peak_mem_gb"] for r in zero], ("images/s (2 ranks)", "peak memory GB (rank 0)"),
+                              horizontal=False, size=(9, 3.5)))
     return made
 
 
