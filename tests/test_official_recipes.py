@@ -25,6 +25,10 @@ SWIN_B = {"EMBED_DIM": 128, "DEPTHS": [2, 2, 18, 2], "NUM_HEADS": [4, 8, 16, 32]
 SWIN_L = {"EMBED_DIM": 192, "DEPTHS": [2, 2, 18, 2], "NUM_HEADS": [6, 12, 24, 48]}
 VIT_B = {"EMBED_DIM": 768, "DEPTH": 12, "NUM_HEADS": 12}
 MULTISTEP = {"LR_SCHEDULER": {"NAME": "multistep", "GAMMA": 0.1, "MULTISTEPS": [700]}}
+# The TRAIN values every official 800-epoch pretraining file and every fine-tuning file write alike
+# (each file repeats them; here they are written once)
+PT_800EP = dict(EPOCHS=800, WARMUP_EPOCHS=10, BASE_LR=1e-4, WARMUP_LR=5e-7, WEIGHT_DECAY=0.05, **MULTISTEP)
+FT_100EP = dict(EPOCHS=100, WARMUP_EPOCHS=20, BASE_LR=1.25e-3, WARMUP_LR=2.5e-7, MIN_LR=2.5e-7, WEIGHT_DECAY=0.05)
 
 # stem -> the file's own values (MODEL.TYPE, MODEL.DROP_PATH_RATE, the arch section, DATA.*, TRAIN.*, SIMMIM)
 OFFICIAL = {
@@ -34,46 +38,38 @@ OFFICIAL = {
                                    WEIGHT_DECAY=0.05)),
     "simmim_finetune__swin_base__img192_window6__100ep": dict(
         TYPE="swin", DROP_PATH_RATE=0.1, ARCH={**SWIN_B, "WINDOW_SIZE": 6}, IMG_SIZE=192,
-        TRAIN=dict(EPOCHS=100, WARMUP_EPOCHS=20, BASE_LR=1.25e-3, WARMUP_LR=2.5e-7, MIN_LR=2.5e-7,
-                   WEIGHT_DECAY=0.05, LAYER_DECAY=0.9)),
+        TRAIN=dict(FT_100EP, LAYER_DECAY=0.9)),
     "simmim_finetune__swin_base__img224_window7__100ep": dict(
         TYPE="swin", DROP_PATH_RATE=0.1, ARCH={**SWIN_B, "WINDOW_SIZE": 7}, IMG_SIZE=224,
-        TRAIN=dict(EPOCHS=100, WARMUP_EPOCHS=20, BASE_LR=1.25e-3, WARMUP_LR=2.5e-7, MIN_LR=2.5e-7,
-                   WEIGHT_DECAY=0.05, LAYER_DECAY=0.9)),
+        TRAIN=dict(FT_100EP, LAYER_DECAY=0.9)),
     "simmim_pretrain__swin_base__img192_window6__800ep": dict(
         TYPE="swin", DROP_PATH_RATE=0.0, ARCH={**SWIN_B, "WINDOW_SIZE": 6}, IMG_SIZE=192, MASK_PATCH_SIZE=32,
-        MASK_RATIO=0.6, TRAIN=dict(EPOCHS=800, WARMUP_EPOCHS=10, BASE_LR=1e-4, WARMUP_LR=5e-7, WEIGHT_DECAY=0.05,
-                                   **MULTISTEP)),
+        MASK_RATIO=0.6, TRAIN=PT_800EP),
     "simmim_finetune__swin_base__img224_window7__800ep": dict(
         TYPE="swin", DROP_PATH_RATE=0.1, ARCH={**SWIN_B, "WINDOW_SIZE": 7}, IMG_SIZE=224,
-        TRAIN=dict(EPOCHS=100, WARMUP_EPOCHS=20, BASE_LR=1.25e-3, WARMUP_LR=2.5e-7, MIN_LR=2.5e-7,
-                   WEIGHT_DECAY=0.05, LAYER_DECAY=0.8)),
+        TRAIN=dict(FT_100EP, LAYER_DECAY=0.8)),
     "simmim_pretrain__swin_large__img192_window12__800ep": dict(
         TYPE="swin", DROP_PATH_RATE=0.0, ARCH={**SWIN_L, "WINDOW_SIZE": 12}, IMG_SIZE=192, MASK_PATCH_SIZE=32,
-        MASK_RATIO=0.6, TRAIN=dict(EPOCHS=800, WARMUP_EPOCHS=10, BASE_LR=1e-4, WARMUP_LR=5e-7, WEIGHT_DECAY=0.05,
-                                   **MULTISTEP)),
+        MASK_RATIO=0.6, TRAIN=PT_800EP),
     "simmim_finetune__swin_large__img224_window14__800ep": dict(
         TYPE="swin", DROP_PATH_RATE=0.2, ARCH={**SWIN_L, "WINDOW_SIZE": 14}, IMG_SIZE=224,
-        TRAIN=dict(EPOCHS=100, WARMUP_EPOCHS=20, BASE_LR=1.25e-3, WARMUP_LR=2.5e-7, MIN_LR=2.5e-7,
-                   WEIGHT_DECAY=0.05, LAYER_DECAY=0.7)),
+        TRAIN=dict(FT_100EP, LAYER_DECAY=0.7)),
     "simmim_pretrain__vit_base__img224__800ep": dict(
         TYPE="vit", DROP_PATH_RATE=0.1, ARCH={**VIT_B, "USE_APE": False, "USE_RPB": False, "USE_SHARED_RPB": True,
                                                "USE_MEAN_POOLING": False},
         IMG_SIZE=224, MASK_PATCH_SIZE=32, MASK_RATIO=0.6,
-        TRAIN=dict(EPOCHS=800, WARMUP_EPOCHS=10, BASE_LR=1e-4, WARMUP_LR=5e-7, WEIGHT_DECAY=0.05, **MULTISTEP)),
+        TRAIN=PT_800EP),
     "simmim_finetune__vit_base__img224__800ep": dict(
         TYPE="vit", DROP_PATH_RATE=0.1, ARCH={**VIT_B, "USE_APE": False, "USE_RPB": True, "USE_SHARED_RPB": False,
                                                "USE_MEAN_POOLING": True},
-        IMG_SIZE=224, TRAIN=dict(EPOCHS=100, WARMUP_EPOCHS=20, BASE_LR=1.25e-3, WARMUP_LR=2.5e-7, MIN_LR=2.5e-7,
-                                 WEIGHT_DECAY=0.05, LAYER_DECAY=0.65)),
+        IMG_SIZE=224, TRAIN=dict(FT_100EP, LAYER_DECAY=0.65)),
     "simmim_pretrain__swinv2_base__img192_window12__800ep": dict(
         TYPE="swinv2", DROP_PATH_RATE=0.1, ARCH={**SWIN_B, "WINDOW_SIZE": 12}, IMG_SIZE=192, MASK_PATCH_SIZE=32,
         MASK_RATIO=0.6, NORM_TARGET={"ENABLE": True, "PATCH_SIZE": 47},
-        TRAIN=dict(EPOCHS=800, WARMUP_EPOCHS=10, BASE_LR=1e-4, WARMUP_LR=5e-7, WEIGHT_DECAY=0.05, **MULTISTEP)),
+        TRAIN=PT_800EP),
     "simmim_finetune__swinv2_base__img224_window14__800ep": dict(
         TYPE="swinv2", DROP_PATH_RATE=0.1, ARCH={**SWIN_B, "WINDOW_SIZE": 14, "PRETRAINED_WINDOW_SIZES": [12, 12, 12, 6]},
-        IMG_SIZE=224, TRAIN=dict(EPOCHS=100, WARMUP_EPOCHS=20, BASE_LR=1.25e-3, WARMUP_LR=2.5e-7, MIN_LR=2.5e-7,
-                                 WEIGHT_DECAY=0.05, LAYER_DECAY=0.75)),
+        IMG_SIZE=224, TRAIN=dict(FT_100EP, LAYER_DECAY=0.75)),
 }
 # Which repository's code runs the file (its config.py defaults, its lr_scheduler.py):
 # "simmim" (microsoft/SimMIM: cosine from step 0) or "swint" (Swin-Transformer: WARMUP_PREFIX True).
@@ -193,3 +189,38 @@ def test_recipe_lr_at_every_step_of_a_shortened_run_equals_the_official_schedule
     ours = [lr_at(k, short) for k in range(len(ref))]
     worst = max(abs(a - b) / b for a, b in zip(ours, ref))
     assert worst <= 1e-12, worst
+
+
+# The convenience fine-tune recipes (README / docs commands) -> the official stem whose training values
+# they carry; they differ only in precision / DeepSpeed template `auto`, the weights path, and (SwinV2)
+# taking the pretraining windows from the weights. finetune_vit_base is timm's standard ViT-B/16 on the
+# official ViT-B schedule (the paper's ViT is the official stem's vit_base_patch16_simmim_ft).
+CONVENIENCE = {"finetune_swinv2_base": "simmim_finetune__swinv2_base__img224_window14__800ep",
+               "finetune_swin_base": "simmim_finetune__swin_base__img224_window7__800ep",
+               "finetune_swin_large": "simmim_finetune__swin_large__img224_window14__800ep",
+               "finetune_vit_base": "simmim_finetune__vit_base__img224__800ep"}
+
+
+@pytest.mark.parametrize("name", sorted(CONVENIENCE))
+def test_convenience_finetune_recipe_says_what_its_official_stem_says(name):
+    import dataclasses
+
+    ours, official = _recipe(name), _recipe(CONVENIENCE[name])
+    assert dataclasses.asdict(ours.optim) == dataclasses.asdict(official.optim)
+    for section, skip in (("train", {"precision"}), ("finetune", {"weights"}),
+                          ("model", {"name", "pretrained_window_sizes", "attn_impl"})):
+        a, b = dataclasses.asdict(getattr(ours, section)), dataclasses.asdict(getattr(official, section))
+        assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}, section
+    assert (ours.train.precision, ours.deepspeed.config) == ("auto", "auto")
+    if name == "finetune_vit_base":
+        assert ours.model.name == "vit_base_patch16" and official.model.name == "vit_base_patch16_simmim_ft"
+        import timm
+
+        from gigamim.models import create_model
+
+        with torch.device("meta"):  # timm's standard ViT-B/16: same keys and shapes, absolute positions
+            vit, ref = create_model(ours.model.name, num_classes=1000), timm.create_model("vit_base_patch16_224")
+        assert {k: v.shape for k, v in vit.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+        assert "pos_embed" in vit.state_dict()
+    else:
+        assert ours.model.name == official.model.name
