@@ -341,12 +341,19 @@ class WindowAttention(nn.Module):
         """x: (B*nW, N, C) windows; mask: (nW, N, N) additive shift mask (0 / -inf) or None."""
         bw, n, c = x.shape
         qkv = self.qkv(x, torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias)))
-        # q and k stay strided views of the qkv output: the cosine normalisation reads them
-        # in place and writes its (contiguous) operands for the score GEMM. A contiguous copy of
-        # all three first would be one more pass over 2/3 of the qkv output (in a whole-model
-        # compile, a strided transposing copy plus a second read). Only v goes to a GEMM as is,
-        # so only v is made contiguous (every later reshape of it is then a view).
-        q, k, v = qkv.reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv = qkv.reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        if not torch.compiler.is_compiling():
+            # Eager: one contiguous copy of q, k, v; every later reshape is a view (SDPA's
+            # window-into-head fold, the batched matmuls), and the per-row arithmetic of the
+            # normalisation does not depend on how many windows a call holds (sequential chunks
+            # equal the batched path bit for bit).
+            qkv = qkv.contiguous()
+        # Compiled: q and k stay strided views of the qkv output; the cosine normalisation
+        # reads them in place and writes the score GEMM's operands, which it has to write
+        # anyway. A contiguous copy first is one more transposing pass over the qkv output
+        # in every block (inductor keeps the copy the model asks for). Only v goes to a
+        # GEMM as it is, so only v is made contiguous (a no-op in eager).
+        q, k, v = qkv.unbind(0)
         v = v.contiguous()
         # A non-parameter copy of the temperature: what the (re)computed core may hold on to.
         logit_scale = self.logit_scale.clone()
