@@ -51,6 +51,7 @@ from timm.layers import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from gigamim.kernels import MAX_LOGIT_SCALE, cosine_normalize
+from gigamim.models.linear import linear
 
 ATTN_IMPLS = ("explicit", "sdpa", "flex")
 
@@ -82,6 +83,9 @@ class TruncNormalLinear(nn.Linear):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
 
 class QKVLinear(TruncNormalLinear):
     """The bias-free qkv projection that takes its bias (q, 0 for k, v) as an argument.
@@ -91,7 +95,7 @@ class QKVLinear(TruncNormalLinear):
     leaf blocks) a submodule's weight is gathered only when that submodule itself runs."""
 
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return F.linear(x, self.weight, bias)
+        return linear(x, self.weight, bias)
 
 
 def relative_offsets(window: Tuple[int, int], device=None) -> torch.Tensor:
@@ -164,6 +168,31 @@ def _flex(q, k, v, bias, mask) -> torch.Tensor:
     return _flex_attention(q.device.type)(q, k, v, score_mod=score_mod, scale=1.0)
 
 
+class _AddWindowBias(torch.autograd.Function):
+    """``scores + bias`` for scores (Bw, heads, N, N) and one bias (heads, N, N) shared by every
+    window; the bias gradient (the windows' sum of the score gradient) is one GEMM
+    ``ones(1, Bw) @ grad`` instead of a sum over the window dim.
+
+    Same sum; the shape is for the compiler: a reduction over the leading dim of a gradient
+    that is itself elementwise (softmax backward) is fused by inductor into a second loop that
+    recomputes that gradient from its inputs, reading two (Bw, heads, N, N) tensors with a stride
+    of one window; as a GEMM it reads the gradient that the score GEMMs' backward reads anyway,
+    once and in order."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.bias_shape = bias.shape
+        return scores + bias.unsqueeze(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            flat = grad.reshape(grad.shape[0], -1)
+            grad_bias = torch.mm(flat.new_ones(1, flat.shape[0]), flat).view(ctx.bias_shape)
+        return grad, grad_bias
+
+
 def _attend(q, k, v, logit_scale, bias, mask, impl: str, dropout_p: float) -> torch.Tensor:
     """Cosine attention core for a group of windows; no parameters are touched in here.
 
@@ -202,7 +231,7 @@ def _attend(q, k, v, logit_scale, bias, mask, impl: str, dropout_p: float) -> to
         )
         # (B', nW*heads, N, d) -> (B', nW, N, heads, d) -> (Bw, N, heads*d), any strides.
         return out.unflatten(1, (nw, heads)).transpose(2, 3).reshape(bw, n, heads * d)
-    attn = q @ k.transpose(-2, -1) + bias.unsqueeze(0)
+    attn = _AddWindowBias.apply(q @ k.transpose(-2, -1), bias)
     if mask is not None:
         attn = (attn.view(bw // nw, nw, heads, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(bw, heads, n, n)
     attn = attn.softmax(dim=-1)
@@ -312,9 +341,20 @@ class WindowAttention(nn.Module):
         """x: (B*nW, N, C) windows; mask: (nW, N, N) additive shift mask (0 / -inf) or None."""
         bw, n, c = x.shape
         qkv = self.qkv(x, torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias)))
-        # One contiguous copy of q, k, v: every later reshape is a view (SDPA's window-into-head
-        # fold, the explicit path's batched matmuls) and the qkv output itself is not kept.
-        q, k, v = qkv.reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).contiguous().unbind(0)
+        qkv = qkv.reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        if not torch.compiler.is_compiling():
+            # Eager: one contiguous copy of q, k, v; every later reshape is a view (SDPA's
+            # window-into-head fold, the batched matmuls), and the per-row arithmetic of the
+            # normalisation does not depend on how many windows a call holds (sequential chunks
+            # equal the batched path bit for bit).
+            qkv = qkv.contiguous()
+        # Compiled: q and k stay strided views of the qkv output; the cosine normalisation
+        # reads them in place and writes the score GEMM's operands, which it has to write
+        # anyway. A contiguous copy first is one more transposing pass over the qkv output
+        # in every block (inductor keeps the copy the model asks for). Only v goes to a
+        # GEMM as it is, so only v is made contiguous (a no-op in eager).
+        q, k, v = qkv.unbind(0)
+        v = v.contiguous()
         # A non-parameter copy of the temperature: what the (re)computed core may hold on to.
         logit_scale = self.logit_scale.clone()
         bias = self.position_bias(x.dtype)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from gigamim.models.linear import linear
 
 
 class PatchConv2d(nn.Conv2d):
@@ -57,7 +58,7 @@ class PatchConv2d(nn.Conv2d):
             # (B, C, H/kh, kh, W/kw, kw) -> (B, H/kh, W/kw, C, kh, kw): the weight's (in, kh, kw) order.
             patches = x.reshape(b, c, h // kh, kh, w // kw, kw).permute(0, 2, 4, 1, 3, 5).reshape(
                 b, h // kh, w // kw, c * kh * kw)
-        return F.linear(patches, self.weight.flatten(1), self.bias)
+        return linear(patches, self.weight.flatten(1), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_nhwc(x).permute(0, 3, 1, 2)

@@ -1,0 +1,27 @@
+"""``linear``: a Linear layer's ``x @ weight.T + bias``, shaped for whole-model ``torch.compile``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; inside a compiled graph, the GEMM without the bias and the
+    bias added after it (the same sum: the GEMM's result plus the bias, rounded once).
+
+    Why: on CPU inductor runs a biased linear as ``addmm``, which first copies the broadcast
+    bias into the output buffer and then has the GEMM read it back (beta=1): two passes over
+    the output that do nothing else. Added after the GEMM of a 3-d or 4-d input (there is a
+    view between the ``mm`` and the add, so inductor's mm + add -> addmm pattern does not
+    match; a 2-d input, the small CPB MLP, is fused back into addmm), the bias is fused into
+    the elementwise kernel that reads the GEMM output next (GELU, the res-post-norm, the
+    cosine normalisation; the bias gradient is the same sum). Eager keeps the GEMM's own bias
+    (one kernel; on GPUs a fused epilogue). The bias is cast to the GEMM's dtype as
+    ``F.linear`` does under autocast (an fp32 bias would promote a bf16 output to fp32)."""
+    if bias is None or not torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    out = F.linear(x, weight)
+    return out + bias.to(out.dtype)
