@@ -51,7 +51,7 @@ from timm.layers import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from gigamim.kernels import MAX_LOGIT_SCALE, cosine_normalize
-from gigamim.models.linear import linear
+from gigamim.models.linear import compiling_for_cpu, linear
 
 ATTN_IMPLS = ("explicit", "sdpa", "flex")
 
@@ -342,14 +342,15 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         qkv = self.qkv(x, torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias)))
         qkv = qkv.reshape(bw, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        if not torch.compiler.is_compiling():
-            # Eager: one contiguous copy of q, k, v; every later reshape is a view (SDPA's
-            # window-into-head fold, the batched matmuls), and the per-row arithmetic of the
+        if not compiling_for_cpu(x):
+            # Eager (and CUDA graphs, as the GPU run measured them): one contiguous copy of q,
+            # k, v; every later reshape is a view (SDPA's window-into-head fold, the batched
+            # matmuls), and the per-row arithmetic of the
             # normalisation does not depend on how many windows a call holds (sequential chunks
             # equal the batched path bit for bit).
             qkv = qkv.contiguous()
-        # Compiled: q and k stay strided views of the qkv output; the cosine normalisation
-        # reads them in place and writes the score GEMM's operands, which it has to write
+        # Compiled for the CPU: q and k stay strided views of the qkv output; the cosine
+        # normalisation reads them in place and writes the score GEMM's operands, which it has to write
         # anyway. A contiguous copy first is one more transposing pass over the qkv output
         # in every block (inductor keeps the copy the model asks for). Only v goes to a
         # GEMM as it is, so only v is made contiguous (a no-op in eager).

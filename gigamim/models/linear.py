@@ -8,6 +8,13 @@ import torch
 import torch.nn.functional as F
 
 
+def compiling_for_cpu(x: torch.Tensor) -> bool:
+    """Whether ``x`` is being traced into a compiled graph for the CPU (inductor's C++ backend):
+    the graphs whose shape the model adapts (here and in the attention's q/k copy), measured on
+    CPU only."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu"
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; inside a compiled graph, the GEMM without the bias and the
     bias added after it (the same sum: the GEMM's result plus the bias, rounded once).
@@ -20,8 +27,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     the elementwise kernel that reads the GEMM output next (GELU, the res-post-norm, the
     cosine normalisation; the bias gradient is the same sum). Eager keeps the GEMM's own bias
     (one kernel; on GPUs a fused epilogue). The bias is cast to the GEMM's dtype as
-    ``F.linear`` does under autocast (an fp32 bias would promote a bf16 output to fp32)."""
-    if bias is None or not torch.compiler.is_compiling():
+    ``F.linear`` does under autocast (an fp32 bias would promote a bf16 output to fp32).
+    Only for CPU graphs: that is where it was measured (cpu_compile_whole_2026-12-04_v2); on
+    CUDA, addmm's bias is cuBLASLt's epilogue, and the GPU path stays as the GPU run measured it."""
+    if bias is None or not compiling_for_cpu(x):
         return F.linear(x, weight, bias)
     out = F.linear(x, weight)
     return out + bias.to(out.dtype)
