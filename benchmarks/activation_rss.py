@@ -93,9 +93,9 @@ def measure(model: str, batch: int, setting: str = "ckpt", img: int = 192, windo
 
 
 def planner(model: str, batch: int, setting: str, img: int, window: int | None) -> dict:
-    from gigamim.tools import plan
+    from gigamim.tools.memory import activation_bytes
 
-    a = plan.activation_bytes(model, img, window_size=window, batch=batch, dtype_bytes=4, attn="explicit",
+    a = activation_bytes(model, img, window_size=window, batch=batch, dtype_bytes=4, attn="explicit",
                               checkpointing=setting == "ckpt")
     return {"total_mib": a["total"] / MiB, "per_image_mib": a["per_image"] / MiB, "fixed_mib": a["fixed"] / MiB}
 

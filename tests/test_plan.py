@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from gigamim.tools import plan
+from gigamim.tools import memory, plan
+from gigamim.tools.model_facts import model_facts
 from gigamim.models import SimMIM, create_model
 from gigamim_benchmarks.memory import SavedTensorBytes, profiled_peak_bytes
 
@@ -28,7 +29,7 @@ def test_activation_bytes_match_saved_tensors(name, size, window, batch):
     mask = torch.rand(batch, size // 4, size // 4) > 0.4
     with SavedTensorBytes(model) as saved:
         model(x, mask)
-    predicted = plan.activation_bytes(name, size, window_size=window, batch=batch, dtype_bytes=4, attn="explicit")
+    predicted = memory.activation_bytes(name, size, window_size=window, batch=batch, dtype_bytes=4, attn="explicit")
     assert predicted["saved"] == pytest.approx(saved.total, rel=0.05)
 
 
@@ -49,7 +50,7 @@ def test_checkpointed_sequential_peak_matches_allocator_high_water():
 
     model.zero_grad(set_to_none=True)
     measured = profiled_peak_bytes(step)  # activations + gradients (allocated during backward)
-    act = plan.activation_bytes(name, size, window_size=window, batch=batch, dtype_bytes=4, attn="sequential",
+    act = memory.activation_bytes(name, size, window_size=window, batch=batch, dtype_bytes=4, attn="sequential",
                                 checkpointing=True, attn_chunk=8)
     grads = 4 * sum(p.numel() for p in model.parameters())
     assert act["total"] + grads == pytest.approx(measured, rel=0.15)
@@ -59,12 +60,12 @@ def test_zero_model_states_match_zero_paper():
     # ZeRO paper, Figure 1: 7.5B parameters, 64 GPUs, K=12 -> 120 GB baseline,
     # 31.4 GB (P_os), 16.6 GB (P_os+g), 1.9 GB (P_os+g+p), decimal GB.
     psi, n = 7.5e9, 64
-    gb = {s: plan.model_state_bytes(psi, n, s, False)["gpu"]["total"] / 1e9 for s in (0, 1, 2, 3)}
+    gb = {s: memory.model_state_bytes(psi, n, s, False)["gpu"]["total"] / 1e9 for s in (0, 1, 2, 3)}
     assert gb[0] == pytest.approx(120, abs=0.05)
     assert gb[1] == pytest.approx(31.4, abs=0.05)
     assert gb[2] == pytest.approx(16.6, abs=0.05)
     assert gb[3] == pytest.approx(1.9, abs=0.05)
-    off = plan.model_state_bytes(psi, n, 2, True)
+    off = memory.model_state_bytes(psi, n, 2, True)
     assert off["gpu"]["total"] == pytest.approx(2 * psi)  # bf16 weights stay; grads + optimizer on the host
     assert off["host_per_gpu"] == pytest.approx(14 * psi / n)
 
@@ -72,7 +73,7 @@ def test_zero_model_states_match_zero_paper():
 def test_parameter_count_matches_timm():
     # DESIGN.md: timm's encoder-only count for T; SimMIM adds the mask token and the 1x1 decoder.
     expected = 27_578_154 + 96 + (768 * 32 * 32 * 3 + 32 * 32 * 3)
-    assert plan.count_parameters("swinv2_tiny") == expected
+    assert model_facts("swinv2_tiny").params == expected
 
 
 def test_plan_cli(capsys):
@@ -137,7 +138,7 @@ TINY_SIMMIM = 27_578_154 + 96 + (768 * 32 * 32 * 3 + 32 * 32 * 3)  # timm encode
 @pytest.mark.parametrize("stage,acc", [(1, 1), (1, 4), (2, 4), (3, 1), (3, 3)])
 def test_zero_bytes_per_step_match_arithmetic(stage, acc):
     # Independent arithmetic from the parameter count: what DeepSpeed moves per optimizer step.
-    facts = step_model.model_facts("swinv2_tiny")
+    facts = model_facts("swinv2_tiny")
     assert facts.params == TINY_SIMMIM
     knobs = ZeroKnobs(max_live=1e7, persistence_threshold=0)
     prec = Precision(param_bytes=2, grad_bytes=2)
@@ -163,7 +164,7 @@ def test_zero_bytes_per_step_match_arithmetic(stage, acc):
 
 
 def test_zero3_persistent_params_and_checkpointing_gathers():
-    facts = step_model.model_facts("swinv2_tiny")
+    facts = model_facts("swinv2_tiny")
     prec = Precision()
     small = sum(n for n in (p.numel() for p in SimMIM(create_model("swinv2_tiny")).parameters()) if n < 1e5)
     # Parameters below the persistence threshold are never gathered; max_live above P keeps all.
@@ -184,7 +185,7 @@ def test_zero3_persistent_params_and_checkpointing_gathers():
 
 
 def test_zeropp_factors_and_hpz_scope():
-    facts = step_model.model_facts("swinv2_tiny")
+    facts = model_facts("swinv2_tiny")
     knobs, prec = ZeroKnobs(max_live=0, persistence_threshold=0), Precision()
     P = TINY_SIMMIM
     base = step_model.comm_plan(facts, Candidate(3, 4, 1), 64, 8, knobs, prec)
@@ -220,7 +221,7 @@ def test_collective_time_is_ring_busbw_plus_latency():
 def test_train_flops_count_recompute_of_checkpointed_blocks():
     from gigamim.models.flops import forward_flops
 
-    facts = step_model.model_facts("swinv2_tiny")
+    facts = model_facts("swinv2_tiny")
     model = SimMIM(create_model("swinv2_tiny"))
     mb = 8
     f = forward_flops(model, 192, batch_size=mb)
@@ -253,7 +254,7 @@ def test_plan_giant_64_gpus_table_and_json_agree(capsys):
     # images/s and MFU follow from the step time: independent arithmetic.
     images = best["micro_batch"] * best["accumulation"] * 64
     assert best["images_per_s"] == pytest.approx(images / best["step_s"])
-    f = step_model.model_facts("swinv2_giant").forward_flops
+    f = model_facts("swinv2_giant").forward_flops
     assert best["mfu"] == pytest.approx(3 * f * images / best["step_s"] / (64 * 989e12))
     assert all(r["images_per_s"] <= data["candidates"][0]["images_per_s"] for r in data["candidates"])
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, replace
 
-from gigamim.tools.step_model import Candidate, Costs, Precision, ZeroKnobs, model_facts, step_time
+from gigamim.tools.model_facts import model_facts
+from gigamim.tools.step_model import Candidate, Costs, Precision, ZeroKnobs, step_time
 
 GiB = 2**30
 
@@ -62,8 +63,13 @@ def enumerate_candidates(name: str, gpus: int, gpus_per_node: int, gpu_mem_gb: f
         if key not in act_cache:
             kw = dict(window_size=window_size, attn="fused", ckpt_every=ckpt_every, sequential_stages=seq,
                       attn_chunk=attn_chunk)
-            act_cache[key] = activation_per_image(name, facts.img_size, **kw)  # per image, fixed
+            act_cache[key] = activation_per_image(name, img_size, **kw)  # per image, fixed
         return act_cache[key]
+
+    # What the family's models can run (`ModelCount`): checkpointing every k-th block for these
+    # k, sequential attention (stage 0) only where the family has it.
+    ckpt_options = (0,) + tuple(facts.count.checkpoint_every)
+    seq_options = ((), (0,)) if "sequential" in facts.count.attention_modes else ((),)
 
     rows = []
     for stage in (1, 2, 3):
@@ -76,8 +82,8 @@ def enumerate_candidates(name: str, gpus: int, gpus_per_node: int, gpu_mem_gb: f
                     continue
                 states = model_state_bytes(P, gpus, stage, offload, 0)["gpu"]["total"]
                 states += buffer_bytes(stage, P, small, knobs, prec, hpz, gpus_per_node)
-                for ckpt_every in (0, 2, 1):
-                    for seq in ((), (0,)):
+                for ckpt_every in ckpt_options:
+                    for seq in seq_options:
                         per_img, fixed = act(ckpt_every, seq)
                         room = budget - states - fixed
                         mb_fit = int(min(max_micro_batch, room // per_img)) if room > 0 else 0
@@ -112,22 +118,22 @@ def enumerate_candidates(name: str, gpus: int, gpus_per_node: int, gpu_mem_gb: f
                             + (1 if seq else 0) + (1 if ckpt_every else 0),
                         })
     rows += _fsdp2_rows(facts, gpus, gpus_per_node, budget, device, net, knobs, prec, costs, act, per_gpu,
-                        micro_batch, max_micro_batch)
+                        micro_batch, max_micro_batch, ckpt_options, seq_options)
     rows.sort(key=lambda r: -r["images_per_s"])
     return rows
 
 
 def _fsdp2_rows(facts, gpus, gpus_per_node, budget, device, net, knobs, prec, costs, act, per_gpu, micro_batch,
-                max_micro_batch) -> list:
+                max_micro_batch, ckpt_options, seq_options) -> list:
     from gigamim.tools.memory import FSDP2_STATE_BYTES, fsdp2_buffer_bytes, model_state_bytes
 
     P = facts.params
-    root, block = P - sum(facts.block_params), max(facts.block_params)
+    root, block = facts.root_params, facts.largest_block_params
     states = model_state_bytes(P, gpus, 3, False, 0, state_bytes=FSDP2_STATE_BYTES)["gpu"]["total"]
     rows = []
     for reshard in (True, False):
-        for ckpt_every in (0, 2, 1):
-            for seq in ((), (0,)):
+        for ckpt_every in ckpt_options:
+            for seq in seq_options:
                 per_img, fixed = act(ckpt_every, seq)
 
                 def fit(accumulation):
