@@ -17,20 +17,48 @@ from gigamim_benchmarks.memory import SavedTensorBytes, profiled_peak_bytes
 GiB = 2**30
 
 
-@pytest.mark.parametrize("name,size,window,batch", [
-    ("swinv2_nano", 96, 6, 2),
-    ("swinv2_nano", 192, 6, 1),
-    ("swinv2_tiny", 96, 6, 1),
+@pytest.mark.parametrize("name,size,window,batch,attn", [
+    ("swinv2_nano", 96, 6, 2, "explicit"),
+    ("swinv2_nano", 192, 6, 1, "explicit"),
+    ("swinv2_tiny", 96, 6, 1, "explicit"),
+    # Other families, counted by their specs, in the attention mode their CPU path runs: timm's
+    # ViT SDPA's flash kernel (no mask), Swin V1 and the official SimMIM ViT SDPA's math kernel
+    # (their position-bias mask requires grad). Batch 2: at batch 1 a (1, heads, N, D) view of
+    # the qkv output needs no copy, so the math kernel keeps the whole qkv output instead.
+    ("vit_small_patch16", 224, None, 2, "fused"),
+    ("vit_nano_patch16_simmim", 64, None, 2, "explicit"),
+    ("swin_tiny", 96, None, 2, "explicit"),
 ])
-def test_activation_bytes_match_saved_tensors(name, size, window, batch):
+def test_activation_bytes_match_saved_tensors(name, size, window, batch, attn):
+    from gigamim.models.build import build_simmim
+
     torch.manual_seed(0)
-    model = SimMIM(create_model(name, img_size=size, window_size=window, drop_path_rate=0.0, attn_impl="explicit"))
+    model = build_simmim({"name": name, "img_size": size, "window_size": window, "drop_path_rate": 0.0}).train()
+    side = size // model.encoder.patch_size
     x = torch.randn(batch, 3, size, size)
-    mask = torch.rand(batch, size // 4, size // 4) > 0.4
+    mask = torch.rand(batch, side, side) > 0.4
     with SavedTensorBytes(model) as saved:
         model(x, mask)
-    predicted = memory.activation_bytes(name, size, window_size=window, batch=batch, dtype_bytes=4, attn="explicit")
+    predicted = memory.activation_bytes(name, size, window_size=window, batch=batch, dtype_bytes=4, attn=attn)
     assert predicted["saved"] == pytest.approx(saved.total, rel=0.05)
+
+
+@pytest.mark.parametrize("name,size", [("vit_base_patch16", 224), ("vit_base_patch16_simmim", 224),
+                                       ("swin_large", 192), ("swinv2_tiny", 192)])
+def test_forward_flops_match_torch_flop_counter(name, size):
+    # torch's own FlopCounterMode over a meta-device SimMIM forward (batch 2) is the reference:
+    # the planner's per-image FLOPs + its once-per-forward FLOPs (SwinV2's CPB MLP) / 2.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gigamim.models.build import build_simmim
+
+    with torch.device("meta"):
+        model = build_simmim({"name": name, "img_size": size})
+        side = size // model.encoder.patch_size
+        with FlopCounterMode(display=False) as counter:
+            model.reconstruct(torch.empty(2, 3, size, size), torch.zeros(2, side, side, dtype=torch.bool))
+    facts = model_facts(name, size)
+    assert facts.forward_flops + facts.cpb_flops / 2 == pytest.approx(counter.get_total_flops() / 2, rel=1e-6)
 
 
 def test_checkpointed_sequential_peak_matches_allocator_high_water():
@@ -106,7 +134,42 @@ def test_plan_giant():
     assert all(r["global_batch"] == 64 * r["max_micro_batch"] for r in p["rows"])
 
 
+def _timm_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_plan_vit_b_and_swin_l_through_their_specs(capsys):
+    """`gigamim plan` for ViT-B/16 SimMIM on 16 GPUs and a Swin-L: parameters against timm's own
+    models (+ the mask token and SimMIM's 1x1 decoder), rows only for the attention modes each
+    family runs (timm's ViT: SDPA's fused kernel; Swin V1: the math kernel on CPU and the fused
+    one on GPU; no sequential attention), checkpointing of every block only (timm's checkpoint_seq)."""
+    import timm
+    from timm.models.swin_transformer import SwinTransformer
+
+    with torch.device("meta"):
+        vit = _timm_params(timm.create_model("vit_base_patch16_224", num_classes=0))
+        swin = _timm_params(SwinTransformer(img_size=192, window_size=12, embed_dim=192, depths=(2, 2, 18, 2),
+                                            num_heads=(6, 12, 24, 48), num_classes=0))
+    # (name, timm's encoder, mask token width (the embedding's), decoder input width, stride, modes)
+    for name, enc, e, c, stride, modes in (("vit_base_patch16", vit, 768, 768, 16, ["fused"]),
+                                           ("swin_large", swin, 192, 1536, 32, ["explicit", "fused"])):
+        argv = ["--model", name, "--gpus", "16", "--gpu-mem", "80"]
+        assert plan.main(argv) == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"{name} @ ") and "recommended:" in text and "sequential" not in text
+        assert plan.main(argv + ["--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["params"] == enc + e + c * stride * stride * 3 + stride * stride * 3
+        assert sorted(data["activations_per_image"]) == sorted(modes + [m + "+ckpt" for m in modes])
+        assert {r["ckpt_every"] for r in data["candidates"]} == {0, 1}
+        assert data["recommended"]["mem_gb"] <= data["budget_gb"]
+    assert plan.main(["--model", "vit_base_patch16_simmim", "--gpus", "16", "--memory-only"]) == 0
+    assert "suggested:" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,msg", [
+    (["--model", "vit_base_patch16", "--window-size", "7"], "vit_base_patch16 (vit) takes no 'window_size'"),
+    (["--model", "vit_base_patch16", "--img-size", "200"], "img_size=200 must be divisible by patch_size=16"),
     (["--gpus", "0"], "--gpus"),
     (["--model", "swinv2_enormous"], "unknown model"),
     (["--img-size", "200"], "img_size"),
