@@ -1,26 +1,34 @@
-"""`gigamim plan`'s activation memory with checkpointing against a real CPU run's peak RSS.
+"""`gigamim plan`'s memory against a real CPU run's peak RSS, for any model family.
 
     python -m gigamim_benchmarks.activation_rss --out benchmarks/results/activation_rss_<date>
     python -m gigamim_benchmarks.activation_rss --model swinv2_tiny --batches 8 16 --setting ckpt
+    python -m gigamim_benchmarks.activation_rss --model vit_small_patch16 swin_tiny --batches 4 8 --setting plain ckpt
 
 The planner's per-image figures were checked against fake-CUDA / meta-device tracking
 (`activation_memory.py`); this is the independent check on real memory: a SimMIM forward +
-backward of real tensors on the CPU, fp32 (the planner at 4 bytes per element), every block
-checkpointed, explicit attention (the CPU path), measured as the process's resident set.
+backward of real tensors on the CPU, fp32 (the planner at 4 bytes per element), plain or every
+block checkpointed, in the attention path the family runs on CPU (`cpu_attention`), measured as
+the process's resident set.
 
 Each micro-batch size runs in a fresh process with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc serves
 every allocation above 64 KiB with mmap and returns it on free, so the resident set follows the
-live tensors) and one BLAS thread. In it: the model is built, one warm-up step at micro-batch 1
-allocates the gradients and every lazily built table (index tables, masks, BLAS/oneDNN state);
-the gradients are zeroed in place (kept: they are model states, like the parameters); then the
-resident set is read (``VmRSS``: the baseline, model states included), the peak is reset
-(``/proc/self/clear_refs`` 5 resets ``VmHWM``), the batch is made and one forward + backward
-runs; measured = ``VmHWM`` - baseline: the input batch, what autograd saves, the recompute of
-one checkpointed block and the gradients in flight, and whatever the kernels allocate on top.
-Per image = measured / micro-batch at each size, and the slope between the two sizes (the
-per-micro-batch constants drop out). Ratio = planner / measured, the planner being
-`plan.activation_bytes(..., dtype_bytes=4)` ``total`` at the same size (its ``per_image`` for
-the slope).
+live tensors) and one BLAS thread. In it: the resident set is read before the model is built
+(torch and gigamim imported); the model is built as the trainer builds it, one warm-up step at
+micro-batch 1 allocates the gradients and every lazily built table (index tables, masks,
+BLAS/oneDNN state), one AdamW step its m and v; the gradients are zeroed in place (kept: they
+are model states, like the parameters); then the resident set is read (``VmRSS``: the baseline,
+model states included), the peak is reset (``/proc/self/clear_refs`` 5 resets ``VmHWM``), the
+batch is made and one forward + backward runs.
+
+Two comparisons. Activations: measured = ``VmHWM`` - baseline (the input batch, what autograd
+saves, the recompute of one checkpointed block and the gradients in flight, whatever the kernels
+allocate on top) against `memory.activation_bytes(..., dtype_bytes=4)` ``total`` at the same size;
+per image = measured / micro-batch, and the slope between the two sizes (the per-micro-batch
+constants drop out) against its ``per_image``. The rank's peak: measured = ``VmHWM`` - the
+resident set before the build (model states, activations, and the libraries' lazily allocated
+state) against the planner's fp32 model states for one rank (`memory.model_state_bytes` with
+`FP32_STATE_BYTES`: weights, gradients, AdamW m and v, 16 bytes per parameter) + the activations.
+Ratio = planner / measured.
 """
 
 from __future__ import annotations
@@ -165,12 +173,12 @@ def markdown(res: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gigamim_benchmarks.activation_rss", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="swinv2_tiny")
+    p.add_argument("--model", nargs="+", default=["swinv2_tiny"], help="one or more variants, any family")
     p.add_argument("--batches", type=int, nargs="+", default=[8, 16])
-    p.add_argument("--setting", choices=sorted(SETTINGS), default="ckpt")
-    p.add_argument("--img-size", type=int, default=192)
+    p.add_argument("--setting", nargs="+", choices=sorted(SETTINGS), default=["ckpt"])
+    p.add_argument("--img-size", type=int, default=None, help="default: each variant's own")
     p.add_argument("--window-size", type=int, default=None)
-    p.add_argument("--out", help="folder for results.json and README-ready table.md")
+    p.add_argument("--out", help="folder for results.json (every case) and README-ready table.md")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -178,21 +186,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.model, args.img_size, args.window_size, args.batches[0], args.setting)))
+        print(json.dumps(child(args.model[0], args.img_size, args.window_size, args.batches[0], args.setting[0])))
         return 0
+    from gigamim.tools.model_facts import model_facts
+
     from .common import machine_info, versions
 
-    res = compare(args.model, args.batches, args.setting, args.img_size, args.window_size)
-    table = markdown(res)
-    print(table)
+    cases, tables = [], []
+    for model in args.model:
+        img = args.img_size or model_facts(model, None, args.window_size).img_size
+        for setting in args.setting:
+            res = compare(model, args.batches, setting, img, args.window_size)
+            cases.append(res)
+            tables.append(markdown(res))
+            print(tables[-1] + "\n", flush=True)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         argv = list(argv if argv is not None else sys.argv[1:])
-        res.update(machine=machine_info(), versions=versions(),
-                   command=" ".join(["python", "-m", "gigamim_benchmarks.activation_rss", *argv]))
-        (out / "results.json").write_text(json.dumps(res, indent=1) + "\n")
-        (out / "table.md").write_text(table + "\n")
+        doc = {"cases": cases, "machine": machine_info(), "versions": versions(),
+               "command": " ".join(["python", "-m", "gigamim_benchmarks.activation_rss", *argv])}
+        (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+        (out / "table.md").write_text("\n\n".join(tables) + "\n")
     return 0
 
 
