@@ -2,16 +2,18 @@
 sequential-attention combination at the largest micro-batch that fits, with its memory and
 its predicted step time (`step_model`), ranked by images/s.
 
-Memory per GPU (bf16 training on GPUs): model states as `plan.model_state_bytes` (ZeRO
+Memory per GPU (bf16 training on GPUs): model states as `memory.model_state_bytes` (ZeRO
 paper, K=12), plus DeepSpeed's buffers: stage 1/2 the gradient bucket (`reduce_bucket_size`
 elements, twice with overlap_comm) and the all-gather bucket; stage 3 the parameters kept
 gathered (up to `stage3_max_live_parameters`, measured on CPU: DeepSpeed really keeps that
 many from forward into backward) and the reduce bucket; hpZ its secondary partition
-(2 bytes x P / gpus_per_node); plus activations from `plan.activation_per_image` with SDPA
-('fused') attention: per image x micro-batch + once per micro-batch.
+(2 bytes x P / gpus_per_node); plus activations from `memory.activation_per_image` with SDPA
+('fused') attention: per image x micro-batch + once per micro-batch. Only what the model's
+family runs is enumerated (its `ModelCount`: which k of "checkpoint every k-th block",
+whether it has sequential attention).
 
 PyTorch FSDP2 (`train.engine: fsdp2`, with and without `fsdp.reshard_after_forward`): its
-sharded fp32 states (16 bytes per parameter / GPUs) plus `plan.fsdp2_buffer_bytes` (the
+sharded fp32 states (16 bytes per parameter / GPUs) plus `memory.fsdp2_buffer_bytes` (the
 gathered bf16 units in flight, the gradients being reduce-scattered, and with accumulation
 the unsharded gradients of the whole model), the same activations; its step time from
 `step_model` (engine "fsdp2"). It counts one step of complexity more than a DeepSpeed plan

@@ -1,13 +1,16 @@
 """`gigamim plan`: what fits on a GPU, before a job is queued.
 
     gigamim plan --model swinv2_giant --gpus 64 --gpu-mem 80 [--img-size 192] [--micro-batch N]
+    gigamim plan --model vit_base_patch16 --gpus 16        (any registered family)
 
 Per GPU: model-state memory for ZeRO 1/2/3 with and without offload, activation memory per
 image with and without checkpointing / sequential attention, the largest micro-batch that
 fits under a safety margin, and the resulting global batch. All of it is arithmetic on the
 architecture, no model is run (parameters are counted on the meta device).
 
-The memory model is `gigamim.tools.memory`; the step-time model `gigamim.tools.step_model`.
+What the model is (parameters, its blocks as its family counts them) is
+`gigamim.tools.model_facts`, from one meta build; the memory model is `gigamim.tools.memory`;
+the step-time model `gigamim.tools.step_model`. Nothing here knows a model family.
 """
 
 from __future__ import annotations
