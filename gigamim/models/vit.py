@@ -112,6 +112,7 @@ class ViTSpec(FamilySpec):
     timm_family = "vit"
     no_decay_keywords = ("pos_embed", "cls_token", "mask_token")
     probe_unit = "blocks"
+    attention_modes = ("fused",)  # for the planner: timm's SDPA without a mask (flash, GPU and CPU)
 
     def check_args(self, args) -> None:
         patch = int(args.get("patch_size", 16))
@@ -178,8 +179,6 @@ class ViTSpec(FamilySpec):
         return ModelCount(size, blocks, stem=Saved(3 * size * size + 2 * patches), head=simmim_head(tokens, dim, size),
                           forward_flops=float(flops + decoder_flops(model, size)),
                           attention_modes=self.attention_modes)
-
-    attention_modes = ("fused",)
 
     def _block_count(self, blk, tokens: int, dim: int):
         from gigamim.models.counting import GlobalBlockCount
