@@ -179,15 +179,21 @@ def measure_forward(name: str, setting: str, batch: int) -> dict:
     return out
 
 
-def largest_block(name: str):
-    """(stage, block index) of the first two blocks of the stage whose per-image saved set the
-    planner counts largest (both: the shifted one also keeps its mask)."""
-    from gigamim.tools import plan
+def _largest_block(name: str, attn: str = "explicit"):
+    """(stage, the planner's bytes) for `measure_block`: the stage whose blocks' per-image saved
+    set the planner counts largest (explicit attention), and the larger count of its first two
+    blocks in mode `attn` (the shifted one also keeps its mask)."""
+    from gigamim.tools.model_facts import model_facts
 
-    cfg, stages = plan.geometry(_model_name(name), IMG)
-    mlp = cfg.get("mlp_ratio", 4.0)
-    sizes = [sum(plan.block_saved_elements(st, mlp, "explicit", False).values()) for st in stages]
-    return max(range(len(stages)), key=lambda i: sizes[i])
+    count = model_facts(_model_name(name), IMG).count
+    stage = max(count.blocks, key=lambda b: b.saved("explicit").bytes(2)).stage
+    first_two = [b for b in count.blocks if b.stage == stage][:2]
+    return stage, max(b.saved(attn).bytes(2) for b in first_two)
+
+
+def largest_block(name: str):
+    """The stage of the block whose per-image saved set the planner counts largest."""
+    return _largest_block(name)[0]
 
 
 def measure_block(name: str, setting: str, batch: int) -> dict:
@@ -239,19 +245,14 @@ def planner(name: str, setting: str, batches) -> dict:
     """The planner's side at the same batch sizes: saved and total per image (slopes), its block
     count for the measured block, and `gigamim plan`'s printed per-image figure."""
     from gigamim.tools import plan
+    from gigamim.tools.memory import activation_bytes
 
     attn, ckpt, _ = SETTINGS[setting]
     full = _model_name(name)
-    a = [plan.activation_bytes(full, IMG, batch=b, attn=attn, checkpointing=ckpt, attn_chunk=CHUNK)
+    a = [activation_bytes(full, IMG, batch=b, attn=attn, checkpointing=ckpt, attn_chunk=CHUNK)
          for b in batches]
     db = batches[1] - batches[0]
-    cfg, stages = plan.geometry(full, IMG)
-    st = stages[largest_block(name)]
-    mlp = cfg.get("mlp_ratio", 4.0)
-    block = 0
-    for shifted in (False, True):
-        e = plan.block_saved_elements(st, mlp, attn, shifted and st.shift > 0)
-        block = max(block, (e["tensors"] + e["scores"]) * 2 + e["stats"] * 4)
+    block = _largest_block(name, attn)[1]
     key = f"{attn}{'+ckpt' if ckpt else ''}"
     plan_figure = plan.make_plan(full, 8, 80.0, IMG)["activations_per_image"][key]["per_image_gb"] * 2**30
     return {"saved": (a[1]["saved"] - a[0]["saved"]) / db, "total": (a[1]["total"] - a[0]["total"]) / db,

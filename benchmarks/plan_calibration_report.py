@@ -44,7 +44,8 @@ def predict(run: dict, inputs: dict, img_size: int, window: int, zero_passes=(0.
             fsdp_passes: float = 0.0) -> dict:
     from dataclasses import replace
 
-    from gigamim.tools.step_model import Candidate, ZeroKnobs, model_facts, step_time
+    from gigamim.tools.model_facts import model_facts
+    from gigamim.tools.step_model import Candidate, ZeroKnobs, step_time
 
     case = run["case"]
     device, net, costs, prec = calibration_inputs(inputs, zero_passes)
@@ -68,7 +69,7 @@ def fit_zero_passes(raw: dict, model: str = "swinv2_tiny") -> tuple:
     """Passes per micro-step (over P x 4 bytes at the first-touch bandwidth) that close the gap
     between the first-principles prediction and the measurement, per ZeRO stage, from the
     `model` runs WITHOUT checkpointing only; every other run is predicted with them."""
-    from gigamim.tools.step_model import model_facts
+    from gigamim.tools.model_facts import model_facts
 
     meta, inputs = raw["meta"], raw["inputs"]
     passes = [0.0, 0.0, 0.0, 0.0]
@@ -93,7 +94,7 @@ def fit_fsdp_passes(raw: dict, model: str = "swinv2_tiny") -> float:
     """FSDP2's copies around its collectives, passes per micro-step over P x 4 bytes at the
     first-touch bandwidth, from the ONE `model` FSDP2 run with reshard_after_forward and
     without checkpointing; every other FSDP2 run is predicted with it."""
-    from gigamim.tools.step_model import model_facts
+    from gigamim.tools.model_facts import model_facts
 
     meta, inputs = raw["meta"], raw["inputs"]
     fresh = inputs.get("fresh_gbps", inputs["mem_gbps"]) * 1e9

@@ -21,7 +21,7 @@ from pathlib import Path
 
 def _plan_check(res: dict) -> dict | None:
     """`gigamim plan`'s prediction of this case's peak (CPU fp32 cases), and its error."""
-    from gigamim.tools.plan import FP32_STATE_BYTES, activation_bytes, model_state_bytes
+    from gigamim.tools.memory import FP32_STATE_BYTES, activation_bytes, model_state_bytes
 
     c = res["case"]
     if c.get("impl") != "gigamim" or c.get("precision") != "fp32" or not res.get("peak_mem_bytes"):

@@ -29,7 +29,7 @@ def toy():
     return toy_family
 
 
-def test_toy_family_trains_groups_probes_and_exports_through_the_spec(toy, tmp_path):
+def test_toy_family_trains_groups_probes_plans_and_exports_through_the_spec(toy, tmp_path, capsys):
     import dataclasses
 
     from gigamim.checkpoint import safetensors_io
@@ -89,6 +89,30 @@ def test_toy_family_trains_groups_probes_and_exports_through_the_spec(toy, tmp_p
         assert stage_features(enc, images).shape == (2, 32)
     with pytest.raises(ValueError, match=r"out of range for this encoder \(2 stages\)"):
         stage_features(enc, images, 5)
+
+    # Planned through the spec (`ToySpec.plan_count`; nothing in gigamim/tools knows the toy): the
+    # planner's saved bytes against what autograd saves in a real forward, its FLOPs against
+    # torch's FlopCounterMode, its parameters against the built model's, and `gigamim plan` plans it.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gigamim.tools import plan
+    from gigamim.tools.memory import activation_bytes
+    from gigamim.tools.model_facts import model_facts
+    from gigamim_benchmarks.memory import SavedTensorBytes
+
+    with SavedTensorBytes(model) as saved:
+        model(images, masks)
+    assert activation_bytes("toy_nano", 80, batch=2, dtype_bytes=4, attn="fused")["saved"] == pytest.approx(
+        saved.total, rel=0.05)
+    with FlopCounterMode(display=False) as counter:
+        model.reconstruct(images[:1], masks[:1])
+    facts = model_facts("toy_nano", 80)
+    assert facts.forward_flops == counter.get_total_flops()
+    assert facts.params == sum(p.numel() for p in model.parameters())
+    assert plan.main(["--model", "toy_nano", "--img-size", "80", "--gpus", "2", "--gpus-per-node", "2",
+                      "--gpu-mem", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("toy_nano @ 80 px:") and "recommended:" in out
 
     # Partitioned: its blocks are the units an engine shards; a meta build can be re-initialised.
     assert toy.ToyBlock in default_block_classes()

@@ -9,27 +9,56 @@ import json
 import pytest
 import torch
 
-from gigamim.tools import plan
+from gigamim.tools import memory, plan
+from gigamim.tools.model_facts import model_facts
 from gigamim.models import SimMIM, create_model
 from gigamim_benchmarks.memory import SavedTensorBytes, profiled_peak_bytes
 
 GiB = 2**30
 
 
-@pytest.mark.parametrize("name,size,window,batch", [
-    ("swinv2_nano", 96, 6, 2),
-    ("swinv2_nano", 192, 6, 1),
-    ("swinv2_tiny", 96, 6, 1),
+@pytest.mark.parametrize("name,size,window,batch,attn", [
+    ("swinv2_nano", 96, 6, 2, "explicit"),
+    ("swinv2_nano", 192, 6, 1, "explicit"),
+    ("swinv2_tiny", 96, 6, 1, "explicit"),
+    # Other families, counted by their specs, in the attention mode their CPU path runs: timm's
+    # ViT SDPA's flash kernel (no mask), Swin V1 and the official SimMIM ViT SDPA's math kernel
+    # (their position-bias mask requires grad). Batch 2: at batch 1 a (1, heads, N, D) view of
+    # the qkv output needs no copy, so the math kernel keeps the whole qkv output instead.
+    ("vit_small_patch16", 224, None, 2, "fused"),
+    ("vit_nano_patch16_simmim", 64, None, 2, "explicit"),
+    ("swin_tiny", 96, None, 2, "explicit"),
 ])
-def test_activation_bytes_match_saved_tensors(name, size, window, batch):
+def test_activation_bytes_match_saved_tensors(name, size, window, batch, attn):
+    from gigamim.models.build import build_simmim
+
     torch.manual_seed(0)
-    model = SimMIM(create_model(name, img_size=size, window_size=window, drop_path_rate=0.0, attn_impl="explicit"))
+    model = build_simmim({"name": name, "img_size": size, "window_size": window, "drop_path_rate": 0.0}).train()
+    side = size // model.encoder.patch_size
     x = torch.randn(batch, 3, size, size)
-    mask = torch.rand(batch, size // 4, size // 4) > 0.4
+    mask = torch.rand(batch, side, side) > 0.4
     with SavedTensorBytes(model) as saved:
         model(x, mask)
-    predicted = plan.activation_bytes(name, size, window_size=window, batch=batch, dtype_bytes=4, attn="explicit")
+    predicted = memory.activation_bytes(name, size, window_size=window, batch=batch, dtype_bytes=4, attn=attn)
     assert predicted["saved"] == pytest.approx(saved.total, rel=0.05)
+
+
+@pytest.mark.parametrize("name,size", [("vit_base_patch16", 224), ("vit_base_patch16_simmim", 224),
+                                       ("swin_large", 192), ("swinv2_tiny", 192)])
+def test_forward_flops_match_torch_flop_counter(name, size):
+    # torch's own FlopCounterMode over a meta-device SimMIM forward (batch 2) is the reference:
+    # the planner's per-image FLOPs + its once-per-forward FLOPs (SwinV2's CPB MLP) / 2.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gigamim.models.build import build_simmim
+
+    with torch.device("meta"):
+        model = build_simmim({"name": name, "img_size": size})
+        side = size // model.encoder.patch_size
+        with FlopCounterMode(display=False) as counter:
+            model.reconstruct(torch.empty(2, 3, size, size), torch.zeros(2, side, side, dtype=torch.bool))
+    facts = model_facts(name, size)
+    assert facts.forward_flops + facts.cpb_flops / 2 == pytest.approx(counter.get_total_flops() / 2, rel=1e-6)
 
 
 def test_checkpointed_sequential_peak_matches_allocator_high_water():
@@ -49,7 +78,7 @@ def test_checkpointed_sequential_peak_matches_allocator_high_water():
 
     model.zero_grad(set_to_none=True)
     measured = profiled_peak_bytes(step)  # activations + gradients (allocated during backward)
-    act = plan.activation_bytes(name, size, window_size=window, batch=batch, dtype_bytes=4, attn="sequential",
+    act = memory.activation_bytes(name, size, window_size=window, batch=batch, dtype_bytes=4, attn="sequential",
                                 checkpointing=True, attn_chunk=8)
     grads = 4 * sum(p.numel() for p in model.parameters())
     assert act["total"] + grads == pytest.approx(measured, rel=0.15)
@@ -59,12 +88,12 @@ def test_zero_model_states_match_zero_paper():
     # ZeRO paper, Figure 1: 7.5B parameters, 64 GPUs, K=12 -> 120 GB baseline,
     # 31.4 GB (P_os), 16.6 GB (P_os+g), 1.9 GB (P_os+g+p), decimal GB.
     psi, n = 7.5e9, 64
-    gb = {s: plan.model_state_bytes(psi, n, s, False)["gpu"]["total"] / 1e9 for s in (0, 1, 2, 3)}
+    gb = {s: memory.model_state_bytes(psi, n, s, False)["gpu"]["total"] / 1e9 for s in (0, 1, 2, 3)}
     assert gb[0] == pytest.approx(120, abs=0.05)
     assert gb[1] == pytest.approx(31.4, abs=0.05)
     assert gb[2] == pytest.approx(16.6, abs=0.05)
     assert gb[3] == pytest.approx(1.9, abs=0.05)
-    off = plan.model_state_bytes(psi, n, 2, True)
+    off = memory.model_state_bytes(psi, n, 2, True)
     assert off["gpu"]["total"] == pytest.approx(2 * psi)  # bf16 weights stay; grads + optimizer on the host
     assert off["host_per_gpu"] == pytest.approx(14 * psi / n)
 
@@ -72,7 +101,7 @@ def test_zero_model_states_match_zero_paper():
 def test_parameter_count_matches_timm():
     # DESIGN.md: timm's encoder-only count for T; SimMIM adds the mask token and the 1x1 decoder.
     expected = 27_578_154 + 96 + (768 * 32 * 32 * 3 + 32 * 32 * 3)
-    assert plan.count_parameters("swinv2_tiny") == expected
+    assert model_facts("swinv2_tiny").params == expected
 
 
 def test_plan_cli(capsys):
@@ -105,7 +134,42 @@ def test_plan_giant():
     assert all(r["global_batch"] == 64 * r["max_micro_batch"] for r in p["rows"])
 
 
+def _timm_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_plan_vit_b_and_swin_l_through_their_specs(capsys):
+    """`gigamim plan` for ViT-B/16 SimMIM on 16 GPUs and a Swin-L: parameters against timm's own
+    models (+ the mask token and SimMIM's 1x1 decoder), rows only for the attention modes each
+    family runs (timm's ViT: SDPA's fused kernel; Swin V1: the math kernel on CPU and the fused
+    one on GPU; no sequential attention), checkpointing of every block only (timm's checkpoint_seq)."""
+    import timm
+    from timm.models.swin_transformer import SwinTransformer
+
+    with torch.device("meta"):
+        vit = _timm_params(timm.create_model("vit_base_patch16_224", num_classes=0))
+        swin = _timm_params(SwinTransformer(img_size=192, window_size=12, embed_dim=192, depths=(2, 2, 18, 2),
+                                            num_heads=(6, 12, 24, 48), num_classes=0))
+    # (name, timm's encoder, mask token width (the embedding's), decoder input width, stride, modes)
+    for name, enc, e, c, stride, modes in (("vit_base_patch16", vit, 768, 768, 16, ["fused"]),
+                                           ("swin_large", swin, 192, 1536, 32, ["explicit", "fused"])):
+        argv = ["--model", name, "--gpus", "16", "--gpu-mem", "80"]
+        assert plan.main(argv) == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"{name} @ ") and "recommended:" in text and "sequential" not in text
+        assert plan.main(argv + ["--json"]) == 0
+        data = json.loads(capsys.readouterr().out)
+        assert data["params"] == enc + e + c * stride * stride * 3 + stride * stride * 3
+        assert sorted(data["activations_per_image"]) == sorted(modes + [m + "+ckpt" for m in modes])
+        assert {r["ckpt_every"] for r in data["candidates"]} == {0, 1}
+        assert data["recommended"]["mem_gb"] <= data["budget_gb"]
+    assert plan.main(["--model", "vit_base_patch16_simmim", "--gpus", "16", "--memory-only"]) == 0
+    assert "suggested:" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv,msg", [
+    (["--model", "vit_base_patch16", "--window-size", "7"], "vit_base_patch16 (vit) takes no 'window_size'"),
+    (["--model", "vit_base_patch16", "--img-size", "200"], "img_size=200 must be divisible by patch_size=16"),
     (["--gpus", "0"], "--gpus"),
     (["--model", "swinv2_enormous"], "unknown model"),
     (["--img-size", "200"], "img_size"),
@@ -137,7 +201,7 @@ TINY_SIMMIM = 27_578_154 + 96 + (768 * 32 * 32 * 3 + 32 * 32 * 3)  # timm encode
 @pytest.mark.parametrize("stage,acc", [(1, 1), (1, 4), (2, 4), (3, 1), (3, 3)])
 def test_zero_bytes_per_step_match_arithmetic(stage, acc):
     # Independent arithmetic from the parameter count: what DeepSpeed moves per optimizer step.
-    facts = step_model.model_facts("swinv2_tiny")
+    facts = model_facts("swinv2_tiny")
     assert facts.params == TINY_SIMMIM
     knobs = ZeroKnobs(max_live=1e7, persistence_threshold=0)
     prec = Precision(param_bytes=2, grad_bytes=2)
@@ -163,7 +227,7 @@ def test_zero_bytes_per_step_match_arithmetic(stage, acc):
 
 
 def test_zero3_persistent_params_and_checkpointing_gathers():
-    facts = step_model.model_facts("swinv2_tiny")
+    facts = model_facts("swinv2_tiny")
     prec = Precision()
     small = sum(n for n in (p.numel() for p in SimMIM(create_model("swinv2_tiny")).parameters()) if n < 1e5)
     # Parameters below the persistence threshold are never gathered; max_live above P keeps all.
@@ -184,7 +248,7 @@ def test_zero3_persistent_params_and_checkpointing_gathers():
 
 
 def test_zeropp_factors_and_hpz_scope():
-    facts = step_model.model_facts("swinv2_tiny")
+    facts = model_facts("swinv2_tiny")
     knobs, prec = ZeroKnobs(max_live=0, persistence_threshold=0), Precision()
     P = TINY_SIMMIM
     base = step_model.comm_plan(facts, Candidate(3, 4, 1), 64, 8, knobs, prec)
@@ -220,7 +284,7 @@ def test_collective_time_is_ring_busbw_plus_latency():
 def test_train_flops_count_recompute_of_checkpointed_blocks():
     from gigamim.models.flops import forward_flops
 
-    facts = step_model.model_facts("swinv2_tiny")
+    facts = model_facts("swinv2_tiny")
     model = SimMIM(create_model("swinv2_tiny"))
     mb = 8
     f = forward_flops(model, 192, batch_size=mb)
@@ -253,7 +317,7 @@ def test_plan_giant_64_gpus_table_and_json_agree(capsys):
     # images/s and MFU follow from the step time: independent arithmetic.
     images = best["micro_batch"] * best["accumulation"] * 64
     assert best["images_per_s"] == pytest.approx(images / best["step_s"])
-    f = step_model.model_facts("swinv2_giant").forward_flops
+    f = model_facts("swinv2_giant").forward_flops
     assert best["mfu"] == pytest.approx(3 * f * images / best["step_s"] / (64 * 989e12))
     assert all(r["images_per_s"] <= data["candidates"][0]["images_per_s"] for r in data["candidates"])
 

@@ -9,8 +9,10 @@ that the trainer applies the same steps to any of them. The rest of gigamim asks
 - built: its variants (`register_variants`: one helper for every family's registration loop);
 - validated: `validate(args, mask_patch_size)`, the one-line config errors (image size, patch,
   window tiling per stage, mask-patch compatibility) as `ModelConfigError` naming the key;
-- counted: `geometry(args)` (patch size, total stride, tokens per image: what a planner needs,
-  as data), `count_parameters`, `flops` (analytic where the family has a count);
+- counted: `geometry(args)` (patch size, total stride, tokens per image, as data),
+  `count_parameters`, `flops` (analytic where the family has a count), and `plan_count(model)`:
+  the planner's count of a built SimMIM model (its blocks as `models.counting` block kinds,
+  what it saves outside them, its FLOPs), which `gigamim plan` sums without knowing the family;
 - grouped: `no_decay_keywords`, `layer_id` / `num_layer_ids` (layer-wise LR decay);
 - probed: `probe_depth` and `stage_features` (which stages or blocks, how pooled);
 - exported: `owns_state_dict` (its keys), `timm_export` / `pick_timm_name` (timm's class and
@@ -122,6 +124,12 @@ class FamilySpec:
         """(model FLOPs, hardware FLOPs) per image of one training step, or (None, None) where
         the family has no analytic count (the run logs mfu null)."""
         return None, None
+
+    def plan_count(self, model: nn.Module):
+        """`models.counting.ModelCount` of SimMIM model ``model`` (built; the meta device is
+        enough): per block, what autograd saves and the FLOPs, as `gigamim plan` sums them."""
+        raise NotImplementedError(f"model family {self.name!r} does not say how it is counted for the planner "
+                                  "(FamilySpec.plan_count)")
 
     # -- grouped
 

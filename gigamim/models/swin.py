@@ -84,6 +84,38 @@ class SwinSpec(HierarchicalSpec):
 
         return (SwinTransformerBlock,)
 
+    def plan_count(self, model):
+        """Per block a `WindowBlockCount` as timm built it (window and shift after timm's
+        shrink rule); before stages 1-3 timm's PatchMerging (2x2 concat, LayerNorm on 4C, then
+        the 4C -> 2C reduction): the norm's input and the reduction's input, 4 x (C/2) per new
+        token each, + stats; the stem: patch-embed conv input (3HW), its norm's input + stats,
+        the mask-token blend (two T-sized masks). ``explicit`` is what CPU runs (SDPA's math
+        kernel: the mask requires grad), ``fused`` the GPU's memory-efficient kernel."""
+        from gigamim.models.counting import (ModelCount, Saved, WindowBlockCount, decoder_flops, patch_embed_flops,
+                                             simmim_head)
+        from gigamim.models.family import encoder_of
+
+        enc = encoder_of(model)
+        size, patch = enc.img_size, enc.patch_size
+        blocks, before, flops = [], {}, 0
+        side0 = size // patch
+        flops += patch_embed_flops(side0 * side0, enc.embed_dim, patch, enc.in_chans)
+        for i, stage in enumerate(enc.layers):
+            side, dim = side0 // 2**i, enc.embed_dim * 2**i
+            t = side * side
+            if i > 0:
+                before[len(blocks)] = Saved(2 * t * 2 * dim, stats=2 * t)
+                flops += 2 * t * (2 * dim) * dim  # reduction 4 x (dim/2) -> dim
+            for blk in stage.blocks:
+                n = blk.window_size[0] * blk.window_size[1]
+                b = WindowBlockCount(t, dim, blk.attn.num_heads, n, blk.mlp_ratio, i, shifted=any(blk.shift_size))
+                blocks.append(b)
+                flops += b.flops()
+        t0 = side0 * side0
+        return ModelCount(size, tuple(blocks), stem=Saved(3 * size * size + t0 * enc.embed_dim + 2 * t0, stats=2 * t0),
+                          head=simmim_head(t, dim, size), forward_flops=float(flops + decoder_flops(model, size)),
+                          before=before, attention_modes=("explicit", "fused"), window_size=enc.window_size)
+
 
 SWIN = SwinSpec()
 

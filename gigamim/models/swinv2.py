@@ -435,6 +435,40 @@ class SwinV2Spec(HierarchicalSpec):
 
         return model_and_hardware_flops(model, img_size)
 
+    def plan_count(self, model):
+        """Per block a `WindowV2BlockCount` as built (window after the shrink rule, shifted or
+        not, huge/giant's norm3); before stages 1-3 the PatchMerging's 2x2-concat copy (its
+        reduction's input) and its LayerNorm's input + stats; the stem: patch-embed conv input
+        (3HW), its norm's input + stats, the mask-token blend (two T-sized masks). FLOPs from
+        `models.flops` (the CPB MLP once per forward)."""
+        from gigamim.models.counting import ModelCount, Saved, WindowV2BlockCount, simmim_head
+        from gigamim.models.family import encoder_of
+        from gigamim.models.flops import forward_flops
+
+        enc = encoder_of(model)
+        size = enc.img_size
+        blocks, before = [], {}
+        prev = None
+        for i, stage in enumerate(enc.layers):
+            side, dim = size // enc.patch_size // 2**i, enc.embed_dim * 2**i
+            t = side * side
+            if prev is not None:
+                before[len(blocks)] = Saved(prev[0] * prev[1] + t * dim, stats=2 * t)
+            for blk in stage.blocks:
+                ws = blk.window_size[0]
+                blocks.append(WindowV2BlockCount(t, dim, blk.attn.num_heads, ws * ws, enc.mlp_ratio, i, window=ws,
+                                                 side=side, shifted=any(blk.shift_size),
+                                                 extra_norm=isinstance(blk.norm3, nn.LayerNorm)))
+            prev = (t, dim)
+        t0, c0 = (size // enc.patch_size) ** 2, enc.embed_dim
+        per_image = float(forward_flops(model, size, batch_size=10**12))  # the CPB term vanishes
+        return ModelCount(size, tuple(blocks), stem=Saved(3 * size * size + t0 * c0 + 2 * t0, stats=2 * t0),
+                          head=simmim_head(prev[0], prev[1], size), forward_flops=per_image,
+                          per_forward_flops=float(forward_flops(model, size, batch_size=1)) - per_image,
+                          before=before, attention_modes=("explicit", "fused", "sequential"), checkpoint_every=(2, 1),
+                          window_size=enc.target_window_sizes[0] if len(set(enc.target_window_sizes)) == 1
+                          else list(enc.target_window_sizes))
+
     def export_geometry(self, encoder, run_args=None):
         """The run's pretrained window sizes (not in the keys), one per stage."""
         pws = (run_args or {}).get("pretrained_window_sizes")

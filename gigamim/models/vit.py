@@ -20,7 +20,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
-from gigamim.models.family import FamilySpec, Geometry, ModelConfigError, register_variants
+from gigamim.models.family import FamilySpec, Geometry, ModelConfigError, encoder_of, register_variants
 from gigamim.models.init import MaskTokenMixin
 from gigamim.models.timm_init import linear_init_in_place, timm_linear_init_
 
@@ -112,6 +112,7 @@ class ViTSpec(FamilySpec):
     timm_family = "vit"
     no_decay_keywords = ("pos_embed", "cls_token", "mask_token")
     probe_unit = "blocks"
+    attention_modes = ("fused",)  # for the planner: timm's SDPA without a mask (flash, GPU and CPU)
 
     def check_args(self, args) -> None:
         patch = int(args.get("patch_size", 16))
@@ -161,6 +162,29 @@ class ViTSpec(FamilySpec):
         from timm.models.vision_transformer import Block
 
         return (Block,)
+
+    def plan_count(self, model):
+        """Per block a `GlobalBlockCount` over every token (class / register tokens included);
+        the stem: patch-embed conv input (3HW) and the mask-token blend (two L-sized masks; timm's
+        ViT has no patch norm); the head: the final norm and the decoder's input (a view of the
+        normed tokens). timm runs SDPA without a mask: the flash kernel, on GPU and on CPU."""
+        from gigamim.models.counting import ModelCount, Saved, decoder_flops, patch_embed_flops, simmim_head
+
+        enc = encoder_of(model)
+        size, patch, dim = enc.img_size, enc.patch_size, enc.embed_dim
+        patches = (size // patch) ** 2
+        tokens = patches + enc.num_prefix_tokens
+        blocks = tuple(self._block_count(blk, tokens, dim) for blk in enc.blocks)
+        flops = patch_embed_flops(patches, dim, patch, enc.in_chans) + sum(b.flops() for b in blocks)
+        return ModelCount(size, blocks, stem=Saved(3 * size * size + 2 * patches), head=simmim_head(tokens, dim, size),
+                          forward_flops=float(flops + decoder_flops(model, size)),
+                          attention_modes=self.attention_modes)
+
+    def _block_count(self, blk, tokens: int, dim: int):
+        from gigamim.models.counting import GlobalBlockCount
+
+        return GlobalBlockCount(tokens, dim, blk.attn.num_heads, tokens, blk.mlp.fc1.out_features / dim,
+                                layer_scale=not isinstance(blk.ls1, nn.Identity))
 
 
 VIT = ViTSpec()

@@ -479,6 +479,16 @@ class ViTSimMIMSpec(ViTSpec):
     def block_classes(self):
         return (Block,)
 
+    # SDPA with the position bias as a mask that requires grad: the memory-efficient kernel on GPU
+    # ('fused'), the math kernel on CPU ('explicit'; also the attn_impl="explicit" path).
+    attention_modes = ("explicit", "fused")
+
+    def _block_count(self, blk, tokens: int, dim: int):
+        from gigamim.models.counting import GlobalBlockCount
+
+        return GlobalBlockCount(tokens, dim, blk.attn.num_heads, tokens, blk.mlp.fc1.out_features / dim,
+                                layer_scale=blk.gamma_1 is not None)
+
 
 VIT_SIMMIM = ViTSimMIMSpec()
 

@@ -2,16 +2,18 @@
 sequential-attention combination at the largest micro-batch that fits, with its memory and
 its predicted step time (`step_model`), ranked by images/s.
 
-Memory per GPU (bf16 training on GPUs): model states as `plan.model_state_bytes` (ZeRO
+Memory per GPU (bf16 training on GPUs): model states as `memory.model_state_bytes` (ZeRO
 paper, K=12), plus DeepSpeed's buffers: stage 1/2 the gradient bucket (`reduce_bucket_size`
 elements, twice with overlap_comm) and the all-gather bucket; stage 3 the parameters kept
 gathered (up to `stage3_max_live_parameters`, measured on CPU: DeepSpeed really keeps that
 many from forward into backward) and the reduce bucket; hpZ its secondary partition
-(2 bytes x P / gpus_per_node); plus activations from `plan.activation_per_image` with SDPA
-('fused') attention: per image x micro-batch + once per micro-batch.
+(2 bytes x P / gpus_per_node); plus activations from `memory.activation_per_image` with SDPA
+('fused') attention: per image x micro-batch + once per micro-batch. Only what the model's
+family runs is enumerated (its `ModelCount`: which k of "checkpoint every k-th block",
+whether it has sequential attention).
 
 PyTorch FSDP2 (`train.engine: fsdp2`, with and without `fsdp.reshard_after_forward`): its
-sharded fp32 states (16 bytes per parameter / GPUs) plus `plan.fsdp2_buffer_bytes` (the
+sharded fp32 states (16 bytes per parameter / GPUs) plus `memory.fsdp2_buffer_bytes` (the
 gathered bf16 units in flight, the gradients being reduce-scattered, and with accumulation
 the unsharded gradients of the whole model), the same activations; its step time from
 `step_model` (engine "fsdp2"). It counts one step of complexity more than a DeepSpeed plan
@@ -23,7 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, replace
 
-from gigamim.tools.step_model import Candidate, Costs, Precision, ZeroKnobs, model_facts, step_time
+from gigamim.tools.model_facts import model_facts
+from gigamim.tools.step_model import Candidate, Costs, Precision, ZeroKnobs, step_time
 
 GiB = 2**30
 
@@ -62,8 +65,13 @@ def enumerate_candidates(name: str, gpus: int, gpus_per_node: int, gpu_mem_gb: f
         if key not in act_cache:
             kw = dict(window_size=window_size, attn="fused", ckpt_every=ckpt_every, sequential_stages=seq,
                       attn_chunk=attn_chunk)
-            act_cache[key] = activation_per_image(name, facts.img_size, **kw)  # per image, fixed
+            act_cache[key] = activation_per_image(name, img_size, **kw)  # per image, fixed
         return act_cache[key]
+
+    # What the family's models can run (`ModelCount`): checkpointing every k-th block for these
+    # k, sequential attention (stage 0) only where the family has it.
+    ckpt_options = (0,) + tuple(facts.count.checkpoint_every)
+    seq_options = ((), (0,)) if "sequential" in facts.count.attention_modes else ((),)
 
     rows = []
     for stage in (1, 2, 3):
@@ -76,8 +84,8 @@ def enumerate_candidates(name: str, gpus: int, gpus_per_node: int, gpu_mem_gb: f
                     continue
                 states = model_state_bytes(P, gpus, stage, offload, 0)["gpu"]["total"]
                 states += buffer_bytes(stage, P, small, knobs, prec, hpz, gpus_per_node)
-                for ckpt_every in (0, 2, 1):
-                    for seq in ((), (0,)):
+                for ckpt_every in ckpt_options:
+                    for seq in seq_options:
                         per_img, fixed = act(ckpt_every, seq)
                         room = budget - states - fixed
                         mb_fit = int(min(max_micro_batch, room // per_img)) if room > 0 else 0
@@ -112,22 +120,22 @@ def enumerate_candidates(name: str, gpus: int, gpus_per_node: int, gpu_mem_gb: f
                             + (1 if seq else 0) + (1 if ckpt_every else 0),
                         })
     rows += _fsdp2_rows(facts, gpus, gpus_per_node, budget, device, net, knobs, prec, costs, act, per_gpu,
-                        micro_batch, max_micro_batch)
+                        micro_batch, max_micro_batch, ckpt_options, seq_options)
     rows.sort(key=lambda r: -r["images_per_s"])
     return rows
 
 
 def _fsdp2_rows(facts, gpus, gpus_per_node, budget, device, net, knobs, prec, costs, act, per_gpu, micro_batch,
-                max_micro_batch) -> list:
+                max_micro_batch, ckpt_options, seq_options) -> list:
     from gigamim.tools.memory import FSDP2_STATE_BYTES, fsdp2_buffer_bytes, model_state_bytes
 
     P = facts.params
-    root, block = P - sum(facts.block_params), max(facts.block_params)
+    root, block = facts.root_params, facts.largest_block_params
     states = model_state_bytes(P, gpus, 3, False, 0, state_bytes=FSDP2_STATE_BYTES)["gpu"]["total"]
     rows = []
     for reshard in (True, False):
-        for ckpt_every in (0, 2, 1):
-            for seq in ((), (0,)):
+        for ckpt_every in ckpt_options:
+            for seq in seq_options:
                 per_img, fixed = act(ckpt_every, seq)
 
                 def fit(accumulation):

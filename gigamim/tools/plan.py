@@ -1,13 +1,16 @@
 """`gigamim plan`: what fits on a GPU, before a job is queued.
 
     gigamim plan --model swinv2_giant --gpus 64 --gpu-mem 80 [--img-size 192] [--micro-batch N]
+    gigamim plan --model vit_base_patch16 --gpus 16        (any registered family)
 
 Per GPU: model-state memory for ZeRO 1/2/3 with and without offload, activation memory per
 image with and without checkpointing / sequential attention, the largest micro-batch that
 fits under a safety margin, and the resulting global batch. All of it is arithmetic on the
 architecture, no model is run (parameters are counted on the meta device).
 
-The memory model is `gigamim.tools.memory`; the step-time model `gigamim.tools.step_model`.
+What the model is (parameters, its blocks as its family counts them) is
+`gigamim.tools.model_facts`, from one meta build; the memory model is `gigamim.tools.memory`;
+the step-time model `gigamim.tools.step_model`. Nothing here knows a model family.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import json
 import math
 import sys
 
-from gigamim.tools.memory import (  # noqa: F401  (the memory model; its names stay importable from here)
-    ATTN_MODES, GiB, FP32_STATE_BYTES, FSDP2_LABELS, FSDP2_STATE_BYTES, GRAD_BYTES, OPTIM_BYTES, PARAM_BYTES, Stage, activation_bytes, activation_per_image, backward_grad_elements, block_constant_elements, block_saved_elements, chunk_transient_elements, count_parameters, fit_micro_batch, fsdp2_buffer_bytes, fsdp2_sizes, geometry, largest_layer_params, model_state_bytes,
-)
+from gigamim.tools.memory import (FSDP2_LABELS, FSDP2_STATE_BYTES, GiB, activation_per_image, fit_micro_batch,
+                                  fsdp2_buffer_bytes, model_state_bytes)
+from gigamim.tools.model_facts import model_facts
 
 
 def make_plan(name: str, gpus: int, gpu_mem_gb: float, img_size: int | None = None, micro_batch: int | None = None,
@@ -29,23 +32,22 @@ def make_plan(name: str, gpus: int, gpu_mem_gb: float, img_size: int | None = No
 
     `speed` (gpus_per_node, device, net, costs, knobs) adds the step-time candidates
     (`gigamim.tools.candidates`) and the recommendation; without it, memory only."""
-    cfg, _ = geometry(name, img_size, window_size)
-    size = cfg["img_size"]
-    params = count_parameters(name, size, window_size)
-    largest = largest_layer_params(name, size, window_size)
+    facts = model_facts(name, img_size, window_size)  # one meta build: parameters and the family's count
+    size, count = facts.img_size, facts.count
+    params, largest = facts.params, facts.largest_block_params
     # Safety: a fraction for fragmentation / allocator rounding + a fixed reserve for the CUDA
     # context, NCCL and DeepSpeed's communication buckets.
     budget = gpu_mem_gb * GiB * (1 - margin) - reserved_gb * GiB
     act = {}
-    for attn in ATTN_MODES:
+    for attn in count.attention_modes:  # the modes this family's models run
         for ckpt in (False, True):
-            per_image, fixed = activation_per_image(name, size, window_size=window_size, attn=attn,
+            per_image, fixed = activation_per_image(name, img_size, window_size=window_size, attn=attn,
                                                     checkpointing=ckpt, attn_chunk=attn_chunk)
             act[f"{attn}{'+ckpt' if ckpt else ''}"] = {"per_image_gb": per_image / GiB, "fixed_gb": fixed / GiB}
     rows = []
     plans = [("deepspeed", stage, offload, None) for stage in (1, 2, 3) for offload in (False, True)]
     plans += [("fsdp2", None, False, reshard) for reshard in (True, False)]
-    _, root, block = fsdp2_sizes(name, size, window_size)
+    root, block = facts.root_params, largest
     for engine, stage, offload, reshard in plans:
         if engine == "fsdp2":
             st = model_state_bytes(params, gpus, 3, False, 0, state_bytes=FSDP2_STATE_BYTES)
@@ -83,7 +85,7 @@ def make_plan(name: str, gpus: int, gpu_mem_gb: float, img_size: int | None = No
                 row["mem_at_micro_batch_gb"] = need / GiB
                 row["fits_micro_batch"] = need <= budget
             rows.append(row)
-    out = {"model": name, "img_size": size, "window_size": cfg["window_size"], "params": params,
+    out = {"model": name, "img_size": size, "window_size": count.window_size, "params": params,
            "gpus": gpus, "gpu_mem_gb": gpu_mem_gb, "budget_gb": budget / GiB, "margin": margin,
            "reserved_gb": reserved_gb, "micro_batch": micro_batch, "global_batch": global_batch,
            "activations_per_image": act, "rows": rows}
@@ -93,7 +95,7 @@ def make_plan(name: str, gpus: int, gpu_mem_gb: float, img_size: int | None = No
         from gigamim.tools.candidates import enumerate_candidates, recommend
 
         cands = enumerate_candidates(name, gpus, speed["gpus_per_node"], gpu_mem_gb, speed["device"], speed["net"],
-                                     img_size=size, window_size=window_size, global_batch=global_batch,
+                                     img_size=img_size, window_size=window_size, global_batch=global_batch,
                                      micro_batch=micro_batch, knobs=speed["knobs"], costs=speed["costs"],
                                      margin=margin, reserved_gb=reserved_gb, attn_chunk=attn_chunk)
         out["speed_inputs"] = {"gpus_per_node": speed["gpus_per_node"], "device": asdict(speed["device"]),
@@ -227,7 +229,9 @@ def assumption_lines(plan: dict) -> list:
 
 def format_plan(plan: dict) -> str:
     lines = [
-        f"{plan['model']} @ {plan['img_size']} px (window {plan['window_size']}): {plan['params'] / 1e6:,.1f}M parameters "
+        f"{plan['model']} @ {plan['img_size']} px"
+        + (f" (window {plan['window_size']})" if plan["window_size"] is not None else "")
+        + f": {plan['params'] / 1e6:,.1f}M parameters "
         f"(SimMIM: encoder + mask token + decoder)",
         f"{plan['gpus']} GPUs x {plan['gpu_mem_gb']:g} GB; usable per GPU {plan['budget_gb']:.1f} GiB "
         f"({plan['margin']:.0%} margin + {plan['reserved_gb']:g} GiB reserved for context/buffers)",

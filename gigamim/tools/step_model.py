@@ -69,11 +69,11 @@ host core / `host_cores_per_gpu`; a step is never faster than its data.
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from gigamim.tools.hardware import Device, Network, collective_seconds
+from gigamim.tools.model_facts import ModelFacts
 
 
 @dataclass(frozen=True)
@@ -154,106 +154,6 @@ class Candidate:
         k = self.ckpt_every
         nth = {2: "2nd", 3: "3rd"}.get(k, f"{k}th")
         return {0: "none", 1: "every block"}.get(k, f"every {nth} block")
-
-
-@dataclass
-class ModelFacts:
-    name: str
-    img_size: int
-    params: int
-    block_params: list  # per block, forward order
-    block_flops: list  # forward FLOPs per image per block
-    block_attn_flops: list  # of which QK^T + AV
-    block_stage: list
-    forward_flops: float  # per image, whole SimMIM forward, without the CPB MLP
-    cpb_flops: float  # the CPB MLP, once per forward pass (shared by the micro-batch)
-    modules_with_params: int
-    small_params: dict = field(default_factory=dict)  # threshold -> parameters in tensors below it
-    module_param_sizes: list = field(default_factory=list)  # per parameter-holding module, forward order
-    # FSDP2 units: each block's parameter shapes (forward order), and the root's (what no block holds)
-    block_shapes: list = field(default_factory=list)
-    root_shapes: list = field(default_factory=list)
-
-    def fsdp_padded(self, ranks: int) -> tuple:
-        """(block elements, root elements) as FSDP2's collectives carry them over `ranks`: each
-        parameter's dim 0 cut in torch.chunk pieces, every rank's piece padded to the first."""
-        def padded(shape):
-            if not shape:  # a 0-dim parameter is sharded as one element
-                return ranks
-            rest = math.prod(shape[1:])
-            return math.ceil(shape[0] / ranks) * ranks * rest
-
-        blocks = sum(padded(s) for blk in self.block_shapes for s in blk)
-        return blocks, sum(padded(s) for s in self.root_shapes)
-
-    @property
-    def fsdp_units(self) -> int:
-        return len(self.block_shapes) + 1
-
-    def kept_from_forward(self, max_live: float, threshold: float) -> int:
-        """Partitioned parameters ZeRO-3 still holds gathered when backward starts: the longest
-        run of modules at the END of forward (backward's first) whose parameters fit in
-        `stage3_max_live_parameters`. Measured on 2 CPU ranks (swinv2_tiny, max_live 1e7):
-        9.47M kept; this rule gives 9.46M (the decoder + the last block)."""
-        kept = 0
-        for sizes in reversed(self.module_param_sizes):
-            n = sum(x for x in sizes if x >= threshold)
-            if kept + n > max_live:
-                break
-            kept += n
-        return kept
-
-
-@functools.lru_cache(maxsize=32)
-def model_facts(name: str, img_size: int | None = None, window_size=None) -> ModelFacts:
-    """Parameters and FLOPs per block, counted on the meta device (no weights allocated)."""
-    import torch
-
-    from gigamim.models import SimMIM, create_model
-    from gigamim.models.flops import forward_flops
-
-    kw = {} if img_size is None else {"img_size": img_size}
-    if window_size is not None:
-        kw["window_size"] = window_size
-    with torch.device("meta"):
-        model = SimMIM(create_model(name, **kw))
-    enc = model.encoder
-    size = enc.img_size
-    bp, bf, ba, bs = [], [], [], []
-    side = size // enc.patch_size
-    for i, stage in enumerate(enc.layers):
-        s = side // 2**i
-        tokens, win = s * s, enc.window_sizes[i] ** 2
-        d = enc.embed_dim * 2**i
-        hidden = int(d * enc.mlp_ratio)
-        for blk in stage.blocks:
-            bp.append(sum(p.numel() for p in blk.parameters()))
-            # Same terms as gigamim.models.flops.encoder_flops's per_block (the CPB MLP is per
-            # forward, not per image: left out of the per-image recompute).
-            attn = 2 * 2 * tokens * win * d
-            bf.append(2 * tokens * d * 3 * d + attn + 2 * tokens * d * d + 2 * 2 * tokens * d * hidden)
-            ba.append(attn)
-            bs.append(i)
-    sizes = sorted(p.numel() for p in model.parameters())
-    small = {}
-    for thr in (0, 1e5, 1e6, 1e7):
-        small[thr] = sum(n for n in sizes if n < thr)
-    per_module = [[p.numel() for p in m.parameters(recurse=False)] for m in model.modules()]
-    per_module = [x for x in per_module if x]
-    mods = len(per_module)
-    per_image = float(forward_flops(model, size, batch_size=10**12))  # the CPB term vanishes
-    cpb = float(forward_flops(model, size, batch_size=1)) - per_image
-    # FSDP2's units as the engine makes them: every block found by models.compile.find_blocks.
-    from gigamim.models.compile import find_blocks
-
-    in_block = set()
-    block_shapes = []
-    for blk in find_blocks(model):
-        block_shapes.append([tuple(p.shape) for p in blk.parameters()])
-        in_block.update(id(p) for p in blk.parameters())
-    root_shapes = [tuple(p.shape) for p in model.parameters() if id(p) not in in_block]
-    return ModelFacts(name, size, sum(sizes), bp, bf, ba, bs, per_image, cpb, mods, small, per_module,
-                      block_shapes, root_shapes)
 
 
 def _small_params(facts: ModelFacts, threshold: float) -> int:

@@ -13,7 +13,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from gigamim.models.family import FamilySpec, Geometry, ModelConfigError, register_variants
+from gigamim.models.counting import BlockCount, ModelCount, Saved, decoder_flops, patch_embed_flops, simmim_head
+from gigamim.models.family import FamilySpec, Geometry, ModelConfigError, encoder_of, register_variants
 from gigamim.models.init import MaskTokenMixin
 
 
@@ -67,6 +68,23 @@ class ToyEncoder(MaskTokenMixin, nn.Module):
         return x if features_only else self.head(x.mean(dim=(1, 2)))
 
 
+class ToyBlockCount(BlockCount):
+    """What autograd keeps of a ToyBlock per image: the depthwise conv's input (a permuted view
+    of the block input), the norm's input, fc1's input TC each, GELU's and fc2's inputs HT each,
+    the norm's mean / rstd. No attention: every mode saves the same."""
+
+    def saved(self, attn: str) -> Saved:
+        t, c = self.tokens, self.dim
+        return Saved(3 * t * c + 2 * self.hidden * t, stats=2 * t)
+
+    def attn_flops(self) -> int:
+        return 0
+
+    def flops(self) -> int:
+        t, c = self.tokens, self.dim
+        return 2 * t * c * 9 + 2 * 2 * t * c * self.hidden  # depthwise 3x3, fc1 + fc2
+
+
 class ToySpec(FamilySpec):
     """The toy's rules, counts, groups, probe points; no timm counterpart (``timm_family``
     None): it exports as ``encoder`` / ``simmim`` weights only."""
@@ -113,6 +131,23 @@ class ToySpec(FamilySpec):
 
     def block_classes(self):
         return (ToyBlock,)
+
+    def plan_count(self, model) -> ModelCount:
+        """For `gigamim plan`: the blocks, the merge's input before stage 1, the stem (the conv's
+        input image, the mask blend's two masks), SimMIM's head."""
+        enc = encoder_of(model)
+        size, side = enc.img_size, enc.img_size // enc.patch_size
+        blocks, before, flops = [], {}, patch_embed_flops(side * side, enc.embed_dim, enc.patch_size, enc.in_chans)
+        for i, stage in enumerate(enc.layers):
+            t, c = (side // 2**i) ** 2, enc.embed_dim * 2**i
+            if i > 0:
+                before[len(blocks)] = Saved(4 * t * c // 2)  # the 2x2 concat, the merge's input
+                flops += 2 * t * (2 * c) * c
+            for _ in stage.blocks:
+                blocks.append(ToyBlockCount(t, c, 0, 0, 2.0, i))
+                flops += blocks[-1].flops()
+        return ModelCount(size, tuple(blocks), stem=Saved(3 * size * size + 2 * side * side), head=simmim_head(t, c, size),
+                          forward_flops=float(flops + decoder_flops(model, size)))
 
 
 TOY = ToySpec()
