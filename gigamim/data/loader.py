@@ -53,7 +53,8 @@ from gigamim.data import assign, shardspec
 from gigamim.data.masking import MaskGenerator
 from gigamim.data.seeding import derive_seed, sample_rng
 from gigamim.data import tario
-from gigamim.data.tario import SampleFiles, ShardError, count_samples, image_key_options, iter_samples, pick_image, shard_name
+from gigamim.data.shardspec import shard_name
+from gigamim.data.tario import SampleFiles, ShardError, count_samples, image_key_options, iter_samples, pick_image
 from gigamim.data.transforms import BadSample, ClassifyTransform, SimMIMTransform
 
 log = logging.getLogger("gigamim.data")
