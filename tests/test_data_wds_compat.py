@@ -10,6 +10,7 @@ import webdataset as wds
 from PIL import Image
 
 from gigamim.data import shard_cache
+from gigamim.data.errors import DataError
 from gigamim.data.loader import SimMIMLoader, resolve_shards
 from gigamim.data.shardspec import shard_name
 from gigamim.data.tario import iter_samples, pick_image
@@ -95,7 +96,7 @@ def test_image_member_priority(tmp_path, image_key, colour):
 def test_missing_image_key_is_skipped_by_reason(tmp_path):
     urls = _write_tarwriter_set(str(tmp_path), n_shards=1)
     loader = SimMIMLoader(urls, 4, image_key="depth.png", **SMALL)
-    with pytest.raises(RuntimeError, match="no readable image"):
+    with pytest.raises(DataError, match="no readable image"):
         collect(loader, 1)
     assert loader.skip_counts["no_image"] == 4
 
