@@ -670,9 +670,10 @@ class ClassificationLoader(_ShardLoader):
     `{"image": uint8 (B,3,H,W) channels-last, "label": int64 (B,), "key": list[str], "valid": bool (B,)}`.
 
     train=True: RandomResizedCrop(img_size, scale, ratio) + flip (probability hflip), shuffled; train=False: resize
-    to img_size / crop_pct + centre crop, shard order, and `valid` False on padding repeats
-    (drop those when averaging eval metrics so every sample counts once). `classes`: class
-    names from the index.json (None when it has none). Labels come from `.cls` members.
+    to img_size / crop_pct + centre crop, shard order, and `valid` False on padding repeats and
+    on images standing in for bad ones (drop those when averaging eval metrics so every sample
+    counts once). `classes`: class names from the index.json (None when it has none). Labels
+    come from `.cls` members.
     """
 
     STATE_FORMAT = "gigamim.data.ClassificationLoader/1"
@@ -708,7 +709,7 @@ def check_labelled(shards) -> None:
     for _, key, files in iter_samples(shardspec.local_path(first), stop=1, read_exts=("cls",)):
         if not files or "cls" not in files:
             raise DataError(f"{shards} is not labelled: sample {key!r} of {shard_name(first)} has no .cls member "
-                             "(write labelled shards with `gigamim make-shards` from an ImageFolder)")
+                            "(write labelled shards with `gigamim make-shards` from an ImageFolder)")
         return
 
 
