@@ -8,6 +8,7 @@ import tarfile
 
 import pytest
 
+from gigamim.data.errors import DataError
 from gigamim.data.loader import SimMIMLoader
 from tests.test_data_helpers import collect, image_bytes, write_dataset, write_tar
 
@@ -82,7 +83,7 @@ def test_nothing_readable_names_the_shards(tmp_path):
     for name in ("part-000.tar", "part-001.tar"):
         os.remove(tmp_path / name)
     loader = SimMIMLoader(index, 2, **TINY)
-    with pytest.raises(RuntimeError, match="no readable image.*part-000.tar.*part-001.tar"):
+    with pytest.raises(DataError, match="^rank 0 found no readable image.*part-000.tar.*part-001.tar"):
         next(iter(loader))
     with pytest.raises(ValueError, match="no samples in the 2 shard.*part-000.tar"):
         SimMIMLoader([str(tmp_path / "part-000.tar"), str(tmp_path / "part-001.tar")], 2, **TINY)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, features
 
 from gigamim.cli import main as cli_main
+from gigamim.data.errors import DataError
 from gigamim.data.loader import ClassificationLoader, SimMIMLoader
 from tests.test_data_helpers import image_bytes, write_dataset, write_tar
 
@@ -103,7 +104,7 @@ def collect_labels(loader, n):
 def test_missing_labels_are_one_clear_line(tmp_path):
     write_tar(tmp_path / "u.tar", [("a.jpg", image_bytes(40, 40)), ("b.jpg", image_bytes(40, 40, seed=1))])
     loader = ClassificationLoader([str(tmp_path / "u.tar")], 2, img_size=32, num_workers=2)
-    with pytest.raises(ValueError, match=r"^data: labels were asked for but sample 'a' of u.tar has no .cls member") as e:
+    with pytest.raises(DataError, match=r"^labels were asked for but sample 'a' of u.tar has no .cls member") as e:
         next(iter(loader))
     assert "\n" not in str(e.value)
 
@@ -126,3 +127,20 @@ def test_eval_is_centre_crop_and_marks_padding(tmp_path):
     ref = np.asarray(ref_tf(Image.open(io.BytesIO(data)).convert("RGB")), dtype=np.float32)
     ours = b["image"][0].permute(1, 2, 0).numpy().astype(np.float32)
     assert np.abs(ours - ref).mean() < 6            # one box resize vs resize-then-crop: rounding only
+
+
+def test_eval_counts_each_readable_sample_once(tmp_path):
+    """`valid` is True exactly once per readable sample: a substitute in a bad sample's slot and
+    the last good batch standing in for an all-bad one are repeats (it was True for the latter)."""
+    good = {k: image_bytes(40, 40, seed=i) for i, k in enumerate(["g0", "g1", "g3"])}
+    members = []
+    for key in ["g0", "g1", "b2", "g3", "b4", "b5"]:           # eval keeps tar order: (g0 g1) (b2 g3) (b4 b5)
+        members += [(f"{key}.jpg", good.get(key, b"")), (f"{key}.cls", b"1")]
+    write_tar(tmp_path / "v.tar", members)
+    for workers in (0, 1):
+        loader = ClassificationLoader([str(tmp_path / "v.tar")], 2, img_size=32, train=False, num_workers=workers)
+        batches = [next(it) for it in [iter(loader)] for _ in range(len(loader))]
+        assert [b["key"] for b in batches] == [["g0", "g1"], ["g3", "g3"], ["g3", "g3"]]
+        assert loader.skip_counts == {"empty_member": 3, "batch_replaced": 1}
+        counted = [k for b in batches for k, v in zip(b["key"], b["valid"].tolist()) if v]
+        assert sorted(counted) == ["g0", "g1", "g3"], (workers, [b["valid"].tolist() for b in batches])

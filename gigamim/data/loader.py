@@ -16,7 +16,8 @@ reasons) is counted by reason and its slot is filled with another image of the s
 (re-cropped with its own randomness), or, if the whole batch is bad, with the next good
 image of the stream; batch sizes and counts never change. A batch with no readable image
 anywhere in its stream's remaining epoch is replaced by the rank's last good batch; if a
-rank finishes an epoch without one readable image the loader raises, naming the shards.
+rank finishes an epoch without one readable image the loader raises DataError (errors.py),
+naming the shards; so does a sample without a label when labels are asked for.
 Warnings are rate-limited and never sleep. Pickle members are never read (tario.py).
 The last good batch is in the state (as the shard positions and random parts of its
 samples, rebuilt on demand), so a resume right after a replaced batch continues exactly.
@@ -44,16 +45,19 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gigamim.data import assign, shardspec
+from gigamim.data.errors import DataError
 from gigamim.data.masking import MaskGenerator
 from gigamim.data.seeding import derive_seed, sample_rng
 from gigamim.data import tario
-from gigamim.data.tario import SampleFiles, ShardError, count_samples, image_key_options, iter_samples, pick_image, shard_name
+from gigamim.data.shardspec import shard_name
+from gigamim.data.tario import SampleFiles, ShardError, count_samples, image_key_options, iter_samples, pick_image
 from gigamim.data.transforms import BadSample, ClassifyTransform, SimMIMTransform
 
 log = logging.getLogger("gigamim.data")
@@ -132,24 +136,35 @@ class _Lost:
         self.reason = reason
 
 
-class _NoLabel(Exception):
-    pass
+class Sample(NamedTuple):
+    """One decoded sample, before `_assemble` stacks a batch of them. The loader collates by
+    itself (its DataLoader moves whole batches, `batch_size=None`), so this type never meets
+    torch's default_collate."""
+
+    image: Any               # PIL image, uint8 RGB, cropped to img_size
+    mask: Any                # np.ndarray (SimMIM) or None
+    label: int | None
+    info: dict | None        # what the transform repaired (counted by `_Stream._account`); None when rebuilt
+    slot: list               # [shard, index, key, salt, *extra]: what `_rebuild` needs to make it again
+    valid: bool              # a sample's own first appearance in the epoch: False for padding repeats,
+                             # substitutes in a bad sample's slot and stand-ins for a lost batch
 
 
 def _label(files: dict, key: str, url: str) -> int:
     data = files.get("cls") if files else None
     if data is None:
-        raise _NoLabel(f"data: labels were asked for but sample {key!r} of {shard_name(url)} has no .cls member "
-                       f"(write labelled shards with `gigamim make-shards` from an ImageFolder)")
+        raise DataError(f"labels were asked for but sample {key!r} of {shard_name(url)} has no .cls member "
+                        f"(write labelled shards with `gigamim make-shards` from an ImageFolder)")
     try:
         return int(data.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
-        raise _NoLabel(f"data: sample {key!r} of {shard_name(url)} has a .cls member that is not an integer: "
-                       f"{data[:20]!r}") from None
+        raise DataError(f"sample {key!r} of {shard_name(url)} has a .cls member that is not an integer: "
+                        f"{data[:20]!r}") from None
 
 
 def _make_sample(cfg: _Config, key, files, parts, url):
-    """(image, mask or None, label or None, info) for one sample; raises BadSample."""
+    """(image, mask or None, label or None, info) for one sample; raises BadSample, or
+    DataError for a missing label."""
     if isinstance(files, _Lost):
         raise BadSample(files.reason)
     found = pick_image(files, cfg.image_key) if files is not None else None
@@ -252,13 +267,14 @@ class _Stream:
     def _salt(self, copy):
         return copy if self.cfg.mode == "epoch" else f"{copy}@{self.cfg.rank}.{self.k}"
 
-    def _make(self, item, *extra):
-        """(image, mask, label, info, slot); slot = what `_rebuild` needs to make it again."""
+    def _make(self, item, *extra) -> Sample:
+        """The sample of `item`; `extra` salts a re-made one (a probe, a substitute), which is
+        then not `valid`, like a padding repeat (copy > 0)."""
         key, files, copy, shard, idx = item
         parts = [self.cfg.seed, self.epoch, key, self._salt(copy), *extra]
         out = _make_sample(self.cfg, key, files, parts, self.cfg.urls[shard])
         self.decoded += 1
-        return (*out, [shard, idx, key, *parts[3:]])
+        return Sample(*out, slot=[shard, idx, key, *parts[3:]], valid=copy == 0 and not extra)
 
     def _account(self, info):
         if info["converted"]:
@@ -282,8 +298,8 @@ class _Stream:
     def batches(self):
         try:
             yield from self._batches()
-        except _NoLabel as exc:
-            yield {"error": str(exc)}
+        except DataError as exc:
+            yield {"error": exc}    # the object, not torch's re-raise with a traceback in it (errors.py)
 
     def _batches(self):
         mb = self.cfg.micro_batch_size
@@ -296,7 +312,7 @@ class _Stream:
                 try:
                     made[i] = self._make(item)
                     good.append(item)
-                    self._account(made[i][3])
+                    self._account(made[i].info)
                 except BadSample as exc:
                     self.skips[exc.reason] += 1
                     if not isinstance(item[1], _Lost):    # lost samples were reported once per shard
@@ -310,7 +326,7 @@ class _Stream:
                 continue
             for t, i in enumerate(bad):
                 made[i] = self._make(good[t % len(good)], "substitute", j, i)
-            yield self._emit(j, _assemble(self.cfg, made, self.in_worker), [m[4] for m in made])
+            yield self._emit(j, _assemble(self.cfg, made, self.in_worker), [m.slot for m in made])
 
     def _emit(self, j: int, batch: dict | None, slots) -> dict:
         now = dict(tario.BYTES_READ)
@@ -322,38 +338,37 @@ class _Stream:
         return {"batch": batch, "meta": meta, "desc": desc}
 
 
-def _assemble(cfg: _Config, made: list, in_worker: bool) -> dict:
+def _assemble(cfg: _Config, made: list[Sample], in_worker: bool) -> dict:
     mb, s = len(made), cfg.transform.img_size
     buf = torch.empty((mb, s, s, 3), dtype=torch.uint8)
     if in_worker:
         buf.share_memory_()   # filled in place: the hand-over to the main process then copies nothing
     nhwc = buf.numpy()
     for i, m in enumerate(made):
-        nhwc[i] = np.asarray(m[0])
+        nhwc[i] = np.asarray(m.image)
     # (B,3,H,W) view with channels-last strides: see SimMIMTransform.apply.
-    batch = {"image": buf.permute(0, 3, 1, 2), "key": [m[4][2] for m in made]}
+    batch = {"image": buf.permute(0, 3, 1, 2), "key": [m.slot[2] for m in made]}
     if cfg.masker is not None:
-        batch["mask"] = torch.from_numpy(np.stack([m[1] for m in made]))
+        batch["mask"] = torch.from_numpy(np.stack([m.mask for m in made]))
     if cfg.labels:
-        batch["label"] = torch.tensor([m[2] for m in made], dtype=torch.int64)
-    # False for padding repeats / substitutes (copy > 0 or a borrowed slot): an evaluation drops them.
-    batch["valid"] = torch.tensor([len(m[4]) == 4 and str(m[4][3]).split("@")[0] == "0" for m in made],
-                                  dtype=torch.bool)
+        batch["label"] = torch.tensor([m.label for m in made], dtype=torch.int64)
+    batch["valid"] = torch.tensor([m.valid for m in made], dtype=torch.bool)   # an evaluation drops the rest
     return batch
 
 
 def _rebuild(cfg: _Config, desc: dict) -> dict:
-    """A batch again from its slot descriptions (the state's `last_good`), in this process."""
+    """A batch again from its slot descriptions (the state's `last_good`), in this process.
+    It only ever stands in for a lost batch, so none of its samples is `valid`."""
     made = []
     for shard, idx, key, *rest in desc["slots"]:
         url = cfg.urls[shard]
         found = [(k, f) for _, k, f in iter_samples(_open_url(cfg, url), idx, idx + 1, read_exts=cfg.read_exts(),
                                                      read_images=True, retries=cfg.retries)]
         if not found or found[0][0] != key:
-            raise RuntimeError(f"data: cannot rebuild the saved last good batch: sample {idx} of {shard_name(url)} "
-                               f"is {found[0][0] if found else 'missing'!r}, not {key!r} (did the shards change?)")
+            raise DataError(f"cannot rebuild the saved last good batch: sample {idx} of {shard_name(url)} "
+                            f"is {found[0][0] if found else 'missing'!r}, not {key!r} (did the shards change?)")
         img, mask, label, _ = _make_sample(cfg, key, found[0][1], [cfg.seed, desc["epoch"], key, *rest], url)
-        made.append((img, mask, label, None, [shard, idx, key, *rest]))
+        made.append(Sample(img, mask, label, None, [shard, idx, key, *rest], valid=False))
     return _assemble(cfg, made, False)
 
 
@@ -559,9 +574,13 @@ class _ShardLoader:
                     shutdown()
 
     def _replacement(self):
+        """The rank's last good batch, standing in for a lost one: its samples were already
+        yielded, so none is `valid` here (an evaluation counts each sample once)."""
         if self._last_good is None and self._last_good_desc is not None:
             self._last_good = _rebuild(self.cfg, self._last_good_desc)
-        return self._last_good
+        if self._last_good is None:
+            return None
+        return {**self._last_good, "valid": torch.zeros_like(self._last_good["valid"])}
 
     def _ordered(self, batches, epoch: int, first: int, nb: int):
         """The epoch's batches in order, bad ones replaced, the position advanced."""
@@ -571,7 +590,7 @@ class _ShardLoader:
         bad_shards: set[str] = set()
         for item in batches:
             if "error" in item:
-                raise ValueError(item["error"])
+                raise item["error"]     # a DataError from the stream (a worker's, unpickled here)
             meta = item["meta"]
             pending[meta["b"]] = item
             while expected in pending:
@@ -588,15 +607,15 @@ class _ShardLoader:
                         continue
                 else:
                     self._last_good, self._last_good_desc = batch, item["desc"]
-                for _ in missing:       # batches that came before any readable one
-                    yield from self._advance(batch, epoch, nb)
+                for _ in missing:       # batches that came before any readable one: stand-ins
+                    yield from self._advance(self._replacement(), epoch, nb)
                 missing = []
                 yield from self._advance(batch, epoch, nb)
                 expected += 1
         if missing or expected < nb:
             shards = sorted(bad_shards) or self.cfg.urls
-            raise RuntimeError(
-                f"data: rank {self.cfg.rank} found no readable image in epoch {epoch} "
+            raise DataError(
+                f"rank {self.cfg.rank} found no readable image in epoch {epoch} "
                 f"({nb - first} batches planned, {expected - first} produced); skip counts "
                 f"{self.skip_counts}; shards: {_shard_list(shards)}")
 
@@ -651,9 +670,10 @@ class ClassificationLoader(_ShardLoader):
     `{"image": uint8 (B,3,H,W) channels-last, "label": int64 (B,), "key": list[str], "valid": bool (B,)}`.
 
     train=True: RandomResizedCrop(img_size, scale, ratio) + flip (probability hflip), shuffled; train=False: resize
-    to img_size / crop_pct + centre crop, shard order, and `valid` False on padding repeats
-    (drop those when averaging eval metrics so every sample counts once). `classes`: class
-    names from the index.json (None when it has none). Labels come from `.cls` members.
+    to img_size / crop_pct + centre crop, shard order, and `valid` False on padding repeats and
+    on images standing in for bad ones (drop those when averaging eval metrics so every sample
+    counts once). `classes`: class names from the index.json (None when it has none). Labels
+    come from `.cls` members.
     """
 
     STATE_FORMAT = "gigamim.data.ClassificationLoader/1"
@@ -678,7 +698,7 @@ class ClassificationLoader(_ShardLoader):
 
 
 def check_labelled(shards) -> None:
-    """Raise ValueError (one line) when the first sample of the first local shard of `shards`
+    """Raise DataError (one line) when the first sample of the first local shard of `shards`
     has no `.cls` label: unlabelled shards are refused before a run starts, instead of at its
     first batch. Remote and pipe: shards are not opened here (the loader still checks every
     sample it reads)."""
@@ -688,8 +708,8 @@ def check_labelled(shards) -> None:
         return
     for _, key, files in iter_samples(shardspec.local_path(first), stop=1, read_exts=("cls",)):
         if not files or "cls" not in files:
-            raise ValueError(f"data: {shards} is not labelled: sample {key!r} of {shard_name(first)} has no .cls member "
-                             "(write labelled shards with `gigamim make-shards` from an ImageFolder)")
+            raise DataError(f"{shards} is not labelled: sample {key!r} of {shard_name(first)} has no .cls member "
+                            "(write labelled shards with `gigamim make-shards` from an ImageFolder)")
         return
 
 

@@ -23,11 +23,11 @@ import os
 import re
 
 from gigamim.data import tario
+from gigamim.data.shardspec import shard_name
 
 
 def cache_name(url: str) -> str:
-    token = url.split()[-1] if url.startswith("pipe:") else url
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", token.rstrip("/").rsplit("/", 1)[-1])[-100:] or "shard"
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", shard_name(url))[-100:] or "shard"
     return f"{hashlib.sha1(url.encode('utf-8')).hexdigest()[:12]}-{base}"
 
 

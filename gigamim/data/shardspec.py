@@ -23,9 +23,12 @@ Rules
   optional "classes"}`); its relative URLs are relative to the index's own location
   (folder for a local index, URL for a remote one). A part naming a local folder means
   that folder's `index.json` if it has one, else every `*.tar` in it (sorted).
-- Kinds: `pipe:<command>` (run by webdataset's gopen), `file:<path>` and plain paths
+- Kinds: `pipe:<command>` (run by webdataset's gopen: everything after `pipe:` goes to the
+  shell whole, never split), `file:<path>` and plain paths
   (local), `<scheme>://...` or `<scheme>:...` (remote: `s3://`, `https://`, `gs://`, ...;
   opened by webdataset's gopen). Windows drive letters `C:\\...` are local.
+- A shard's name (`shard_name`: logs, cache files, matching an index's counts by basename)
+  is the basename of what its URL reads; for a `pipe:` command that is `pipe_source`.
 - Errors are `ShardSpecError` (a ValueError) with one line naming the spec and the problem:
   empty spec, unbalanced braces, empty folder, unreadable or malformed index.
 """
@@ -45,6 +48,8 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 _DRIVE = re.compile(r"^[a-zA-Z]:[\\/]")
+# webdataset's rule for the URL inside a pipe command (`webdataset.cache.pipe_cleaner`).
+_PIPE_URL_WORD = re.compile(r"^(https?|hdfs|gs|ais|s3):")
 
 
 class ShardSpecError(ValueError):
@@ -66,6 +71,25 @@ def url_kind(url: str) -> str:
     if url.startswith("file:") or _DRIVE.match(url) or not _SCHEME.match(url):
         return "local"
     return "remote"
+
+
+def pipe_source(url: str) -> str:
+    """What a URL reads: for `pipe:<command>`, the first word of the command that is an
+    http(s)/hdfs/gs/ais/s3 URL (`pipe:aws s3 cp s3://b/x.tar -` -> `s3://b/x.tar`), exactly
+    webdataset's `pipe_cleaner`, which is marked obsolete in webdataset 1.x, so it cannot be
+    called (it raises unless ALLOW_OBSOLETE=1); for a command without such a word
+    (`pipe:cat /data/x.tar`), its last word, where webdataset keeps the whole command (we
+    want a name from it). Any other URL is returned as it is."""
+    if not url.startswith("pipe:"):
+        return url
+    words = [w for w in url[len("pipe:"):].split(" ") if w]
+    return next((w for w in words if _PIPE_URL_WORD.match(w)), words[-1] if words else url)
+
+
+def shard_name(url: str) -> str:
+    """A short, stable name for logs, cache files and index matching: the basename of what
+    the URL reads (`pipe_source`)."""
+    return os.path.basename(pipe_source(url).rstrip("/")) or url
 
 
 def local_path(url: str) -> str:

@@ -4,7 +4,7 @@ Why not webdataset's `tarfile_to_samples`: exact resume must skip samples withou
 reading their bytes (on a local file, `tarfile` in "r:" mode seeks past unwanted
 members), and bad shards must be reported by reason, not raised or slept on.
 Opening still goes through `webdataset.gopen`, so `pipe:` URLs (`pipe:aws s3 cp s3://b/x.tar -`,
-`pipe:curl -s ...`) and `file:` work as in webdataset.
+`pipe:curl -s ...`: the whole command goes to the shell) and `file:` work as in webdataset.
 
 Sample grouping: exactly webdataset's rule (`tariterators.base_plus_ext` + `group_by_keys`).
 A member name splits at the FIRST dot of its basename: `dir.v2/k0.input.jpg` -> key
@@ -241,8 +241,3 @@ def pick_image(files: dict, image_key: str | tuple[str, ...] | None = None) -> t
     multi = sorted((IMAGE_EXTS.index(e.rsplit(".", 1)[-1]), e) for e in files if "." in e and is_image_ext(e))
     return (multi[0][1], files[multi[0][1]]) if multi else None
 
-
-def shard_name(url: str) -> str:
-    """A short, stable name for logs: the basename of the last path-like token."""
-    token = url.split()[-1] if url.startswith("pipe:") else url
-    return os.path.basename(token.rstrip("/")) or url

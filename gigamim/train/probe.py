@@ -27,6 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from gigamim.data.errors import DataError
+
 
 def stage_features(encoder: torch.nn.Module, x: torch.Tensor, stage: int | None = None) -> torch.Tensor:
     """(B, C) average-pooled features of the final normed map, or of stage ``stage``."""
@@ -63,7 +65,7 @@ def extract(encoder: torch.nn.Module, loader, stage: int | None = None, limit: i
     finally:
         batches.close()
     if not feats or n == 0:
-        raise ValueError("data: no labelled images were read")
+        raise DataError("no labelled images were read")
     x, y = torch.cat(feats).double(), torch.cat(labels)
     return (x[:limit], y[:limit]) if limit is not None else (x, y)
 
@@ -173,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{split}: {e}") from None
             features[split] = extract(encoder, loader, args.stage, args.limit)
         result = probe(encoder, features["train"], features["val"], args.stage, args.wd, args.max_iter)
-    except (EncoderLoadError, ValueError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not str(e).startswith("data:"):
-            raise  # not the loader's one-line data error: a bug, keep its traceback
+    except (EncoderLoadError, ValueError) as e:  # bad data is a ValueError too (data.errors.DataError)
         print(f"gigamim probe: error: {e}", file=sys.stderr)
         return 2
     result.update(info)

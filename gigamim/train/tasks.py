@@ -381,11 +381,13 @@ class FinetuneTask(Task):
         return self._loader(trainer, self.ft.train_shards, train=True, key="train_shards")
 
     def to_inputs(self, batch: dict, trainer) -> tuple:
+        from gigamim.data.errors import DataError
+
         labels = batch["label"]
         if len(labels) and int(labels.max()) >= self.ft.num_classes:
             i = int(labels.argmax())
-            raise ValueError(f"data: sample {batch['key'][i]!r} has label {int(labels[i])} but "
-                             f"finetune.num_classes={self.ft.num_classes}")
+            raise DataError(f"sample {batch['key'][i]!r} has label {int(labels[i])} but "
+                            f"finetune.num_classes={self.ft.num_classes}")
         return self.images(batch, trainer), labels.to(trainer.device, non_blocking=True)
 
     # -- the step

@@ -61,6 +61,7 @@ def build_parser(verb: Verb) -> argparse.ArgumentParser:
 def run(verb: Verb, argv: list[str] | None = None) -> int:
     args = build_parser(verb).parse_args(argv)
     from gigamim.config import load_config
+    from gigamim.data.errors import DataError
     from gigamim.runtime.dist import detect_launch, peer_lost
     from gigamim.train.classifier import FinetuneError
 
@@ -111,13 +112,11 @@ def run(verb: Verb, argv: list[str] | None = None) -> int:
             kind = "config" if isinstance(e, ConfigError) else "checkpoint" if isinstance(e, CheckpointError) else "input"
             print(f"gigamim {verb.name}: {kind} error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
-    except ValueError as e:
-        if not str(e).startswith("data:"):
-            raise
-        # Bad data (a sample without a label, a label >= num_classes) is met by the rank
-        # reading it: that rank says so.
+    except DataError as e:
+        # Bad data (a sample without a label, a label >= num_classes, no readable image) is
+        # met by the rank reading it, often in a DataLoader worker (`data.errors`): that rank says so.
         where = f" (rank {launch.rank})" if launch.world_size > 1 else ""
-        print(f"gigamim {verb.name}: error{where}: {e}", file=sys.stderr, flush=True)
+        print(f"gigamim {verb.name}: data error{where}: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
 
 
