@@ -1,6 +1,6 @@
 """Calibrate `gigamim plan`'s step-time model against real 2-rank ZeRO runs on CPU (gloo).
 
-    flock /tmp/gigamim-heavy.lock -c 'PYTHONPATH=$PWD python -m benchmarks.plan_calibration --out DIR'
+    flock /tmp/gigamim_heavy.lock nice python -m benchmarks.plan_calibration --stages 3 --fsdp2 1,0 --steps 5 --out DIR
 
 For each case (swinv2_tiny / swinv2_small x ZeRO-1/2/3 x checkpointing off/on) two ranks
 are started as plain processes (env:// rendezvous), each wraps the `torch.distributed`
@@ -261,6 +261,14 @@ def worker(case: dict, out_file: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {"case": case, "world": world}
     clock = case.get("clock", "cpu")
+    if case.get("chatter"):
+        # Rank 1 writes this many bytes of output before the first collective (as DeepSpeed's
+        # deprecation warnings do): the driver must not let a rank's output block it.
+        if rank == 1:
+            sys.stderr.write("x" * int(case["chatter"]) + "\n")
+            sys.stderr.flush()
+        dist.barrier()
+        return _finish(result, rank, out_file)
     if case.get("inputs"):
         result["micro_batch"] = case["micro_batch"]
         _measure_inputs(result, counter, clock)
