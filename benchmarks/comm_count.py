@@ -56,16 +56,20 @@ _SIZES = {
 
 
 class CollectiveCounter:
-    """Bytes, calls and wall seconds per collective kind since the last `reset()`.
+    """Bytes, calls, wall seconds and CPU seconds per collective kind since the last `reset()`.
 
     Seconds are host wall time inside the call (gloo collectives are synchronous on CPU;
     an async handle's wait is not included, which is why the CPU harness turns overlap off).
+    Wall time includes waiting for the slower rank (and, on a shared machine, for the core);
+    CPU seconds (this process, all threads: gloo's worker thread does the copies) do not,
+    so on a busy machine they are the measure of what the collective itself costs.
     """
 
     def __init__(self):
         self.bytes = defaultdict(int)
         self.calls = defaultdict(int)
         self.seconds = defaultdict(float)
+        self.cpu_seconds = defaultdict(float)
         self.enabled = True
         self._depth = threading.local()
         self._originals = []
@@ -74,9 +78,11 @@ class CollectiveCounter:
         self.bytes.clear()
         self.calls.clear()
         self.seconds.clear()
+        self.cpu_seconds.clear()
 
     def snapshot(self) -> dict:
-        return {"bytes": dict(self.bytes), "calls": dict(self.calls), "seconds": dict(self.seconds)}
+        return {"bytes": dict(self.bytes), "calls": dict(self.calls), "seconds": dict(self.seconds),
+                "cpu_seconds": dict(self.cpu_seconds)}
 
     def _wrap(self, name, fn):
         import inspect
@@ -92,9 +98,10 @@ class CollectiveCounter:
             self._depth.n = 1
             try:
                 bound = sig.bind_partial(*args, **kwargs).arguments
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = fn(*args, **kwargs)
                 self.seconds[kind] += time.perf_counter() - t0
+                self.cpu_seconds[kind] += time.process_time() - c0
                 self.bytes[kind] += size(bound)
                 self.calls[kind] += 1
                 return out

@@ -71,13 +71,14 @@ def fit_zero_passes(raw: dict, model: str = "swinv2_tiny") -> tuple:
     `model` runs WITHOUT checkpointing only; every other run is predicted with them."""
     from gigamim.tools.model_facts import model_facts
 
-    meta, inputs = raw["meta"], raw["inputs"]
+    meta = raw["meta"]
     passes = [0.0, 0.0, 0.0, 0.0]
-    fresh = inputs.get("fresh_gbps", inputs["mem_gbps"]) * 1e9
     for run in raw["runs"]:
         c = run["case"]
         if c["model"] != model or c["ckpt"] or is_fsdp2(run):
             continue
+        inputs = inputs_of(raw, run)
+        fresh = inputs.get("fresh_gbps", inputs["mem_gbps"]) * 1e9
         base = predict(run, inputs, meta["img_size"], meta["window_size"])["step_s"]
         P = model_facts(c["model"], meta["img_size"], meta["window_size"]).params
         reps = 1 if c["stage"] == 1 else c["accumulation"]  # as step_model counts them
@@ -96,15 +97,22 @@ def fit_fsdp_passes(raw: dict, model: str = "swinv2_tiny") -> float:
     without checkpointing; every other FSDP2 run is predicted with it."""
     from gigamim.tools.model_facts import model_facts
 
-    meta, inputs = raw["meta"], raw["inputs"]
-    fresh = inputs.get("fresh_gbps", inputs["mem_gbps"]) * 1e9
+    meta = raw["meta"]
     for run in raw["runs"]:
         if is_fsdp2_fit_run(run, model):
             c = run["case"]
+            inputs = inputs_of(raw, run)
+            fresh = inputs.get("fresh_gbps", inputs["mem_gbps"]) * 1e9
             base = predict(run, inputs, meta["img_size"], meta["window_size"])["step_s"]
             P = model_facts(c["model"], meta["img_size"], meta["window_size"]).params
             return max(0.0, (run["step_s"] - base) / (c["accumulation"] * P * 4 / fresh))
     return 0.0
+
+
+def inputs_of(raw: dict, run: dict) -> dict:
+    """The inputs measured right before this run (in its own processes) where the harness did
+    that, else the ones measured once before all runs."""
+    return run.get("inputs") or raw["inputs"]
 
 
 def plan_label(run: dict) -> str:
@@ -115,11 +123,12 @@ def plan_label(run: dict) -> str:
 
 
 def build_table(raw: dict) -> list:
-    meta, inputs = raw["meta"], raw["inputs"]
+    meta = raw["meta"]
     passes = fit_zero_passes(raw)
     fsdp_passes = fit_fsdp_passes(raw)
     rows = []
     for run in raw["runs"]:
+        inputs = inputs_of(raw, run)
         first = predict(run, inputs, meta["img_size"], meta["window_size"])
         pred = predict(run, inputs, meta["img_size"], meta["window_size"], passes, fsdp_passes)
         measured_bytes = {k: v for k, v in run["bytes_per_step"].items() if v >= 1024}  # scalars (grad norm) aside
@@ -172,6 +181,11 @@ def markdown(raw: dict, rows: list) -> str:
         f"Bytes: logical buffer per collective, counted by wrapping torch.distributed (benchmarks/comm_count.py), "
         f"per step after {rows[0]['steps'] and raw['runs'][0]['case']['warmup']} warm-up step(s).",
         "",
+        *([f"Clock: every time (steps and inputs) in each rank's {meta['clock']} seconds"
+           + (" (user + sys; a step is the slower rank's, median over the timed steps)" if meta["clock"] == "cpu"
+              else "") + (". Inputs measured again right before each run, in its own processes, and used for "
+                          "that run; below: the ones measured once before all runs" if meta.get(
+                              "inputs_before_each_case") else "") + ".", ""] if "clock" in meta else []),
         "Model inputs, all measured in the same 2-process harness before the runs: "
         f"fp32 GEMM {inp['gemm_tflops'] * 1e3:.1f} GFLOP/s per rank; efficiency {inp['efficiency']:.3f} "
         f"(plain swinv2_tiny forward + backward, no DeepSpeed); copy bandwidth {inp['mem_gbps']:.2f} GB/s; "

@@ -343,6 +343,16 @@ def _counted_vs_predicted(stage: int, ckpt: int, tmp_path):
         assert predicted[kind] == pytest.approx(n, rel=0.05), (kind, counted, predicted)
 
 
+def test_calibration_ranks_output_does_not_block_the_pair(tmp_path):
+    # A rank that writes more than a pipe holds (DeepSpeed's deprecation warnings did, on
+    # swinv2_small) before a collective: with the ranks' output on pipes read one rank at a
+    # time, it blocked on the write while its peer waited in the collective, until the timeout.
+    from gigamim_benchmarks.plan_calibration import run_case
+
+    run = run_case({"chatter": 1 << 20}, tmp_path, timeout=90)
+    assert run["world"] == 2
+
+
 def test_zero3_bytes_match_counted_collectives(tmp_path):
     _counted_vs_predicted(3, 1, tmp_path)
 
