@@ -49,7 +49,7 @@ def predict(run: dict, inputs: dict, img_size: int, window: int, zero_passes=(0.
 
     case = run["case"]
     device, net, costs, prec = calibration_inputs(inputs, zero_passes)
-    costs = replace(costs, fsdp_passes=fsdp_passes)
+    costs = replace(costs, fsdp_passes=fsdp_passes, forward_efficiency=inputs.get("efficiency_forward"))
     facts = model_facts(case["model"], img_size, window)
     ckpt = 1 if case["ckpt"] else 0
     if is_fsdp2(run):

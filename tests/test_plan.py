@@ -300,6 +300,13 @@ def test_train_flops_count_recompute_of_checkpointed_blocks():
     blocks = f - non_block
     assert step_model.train_flops_per_image(facts, Candidate(1, mb)) == pytest.approx(3 * f)
     assert step_model.train_flops_per_image(facts, Candidate(1, mb, ckpt_every=1)) == pytest.approx(3 * f + blocks)
+    # A recompute is a forward: at forward_efficiency, the rest at efficiency (compute_s, one
+    # micro-step, one rank, no communication: written out from the FLOPs above).
+    device = hardware.Device("test", 100.0, 80.0, 2000.0)
+    costs = step_model.Costs(efficiency=0.5, forward_efficiency=0.25)
+    got = step_model.step_time(facts, Candidate(1, mb, ckpt_every=1), 1, 1, device, hardware.Network(),
+                               costs=costs)["compute_s"]
+    assert got == pytest.approx(mb * 3 * f / (100e12 * 0.5) + mb * blocks / (100e12 * 0.25), rel=1e-9)
 
 
 def test_plan_giant_64_gpus_table_and_json_agree(capsys):

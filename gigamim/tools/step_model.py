@@ -100,6 +100,7 @@ class Costs:
     """Stated host/device constants (see the module docstring)."""
 
     efficiency: float = 0.50
+    forward_efficiency: float | None = None  # of a forward alone (recomputes); None: efficiency
     overlap: float = 0.8
     optim_bytes_per_param: float = 36.0
     optim_s_per_param: float | None = None  # measured (CPU calibration) instead of the bytes model
@@ -117,7 +118,8 @@ class Costs:
     # FSDP2's copies around its collectives (all-gather copy-in / copy-out into the unsharded
     # parameters, reduce-scatter copy-in), passes over P x param_bytes per micro-step at
     # `buffer_bps`. GPU default ~3 (copy-out forward and backward, reduce-scatter copy-in);
-    # the CPU fit is in benchmarks/results/plan_calibration_2026-12-04.
+    # the CPU fit (CPU-seconds clock) is 0.00: benchmarks/results/plan_calibration_2026-12-04_cpu
+    # (the wall-clock fit of 1.41 in plan_calibration_2026-12-04 was the shared machine's load).
     fsdp_passes: float = 3.0
     buffer_bps: float | None = None
     cpu_ms_per_image: float = 2.5
@@ -169,14 +171,19 @@ def recomputed_blocks(facts: ModelFacts, ckpt_every: int) -> list:
     return [i % ckpt_every == 0 for i in range(n)]
 
 
+def recompute_flops_per_image(facts: ModelFacts, cand: Candidate) -> float:
+    """The forward of every recomputed block; sequential attention recomputes its chunks' QK^T /
+    AV in backward (as the memory model assumes), once more for those stages."""
+    on = recomputed_blocks(facts, cand.ckpt_every)
+    extra = sum(f for f, r in zip(facts.block_flops, on) if r)
+    seq = sum(a for a, st, r in zip(facts.block_attn_flops, facts.block_stage, on)
+              if st in cand.sequential_stages and not r)
+    return extra + seq
+
+
 def train_flops_per_image(facts: ModelFacts, cand: Candidate) -> float:
-    """3 x forward + the forward of every recomputed block; sequential attention recomputes its
-    chunks' QK^T / AV in backward (as the memory model assumes), once more for those stages."""
-    extra = sum(f for f, on in zip(facts.block_flops, recomputed_blocks(facts, cand.ckpt_every)) if on)
-    seq = sum(a for a, st, on in zip(facts.block_attn_flops, facts.block_stage,
-                                     recomputed_blocks(facts, cand.ckpt_every))
-              if st in cand.sequential_stages and not on)
-    return 3 * (facts.forward_flops + facts.cpb_flops / cand.micro_batch) + extra + seq
+    """3 x forward + what is recomputed (`recompute_flops_per_image`)."""
+    return 3 * (facts.forward_flops + facts.cpb_flops / cand.micro_batch) + recompute_flops_per_image(facts, cand)
 
 
 def comm_plan(facts: ModelFacts, cand: Candidate, ranks: int, gpus_per_node: int, knobs: ZeroKnobs,
@@ -258,7 +265,11 @@ def step_time(facts: ModelFacts, cand: Candidate, ranks: int, gpus_per_node: int
     mb, acc = cand.micro_batch, cand.accumulation
     flops_img = train_flops_per_image(facts, cand)
     rate = device.peak_tflops * 1e12 * costs.efficiency
-    compute_micro = mb * flops_img / rate
+    # A recompute is a forward, which reaches a slightly lower fraction of the peak than a
+    # forward + backward (CPU: 0.47-0.53 vs 0.51-0.57, plan_calibration_2026-12-04_cpu).
+    recompute = recompute_flops_per_image(facts, cand)
+    fwd_rate = device.peak_tflops * 1e12 * (costs.forward_efficiency or costs.efficiency)
+    compute_micro = mb * (flops_img - recompute) / rate + mb * recompute / fwd_rate
     bwd_micro = compute_micro * 2 / 3
     plan = comm_plan(facts, cand, ranks, gpus_per_node, knobs, prec)
     t = {w: 0.0 for w in ("micro_fwd", "micro_bwd", "boundary", "post")}
