@@ -336,6 +336,8 @@ def _assemble(cfg: _Config, made: list, in_worker: bool) -> dict:
         batch["mask"] = torch.from_numpy(np.stack([m[1] for m in made]))
     if cfg.labels:
         batch["label"] = torch.tensor([m[2] for m in made], dtype=torch.int64)
+    if "erase_seed" in made[0][3]:   # per-sample seeds of transforms.random_erasing (on the device)
+        batch["erase_seed"] = torch.tensor([m[3]["erase_seed"] for m in made], dtype=torch.int64)
     # False for padding repeats / substitutes (copy > 0 or a borrowed slot): an evaluation drops them.
     batch["valid"] = torch.tensor([len(m[4]) == 4 and str(m[4][3]).split("@")[0] == "0" for m in made],
                                   dtype=torch.bool)
@@ -352,8 +354,8 @@ def _rebuild(cfg: _Config, desc: dict) -> dict:
         if not found or found[0][0] != key:
             raise RuntimeError(f"data: cannot rebuild the saved last good batch: sample {idx} of {shard_name(url)} "
                                f"is {found[0][0] if found else 'missing'!r}, not {key!r} (did the shards change?)")
-        img, mask, label, _ = _make_sample(cfg, key, found[0][1], [cfg.seed, desc["epoch"], key, *rest], url)
-        made.append((img, mask, label, None, [shard, idx, key, *rest]))
+        img, mask, label, info = _make_sample(cfg, key, found[0][1], [cfg.seed, desc["epoch"], key, *rest], url)
+        made.append((img, mask, label, info, [shard, idx, key, *rest]))
     return _assemble(cfg, made, False)
 
 
@@ -650,7 +652,9 @@ class ClassificationLoader(_ShardLoader):
     (exact and elastic resume, bad-data handling, cache):
     `{"image": uint8 (B,3,H,W) channels-last, "label": int64 (B,), "key": list[str], "valid": bool (B,)}`.
 
-    train=True: RandomResizedCrop(img_size, scale, ratio) + flip (probability hflip), shuffled; train=False: resize
+    train=True: RandomResizedCrop(img_size, scale, ratio) + flip (probability hflip) + timm's `auto_augment`
+    policy, shuffled; with reprob > 0 batches carry "erase_seed" (int64 (B,)) for transforms.random_erasing on
+    the normalised images; train=False: resize
     to img_size / crop_pct + centre crop, shard order, and `valid` False on padding repeats
     (drop those when averaging eval metrics so every sample counts once). `classes`: class
     names from the index.json (None when it has none). Labels come from `.cls` members.
@@ -663,7 +667,7 @@ class ClassificationLoader(_ShardLoader):
                  seed: int = 0, img_size: int = 224, train: bool = True, mode: str = "epoch",
                  shuffle_buffer: int | None = None, index=None, image_key: str | None = None,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, crop_pct: float = 0.875,
-                 cache_dir: str | None = None,
+                 auto_augment: str | None = None, reprob: float = 0.0, cache_dir: str | None = None,
                  cache_size: int | None = None, pin_memory: bool = False, prefetch_factor: int = 2,
                  multiprocessing_context=None):
         if shuffle_buffer is None:
@@ -672,7 +676,7 @@ class ClassificationLoader(_ShardLoader):
                     mode=mode, shuffle_buffer=shuffle_buffer, index=index, pin_memory=pin_memory,
                     prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context,
                     transform=ClassifyTransform(img_size, train=train, scale=scale, ratio=ratio, hflip=hflip,
-                                                crop_pct=crop_pct),
+                                                crop_pct=crop_pct, auto_augment=auto_augment, reprob=reprob),
                     masker=None, labels=True, image_key=image_key, cache_dir=cache_dir, cache_size=cache_size)
         self.train = train
 
