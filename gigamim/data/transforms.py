@@ -305,6 +305,7 @@ def _default_generator(device: torch.device) -> torch.Generator:
     if device.type == "cpu":
         return torch.default_generator
     backend = getattr(torch, device.type)
+    backend.init()  # (a no-op once the images are there) default_generators is filled by the lazy init
     return backend.default_generators[device.index if device.index is not None else backend.current_device()]
 
 
