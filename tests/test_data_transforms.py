@@ -179,3 +179,25 @@ def test_eval_view_and_default_train_view_are_not_augmented():
     rrc_params(96, 80, ref, (0.08, 1.0))
     ref.random()
     assert rng.random() == ref.random()   # the plain train view drew only the crop and the flip
+
+
+def test_loader_ships_per_sample_erase_seeds_independent_of_workers(tmp_path):
+    """The train ClassificationLoader carries each sample's `erase_seed` (int64) next to its
+    RandAugment'd image; 0 or 2 workers give the same images and seeds (they come from the
+    sample's stream, not a worker's), an eval loader carries none."""
+    from gigamim.data.loader import ClassificationLoader
+    from tests.test_data_helpers import write_dataset
+
+    index, _ = write_dataset(tmp_path, [5, 3], w=48, h=40)
+    kw = dict(img_size=32, auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
+    runs = []
+    for workers in (0, 2):   # the order of samples depends on the worker count; a sample's view does not
+        it = iter(ClassificationLoader(index, 4, num_workers=workers, **kw))
+        batches = [next(it) for _ in range(2)]   # one epoch: all 8 samples
+        assert all(b["erase_seed"].dtype == torch.int64 for b in batches)
+        runs.append({k: (b["image"][i], int(b["erase_seed"][i])) for b in batches for i, k in enumerate(b["key"])})
+    assert len(runs[0]) == 8 and runs[0].keys() == runs[1].keys()
+    assert len({seed for _, seed in runs[0].values()}) == 8
+    for k, (img, seed) in runs[0].items():
+        assert torch.equal(img, runs[1][k][0]) and seed == runs[1][k][1]
+    assert "erase_seed" not in next(iter(ClassificationLoader(index, 4, num_workers=0, train=False, **kw)))
