@@ -168,6 +168,13 @@ class FinetuneConfig:
     ema_decay: float = 0.9999
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
     hflip: bool = True
+    # The official loaders' augmentation (timm's create_transform with the AUG.* defaults of
+    # microsoft/SimMIM and microsoft/Swin-Transformer config.py); timm's color jitter is skipped
+    # whenever a policy is set, so the official pipeline has none (AUG.COLOR_JITTER unused).
+    auto_augment: str = "rand-m9-mstd0.5-inc1"  # timm policy string (RandAugment 'rand-*', 'augmix-*', 'v0'); "" off
+    reprob: float = 0.25  # random erasing probability per image (0 off), on the normalised image
+    remode: str = "pixel"  # erased box fill: pixel (per-pixel N(0,1)), rand (per-channel), const (zero)
+    recount: int = 1  # erasing boxes per image: 1..recount
 
 
 @dataclass
@@ -465,6 +472,19 @@ def _validate_finetune(ft: FinetuneConfig) -> None:
         raise ConfigError(f"finetune.ema_decay must be in (0, 1); got {ft.ema_decay}")
     if len(ft.crop_scale) != 2 or not 0.0 < ft.crop_scale[0] <= ft.crop_scale[1] <= 1.0:
         raise ConfigError(f"finetune.crop_scale must be [min, max] with 0 < min <= max <= 1; got {ft.crop_scale}")
+    if not 0.0 <= ft.reprob <= 1.0:
+        raise ConfigError(f"finetune.reprob must be in [0, 1] (0: no random erasing); got {ft.reprob}")
+    if ft.remode not in ("pixel", "rand", "const"):
+        raise ConfigError(f"finetune.remode must be pixel, rand or const; got {ft.remode!r}")
+    if ft.recount < 1:
+        raise ConfigError(f"finetune.recount must be >= 1; got {ft.recount}")
+    if ft.auto_augment and ft.auto_augment != "none":
+        from gigamim.data.transforms import auto_augment_transform
+
+        try:
+            auto_augment_transform(str(ft.auto_augment), 224)
+        except ValueError as e:
+            raise ConfigError(f"finetune.auto_augment: {e} (e.g. rand-m9-mstd0.5-inc1; \"\" for none)") from None
 
 
 def missing_local_shards(spec) -> list[str]:

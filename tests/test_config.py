@@ -177,6 +177,10 @@ def test_finetune_section_is_part_of_the_config():
     ("finetune.mixup_prob=1.5", "finetune.mixup_prob must be in [0, 1]"),
     ("finetune.label_smoothing=1", "finetune.label_smoothing must be in [0, 1)"),
     ("finetune.crop_scale=[0.9, 0.1]", "finetune.crop_scale must be [min, max]"),
+    ("finetune.auto_augment=rand-m9-foo1", "finetune.auto_augment: not a timm augmentation policy: 'rand-m9-foo1'"),
+    ("finetune.reprob=1.5", "finetune.reprob must be in [0, 1]"),
+    ("finetune.remode=noise", "finetune.remode must be pixel, rand or const"),
+    ("finetune.recount=0", "finetune.recount must be >= 1"),
 ])
 def test_bad_finetune_values_are_one_line(item, want):
     with pytest.raises(ConfigError) as e:

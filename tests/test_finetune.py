@@ -213,14 +213,15 @@ def test_swin_table_and_vit_pos_embed_follow_the_new_geometry(tmp_path):
     assert vit(torch.zeros(1, 3, 96, 96)).shape == (1, 64)
 
 
-def _in_process(shards, tmp_path, run_dir, name, kw, extra=(), zero="zero1"):
-    """`gigamim finetune` in this process (a group of one), from a SimMIM file of `name`."""
+def _in_process(shards, tmp_path, run_dir, name, kw, extra=(), zero="zero1", resume=False):
+    """`gigamim finetune` in this process (a group of one), from a SimMIM file of `name`
+    (resume: continue `run_dir` with `--resume auto`)."""
     items = [s for s in BASE if not s.startswith(("model.", "deepspeed."))] + [
         f"model.name={name}", *(f"model.{k}={v}" for k, v in kw.items()), f"deepspeed.config={zero}",
         f"finetune.train_shards={shards['train']}", f"finetune.val_shards={shards['val']}",
         f"finetune.weights={_pretrained(tmp_path, name, kw)}", "data.num_workers=0", "log.progress_bar=false",
         f"checkpoint.dir={run_dir}/ckpt", f"log.dir={run_dir}/logs", *extra]
-    return finetune.main([a for s in items for a in ("--set", s)])
+    return finetune.main(["--resume", "auto"] * resume + [a for s in items for a in ("--set", s)])
 
 
 @pytest.mark.parametrize("name,kw,timm_path", [
@@ -385,3 +386,27 @@ def test_fsdp2_reads_the_weights_into_the_sharded_model(shards, tmp_path):
     for k, v in pretrained.items():
         torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-8, msg=k)
     assert _metrics(tmp_path / "r")[-1]["top1"] is not None
+
+
+def test_official_augmentation_trains_and_resumes_exactly(shards, tmp_path):
+    """The official loaders' augmentation on (timm RandAugment rand-m9-mstd0.5-inc1; random
+    erasing with p 1 and up to 2 boxes so every image is erased) in a real run whose transforms
+    run in a DataLoader worker: a stop at step 2 + `--resume auto` gives bit-identical losses and
+    accuracies (the worker's global RNGs are not in the checkpoint: only per-sample seeds make
+    this hold), and the same run without augmentation gives other losses (it reached the model)."""
+    kw = dict(img_size=32, window_size=4)
+    common = ["train.max_steps=4", "checkpoint.every_steps=2", "finetune.eval_every_steps=2", "data.num_workers=1",
+              "finetune.mixup=0", "finetune.cutmix=0"]   # Mixup off: the losses then show the images alone
+    aug = common + ["finetune.auto_augment=rand-m9-mstd0.5-inc1", "finetune.reprob=1.0", "finetune.remode=pixel",
+                    "finetune.recount=2"]
+    full, split, plain = tmp_path / "full", tmp_path / "split", tmp_path / "plain"
+    assert _in_process(shards, tmp_path, full, "swinv2_nano", kw, aug) == 0
+    assert _in_process(shards, tmp_path, split, "swinv2_nano", kw, aug + ["train.stop_at_step=2"]) == 0
+    assert _in_process(shards, tmp_path, split, "swinv2_nano", kw, aug, resume=True) == 0
+    assert _in_process(shards, tmp_path, plain, "swinv2_nano", kw,
+                       common + ["finetune.auto_augment=", "finetune.reprob=0"]) == 0
+    a, b, c = _metrics(full), _metrics(split), _metrics(plain)
+    keys = ("step", "loss", "top1", "top5")
+    assert [tuple(r.get(k) for k in keys) for r in a] == [tuple(r.get(k) for k in keys) for r in b]
+    assert [r["step"] for r in a] == [1, 2, 3, 4] and a[3]["top1"] is not None
+    assert a[0]["loss"] != c[0]["loss"]

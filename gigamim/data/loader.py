@@ -144,7 +144,7 @@ class Sample(NamedTuple):
     image: Any               # PIL image, uint8 RGB, cropped to img_size
     mask: Any                # np.ndarray (SimMIM) or None
     label: int | None
-    info: dict | None        # what the transform repaired (counted by `_Stream._account`); None when rebuilt
+    info: dict | None        # what the transform repaired (counted by `_Stream._account`), its erase_seed
     slot: list               # [shard, index, key, salt, *extra]: what `_rebuild` needs to make it again
     valid: bool              # a sample's own first appearance in the epoch: False for padding repeats,
                              # substitutes in a bad sample's slot and stand-ins for a lost batch
@@ -352,6 +352,8 @@ def _assemble(cfg: _Config, made: list[Sample], in_worker: bool) -> dict:
         batch["mask"] = torch.from_numpy(np.stack([m.mask for m in made]))
     if cfg.labels:
         batch["label"] = torch.tensor([m.label for m in made], dtype=torch.int64)
+    if "erase_seed" in (made[0].info or {}):   # per-sample seeds of transforms.random_erasing (on the device)
+        batch["erase_seed"] = torch.tensor([m.info["erase_seed"] for m in made], dtype=torch.int64)
     batch["valid"] = torch.tensor([m.valid for m in made], dtype=torch.bool)   # an evaluation drops the rest
     return batch
 
@@ -367,8 +369,8 @@ def _rebuild(cfg: _Config, desc: dict) -> dict:
         if not found or found[0][0] != key:
             raise DataError(f"cannot rebuild the saved last good batch: sample {idx} of {shard_name(url)} "
                             f"is {found[0][0] if found else 'missing'!r}, not {key!r} (did the shards change?)")
-        img, mask, label, _ = _make_sample(cfg, key, found[0][1], [cfg.seed, desc["epoch"], key, *rest], url)
-        made.append(Sample(img, mask, label, None, [shard, idx, key, *rest], valid=False))
+        img, mask, label, info = _make_sample(cfg, key, found[0][1], [cfg.seed, desc["epoch"], key, *rest], url)
+        made.append(Sample(img, mask, label, info, [shard, idx, key, *rest], valid=False))
     return _assemble(cfg, made, False)
 
 
@@ -669,11 +671,13 @@ class ClassificationLoader(_ShardLoader):
     (exact and elastic resume, bad-data handling, cache):
     `{"image": uint8 (B,3,H,W) channels-last, "label": int64 (B,), "key": list[str], "valid": bool (B,)}`.
 
-    train=True: RandomResizedCrop(img_size, scale, ratio) + flip (probability hflip), shuffled; train=False: resize
-    to img_size / crop_pct + centre crop, shard order, and `valid` False on padding repeats and
-    on images standing in for bad ones (drop those when averaging eval metrics so every sample
-    counts once). `classes`: class names from the index.json (None when it has none). Labels
-    come from `.cls` members.
+    train=True: RandomResizedCrop(img_size, scale, ratio) + flip (probability hflip) + timm's
+    `auto_augment` policy, shuffled; with reprob > 0 batches carry "erase_seed" (int64 (B,)) for
+    transforms.random_erasing on the normalised images; train=False: resize to img_size /
+    crop_pct + centre crop, shard order, and `valid` False on padding repeats and on images
+    standing in for bad ones (drop those when averaging eval metrics so every sample counts
+    once). `classes`: class names from the index.json (None when it has none). Labels come
+    from `.cls` members.
     """
 
     STATE_FORMAT = "gigamim.data.ClassificationLoader/1"
@@ -683,7 +687,7 @@ class ClassificationLoader(_ShardLoader):
                  seed: int = 0, img_size: int = 224, train: bool = True, mode: str = "epoch",
                  shuffle_buffer: int | None = None, index=None, image_key: str | None = None,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, crop_pct: float = 0.875,
-                 cache_dir: str | None = None,
+                 auto_augment: str | None = None, reprob: float = 0.0, cache_dir: str | None = None,
                  cache_size: int | None = None, pin_memory: bool = False, prefetch_factor: int = 2,
                  multiprocessing_context=None):
         if shuffle_buffer is None:
@@ -692,7 +696,7 @@ class ClassificationLoader(_ShardLoader):
                     mode=mode, shuffle_buffer=shuffle_buffer, index=index, pin_memory=pin_memory,
                     prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context,
                     transform=ClassifyTransform(img_size, train=train, scale=scale, ratio=ratio, hflip=hflip,
-                                                crop_pct=crop_pct),
+                                                crop_pct=crop_pct, auto_augment=auto_augment, reprob=reprob),
                     masker=None, labels=True, image_key=image_key, cache_dir=cache_dir, cache_size=cache_size)
         self.train = train
 

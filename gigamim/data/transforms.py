@@ -14,10 +14,19 @@ which worker made it. Two shortcuts keep it at the decode-cost floor:
 EXIF orientation (phone and camera photos) is applied as `PIL.ImageOps.exif_transpose`
 does: the crop is drawn on the upright image, the (drafted) decode is transposed before
 the crop-resize, and `info["exif_transposed"]` records it (-> fix_counts).
+
+Fine-tuning adds the official loaders' RandAugment and random erasing (microsoft/SimMIM
+`data/data_finetune.py`, microsoft/Swin-Transformer `data/build.py`: timm's `create_transform`
+with AUG.AUTO_AUGMENT 'rand-m9-mstd0.5-inc1', REPROB 0.25, REMODE 'pixel', RECOUNT 1), run by
+timm's own ops. Both draw from process-global RNGs (timm's RandAugment: Python's `random` and
+numpy's; RandomErasing: `random` and torch's default generator of the image's device), so each
+runs under a seed drawn from the sample's own rng, with the global states put back afterwards:
+a sample's augmentation then depends on nothing but (seed, epoch, key), like its crop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
@@ -210,20 +219,115 @@ class ClassifyTransform(SimMIMTransform):
     """Fine-tuning / linear-probe views, bytes -> uint8 (3, S, S), same decode path (draft, EXIF).
 
     train: RandomResizedCrop(S, scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip (timm's
-        and torchvision's defaults); eval: resize the shorter side to S / crop_pct, centre crop
-        S (timm's eval transform, crop_pct 0.875), done as one box resize of the centre region."""
+        and torchvision's defaults), then `auto_augment` (timm's policy string, e.g. the official
+        'rand-m9-mstd0.5-inc1'; None: off) on the PIL crop; with `reprob` > 0 each sample also
+        gets `info["erase_seed"]` for `random_erasing`, which runs after normalisation (on the
+        device) as in timm's pipeline. eval: resize the shorter side to S / crop_pct, centre crop
+        S (timm's eval transform, crop_pct 0.875), done as one box resize of the centre region;
+        never augmented."""
 
     def __init__(self, img_size: int = 224, train: bool = True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                 hflip: float = 0.5, crop_pct: float = 0.875, use_draft: bool = True):
+                 hflip: float = 0.5, crop_pct: float = 0.875, use_draft: bool = True,
+                 auto_augment: str | None = None, reprob: float = 0.0):
         super().__init__(img_size, scale, ratio, hflip if train else 0.0, use_draft)
         self.train = train
         self.crop_pct = crop_pct
+        on = train and auto_augment and auto_augment != "none"   # 'none': the official configs' "off"
+        self.auto_augment = auto_augment_transform(auto_augment, img_size) if on else None
+        self.reprob = reprob if train else 0.0
 
     def crop_params(self, width: int, height: int, rng: random.Random):
         if self.train:
             return super().crop_params(width, height, rng)
         side = min(width, height) * self.img_size / math.floor(self.img_size / self.crop_pct)
         return (height - side) / 2, (width - side) / 2, side, side, False
+
+    def apply(self, data: bytes, rng: random.Random) -> tuple[Image.Image, dict]:
+        # Seeds are drawn after the crop's draws only when the feature is on: without
+        # augmentation the crops (and every earlier run's stream) are what they were.
+        out, info = super().apply(data, rng)
+        if self.auto_augment is not None:
+            with global_rngs_seeded(rng.getrandbits(63)):
+                out = self.auto_augment(out)
+        if self.reprob > 0:
+            info["erase_seed"] = rng.getrandbits(63)  # int64-safe: travels in the batch
+        return out, info
+
+
+# The official fine-tuning interpolation (DATA.INTERPOLATION 'bicubic' in both official config.py
+# files); timm's create_transform hands it to the augmentation ops (rotate, shear, translate).
+AUGMENT_INTERPOLATION = "bicubic"
+
+
+def auto_augment_transform(policy: str, img_size: int, mean=IMAGENET_MEAN):
+    """timm's augmentation op for `policy`, with the hparams timm's `transforms_imagenet_train`
+    gives it (translate 45% of the image side, fill = the dataset mean, the interpolation):
+    'rand-*' RandAugment, 'augmix-*' AugMix, otherwise AutoAugment ('v0', 'original', ...).
+    Raises ValueError (one line) for a policy timm cannot parse."""
+    from timm.data.auto_augment import augment_and_mix_transform, rand_augment_transform
+    from timm.data.auto_augment import auto_augment_transform as timm_auto_augment
+    from timm.data.transforms import str_to_pil_interp
+
+    hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * x)) for x in mean),
+                   interpolation=str_to_pil_interp(AUGMENT_INTERPOLATION))
+    try:
+        if policy.startswith("rand"):
+            return rand_augment_transform(policy, hparams)
+        if policy.startswith("augmix"):
+            return augment_and_mix_transform(policy, dict(hparams, translate_pct=0.3))
+        return timm_auto_augment(policy, hparams)
+    except (AssertionError, KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"not a timm augmentation policy: {policy!r}" + (f" ({e})" if str(e) else "")) from None
+
+
+@contextlib.contextmanager
+def global_rngs_seeded(seed: int, generator: torch.Generator | None = None):
+    """Python's `random`, numpy's global RNG (and `generator`, if given) seeded from `seed` for the
+    block, then put back as they were: timm's ops take no generator argument, and the training
+    process's own streams (dropout, Mixup) must not depend on what the data path drew."""
+    py, np_state = random.getstate(), np.random.get_state()
+    saved = generator.get_state() if generator is not None else None
+    random.seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
+    if generator is not None:
+        generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        if generator is not None:
+            generator.set_state(saved)
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    """The generator `torch.empty(..., device=device).normal_()` draws from."""
+    if device.type == "cpu":
+        return torch.default_generator
+    backend = getattr(torch, device.type)
+    backend.init()  # (a no-op once the images are there) default_generators is filled by the lazy init
+    return backend.default_generators[device.index if device.index is not None else backend.current_device()]
+
+
+def random_erasing(images: torch.Tensor, seeds, probability: float, mode: str = "pixel", count: int = 1):
+    """timm's RandomErasing on normalised (B,3,H,W) `images`, in place and per sample, each under
+    its own seed from the loader (`erase_seed`); `seeds` None (eval batches, erasing off): unchanged.
+
+    timm's pipeline erases the normalised tensor ('pixel' fills with N(0, 1) noise in normalised
+    units, which uint8 cannot hold), and its prefetching loader does so on the device after the
+    device-side normalisation, as here. RandomErasing takes no generator: its box draws use
+    Python's `random` and its fill `normal_()` the device's default generator, so both are seeded
+    per sample (and restored). On the CPU a sample's result equals timm's transform seeded alike."""
+    if seeds is None or probability <= 0:
+        return images
+    from timm.data.random_erasing import RandomErasing
+
+    eraser = RandomErasing(probability, mode=mode, max_count=count, device=images.device)
+    generator = _default_generator(images.device)
+    for image, seed in zip(images, seeds.tolist()):
+        with global_rngs_seeded(seed, generator):
+            eraser(image)
+    return images
 
 
 def normalize_on_device(images_uint8: torch.Tensor, device=None, dtype=torch.float32,

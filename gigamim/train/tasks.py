@@ -350,6 +350,7 @@ class FinetuneTask(Task):
         try:
             return ClassificationLoader(shards, self.cfg.train.micro_batch_size, train=train,
                                         scale=tuple(self.ft.crop_scale), hflip=0.5 if self.ft.hflip else 0.0,
+                                        auto_augment=self.ft.auto_augment, reprob=self.ft.reprob,
                                         **self.loader_options(trainer))
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"finetune.{key}: {e}") from None
@@ -382,13 +383,16 @@ class FinetuneTask(Task):
 
     def to_inputs(self, batch: dict, trainer) -> tuple:
         from gigamim.data.errors import DataError
+        from gigamim.data.transforms import random_erasing
 
         labels = batch["label"]
         if len(labels) and int(labels.max()) >= self.ft.num_classes:
             i = int(labels.argmax())
             raise DataError(f"sample {batch['key'][i]!r} has label {int(labels[i])} but "
                             f"finetune.num_classes={self.ft.num_classes}")
-        return self.images(batch, trainer), labels.to(trainer.device, non_blocking=True)
+        images = random_erasing(self.images(batch, trainer), batch.get("erase_seed"), self.ft.reprob, self.ft.remode,
+                                self.ft.recount)  # per-sample seeds: train batches with finetune.reprob > 0 only
+        return images, labels.to(trainer.device, non_blocking=True)
 
     # -- the step
 
