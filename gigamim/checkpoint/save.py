@@ -149,8 +149,10 @@ def _commit(failure, root: Path, tag: str, meta: dict, config_yaml: str, keep_la
         final = [None]
         if rank0:
             try:
-                if check:
-                    _check_written(tag_dir)
+                if check:  # a background write: its files were not checked by the engine's save
+                    from gigamim.checkpoint.check import check_written
+
+                    check_written(tag_dir)
                 atomic_write(tag_dir / CONFIG_FILE, config_yaml)
                 atomic_write(tag_dir / META_FILE, json.dumps(meta, indent=1))
                 atomic_write(root / LATEST_FILE, tag)
@@ -174,14 +176,6 @@ def _commit(failure, root: Path, tag: str, meta: dict, config_yaml: str, keep_la
         prune(root, keep_last, current=tag)
     dist.barrier()
     return tag_dir
-
-
-def _check_written(tag_dir: Path) -> None:
-    """The completeness check of a background-written tag before it is marked complete."""
-    from gigamim.checkpoint.dcp import check_dcp, is_dcp_tag
-
-    if is_dcp_tag(tag_dir):
-        check_dcp(str(tag_dir))
 
 
 def _report(failure: BaseException | None, root: Path):
