@@ -57,6 +57,9 @@ class Trainer:
                 return self.fit(stop)
             finally:
                 if self.lock is not None:
+                    from gigamim.checkpoint.save import wait_for_prune
+
+                    wait_for_prune()  # nothing of this run touches the folder once the lock is free
                     self.lock.release()
 
     # ------------------------------------------------------------------ set-up
