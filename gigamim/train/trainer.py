@@ -300,7 +300,7 @@ class Trainer:
 
     def _async_save_enabled(self) -> bool:
         setting = self.cfg.checkpoint.async_save
-        return bool(setting) and self.engine.supports_async_save  # "auto" or true (true was checked)
+        return bool(setting) and self.engine.supports_async_save  # "auto" or true: every engine has it
 
     def _pop_ckpt_record(self) -> dict:
         """ckpt_blocking_s / ckpt_write_s of the saves since the last record (the loop logs
