@@ -200,6 +200,7 @@ def test_zero3_kill9_during_background_write_keeps_latest_and_resumes_exactly(tm
     records = [json.loads(line) for line in (ref / "log" / "metrics.jsonl").read_text().splitlines()]
     saves = [r for r in records if "ckpt_blocking_s" in r]
     assert [r["ckpt_step"] for r in saves] == [2, 4] and all(r["ckpt_write_s"] > 0 for r in saves), saves
+    assert complete_tags(ref / "ck") == ["step_00000004", "step_00000006"]  # keep_last=2 of the demo config
 
     wd = tmp_path / "killed"
     wd.mkdir()
@@ -223,3 +224,34 @@ def test_zero3_kill9_during_background_write_keeps_latest_and_resumes_exactly(tm
     assert "at step 2" in resumed.stdout
     want, got = losses(ref), losses(wd)
     assert {s: got[s] for s in range(3, 7)} == {s: want[s] for s in range(3, 7)}
+
+
+def test_zero3_sigterm_during_background_write_waits_for_it(tmp_path, shards):
+    """A job-wide SIGTERM while rank 1's background write of step 2 is held back (8 s before each
+    of its files, GIGAMIM_CKPT_WRITE_DELAY_S=8@1): the stop save first waits for that write, so
+    the launch command exits 0 with step 2 complete (both ranks' files whole) and `latest` on
+    the stop's own tag after it."""
+    wd = tmp_path / "cut"
+    wd.mkdir()
+    tag2 = wd / "ck" / "step_00000002"
+    job = start(launch_cmd(2, *pretrain_args(wd, shards, 50, "checkpoint.every_steps=2", "checkpoint.async_save=true")),
+                wd / "job.log", GIGAMIM_CKPT_WRITE_DELAY_S="8@1")
+    try:
+        wait_for(lambda: (tag2 / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists(), 300, job,
+                 "rank 0's files of step 2")
+        assert not (tag2 / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()  # rank 1's write in flight
+        os.killpg(job.pid, signal.SIGTERM)
+        rc = job.wait(timeout=240)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    log = (wd / "job.log").read_text()
+    assert rc == 0, log[-3000:]
+    no_traceback(log)
+    from gigamim.checkpoint.check import check_checkpoint
+
+    latest = read_latest(wd / "ck")
+    assert complete_tags(wd / "ck") == ["step_00000002", latest] and latest > "step_00000002", log[-3000:]
+    assert check_checkpoint(wd / "ck", "step_00000002").world_size == 2  # every partition present and whole
+    assert check_checkpoint(wd / "ck").tag == latest
+    assert f"saved checkpoint {tag2} (blocked" in log and f"checkpoint saved at step {int(latest[5:])}" in log

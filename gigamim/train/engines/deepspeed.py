@@ -244,6 +244,7 @@ class DeepSpeedEngine(Engine):
         super().__init__(cfg, dist, precision)
         init_comm()
         self.ds = None  # the deepspeed.DeepSpeedEngine, once built
+        self._writer = None  # the background saves' SnapshotWriter, made at the first one
         self.stage = zero_stage(load_template(cfg.deepspeed.config))
 
     def build(self, build_model, groups, partition_at_build=True, after_build=None, load_universal=False):
@@ -353,7 +354,7 @@ class DeepSpeedEngine(Engine):
         synchronous `save` keeps DeepSpeed's torch.save engine."""
         from gigamim.train.engines.deepspeed_writer import SnapshotWriter
 
-        if getattr(self, "_writer", None) is None:
+        if self._writer is None:
             self._writer = SnapshotWriter(self.dist.rank, getattr(self.ds.checkpoint_engine, "zipfile_serialization",
                                                                   True))
         own, self.ds.checkpoint_engine = self.ds.checkpoint_engine, self._writer
