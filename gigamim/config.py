@@ -112,7 +112,7 @@ class CheckpointConfig:
     every_steps: int = 1000  # 0: only at the end (and on SIGTERM)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
     # Write tags in the background (the step loop waits only for a host copy of the state):
-    # auto = where the engine can (fsdp2: DCP async_save); true = required; false = never.
+    # auto/true = on (deepspeed: gigamim's snapshot writer; fsdp2: DCP async_save); false = never.
     # The last save of a run and a SIGTERM / stop_after save are always waited for.
     async_save: bool | str = "auto"
 

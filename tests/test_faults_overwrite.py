@@ -182,3 +182,76 @@ def test_kill9_during_background_write_keeps_latest_and_resumes_exactly(tmp_path
     assert "at step 2" in resumed.stdout
     want, got = losses(ref), losses(wd)
     assert {s: got[s] for s in range(3, 7)} == {s: want[s] for s in range(3, 7)}
+
+
+def test_zero3_kill9_during_background_write_keeps_latest_and_resumes_exactly(tmp_path, shards):
+    """DeepSpeed ZeRO-3 (the default engine) with gigamim's background writer: rank 1's writer
+    is held back by the debug knob GIGAMIM_CKPT_WRITE_DELAY_S=8@1 (it sleeps 8 s before each of
+    its files; the training goes on), so step 4's tag is observably half-written: rank 0's files
+    complete on disk, rank 1's not. kill -9 of rank 1 then leaves `latest` on step 2 (a tag is
+    marked only after EVERY rank's write ended and was checked), and `--resume auto` gives the
+    uninterrupted run's losses bit for bit (the step-2 snapshot was taken at step 2, although
+    rank 1 wrote it while steps 3-4 ran)."""
+    zero3 = ("checkpoint.every_steps=2", "checkpoint.async_save=true")
+    ref = tmp_path / "ref"
+    done = run(launch_cmd(2, *pretrain_args(ref, shards, 6, *zero3)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "written in the background" in done.stdout
+    records = [json.loads(line) for line in (ref / "log" / "metrics.jsonl").read_text().splitlines()]
+    saves = [r for r in records if "ckpt_blocking_s" in r]
+    assert [r["ckpt_step"] for r in saves] == [2, 4] and all(r["ckpt_write_s"] > 0 for r in saves), saves
+    assert complete_tags(ref / "ck") == ["step_00000004", "step_00000006"]  # keep_last=2 of the demo config
+
+    wd = tmp_path / "killed"
+    wd.mkdir()
+    tag4 = wd / "ck" / "step_00000004"
+    job = start(launch_cmd(2, *pretrain_args(wd, shards, 6, *zero3)), wd / "job.log", GIGAMIM_CKPT_WRITE_DELAY_S="8@1")
+    try:
+        # rank 0's last file of step 4 (renamed into place only when whole): its write is done
+        wait_for(lambda: (tag4 / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists(), 300, job,
+                 "rank 0's files of step 4")
+        assert not (tag4 / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()  # rank 1's write in flight
+        os.kill(rank_pids(job.pid)[1], signal.SIGKILL)
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    log = (wd / "job.log").read_text()
+    assert not (tag4 / META_FILE).exists(), log[-3000:]
+    assert read_latest(wd / "ck") == "step_00000002" and complete_tags(wd / "ck") == ["step_00000002"], log[-3000:]
+    resumed = run(launch_cmd(2, *pretrain_args(wd, shards, 6, *zero3), "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 2" in resumed.stdout
+    want, got = losses(ref), losses(wd)
+    assert {s: got[s] for s in range(3, 7)} == {s: want[s] for s in range(3, 7)}
+
+
+def test_zero3_sigterm_during_background_write_waits_for_it(tmp_path, shards):
+    """A job-wide SIGTERM while rank 1's background write of step 2 is held back (8 s before each
+    of its files, GIGAMIM_CKPT_WRITE_DELAY_S=8@1): the stop save first waits for that write, so
+    the launch command exits 0 with step 2 complete (both ranks' files whole) and `latest` on
+    the stop's own tag after it."""
+    wd = tmp_path / "cut"
+    wd.mkdir()
+    tag2 = wd / "ck" / "step_00000002"
+    job = start(launch_cmd(2, *pretrain_args(wd, shards, 50, "checkpoint.every_steps=2", "checkpoint.async_save=true")),
+                wd / "job.log", GIGAMIM_CKPT_WRITE_DELAY_S="8@1")
+    try:
+        wait_for(lambda: (tag2 / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists(), 300, job,
+                 "rank 0's files of step 2")
+        assert not (tag2 / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()  # rank 1's write in flight
+        os.killpg(job.pid, signal.SIGTERM)
+        rc = job.wait(timeout=240)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    log = (wd / "job.log").read_text()
+    assert rc == 0, log[-3000:]
+    no_traceback(log)
+    from gigamim.checkpoint.check import check_checkpoint
+
+    latest = read_latest(wd / "ck")
+    assert complete_tags(wd / "ck") == ["step_00000002", latest] and latest > "step_00000002", log[-3000:]
+    assert check_checkpoint(wd / "ck", "step_00000002").world_size == 2  # every partition present and whole
+    assert check_checkpoint(wd / "ck").tag == latest
+    assert f"saved checkpoint {tag2} (blocked" in log and f"checkpoint saved at step {int(latest[5:])}" in log

@@ -19,6 +19,7 @@ import glob
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gigamim.checkpoint.layout import (CONFIG_FILE, META_FILE, CheckpointError, Resolved, check_zip, is_tag_dir,
                                        is_universal, read_meta, resolve)
@@ -85,6 +86,21 @@ def check_checkpoint(ckpt_dir: str | os.PathLike, tag: str | None = None) -> Che
     resolved = resolve(ckpt_dir, tag)
     if is_dcp_tag(resolved.tag_dir):
         return check_dcp_checkpoint(resolved)
+    return check_zero_checkpoint(resolved)
+
+
+def check_written(tag_dir: str | os.PathLike) -> CheckpointInfo:
+    """The files check of a tag whose ranks have just written it, before gigamim marks it
+    complete (meta, `latest`): the same check as `check_checkpoint`, without asking for the
+    meta file that is about to be written."""
+    from gigamim.checkpoint.dcp import is_dcp_tag
+
+    resolved = Resolved(Path(tag_dir).parent, Path(tag_dir).name)
+    return check_dcp_checkpoint(resolved) if is_dcp_tag(tag_dir) else check_zero_checkpoint(resolved)
+
+
+def check_zero_checkpoint(resolved: Resolved) -> CheckpointInfo:
+    """Completeness check of a DeepSpeed ZeRO tag (its per-rank partition files)."""
     root, tag, tag_dir = str(resolved.root), resolved.tag, str(resolved.tag_dir)
     model_files = sorted(glob.glob(os.path.join(tag_dir, "*_model_states.pt")))
     optim_files = sorted(glob.glob(os.path.join(tag_dir, "*_optim_states.pt")))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from gigamim.checkpoint.layout import (CONFIG_FILE, LATEST_FILE, META_FILE, UNIVERSAL_SUFFIX, CheckpointError,
@@ -88,7 +89,7 @@ class PendingSave:
             failure = e
         write_s = time.perf_counter() - self.started
         _commit(failure, self.root, self.tag, self.meta, self.config_yaml, self.keep_last, self.size_estimate,
-                check=True)
+                background=True)
         return write_s
 
 
@@ -118,6 +119,7 @@ def _prepare(ckpt_dir, step: int) -> tuple[Path, str]:
     tag_dir = root / tag
     refused = [None]
     if dist.get_rank() == 0:
+        wait_for_prune()  # the free space counts only after the last background save's prune
         root.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists():  # remnants of a save that crashed at this step
             shutil.rmtree(tag_dir)
@@ -133,10 +135,12 @@ def _prepare(ckpt_dir, step: int) -> tuple[Path, str]:
 
 
 def _commit(failure, root: Path, tag: str, meta: dict, config_yaml: str, keep_last: int,
-            size_estimate: int | None, check: bool = False) -> Path:
+            size_estimate: int | None, background: bool = False) -> Path:
     """Collective, once every rank's files are written (or failed): agree on how it went,
-    then rank 0 marks the tag complete (config, meta, `latest` last) and prunes. check: rank
-    0 first runs the completeness check of the tag's format on the written files."""
+    then rank 0 marks the tag complete (config, meta, `latest` last) and prunes. background
+    (a background write, marked at a step boundary): rank 0 first runs the completeness check
+    of the tag's format on the written files, and prunes in a thread of its own (the older
+    tags' deletion is no reason to hold up the training; `wait_for_prune`)."""
     import torch.distributed as dist
 
     from gigamim.checkpoint import space
@@ -149,8 +153,10 @@ def _commit(failure, root: Path, tag: str, meta: dict, config_yaml: str, keep_la
         final = [None]
         if rank0:
             try:
-                if check:
-                    _check_written(tag_dir)
+                if background:  # its files were not checked by the engine's save
+                    from gigamim.checkpoint.check import check_written
+
+                    check_written(tag_dir)
                 atomic_write(tag_dir / CONFIG_FILE, config_yaml)
                 atomic_write(tag_dir / META_FILE, json.dumps(meta, indent=1))
                 atomic_write(root / LATEST_FILE, tag)
@@ -170,18 +176,26 @@ def _commit(failure, root: Path, tag: str, meta: dict, config_yaml: str, keep_la
         rank, (_, what) = next((r, rep) for r, rep in enumerate(reports) if rep)
         raise CheckpointError(f"rank {rank} could not write checkpoint {tag_dir} ({what}); "
                               "earlier checkpoints are kept")
-    if rank0:
+    if rank0 and background:
+        global _pruning
+        _pruning = threading.Thread(target=prune, args=(root, keep_last, tag), name="gigamim-ckpt-prune")
+        _pruning.start()
+    elif rank0:
         prune(root, keep_last, current=tag)
     dist.barrier()
     return tag_dir
 
 
-def _check_written(tag_dir: Path) -> None:
-    """The completeness check of a background-written tag before it is marked complete."""
-    from gigamim.checkpoint.dcp import check_dcp, is_dcp_tag
+_pruning: threading.Thread | None = None  # rank 0's prune after a background save, while it runs
 
-    if is_dcp_tag(tag_dir):
-        check_dcp(str(tag_dir))
+
+def wait_for_prune() -> None:
+    """Rank 0: let the prune of the last background save end (before a save touches the folder,
+    and before the run lock is released). A no-op elsewhere."""
+    global _pruning
+    if _pruning is not None:
+        _pruning.join()
+        _pruning = None
 
 
 def _report(failure: BaseException | None, root: Path):
@@ -210,4 +224,10 @@ def prune(root: Path, keep_last: int, current: str) -> None:
             doomed.append(p.name)
     for tag in doomed:
         if tag != current:
+            try:
+                # unmarked first: a prune cut short (kill -9) leaves an incomplete tag, never a
+                # "complete" tag with files missing
+                (root / tag / META_FILE).unlink(missing_ok=True)
+            except OSError:
+                pass
             shutil.rmtree(root / tag, ignore_errors=True)

@@ -57,6 +57,9 @@ class Trainer:
                 return self.fit(stop)
             finally:
                 if self.lock is not None:
+                    from gigamim.checkpoint.save import wait_for_prune
+
+                    wait_for_prune()  # nothing of this run touches the folder once the lock is free
                     self.lock.release()
 
     # ------------------------------------------------------------------ set-up
@@ -297,7 +300,7 @@ class Trainer:
 
     def _async_save_enabled(self) -> bool:
         setting = self.cfg.checkpoint.async_save
-        return bool(setting) and self.engine.supports_async_save  # "auto" or true (true was checked)
+        return bool(setting) and self.engine.supports_async_save  # "auto" or true: every engine has it
 
     def _pop_ckpt_record(self) -> dict:
         """ckpt_blocking_s / ckpt_write_s of the saves since the last record (the loop logs

@@ -231,11 +231,6 @@ class DeepSpeedEngine(Engine):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if cfg.checkpoint.async_save is True:
-            raise ConfigError("checkpoint.async_save=true: train.engine=deepspeed saves synchronously (DeepSpeed "
-                              "0.19's decoupled engine commits inside the next engine.step, waiting there for the "
-                              "write, and writes `latest` before the other ranks' files are checked): set "
-                              "checkpoint.async_save=auto, or train.engine=fsdp2 for background saves")
         ds = load_template(cfg.deepspeed.config)
         if cfg.model.compile and zero_stage(ds) == 3 and cfg.model.compile_mode == "reduce-overhead":
             raise ConfigError("model.compile_mode=reduce-overhead uses CUDA graphs, which ZeRO-3's parameter "
@@ -249,6 +244,7 @@ class DeepSpeedEngine(Engine):
         super().__init__(cfg, dist, precision)
         init_comm()
         self.ds = None  # the deepspeed.DeepSpeedEngine, once built
+        self._writer = None  # the background saves' SnapshotWriter, made at the first one
         self.stage = zero_stage(load_template(cfg.deepspeed.config))
 
     def build(self, build_model, groups, partition_at_build=True, after_build=None, load_universal=False):
@@ -346,6 +342,27 @@ class DeepSpeedEngine(Engine):
     def save(self, root, tag, client_state):
         # save_latest=False: `latest` is written by checkpoint.save once every rank's files are on disk.
         self.ds.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+
+    # -- background saves (checkpoint.async_save) ------------------------------------------------
+
+    supports_async_save = True
+
+    def save_async(self, root, tag, client_state):
+        """DeepSpeed's own save, with gigamim's `SnapshotWriter` as its checkpoint engine for
+        this call: returns once this rank's state is copied to host memory; a thread writes the
+        files (`deepspeed_writer`; why not DeepSpeed's decoupled engine is said there). The
+        synchronous `save` keeps DeepSpeed's torch.save engine."""
+        from gigamim.train.engines.deepspeed_writer import SnapshotWriter
+
+        if self._writer is None:
+            self._writer = SnapshotWriter(self.dist.rank, getattr(self.ds.checkpoint_engine, "zipfile_serialization",
+                                                                  True))
+        own, self.ds.checkpoint_engine = self.ds.checkpoint_engine, self._writer
+        try:
+            self.save(root, tag, client_state)
+        finally:
+            self.ds.checkpoint_engine = own
+        return self._writer.write
 
     def load(self, root, tag):
         path, client = self.ds.load_checkpoint(str(root), tag=tag)
