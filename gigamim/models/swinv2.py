@@ -166,10 +166,14 @@ class SwinTransformerV2Block(nn.Module):
         self.checkpointed = False
         if any(self.shift_size):
             # Integer and non-persistent, like attention's index buffers: zero.Init and bf16
-            # casts leave it alone; the float mask is rebuilt from it in forward (cheap, and a
-            # compiled graph just reads the buffer: no cache filled while tracing).
+            # casts leave it alone (the geometry; the float mask below is built from it).
             self.register_buffer("shift_regions",
                                  shift_regions(*self.resolution, self.window_size, self.shift_size), persistent=False)
+            # The additive mask itself, built once: a compiled graph reads it (one load per
+            # score) instead of rebuilding it from the region labels inside the softmax kernel
+            # (two int64 loads and a compare per score, every block, forward and recompute).
+            # 0 / -inf are exact in every float dtype, so a zero.Init / bf16 cast keeps it.
+            self.register_buffer("shift_attn_mask", mask_from_regions(self.shift_regions), persistent=False)
 
     def reset_parameters(self) -> None:
         """The shift regions (geometry, non-persistent): rebuilt after a meta-device build is
@@ -177,11 +181,12 @@ class SwinTransformerV2Block(nn.Module):
         if any(self.shift_size):
             self.shift_regions.copy_(shift_regions(*self.resolution, self.window_size, self.shift_size,
                                                    device=self.shift_regions.device))
+            self.shift_attn_mask.copy_(mask_from_regions(self.shift_regions, self.shift_attn_mask.dtype))
 
     def _mask(self, dtype) -> Optional[torch.Tensor]:
         if not any(self.shift_size):
             return None
-        return mask_from_regions(self.shift_regions, dtype)
+        return self.shift_attn_mask.to(dtype)
 
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
