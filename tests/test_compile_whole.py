@@ -150,9 +150,9 @@ def test_whole_graph_sums_window_bias_gradient_as_a_gemm(whole):
 
 
 def test_whole_graph_reads_the_shift_mask_instead_of_rebuilding_it(whole):
-    # The shifted blocks' additive mask (0 / -inf, fixed geometry) is a buffer built once; a graph
-    # that rebuilt it from the region labels did an (nW, N, N) compare + masked fill per block,
-    # which inductor fused into the softmax kernel as two int64 loads and a compare per score.
+    # Which pairs share a shift region (fixed geometry) is a bool buffer compared once; a graph
+    # that compared the region labels did an (nW, N, N) compare per block, which inductor fused
+    # into the softmax kernel as two int64 loads and a compare per score.
     graphs, _, _, model = whole
     shifted = [blk for blk in model.encoder.blocks() if any(blk.shift_size)]
     assert shifted, "no shifted block in the test model: the check is void"
@@ -164,7 +164,8 @@ def test_whole_graph_reads_the_shift_mask_instead_of_rebuilding_it(whole):
     # The mask used is the official one: 0 within a region, -inf across (independent: the labels).
     for blk in shifted:
         same = blk.shift_regions.unsqueeze(1) == blk.shift_regions.unsqueeze(2)
-        assert torch.equal(blk.shift_attn_mask == 0, same) and bool(torch.isneginf(blk.shift_attn_mask[~same]).all())
+        mask = blk._mask(torch.float64)
+        assert torch.equal(mask == 0, same) and bool(torch.isneginf(mask[~same]).all())
 
 
 @pytest.mark.parametrize("cfg", [

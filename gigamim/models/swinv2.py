@@ -119,8 +119,18 @@ def mask_from_regions(regions: torch.Tensor, dtype=torch.float32) -> torch.Tenso
     logits span -100..+116 and -100 no longer removes a cross-region key. No row is ever fully
     masked (a token always shares its own region), so softmax stays finite; in fp64 the result
     equals the -100 mask to ~1e-40 wherever -100 suffices."""
-    same = regions.unsqueeze(1) == regions.unsqueeze(2)
-    return torch.zeros(same.shape, dtype=dtype, device=regions.device).masked_fill(~same, float("-inf"))
+    return mask_from_same_region(same_region(regions), dtype)
+
+
+def same_region(regions: torch.Tensor) -> torch.Tensor:
+    """(nW, N, N) bool: whether query and key tokens of a window share a shift region."""
+    return regions.unsqueeze(1) == regions.unsqueeze(2)
+
+
+def mask_from_same_region(same: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """The additive mask (0 / -inf, see mask_from_regions) from ``same_region``'s booleans."""
+    zero = torch.zeros((), dtype=dtype, device=same.device)
+    return torch.where(same, zero, torch.full((), float("-inf"), dtype=dtype, device=same.device))
 
 
 def shift_mask(h: int, w: int, ws: Tuple[int, int], shift: Tuple[int, int], device=None) -> torch.Tensor:
@@ -169,11 +179,11 @@ class SwinTransformerV2Block(nn.Module):
             # casts leave it alone (the geometry; the float mask below is built from it).
             self.register_buffer("shift_regions",
                                  shift_regions(*self.resolution, self.window_size, self.shift_size), persistent=False)
-            # The additive mask itself, built once: a compiled graph reads it (one load per
-            # score) instead of rebuilding it from the region labels inside the softmax kernel
-            # (two int64 loads and a compare per score, every block, forward and recompute).
-            # 0 / -inf are exact in every float dtype, so a zero.Init / bf16 cast keeps it.
-            self.register_buffer("shift_attn_mask", mask_from_regions(self.shift_regions), persistent=False)
+            # Which query/key pairs share a region, compared once: a compiled graph loads one
+            # byte per score (and selects 0 / -inf) instead of comparing the region labels inside
+            # the softmax kernel (two int64 loads and a compare per score, every shifted block).
+            # Bool, so no float cast (zero.Init, .bfloat16()) ever touches it.
+            self.register_buffer("shift_same_region", same_region(self.shift_regions), persistent=False)
 
     def reset_parameters(self) -> None:
         """The shift regions (geometry, non-persistent): rebuilt after a meta-device build is
@@ -181,12 +191,12 @@ class SwinTransformerV2Block(nn.Module):
         if any(self.shift_size):
             self.shift_regions.copy_(shift_regions(*self.resolution, self.window_size, self.shift_size,
                                                    device=self.shift_regions.device))
-            self.shift_attn_mask.copy_(mask_from_regions(self.shift_regions, self.shift_attn_mask.dtype))
+            self.shift_same_region.copy_(same_region(self.shift_regions))
 
     def _mask(self, dtype) -> Optional[torch.Tensor]:
         if not any(self.shift_size):
             return None
-        return self.shift_attn_mask.to(dtype)
+        return mask_from_same_region(self.shift_same_region, dtype)
 
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
