@@ -149,25 +149,6 @@ def test_whole_graph_sums_window_bias_gradient_as_a_gemm(whole):
     assert len(ones_gemms) >= len(model.encoder.blocks())
 
 
-def test_whole_graph_reads_the_shift_mask_instead_of_rebuilding_it(whole):
-    # Which pairs share a shift region (fixed geometry) is a bool buffer compared once; a graph
-    # that compared the region labels did an (nW, N, N) compare per block, which inductor fused
-    # into the softmax kernel as two int64 loads and a compare per score.
-    graphs, _, _, model = whole
-    shifted = [blk for blk in model.encoder.blocks() if any(blk.shift_size)]
-    assert shifted, "no shifted block in the test model: the check is void"
-    windows = {(r.shape[0], r.shape[1], r.shape[1]) for r in (blk.shift_regions for blk in shifted)}
-    fw = graphs["fw"][0].graph.nodes
-    rebuilt = [n for n in fw if n.target in (torch.ops.aten.eq.Tensor, torch.ops.aten.ne.Tensor)
-               and _shape(n) in windows]
-    assert not rebuilt, f"shift masks rebuilt in the forward graph: {[_shape(n) for n in rebuilt]}"
-    # The mask used is the official one: 0 within a region, -inf across (independent: the labels).
-    for blk in shifted:
-        same = blk.shift_regions.unsqueeze(1) == blk.shift_regions.unsqueeze(2)
-        mask = blk._mask(torch.float64)
-        assert torch.equal(mask == 0, same) and bool(torch.isneginf(mask[~same]).all())
-
-
 @pytest.mark.parametrize("cfg", [
     dict(cin=3, cout=8, k=4, size=(16, 12)),  # the patch embedding: a 4x4 patchify
     dict(cin=5, cout=12, k=1, size=(6, 6)),  # the SimMIM decoder's 1x1 conv

@@ -119,18 +119,8 @@ def mask_from_regions(regions: torch.Tensor, dtype=torch.float32) -> torch.Tenso
     logits span -100..+116 and -100 no longer removes a cross-region key. No row is ever fully
     masked (a token always shares its own region), so softmax stays finite; in fp64 the result
     equals the -100 mask to ~1e-40 wherever -100 suffices."""
-    return mask_from_same_region(same_region(regions), dtype)
-
-
-def same_region(regions: torch.Tensor) -> torch.Tensor:
-    """(nW, N, N) bool: whether query and key tokens of a window share a shift region."""
-    return regions.unsqueeze(1) == regions.unsqueeze(2)
-
-
-def mask_from_same_region(same: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """The additive mask (0 / -inf, see mask_from_regions) from ``same_region``'s booleans."""
-    zero = torch.zeros((), dtype=dtype, device=same.device)
-    return torch.where(same, zero, torch.full((), float("-inf"), dtype=dtype, device=same.device))
+    same = regions.unsqueeze(1) == regions.unsqueeze(2)
+    return torch.zeros(same.shape, dtype=dtype, device=regions.device).masked_fill(~same, float("-inf"))
 
 
 def shift_mask(h: int, w: int, ws: Tuple[int, int], shift: Tuple[int, int], device=None) -> torch.Tensor:
@@ -176,14 +166,10 @@ class SwinTransformerV2Block(nn.Module):
         self.checkpointed = False
         if any(self.shift_size):
             # Integer and non-persistent, like attention's index buffers: zero.Init and bf16
-            # casts leave it alone (the geometry; the float mask below is built from it).
+            # casts leave it alone; the float mask is rebuilt from it in forward (cheap, and a
+            # compiled graph just reads the buffer: no cache filled while tracing).
             self.register_buffer("shift_regions",
                                  shift_regions(*self.resolution, self.window_size, self.shift_size), persistent=False)
-            # Which query/key pairs share a region, compared once: a compiled graph loads one
-            # byte per score (and selects 0 / -inf) instead of comparing the region labels inside
-            # the softmax kernel (two int64 loads and a compare per score, every shifted block).
-            # Bool, so no float cast (zero.Init, .bfloat16()) ever touches it.
-            self.register_buffer("shift_same_region", same_region(self.shift_regions), persistent=False)
 
     def reset_parameters(self) -> None:
         """The shift regions (geometry, non-persistent): rebuilt after a meta-device build is
@@ -191,12 +177,11 @@ class SwinTransformerV2Block(nn.Module):
         if any(self.shift_size):
             self.shift_regions.copy_(shift_regions(*self.resolution, self.window_size, self.shift_size,
                                                    device=self.shift_regions.device))
-            self.shift_same_region.copy_(same_region(self.shift_regions))
 
     def _mask(self, dtype) -> Optional[torch.Tensor]:
         if not any(self.shift_size):
             return None
-        return mask_from_same_region(self.shift_same_region, dtype)
+        return mask_from_regions(self.shift_regions, dtype)
 
     def _window_attention(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
