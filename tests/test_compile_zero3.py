@@ -173,7 +173,12 @@ def _grads_worker(out):
 
 
 if __name__ == "__main__":
-    if sys.argv[2:] == ["grads"]:
-        _grads_worker(sys.argv[1])
-    else:
-        _worker(sys.argv[1])
+    from gigamim.runtime.dist import destroy_distributed
+
+    try:
+        if sys.argv[2:] == ["grads"]:
+            _grads_worker(sys.argv[1])
+        else:
+            _worker(sys.argv[1])
+    finally:
+        destroy_distributed()  # leave the group before exit: gloo's teardown at exit aborted a rank once

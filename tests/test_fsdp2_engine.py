@@ -261,7 +261,12 @@ def _step_worker(dist):
 
 
 if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])
+    from gigamim.runtime.dist import destroy_distributed
+
+    try:
+        _worker(sys.argv[1], sys.argv[2])
+    finally:
+        destroy_distributed()  # leave the group before exit: gloo's teardown at exit aborted a rank once
 
 
 def test_config_refusals_are_one_line():
