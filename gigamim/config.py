@@ -175,6 +175,7 @@ class FinetuneConfig:
     reprob: float = 0.25  # random erasing probability per image (0 off), on the normalised image
     remode: str = "pixel"  # erased box fill: pixel (per-pixel N(0,1)), rand (per-channel), const (zero)
     recount: int = 1  # erasing boxes per image: 1..recount
+    interpolation: str = "bicubic"  # the crops' (and the augmentation ops') resampling: bicubic (official) or bilinear
 
 
 @dataclass
@@ -478,6 +479,8 @@ def _validate_finetune(ft: FinetuneConfig) -> None:
         raise ConfigError(f"finetune.remode must be pixel, rand or const; got {ft.remode!r}")
     if ft.recount < 1:
         raise ConfigError(f"finetune.recount must be >= 1; got {ft.recount}")
+    if ft.interpolation not in ("bilinear", "bicubic"):
+        raise ConfigError(f"finetune.interpolation must be bilinear or bicubic; got {ft.interpolation!r}")
     if ft.auto_augment and ft.auto_augment != "none":
         from gigamim.data.transforms import auto_augment_transform
 

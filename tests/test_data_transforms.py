@@ -61,6 +61,27 @@ def test_crop_matches_torchvision_resized_crop():
         assert (out[:, 4:-4, 4:-4].float() - ref[:, 4:-4, 4:-4].float()).abs().max() <= 1
 
 
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_finetune_crops_resample_as_timms_official_pipeline(interpolation):
+    """The fine-tuning train crop resamples as timm's RandomResizedCropAndInterpolation with the
+    official DATA.INTERPOLATION (bicubic, the default): torchvision's resized_crop with timm's
+    mode on the same crop box (the other filter differs by 3-13 levels inside)."""
+    from timm.data.transforms import str_to_interp_mode
+
+    from gigamim.data.transforms import ClassifyTransform
+
+    data = image_bytes(96, 80, seed=3)
+    t = ClassifyTransform(64, train=True, **({} if interpolation == "bicubic" else {"interpolation": interpolation}))
+    for s in range(6):
+        out, info = t(data, sample_rng("x", s))
+        top, left, h, w, flip = info["params"]
+        ref = TF.resized_crop(Image.open(io.BytesIO(data)).convert("RGB"), top, left, h, w, [64, 64],
+                              str_to_interp_mode(interpolation), antialias=True)
+        ref = TF.pil_to_tensor(TF.hflip(ref) if flip else ref)
+        assert (out.float() - ref.float()).abs().mean() < 0.25
+        assert (out[:, 4:-4, 4:-4].float() - ref[:, 4:-4, 4:-4].float()).abs().max() <= 1
+
+
 def test_draft_path_close_to_full_decode():
     data = image_bytes(800, 640, seed=2, quality=95)
     a, _ = SimMIMTransform(96, use_draft=True)(data, sample_rng(1))

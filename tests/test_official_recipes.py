@@ -81,6 +81,7 @@ DEFAULTS = {  # both repositories' config.py (SimMIM 0e71746; Swin-Transformer m
     "VIT": {"PATCH_SIZE": 16, "INIT_VALUES": 0.1, "QKV_BIAS": True, "MLP_RATIO": 4},
     # the fine-tuning loader's timm create_transform (no official file overrides these)
     "AUG": {"AUTO_AUGMENT": "rand-m9-mstd0.5-inc1", "REPROB": 0.25, "REMODE": "pixel", "RECOUNT": 1},
+    "INTERPOLATION": "bicubic",  # DATA.INTERPOLATION: the crops and the augmentation's ops
 }
 BATCH, STEPS_PER_EPOCH = 2048, 625  # 16 GPUs x 128; ImageNet-1k through the official loader
 ALIASES = {"simmim_swinv2_base_192": "simmim_pretrain__swinv2_base__img192_window12__800ep"}
@@ -136,6 +137,7 @@ def test_packaged_recipe_has_the_official_values(name):
         assert cfg.finetune.layer_decay == t["LAYER_DECAY"]
         ft = cfg.finetune
         assert (ft.auto_augment, ft.reprob, ft.remode, ft.recount) == tuple(DEFAULTS["AUG"].values())
+        assert ft.interpolation == DEFAULTS["INTERPOLATION"]
     assert cfg.train.global_batch_size == BATCH and cfg.optim.lr_scaling == "linear"
     assert cfg.train.max_steps == t["EPOCHS"] * STEPS_PER_EPOCH
     assert cfg.optim.warmup_steps == t["WARMUP_EPOCHS"] * STEPS_PER_EPOCH

@@ -687,7 +687,8 @@ class ClassificationLoader(_ShardLoader):
                  seed: int = 0, img_size: int = 224, train: bool = True, mode: str = "epoch",
                  shuffle_buffer: int | None = None, index=None, image_key: str | None = None,
                  scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, crop_pct: float = 0.875,
-                 auto_augment: str | None = None, reprob: float = 0.0, cache_dir: str | None = None,
+                 auto_augment: str | None = None, reprob: float = 0.0, interpolation: str = "bicubic",
+                 cache_dir: str | None = None,
                  cache_size: int | None = None, pin_memory: bool = False, prefetch_factor: int = 2,
                  multiprocessing_context=None):
         if shuffle_buffer is None:
@@ -696,7 +697,8 @@ class ClassificationLoader(_ShardLoader):
                     mode=mode, shuffle_buffer=shuffle_buffer, index=index, pin_memory=pin_memory,
                     prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context,
                     transform=ClassifyTransform(img_size, train=train, scale=scale, ratio=ratio, hflip=hflip,
-                                                crop_pct=crop_pct, auto_augment=auto_augment, reprob=reprob),
+                                                crop_pct=crop_pct, auto_augment=auto_augment, reprob=reprob,
+                                                interpolation=interpolation),
                     masker=None, labels=True, image_key=image_key, cache_dir=cache_dir, cache_size=cache_size)
         self.train = train
 

@@ -157,11 +157,25 @@ def pil_to_uint8_chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
+# The crop's resampling filters (torchvision's / timm's interpolation names).
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def resampling(interpolation: str) -> Image.Resampling:
+    try:
+        return RESAMPLING[interpolation]
+    except KeyError:
+        raise ValueError(f"interpolation must be one of {', '.join(RESAMPLING)}; got {interpolation!r}") from None
+
+
 class SimMIMTransform:
-    """bytes -> uint8 (3, size, size): RandomResizedCrop(size, scale, ratio) + horizontal flip."""
+    """bytes -> uint8 (3, size, size): RandomResizedCrop(size, scale, ratio) + horizontal flip,
+    resampled bilinear (the official SimMIM pretraining loader: torchvision's default)."""
 
     def __init__(self, img_size: int = 192, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
-                 use_draft: bool = True):
+                 use_draft: bool = True, interpolation: str = "bilinear"):
+        self.interpolation = interpolation
+        self.resample = resampling(interpolation)
         self.img_size = img_size
         self.scale = tuple(scale)
         self.ratio = tuple(ratio)
@@ -207,7 +221,7 @@ class SimMIMTransform:
         fx, fy = img.size[0] / width, img.size[1] / height
         img, converted = _to_rgb(img)
         box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
-        out = img.resize((s, s), Image.Resampling.BILINEAR, box=box)
+        out = img.resize((s, s), self.resample, box=box)
         if flip:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         info = {"converted": converted, "upscaled": min(w, h) < s, "params": (top, left, h, w, flip),
@@ -224,16 +238,17 @@ class ClassifyTransform(SimMIMTransform):
         gets `info["erase_seed"]` for `random_erasing`, which runs after normalisation (on the
         device) as in timm's pipeline. eval: resize the shorter side to S / crop_pct, centre crop
         S (timm's eval transform, crop_pct 0.875), done as one box resize of the centre region;
-        never augmented."""
+        never augmented. Both resample with `interpolation`, bicubic by default as the official
+        fine-tuning loaders do (DATA.INTERPOLATION), also inside the augmentation's ops."""
 
     def __init__(self, img_size: int = 224, train: bool = True, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                  hflip: float = 0.5, crop_pct: float = 0.875, use_draft: bool = True,
-                 auto_augment: str | None = None, reprob: float = 0.0):
-        super().__init__(img_size, scale, ratio, hflip if train else 0.0, use_draft)
+                 auto_augment: str | None = None, reprob: float = 0.0, interpolation: str = "bicubic"):
+        super().__init__(img_size, scale, ratio, hflip if train else 0.0, use_draft, interpolation)
         self.train = train
         self.crop_pct = crop_pct
         on = train and auto_augment and auto_augment != "none"   # 'none': the official configs' "off"
-        self.auto_augment = auto_augment_transform(auto_augment, img_size) if on else None
+        self.auto_augment = auto_augment_transform(auto_augment, img_size, interpolation=interpolation) if on else None
         self.reprob = reprob if train else 0.0
 
     def crop_params(self, width: int, height: int, rng: random.Random):
@@ -254,14 +269,10 @@ class ClassifyTransform(SimMIMTransform):
         return out, info
 
 
-# The official fine-tuning interpolation (DATA.INTERPOLATION 'bicubic' in both official config.py
-# files); timm's create_transform hands it to the augmentation ops (rotate, shear, translate).
-AUGMENT_INTERPOLATION = "bicubic"
-
-
-def auto_augment_transform(policy: str, img_size: int, mean=IMAGENET_MEAN):
+def auto_augment_transform(policy: str, img_size: int, mean=IMAGENET_MEAN, interpolation: str = "bicubic"):
     """timm's augmentation op for `policy`, with the hparams timm's `transforms_imagenet_train`
-    gives it (translate 45% of the image side, fill = the dataset mean, the interpolation):
+    gives it (translate 45% of the image side, fill = the dataset mean, the crop's interpolation,
+    which timm's create_transform hands to the rotate / shear / translate ops):
     'rand-*' RandAugment, 'augmix-*' AugMix, otherwise AutoAugment ('v0', 'original', ...).
     Raises ValueError (one line) for a policy timm cannot parse."""
     from timm.data.auto_augment import augment_and_mix_transform, rand_augment_transform
@@ -269,7 +280,7 @@ def auto_augment_transform(policy: str, img_size: int, mean=IMAGENET_MEAN):
     from timm.data.transforms import str_to_pil_interp
 
     hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * x)) for x in mean),
-                   interpolation=str_to_pil_interp(AUGMENT_INTERPOLATION))
+                   interpolation=str_to_pil_interp(interpolation))
     try:
         if policy.startswith("rand"):
             return rand_augment_transform(policy, hparams)

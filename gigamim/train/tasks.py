@@ -351,6 +351,7 @@ class FinetuneTask(Task):
             return ClassificationLoader(shards, self.cfg.train.micro_batch_size, train=train,
                                         scale=tuple(self.ft.crop_scale), hflip=0.5 if self.ft.hflip else 0.0,
                                         auto_augment=self.ft.auto_augment, reprob=self.ft.reprob,
+                                        interpolation=self.ft.interpolation,
                                         **self.loader_options(trainer))
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"finetune.{key}: {e}") from None
