@@ -182,7 +182,9 @@ def test_windows_shrink_and_shift():
     "name,kw,match",
     [
         ("swinv2_tinyy", {}, "known models: swinv2_nano, swinv2_tiny"),
-        ("swinv2_tiny", dict(img_size=200), "img_size=200 must be a positive multiple of 32"),
+        ("swinv2_tiny", dict(img_size=200), "img_size=200 must be divisible by 32"),
+        ("swinv2_tiny", dict(img_size=0), "img_size=0 must be a positive integer"),
+        ("swinv2_tiny", dict(num_heads=(3, 6)), r"num_heads \(3, 6\) must have one entry per stage \(4\)"),
         ("swinv2_tiny", dict(img_size=224, window_size=12), "stage 0 feature map 56x56 is not divisible"),
         ("swinv2_tiny", dict(windowsize=8), "unknown argument"),
         ("swinv2_tiny", dict(attn_impl="flash"), "attn_impl='flash'"),

@@ -87,13 +87,19 @@ class FamilySpec:
     def check_args(self, args: Mapping[str, Any]) -> None:
         """Raise ModelConfigError for arguments the family cannot build (default: none)."""
 
-    def validate(self, args: Mapping[str, Any], mask_patch_size: Optional[int] = None) -> Geometry:
-        """The model-shape rules, before anything is built: the family's own (`check_args`),
-        then SimMIM's mask grid against the patch size and the image. Returns the geometry."""
+    def check(self, args: Mapping[str, Any]) -> None:
+        """The family's argument rules: a positive integer image size, then `check_args`. The
+        config's `validate` and the model constructors both call this: one rule, one message."""
         img = args.get("img_size")
         if not isinstance(img, int) or isinstance(img, bool) or img <= 0:
             raise ModelConfigError("img_size", f"img_size={img!r} must be a positive integer")
         self.check_args(args)
+
+    def validate(self, args: Mapping[str, Any], mask_patch_size: Optional[int] = None) -> Geometry:
+        """The model-shape rules, before anything is built: the family's own (`check`), then
+        SimMIM's mask grid against the patch size and the image. Returns the geometry."""
+        self.check(args)
+        img = args["img_size"]
         geo = self.geometry(args)
         if mask_patch_size is not None:
             if mask_patch_size % geo.patch_size:

@@ -29,9 +29,7 @@ class SwinTransformerForSimMIM(MaskTokenMixin, SwinTransformer):
                  num_heads: Sequence[int] = (4, 8, 16, 32), window_size: int = 6, mlp_ratio: float = 4.0,
                  drop_path_rate: float = 0.0, **timm_kwargs):
         reduction = patch_size * 2 ** (len(depths) - 1)
-        if not isinstance(img_size, int) or img_size <= 0 or img_size % reduction:
-            raise ValueError(f"img_size={img_size!r} must be a positive multiple of {reduction} "
-                             f"(patch {patch_size} x {2 ** (len(depths) - 1)} downsamplings)")
+        SWIN.check(dict(img_size=img_size, patch_size=patch_size, depths=depths, num_heads=num_heads))  # the config's rules
         with linear_init_in_place():
             super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                              embed_dim=embed_dim, depths=tuple(depths), num_heads=tuple(num_heads),

@@ -317,14 +317,10 @@ class SwinTransformerV2(MaskTokenMixin, nn.Module):
     ):
         super().__init__()
         n = len(depths)
-        if len(num_heads) != n:
-            raise ValueError(f"num_heads {tuple(num_heads)} must have one entry per stage ({n})")
-        if not isinstance(img_size, int) or img_size <= 0 or img_size % (patch_size * 2 ** (n - 1)):
-            raise ValueError(
-                f"img_size={img_size!r} must be a positive multiple of {patch_size * 2 ** (n - 1)} "
-                f"(patch {patch_size} x {2 ** (n - 1)} downsamplings)"
-            )
-        _check_sequential(sequential_stages, n)
+        # The family's rules, the same messages a config gets (ModelConfigError is a ValueError).
+        SWINV2.check(dict(img_size=img_size, patch_size=patch_size, depths=depths, num_heads=num_heads,
+                               window_size=window_size, pretrained_window_sizes=pretrained_window_sizes,
+                               sequential_stages=sequential_stages, grad_checkpointing=grad_checkpointing))
         geometry = stage_geometry(img_size, patch_size, n, window_size)
         pretrained = _per_stage(pretrained_window_sizes, n, "pretrained_window_sizes")
 

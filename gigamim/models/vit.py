@@ -33,8 +33,7 @@ class VisionTransformerForSimMIM(MaskTokenMixin, VisionTransformer):
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  drop_path_rate: float = 0.1, init_values: Optional[float] = None, global_pool: str = "token",
                  **timm_kwargs):
-        if not isinstance(img_size, int) or img_size <= 0 or img_size % patch_size:
-            raise ValueError(f"img_size={img_size!r} must be a positive multiple of patch_size={patch_size}")
+        VIT.check(dict(img_size=img_size, patch_size=patch_size))  # the config's rules, the same messages
         with linear_init_in_place():
             super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                              embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,

@@ -276,8 +276,7 @@ class VisionTransformerSimMIMOfficial(MaskTokenMixin, nn.Module):
         if attn_impl not in ("auto", "explicit", "sdpa"):
             raise ValueError(f"attn_impl={attn_impl!r}: this ViT has 'explicit' (softmax(q k^T / sqrt(d) + bias) v, the "
                              "official formula) and 'sdpa' ('auto': sdpa)")
-        if not isinstance(img_size, int) or img_size <= 0 or img_size % patch_size:
-            raise ValueError(f"img_size={img_size!r} must be a positive multiple of patch_size={patch_size}")
+        VIT_SIMMIM.check(dict(img_size=img_size, patch_size=patch_size))  # the config's rules, the same messages
         if use_rel_pos_bias and use_shared_rel_pos_bias:
             raise ValueError("use_rel_pos_bias (per block) and use_shared_rel_pos_bias are exclusive")
         # The pretraining encoder (VisionTransformerForSimMIM) truncates its inits at +-std.
