@@ -51,6 +51,16 @@ def tail(text: str, n: int = 40) -> str:
     return "\n".join(text.splitlines()[-n:])
 
 
+def exit_now() -> None:
+    """End a rank-script worker that has written its results: exit 0 without interpreter
+    finalisation. A gloo collective shortly before exit can abort the process (torch 2.14; a
+    core dump: gloo's worker thread frees the finished work's tensor, needs the GIL while Python
+    finalises, `std::terminate`), which failed a full-suite run once."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def run_rank_script(script: str, nproc: int, *args: str, out: Path, timeout: float) -> list[dict]:
     """torchrun `script` (a test file whose __main__ block is the per-rank worker writing
     `<out>/rank{r}.json`) on `nproc` CPU ranks; returns each rank's JSON."""

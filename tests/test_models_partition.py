@@ -172,8 +172,8 @@ def _worker(mode, out):
 
 if __name__ == "__main__":
     from gigamim.runtime.dist import destroy_distributed
+    from tests.launch import exit_now
 
-    try:
-        _worker(sys.argv[1], sys.argv[2])
-    finally:
-        destroy_distributed()  # leave the group before exit: gloo's teardown at exit aborted a rank once
+    _worker(sys.argv[1], sys.argv[2])
+    destroy_distributed()
+    exit_now()
