@@ -147,6 +147,8 @@ def init_comm() -> None:
         return
     from gigamim.runtime.quiet import library_prints
 
+    if tdist.get_rank() == 0:
+        _say_comm_op_build(deepspeed)
     with library_prints():
         deepspeed.init_distributed(dist_backend=tdist.get_backend(), verbose=False)
     if tdist.get_backend() != "gloo":
@@ -159,6 +161,21 @@ def init_comm() -> None:
         path.unlink()
     except FileNotFoundError:
         pass  # the op was not built, or the ranks are not all local: nothing was created
+
+
+def _say_comm_op_build(deepspeed) -> None:
+    """One line before DeepSpeed's communication layer builds its CPU comm op (2-3 silent
+    minutes on a machine's first start) or waits for another process's build of it."""
+    from deepspeed.accelerator import get_accelerator
+
+    from gigamim.runtime.jit_builds import build_state
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return  # DeepSpeed builds nothing here (its own test, deepspeed/comm/torch.py)
+    line = build_state(builder.NAME).start_line("DeepSpeed's CPU comm op")
+    if line:
+        print(line, flush=True)
 
 
 def mark_z3_leaf_blocks(model: nn.Module, classes: Optional[Iterable[type]] = None) -> list:
