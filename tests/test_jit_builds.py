@@ -71,7 +71,8 @@ def shards(tmp_path_factory):
 def test_a_start_that_builds_the_comm_op_says_so_and_a_sigterm_names_the_build(tmp_path, shards):
     """An empty extensions folder: rank 0 says it builds DeepSpeed's CPU comm op before the
     build starts; a job-wide SIGTERM during the build gets the launcher's line naming it."""
-    from torch.utils._filelock import FileLock, Timeout
+    from filelock import Timeout
+    from torch.utils._filelock import FileLock
 
     ext = tmp_path / "ext"
     ext.mkdir()
