@@ -140,8 +140,8 @@ def _make_agent_class():
                 from gigamim.runtime.jit_builds import builds_in_progress
 
                 for folder in builds_in_progress():
-                    _err(f"a JIT build of {folder.name} is running ({folder}): a rank waiting for it "
-                         f"stops only after it (minutes on a first start)")
+                    _err(f"a JIT build of {folder.name} is running ({folder}): the ranks stop when the build "
+                         f"in progress ends (seconds to minutes)")
                 timeout = int(max(1, self.stop_timeout_s))
             self._base_shutdown(death_sig, timeout)
 

@@ -89,12 +89,12 @@ class BuildState:
 
     def start_line(self, what: str) -> str | None:
         """The one line a start prints before it builds or waits; None when it only loads."""
+        if not self.built:  # this job's ranks build it (one of them, the others wait for its lock)
+            return (f"building {what} into {self.folder} (the first start on this machine: up to a "
+                    f"few minutes under load; later starts reuse it)")
         if self.locked:
-            return (f"waiting for another process's build of {what} ({self.folder}/lock); "
-                    f"it finishes in a few minutes")
-        if not self.built:
-            return (f"building {what} into {self.folder} (the first start on this machine: "
-                    f"2-3 minutes; later starts reuse it)")
+            return (f"waiting for {self.folder}/lock: another process is checking or rebuilding {what} "
+                    f"(seconds, or minutes if its sources changed)")
         return None
 
 

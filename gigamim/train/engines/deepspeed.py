@@ -147,20 +147,38 @@ def init_comm() -> None:
         return
     from gigamim.runtime.quiet import library_prints
 
+    from gigamim.train.signals import StoppedInSetup, stop_requested
+
     if tdist.get_rank() == 0:
         _say_comm_op_build(deepspeed)
-    with library_prints():
-        deepspeed.init_distributed(dist_backend=tdist.get_backend(), verbose=False)
+    interrupted = None
+    try:
+        with library_prints():
+            deepspeed.init_distributed(dist_backend=tdist.get_backend(), verbose=False)
+    except RuntimeError as exc:
+        # A job-wide SIGTERM reaches the compiler too (each rank's session gets it): the build
+        # stops, torch raises. On CPU ranks every rank learns of it below and all stop cleanly.
+        if not (tdist.get_backend() == "gloo" and stop_requested() and "Error building extension" in str(exc)):
+            raise
+        interrupted = stop_requested()
     if tdist.get_backend() != "gloo":
         return
     path = Path("/dev/shm") / "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
         os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), tdist.get_rank())
+    # On every rank (a stale file of an old run must not make the unlink one-sided), and the
+    # ranks' agreement on an interrupted build: the max over ranks of the signal that stopped one.
+    stopped = torch.tensor([interrupted or 0])
     if tdist.get_world_size() > 1:
-        tdist.barrier()  # on every rank (a stale file of an old run must not make it one-sided)
+        tdist.all_reduce(stopped, op=tdist.ReduceOp.MAX)
     try:
         path.unlink()
     except FileNotFoundError:
         pass  # the op was not built, or the ranks are not all local: nothing was created
+    if stopped.item():
+        import signal
+
+        raise StoppedInSetup(f"{signal.Signals(int(stopped.item())).name} stopped the JIT build of DeepSpeed's "
+                             f"CPU comm op: stopped before step 1, nothing to save (the next start builds it)")
 
 
 def _say_comm_op_build(deepspeed) -> None:
