@@ -59,7 +59,7 @@ class Trainer:
                     from gigamim.runtime.dist import destroy_distributed
 
                     self.say(f"gigamim: {e}")
-                    destroy_distributed()  # gloo's teardown at interpreter exit aborted a rank here
+                    destroy_distributed()  # nothing of the group outlives the run
                     return 0
                 return self.fit(stop)
             finally:

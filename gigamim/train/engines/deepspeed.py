@@ -165,20 +165,35 @@ def init_comm() -> None:
         return
     path = Path("/dev/shm") / "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
         os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), tdist.get_rank())
-    # On every rank (a stale file of an old run must not make the unlink one-sided), and the
-    # ranks' agreement on an interrupted build: the max over ranks of the signal that stopped one.
-    stopped = torch.tensor([interrupted or 0])
     if tdist.get_world_size() > 1:
-        tdist.all_reduce(stopped, op=tdist.ReduceOp.MAX)
+        tdist.barrier()  # on every rank (a stale file of an old run must not make it one-sided)
     try:
         path.unlink()
     except FileNotFoundError:
         pass  # the op was not built, or the ranks are not all local: nothing was created
-    if stopped.item():
+    stopped = _max_over_ranks(interrupted or 0)  # one rank's build interrupted: all stop
+    if stopped:
         import signal
 
-        raise StoppedInSetup(f"{signal.Signals(int(stopped.item())).name} stopped the JIT build of DeepSpeed's "
+        raise StoppedInSetup(f"{signal.Signals(stopped).name} stopped the JIT build of DeepSpeed's "
                              f"CPU comm op: stopped before step 1, nothing to save (the next start builds it)")
+
+
+def _max_over_ranks(value: int) -> int:
+    """The max of `value` over the ranks, through the process group's store, not a collective: a
+    gloo all-reduce right before the process exits aborted a rank (1 in ~6 tries; core dump: gloo's
+    worker thread freed the finished work's tensor, needed the GIL while Python was finalising,
+    and `std::terminate` ended the rank). The store's set / wait / get leave nothing behind."""
+    import torch.distributed as tdist
+
+    world = tdist.get_world_size()
+    if world == 1:
+        return value
+    store = tdist.distributed_c10d._get_default_store()
+    keys = [f"gigamim/init_comm/stop/{r}" for r in range(world)]
+    store.set(keys[tdist.get_rank()], str(value))
+    store.wait(keys)
+    return max(int(store.get(k)) for k in keys)
 
 
 def _say_comm_op_build(deepspeed) -> None:
