@@ -137,6 +137,11 @@ def _make_agent_class():
                 self.stop_started = time.monotonic()
                 _err(f"{self.forwarded}: forwarded once to the ranks; waiting up to {self.stop_timeout_s:.0f} s "
                      f"for their checkpoint")
+                from gigamim.runtime.jit_builds import builds_in_progress
+
+                for folder in builds_in_progress():
+                    _err(f"a JIT build of {folder.name} is running ({folder}): the ranks stop when the build "
+                         f"in progress ends (seconds to minutes)")
                 timeout = int(max(1, self.stop_timeout_s))
             self._base_shutdown(death_sig, timeout)
 

@@ -11,6 +11,19 @@ import signal
 
 
 _EARLY: list[int] = []
+_ACTIVE: list["StopFlag"] = []  # the StopFlag in force (the trainer's), if any
+
+
+class StoppedInSetup(Exception):
+    """A stop signal made set-up impossible to finish (it interrupted a JIT build): every rank
+    raises it together, the trainer says it once and exits 0, nothing to save."""
+
+
+def stop_requested() -> int | None:
+    """The stop signal this process received so far (SIGTERM / SIGINT), if any."""
+    for flag in _ACTIVE[-1:]:
+        return flag.signum
+    return _EARLY[0] if _EARLY else None
 
 
 def catch_early() -> None:
@@ -31,9 +44,11 @@ class StopFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
         if self.signum is None and _EARLY:  # arrived while we were being built
             self.signum = _EARLY[0]
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        _ACTIVE.remove(self)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 

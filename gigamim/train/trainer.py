@@ -47,13 +47,20 @@ class Trainer:
     def run(self) -> int:
         import time
 
-        from gigamim.train.signals import Deadline, StopFlag
+        from gigamim.train.signals import Deadline, StopFlag, StoppedInSetup
 
         self.started = time.monotonic()
         self.deadline = Deadline(self.cfg.train.stop_after)  # the clock starts with the run
         with StopFlag() as stop:
             try:
-                self.setup()
+                try:
+                    self.setup()
+                except StoppedInSetup as e:  # raised on every rank together
+                    from gigamim.runtime.dist import destroy_distributed
+
+                    self.say(f"gigamim: {e}")
+                    destroy_distributed()  # nothing of the group outlives the run
+                    return 0
                 return self.fit(stop)
             finally:
                 if self.lock is not None:

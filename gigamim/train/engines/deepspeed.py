@@ -147,8 +147,20 @@ def init_comm() -> None:
         return
     from gigamim.runtime.quiet import library_prints
 
-    with library_prints():
-        deepspeed.init_distributed(dist_backend=tdist.get_backend(), verbose=False)
+    from gigamim.train.signals import StoppedInSetup, stop_requested
+
+    if tdist.get_rank() == 0:
+        _say_comm_op_build(deepspeed)
+    interrupted = None
+    try:
+        with library_prints():
+            deepspeed.init_distributed(dist_backend=tdist.get_backend(), verbose=False)
+    except RuntimeError as exc:
+        # A job-wide SIGTERM reaches the compiler too (each rank's session gets it): the build
+        # stops, torch raises. On CPU ranks every rank learns of it below and all stop cleanly.
+        if not (tdist.get_backend() == "gloo" and stop_requested() and "Error building extension" in str(exc)):
+            raise
+        interrupted = stop_requested()
     if tdist.get_backend() != "gloo":
         return
     path = Path("/dev/shm") / "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
@@ -159,6 +171,44 @@ def init_comm() -> None:
         path.unlink()
     except FileNotFoundError:
         pass  # the op was not built, or the ranks are not all local: nothing was created
+    stopped = _max_over_ranks(interrupted or 0)  # one rank's build interrupted: all stop
+    if stopped:
+        import signal
+
+        raise StoppedInSetup(f"{signal.Signals(stopped).name} stopped the JIT build of DeepSpeed's "
+                             f"CPU comm op: stopped before step 1, nothing to save (the next start builds it)")
+
+
+def _max_over_ranks(value: int) -> int:
+    """The max of `value` over the ranks, through the process group's store, not a collective: a
+    gloo all-reduce right before the process exits aborted a rank (1 in ~6 tries; core dump: gloo's
+    worker thread freed the finished work's tensor, needed the GIL while Python was finalising,
+    and `std::terminate` ended the rank). The store's set / wait / get leave nothing behind."""
+    import torch.distributed as tdist
+
+    world = tdist.get_world_size()
+    if world == 1:
+        return value
+    store = tdist.distributed_c10d._get_default_store()
+    keys = [f"gigamim/init_comm/stop/{r}" for r in range(world)]
+    store.set(keys[tdist.get_rank()], str(value))
+    store.wait(keys)
+    return max(int(store.get(k)) for k in keys)
+
+
+def _say_comm_op_build(deepspeed) -> None:
+    """One line before DeepSpeed's communication layer builds its CPU comm op (2-3 silent
+    minutes on a machine's first start) or waits for another process's build of it."""
+    from deepspeed.accelerator import get_accelerator
+
+    from gigamim.runtime.jit_builds import build_state
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return  # DeepSpeed builds nothing here (its own test, deepspeed/comm/torch.py)
+    line = build_state(builder.NAME).start_line("DeepSpeed's CPU comm op")
+    if line:
+        print(line, flush=True)
 
 
 def mark_z3_leaf_blocks(model: nn.Module, classes: Optional[Iterable[type]] = None) -> list:
