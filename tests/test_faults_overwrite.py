@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from gigamim.checkpoint.layout import META_FILE, complete_tags, read_latest
-from tests.helpers.faults import launch_cmd, losses, no_traceback, pretrain_args, rank_pids, wait_for
-from tests.launch import REPO, cpu_env, free_port, run, start
+from tests.helpers.faults import (kill_rank, launch_cmd, losses, no_traceback, pretrain_args, sigterm_job,
+                                  signal_job)
+from tests.launch import REPO, cpu_env, free_port, run
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
@@ -167,15 +167,9 @@ def test_kill9_during_background_write_keeps_latest_and_resumes_exactly(tmp_path
 
     wd = tmp_path / "killed"
     wd.mkdir()
-    job = start(launch_cmd(2, *pretrain_args(wd, shards, 6, *fsdp)), wd / "job.log")
-    try:
-        wait_for(lambda: (wd / "ck" / "step_00000004").is_dir(), 300, job, "step 4's background save")
-        os.kill(rank_pids(job.pid)[1], signal.SIGKILL)
-        job.wait(timeout=120)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    assert not (wd / "ck" / "step_00000004" / META_FILE).exists(), (wd / "job.log").read_text()[-3000:]
+    _, log = signal_job(launch_cmd(2, *pretrain_args(wd, shards, 6, *fsdp)), wd / "job.log",
+                        lambda job: (wd / "ck" / "step_00000004").is_dir(), "step 4's background save", kill_rank(1))
+    assert not (wd / "ck" / "step_00000004" / META_FILE).exists(), log[-3000:]
     assert read_latest(wd / "ck") == "step_00000002" and complete_tags(wd / "ck") == ["step_00000002"]
     resumed = run(launch_cmd(2, *pretrain_args(wd, shards, 6, *fsdp), "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -205,18 +199,15 @@ def test_zero3_kill9_during_background_write_keeps_latest_and_resumes_exactly(tm
     wd = tmp_path / "killed"
     wd.mkdir()
     tag4 = wd / "ck" / "step_00000004"
-    job = start(launch_cmd(2, *pretrain_args(wd, shards, 6, *zero3)), wd / "job.log", GIGAMIM_CKPT_WRITE_DELAY_S="8@1")
-    try:
-        # rank 0's last file of step 4 (renamed into place only when whole): its write is done
-        wait_for(lambda: (tag4 / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists(), 300, job,
-                 "rank 0's files of step 4")
+
+    def kill_rank1_mid_write(job):
         assert not (tag4 / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()  # rank 1's write in flight
-        os.kill(rank_pids(job.pid)[1], signal.SIGKILL)
-        job.wait(timeout=120)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    log = (wd / "job.log").read_text()
+        kill_rank(1)(job)
+
+    # ready: rank 0's last file of step 4 (renamed into place only when whole): its write is done
+    _, log = signal_job(launch_cmd(2, *pretrain_args(wd, shards, 6, *zero3)), wd / "job.log",
+                        lambda job: (tag4 / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists(),
+                        "rank 0's files of step 4", kill_rank1_mid_write, GIGAMIM_CKPT_WRITE_DELAY_S="8@1")
     assert not (tag4 / META_FILE).exists(), log[-3000:]
     assert read_latest(wd / "ck") == "step_00000002" and complete_tags(wd / "ck") == ["step_00000002"], log[-3000:]
     resumed = run(launch_cmd(2, *pretrain_args(wd, shards, 6, *zero3), "--resume", "auto"))
@@ -234,18 +225,15 @@ def test_zero3_sigterm_during_background_write_waits_for_it(tmp_path, shards):
     wd = tmp_path / "cut"
     wd.mkdir()
     tag2 = wd / "ck" / "step_00000002"
-    job = start(launch_cmd(2, *pretrain_args(wd, shards, 50, "checkpoint.every_steps=2", "checkpoint.async_save=true")),
-                wd / "job.log", GIGAMIM_CKPT_WRITE_DELAY_S="8@1")
-    try:
-        wait_for(lambda: (tag2 / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists(), 300, job,
-                 "rank 0's files of step 2")
+
+    def sigterm_mid_write(job):
         assert not (tag2 / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()  # rank 1's write in flight
-        os.killpg(job.pid, signal.SIGTERM)
-        rc = job.wait(timeout=240)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    log = (wd / "job.log").read_text()
+        sigterm_job(job)
+
+    rc, log = signal_job(launch_cmd(2, *pretrain_args(wd, shards, 50, "checkpoint.every_steps=2",
+                                                      "checkpoint.async_save=true")), wd / "job.log",
+                         lambda job: (tag2 / "zero_pp_rank_0_mp_rank_00_optim_states.pt").exists(),
+                         "rank 0's files of step 2", sigterm_mid_write, GIGAMIM_CKPT_WRITE_DELAY_S="8@1")
     assert rc == 0, log[-3000:]
     no_traceback(log)
     from gigamim.checkpoint.check import check_checkpoint

@@ -16,8 +16,9 @@ import pytest
 
 from gigamim.checkpoint.layout import LATEST_FILE, META_FILE, complete_tags, read_latest
 from gigamim.checkpoint.lock import LOCK_FILE
-from tests.helpers.faults import (launch_cmd, logged_steps, no_traceback, pretrain_args, small_tmpfs, wait_for)
-from tests.launch import REPO, cpu_env, run, start
+from tests.helpers.faults import (launch_cmd, logged_steps, no_traceback, pretrain_args, sigterm_job, signal_job,
+                                  small_tmpfs)
+from tests.launch import REPO, cpu_env, run
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -141,10 +142,8 @@ def test_shards_without_a_readable_sample_one_line(tmp_path):
 def test_second_run_on_the_same_folder_is_refused_naming_the_first(tmp_path, shards):
     first_dir = tmp_path / "first"
     first_dir.mkdir()
-    job = start(launch_cmd(2, *pretrain_args(first_dir, shards, 500, f"checkpoint.dir={tmp_path}/ck")),
-                first_dir / "job.log")
-    try:
-        wait_for(lambda: logged_steps(first_dir) >= 1, 240, job, "the first run's step 1")
+
+    def second_start_then_sigterm(job):
         holder = json.loads((tmp_path / "ck" / LOCK_FILE).read_text())
         second = run(launch_cmd(2, *pretrain_args(tmp_path / "second", shards, 3, f"checkpoint.dir={tmp_path}/ck")))
         assert job.poll() is None  # the first run goes on
@@ -152,11 +151,12 @@ def test_second_run_on_the_same_folder_is_refused_naming_the_first(tmp_path, sha
         line = _one_line_error(second, "in use by another run")
         assert f"pid {holder['pid']}" in line and holder["host"] in line and "--force-unlock" in line
         assert not (tmp_path / "second" / "log" / "metrics.jsonl").exists()  # wrote nothing
-        os.killpg(job.pid, signal.SIGTERM)
-        assert job.wait(timeout=240) == 0
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+        sigterm_job(job)
+
+    rc, _ = signal_job(launch_cmd(2, *pretrain_args(first_dir, shards, 500, f"checkpoint.dir={tmp_path}/ck")),
+                       first_dir / "job.log", lambda job: logged_steps(first_dir) >= 1, "the first run's step 1",
+                       second_start_then_sigterm)
+    assert rc == 0
     assert not (tmp_path / "ck" / LOCK_FILE).exists()  # released at the end
     assert read_latest(tmp_path / "ck") in complete_tags(tmp_path / "ck")
 
@@ -206,24 +206,21 @@ def test_disk_full_during_the_first_save_one_line(tmp_path, shards, engine):
 @pytest.mark.slow
 def test_sigterm_during_setup_saves_after_the_first_step(tmp_path, shards):
     tmp_path.mkdir(exist_ok=True)
-    job = start(launch_cmd(2, *pretrain_args(tmp_path, shards, 50)), tmp_path / "job.log")
-    try:
-        # The ranks run and catch SIGTERM (`gigamim launch` has them keep an early signal
-        # for the trainer) but have not trained a step: they are importing / setting up.
-        # (A signal in the ~0.1 s between a rank's fork and that handler ends the rank,
-        # exit 143, with nothing trained and nothing lost.)
-        from tests.helpers.faults import catches, rank_pids
+    from tests.helpers.faults import catches, rank_pids
 
-        wait_for(lambda: len(rank_pids(job.pid)) == 2 and all(catches(p, signal.SIGTERM)
-                                                               for p in rank_pids(job.pid).values()),
-                 120, job, "the ranks to start")
+    def set_up(job):  # nothing trained yet: the ranks are importing / setting up
         assert logged_steps(tmp_path) == 0
-        os.killpg(job.pid, signal.SIGTERM)
-        rc = job.wait(timeout=240)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    out = (tmp_path / "job.log").read_text()
+        sigterm_job(job)
+
+    # ready: the ranks run and catch SIGTERM (`gigamim launch` has them keep an early signal for
+    # the trainer). (A signal in the ~0.1 s between a rank's fork and that handler ends the
+    # rank, exit 143, with nothing trained and nothing lost.)
+    def started(job):
+        ranks = rank_pids(job.pid)
+        return len(ranks) == 2 and all(catches(p, signal.SIGTERM) for p in ranks.values())
+
+    rc, out = signal_job(launch_cmd(2, *pretrain_args(tmp_path, shards, 50)), tmp_path / "job.log", started,
+                         "the ranks to start", set_up, ready_s=120)
     assert rc == 0, out[-3000:]
     latest = read_latest(tmp_path / "ck")
     assert latest in complete_tags(tmp_path / "ck"), out[-3000:]

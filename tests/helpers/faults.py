@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -114,6 +115,36 @@ def wait_for(predicate, timeout: float, proc=None, what: str = ""):
             raise AssertionError(f"job exited ({proc.returncode}) before {what}")
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def signal_job(cmd: list[str], log: Path, ready, what: str, act, *, ready_s: float = 300, wait_s: float = 240,
+               **env) -> tuple[int, str]:
+    """A real job under a fault: start `cmd` in its own session (output to `log`), wait until
+    `ready(job)` (failing if the job ends first), call `act(job)` (a kill, a signal, and any
+    check of the moment), wait for the job to end. Whatever happens, nothing of it outlives the call
+    (SIGKILL to its process group). Returns (exit code, the log's text)."""
+    from tests.launch import start
+
+    job = start(cmd, log, **env)
+    try:
+        wait_for(lambda: ready(job), ready_s, job, what)
+        act(job)
+        rc = job.wait(timeout=wait_s)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    return rc, log.read_text()
+
+
+def kill_rank(rank: int):
+    """`act` for signal_job: kill -9 of one rank of a `gigamim launch` job."""
+    return lambda job: os.kill(rank_pids(job.pid)[rank], signal.SIGKILL)
+
+
+def sigterm_job(job) -> None:
+    """`act` for signal_job: a job-wide SIGTERM, as a batch system sends it (the launcher's group)."""
+    os.killpg(job.pid, signal.SIGTERM)
 
 
 def losses(workdir: Path) -> dict[int, float]:
