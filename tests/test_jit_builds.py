@@ -6,15 +6,13 @@ ranks under `gigamim launch`."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 
 from gigamim.runtime.jit_builds import build_state, builds_in_progress, extensions_root, lock_held
-from tests.helpers.faults import launch_cmd, no_traceback, pretrain_args, wait_for
-from tests.launch import start
+from tests.helpers.faults import launch_cmd, no_traceback, pretrain_args, sigterm_job, signal_job
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -82,28 +80,21 @@ def test_a_start_that_builds_the_comm_op_says_so_and_a_sigterm_during_the_build_
     ext = tmp_path / "ext"
     ext.mkdir()
     log = tmp_path / "job.log"
-    job = start(launch_cmd(2, *pretrain_args(tmp_path, shards, 2)), log, TORCH_EXTENSIONS_DIR=ext)
-    try:
-        wait_for(lambda: "building DeepSpeed's CPU comm op into" in log.read_text(), 180, job, "the build line")
 
-        def building():  # torch's own lock, as a second start would try it
-            lock = ext / "deepspeed_shm_comm" / "lock"
-            if not lock.exists():
-                return False
-            probe = FileLock(str(lock), timeout=0)
-            try:
-                probe.acquire()
-            except Timeout:
-                return True
-            probe.release()
+    def building(job):  # the start line, then the build holding torch's own lock (as a second start tries it)
+        lock = ext / "deepspeed_shm_comm" / "lock"
+        if "building DeepSpeed's CPU comm op into" not in log.read_text() or not lock.exists():
             return False
+        probe = FileLock(str(lock), timeout=0)
+        try:
+            probe.acquire()
+        except Timeout:
+            return True
+        probe.release()
+        return False
 
-        wait_for(building, 60, job, "the build to hold its lock")
-        os.killpg(job.pid, signal.SIGTERM)
-        rc = job.wait(timeout=240)
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+    rc, _ = signal_job(launch_cmd(2, *pretrain_args(tmp_path, shards, 2)), log, building,
+                       "the build line and the build's lock", sigterm_job, ready_s=240, TORCH_EXTENSIONS_DIR=ext)
     out = log.read_text()
     no_traceback(out)
     assert rc == 0, out[-3000:]
