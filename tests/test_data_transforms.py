@@ -165,6 +165,26 @@ def test_randaugment_and_erasing_equal_timms_official_pipeline_with_the_same_dra
     assert 0 < erased < 24        # p = 0.25: some erased, not all (the rate is checked below)
 
 
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "v0"])
+def test_posterize_at_full_strength_keeps_zero_bits(policy):
+    """timm's Posterize op at the level where it keeps 0 bits (reached by the official policy's
+    magnitude noise) gives the black image older Pillow gave, where Pillow >= 11 raised from a
+    DataLoader worker; other bit counts are Pillow's posterize. Reference: the bit mask in numpy."""
+    import numpy as np
+
+    from gigamim.data.transforms import auto_augment_transform
+
+    aug = auto_augment_transform(policy, 64)
+    ops = list(getattr(aug, "ops", [])) + [op for sub in getattr(aug, "policy", []) for op in sub]
+    posterizes = [op for op in ops if op.name.startswith("Posterize")]
+    assert posterizes, [op.name for op in ops]
+    img = Image.open(io.BytesIO(image_bytes(64, 48, seed=5))).convert("RGB")
+    for bits in (0, 1, 3):
+        want = np.array(img) & ((0xFF << (8 - bits)) & 0xFF)
+        got = np.array(posterizes[0].aug_fn(img, bits))
+        assert np.array_equal(got, want), bits
+
+
 def test_random_erasing_rate_determinism_and_global_rngs_untouched():
     """Over 2000 images timm's p = 0.25 holds (binomial sd 0.01); the same seeds give the same
     boxes and noise; Python's, numpy's and torch's global streams are as they were."""

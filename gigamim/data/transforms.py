@@ -283,12 +283,35 @@ def auto_augment_transform(policy: str, img_size: int, mean=IMAGENET_MEAN, inter
                    interpolation=str_to_pil_interp(interpolation))
     try:
         if policy.startswith("rand"):
-            return rand_augment_transform(policy, hparams)
-        if policy.startswith("augmix"):
-            return augment_and_mix_transform(policy, dict(hparams, translate_pct=0.3))
-        return timm_auto_augment(policy, hparams)
+            aug = rand_augment_transform(policy, hparams)
+        elif policy.startswith("augmix"):
+            aug = augment_and_mix_transform(policy, dict(hparams, translate_pct=0.3))
+        else:
+            aug = timm_auto_augment(policy, hparams)
     except (AssertionError, KeyError, ValueError, IndexError) as e:
         raise ValueError(f"not a timm augmentation policy: {policy!r}" + (f" ({e})" if str(e) else "")) from None
+    _keep_zero_bit_posterize(aug)
+    return aug
+
+
+def _keep_zero_bit_posterize(aug) -> None:
+    """timm's Posterize at full strength keeps 0 bits (RandAugment 'inc1': 4 - level * 4 / 10,
+    and magnitude noise reaches level 10): Pillow < 11 made that a black image, Pillow >= 11
+    raises "bits must be between or equal to 1 and 8", which ended a fine-tuning run from inside
+    a DataLoader worker. Each posterize op of `aug` gets the old result back."""
+    from timm.data.auto_augment import posterize
+
+    def posterize_any_bits(img, bits_to_keep, **kwargs):
+        if bits_to_keep <= 0:
+            return img.point([0] * 256 * len(img.getbands()))  # what Pillow's 0-bit mask gave
+        return posterize(img, bits_to_keep, **kwargs)
+
+    ops = list(getattr(aug, "ops", []))
+    for sub in getattr(aug, "policy", []):  # AutoAugment: a list of sub-policies of ops
+        ops += list(sub)
+    for op in ops:
+        if getattr(op, "aug_fn", None) is posterize:
+            op.aug_fn = posterize_any_bits
 
 
 @contextlib.contextmanager
