@@ -57,7 +57,12 @@ def _env(tmp_path: Path) -> dict:
     shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m gigamim \"$@\"\n")
     shim.chmod(0o755)
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=path)
+    # A user's shell, not this pytest process: an earlier in-process run (the real-images check)
+    # left its process group's MASTER_PORT etc. here, still bound (EADDRINUSE in the README run).
+    from tests.launch import GROUP_VARS
+
+    env = {k: v for k, v in os.environ.items() if k not in GROUP_VARS}
+    return dict(env, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHONPATH=path)
 
 
 def _folder(tmp_path: Path) -> Path:
