@@ -319,8 +319,8 @@ class SwinTransformerV2(MaskTokenMixin, nn.Module):
         n = len(depths)
         # The family's rules, the same messages a config gets (ModelConfigError is a ValueError).
         SWINV2.check(dict(img_size=img_size, patch_size=patch_size, depths=depths, num_heads=num_heads,
-                               window_size=window_size, pretrained_window_sizes=pretrained_window_sizes,
-                               sequential_stages=sequential_stages, grad_checkpointing=grad_checkpointing))
+                          window_size=window_size, pretrained_window_sizes=pretrained_window_sizes,
+                          sequential_stages=sequential_stages, grad_checkpointing=grad_checkpointing))
         geometry = stage_geometry(img_size, patch_size, n, window_size)
         pretrained = _per_stage(pretrained_window_sizes, n, "pretrained_window_sizes")
 
