@@ -2,8 +2,9 @@
 
 A library op built with `torch.utils.cpp_extension.load` (DeepSpeed's CPU comm op on CPU
 ranks, FusedAdam on a GPU) is compiled into `<root>/<py>_<accelerator>/<name>/` on the first
-start that needs it: 2-3 minutes here, silent, and a SIGTERM in that window waits for the
-compiler. Later starts reuse `<name>.so`, but take the folder's `lock` first, so a start also
+start that needs it: seconds on an idle machine, 2-3 minutes under load, silent; a job-wide
+SIGTERM in that window reaches the compiler too (each rank is a session of its own) and stops
+the build. Later starts reuse `<name>.so`, but take the folder's `lock` first, so a start also
 waits silently for any other process building the same op. This module answers, without
 building or locking anything, whether a start is about to build or wait (for its one line)
 and which builds are running now (for the launcher's stop message).
@@ -42,8 +43,6 @@ def extensions_root() -> Path:
     `cpp_extension._get_build_directory` computes it (without creating anything)."""
     import torch
 
-    get_default_build_root = _cpp_extension().get_default_build_root
-
     explicit = os.environ.get("TORCH_EXTENSIONS_DIR")
     if explicit is not None:
         return Path(explicit)
@@ -54,7 +53,7 @@ def extensions_root() -> Path:
     else:
         accelerator = "cpu"
     python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
-    return Path(get_default_build_root()) / f"{python}_{accelerator}"
+    return Path(_cpp_extension().get_default_build_root()) / f"{python}_{accelerator}"
 
 
 def _lock_is_advisory() -> bool:
@@ -105,7 +104,8 @@ def build_state(name: str) -> BuildState:
 
 
 def builds_in_progress() -> list[Path]:
-    """The build folders whose lock another process holds now (a build or a wait for one)."""
+    """The build folders whose lock another process holds now: a build in progress (the
+    processes waiting for it hold nothing)."""
     root = extensions_root()
     try:
         folders = sorted(p for p in root.iterdir() if p.is_dir())
