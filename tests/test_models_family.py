@@ -180,6 +180,7 @@ ALLOWED_HASATTR = {
     ("gigamim/train/engines/fsdp2.py", 'full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm'),  # DTensor
     ("gigamim/train/engines/fsdp2.py", 'yield p.to_local().detach() if hasattr(p, "to_local") else p.detach()'),  # DTensor
     ("gigamim/checkpoint/zero_fp32.py", 'self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096'),
+    ("gigamim/runtime/jit_builds.py", 'return hasattr(_cpp_extension(), "FileLock")'),  # torch's build-lock kind
     ("gigamim/checkpoint/zero_fp32.py", 'elif hasattr(t, "flat_groups") and hasattr(t, "partitioned_numel"):'),
 }
 # A family switch: a family attribute or key read from a model / arch, or a family name literal.
