@@ -222,7 +222,6 @@ def test_sbatch_time_limit_saves_before_exit_and_requeues_only_when_latest_advan
     start that cannot save (a config whose shards vanish is refused at once): no requeue."""
     import signal
     import sys
-    import time
 
     from gigamim.checkpoint.check import check_checkpoint
     from gigamim.checkpoint.layout import complete_tags, read_latest
@@ -257,6 +256,7 @@ def test_sbatch_time_limit_saves_before_exit_and_requeues_only_when_latest_advan
     # The requeued start runs with the same checkpoint.dir; here it cannot train (its shards
     # are gone) and `latest` stays where it was: the time-limit warning must not requeue it.
     (fake / "calls").unlink()
+    (fake / "step.pids").unlink()
     import shutil
 
     shutil.rmtree(tmp_path / "shards")
@@ -264,7 +264,9 @@ def test_sbatch_time_limit_saves_before_exit_and_requeues_only_when_latest_advan
     slow_srun.write_text(STAND_INS["srun"].replace('for p in "${pids[@]}"', 'sleep 3; for p in "${pids[@]}"'))
     batch = subprocess.Popen(["bash", str(SBATCH), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
-    time.sleep(1.5)
+    # the stand-in srun has started its step (so the batch script's traps are set): ~3 s of python
+    # before that on an idle machine; a fixed 1.5 s sleep here had the signal kill the script first
+    wait_for(lambda: (fake / "step.pids").exists(), 120, batch, "the batch script's srun step")
     os.kill(batch.pid, signal.SIGUSR1)
     out, _ = batch.communicate(timeout=120)
     assert batch.returncode == 1, out
