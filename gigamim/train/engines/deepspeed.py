@@ -146,7 +146,6 @@ def init_comm() -> None:
     if comm.is_initialized():
         return
     from gigamim.runtime.quiet import library_prints
-
     from gigamim.train.signals import StoppedInSetup, stop_requested
 
     if tdist.get_rank() == 0:
@@ -197,7 +196,7 @@ def _max_over_ranks(value: int) -> int:
 
 
 def _say_comm_op_build(deepspeed) -> None:
-    """One line before DeepSpeed's communication layer builds its CPU comm op (2-3 silent
+    """One line before DeepSpeed's communication layer builds its CPU comm op (silent seconds to
     minutes on a machine's first start) or waits for another process's build of it."""
     from deepspeed.accelerator import get_accelerator
 
