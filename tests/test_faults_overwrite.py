@@ -151,19 +151,34 @@ def test_resume_point_is_chosen_under_the_lock(tmp_path, shards):
     assert len(said) == 1 and "step 5" in said[0] and "train.stop_at_step=3" in said[0], again.stderr[-3000:]
 
 
-def test_kill9_during_background_write_keeps_latest_and_resumes_exactly(tmp_path, shards):
-    """FSDP2 + DCP async_save: the tag is marked complete only after every rank's write ended;
-    kill -9 of a rank while step 4's tag is in flight leaves `latest` on step 2, and
-    `--resume auto` gives the uninterrupted run's losses."""
-    fsdp = ("train.engine=fsdp2", "checkpoint.every_steps=2", "checkpoint.async_save=true")
-    ref = tmp_path / "ref"
-    done = run(launch_cmd(2, *pretrain_args(ref, shards, 6, *fsdp)))
+def _background_saves_run(ref: Path, shards: str, sets: tuple) -> Path:
+    """The uninterrupted 6-step reference: saves at steps 2 and 4 written in the background (each
+    logs its blocking and write times), tags 4 and 6 kept (keep_last=2 of the demo config)."""
+    done = run(launch_cmd(2, *pretrain_args(ref, shards, 6, *sets)))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "written in the background" in done.stdout
     records = [json.loads(line) for line in (ref / "log" / "metrics.jsonl").read_text().splitlines()]
     saves = [r for r in records if "ckpt_blocking_s" in r]
     assert [r["ckpt_step"] for r in saves] == [2, 4] and all(r["ckpt_write_s"] > 0 for r in saves), saves
     assert complete_tags(ref / "ck") == ["step_00000004", "step_00000006"]
+    return ref
+
+
+def _resume_gives_the_reference_losses(wd: Path, ref: Path, shards: str, sets: tuple) -> None:
+    """`--resume auto` from step 2 gives the reference run's losses of steps 3-6 bit for bit."""
+    resumed = run(launch_cmd(2, *pretrain_args(wd, shards, 6, *sets), "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 2" in resumed.stdout
+    want, got = losses(ref), losses(wd)
+    assert {s: got[s] for s in range(3, 7)} == {s: want[s] for s in range(3, 7)}
+
+
+def test_kill9_during_background_write_keeps_latest_and_resumes_exactly(tmp_path, shards):
+    """FSDP2 + DCP async_save: the tag is marked complete only after every rank's write ended;
+    kill -9 of a rank while step 4's tag is in flight leaves `latest` on step 2, and
+    `--resume auto` gives the uninterrupted run's losses."""
+    fsdp = ("train.engine=fsdp2", "checkpoint.every_steps=2", "checkpoint.async_save=true")
+    ref = _background_saves_run(tmp_path / "ref", shards, fsdp)
 
     wd = tmp_path / "killed"
     wd.mkdir()
@@ -171,11 +186,7 @@ def test_kill9_during_background_write_keeps_latest_and_resumes_exactly(tmp_path
                         lambda job: (wd / "ck" / "step_00000004").is_dir(), "step 4's background save", kill_rank(1))
     assert not (wd / "ck" / "step_00000004" / META_FILE).exists(), log[-3000:]
     assert read_latest(wd / "ck") == "step_00000002" and complete_tags(wd / "ck") == ["step_00000002"]
-    resumed = run(launch_cmd(2, *pretrain_args(wd, shards, 6, *fsdp), "--resume", "auto"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "at step 2" in resumed.stdout
-    want, got = losses(ref), losses(wd)
-    assert {s: got[s] for s in range(3, 7)} == {s: want[s] for s in range(3, 7)}
+    _resume_gives_the_reference_losses(wd, ref, shards, fsdp)
 
 
 def test_zero3_kill9_during_background_write_keeps_latest_and_resumes_exactly(tmp_path, shards):
@@ -187,14 +198,7 @@ def test_zero3_kill9_during_background_write_keeps_latest_and_resumes_exactly(tm
     uninterrupted run's losses bit for bit (the step-2 snapshot was taken at step 2, although
     rank 1 wrote it while steps 3-4 ran)."""
     zero3 = ("checkpoint.every_steps=2", "checkpoint.async_save=true")
-    ref = tmp_path / "ref"
-    done = run(launch_cmd(2, *pretrain_args(ref, shards, 6, *zero3)))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "written in the background" in done.stdout
-    records = [json.loads(line) for line in (ref / "log" / "metrics.jsonl").read_text().splitlines()]
-    saves = [r for r in records if "ckpt_blocking_s" in r]
-    assert [r["ckpt_step"] for r in saves] == [2, 4] and all(r["ckpt_write_s"] > 0 for r in saves), saves
-    assert complete_tags(ref / "ck") == ["step_00000004", "step_00000006"]  # keep_last=2 of the demo config
+    ref = _background_saves_run(tmp_path / "ref", shards, zero3)
 
     wd = tmp_path / "killed"
     wd.mkdir()
@@ -210,11 +214,7 @@ def test_zero3_kill9_during_background_write_keeps_latest_and_resumes_exactly(tm
                         "rank 0's files of step 4", kill_rank1_mid_write, GIGAMIM_CKPT_WRITE_DELAY_S="8@1")
     assert not (tag4 / META_FILE).exists(), log[-3000:]
     assert read_latest(wd / "ck") == "step_00000002" and complete_tags(wd / "ck") == ["step_00000002"], log[-3000:]
-    resumed = run(launch_cmd(2, *pretrain_args(wd, shards, 6, *zero3), "--resume", "auto"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "at step 2" in resumed.stdout
-    want, got = losses(ref), losses(wd)
-    assert {s: got[s] for s in range(3, 7)} == {s: want[s] for s in range(3, 7)}
+    _resume_gives_the_reference_losses(wd, ref, shards, zero3)
 
 
 def test_zero3_sigterm_during_background_write_waits_for_it(tmp_path, shards):
