@@ -62,15 +62,26 @@ def tag_step(tag: str) -> int | None:
 # --------------------------------------------------------------------------- atomic file ops
 
 
-def atomic_write(path: str | os.PathLike, text: str) -> None:
-    """Write-to-temp + fsync + rename: readers see the old or the new content, never half."""
+def atomic_file(path: str | os.PathLike, write) -> None:
+    """`write(f)` into a temp file beside `path` (binary), fsync, rename: readers see the old or
+    the new content, never half, and the final name exists only with all its bytes on disk. A
+    failed write leaves no temp file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, text: str) -> None:
+    """`text` (UTF-8) as `atomic_file` writes."""
+    atomic_file(path, lambda f: f.write(text.encode()))
 
 
 def replace_path(tmp: str, out: str) -> None:

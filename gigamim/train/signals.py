@@ -21,8 +21,8 @@ class StoppedInSetup(Exception):
 
 def stop_requested() -> int | None:
     """The stop signal this process received so far (SIGTERM / SIGINT), if any."""
-    for flag in _ACTIVE[-1:]:
-        return flag.signum
+    if _ACTIVE:
+        return _ACTIVE[-1].signum
     return _EARLY[0] if _EARLY else None
 
 

@@ -32,10 +32,11 @@ import copy
 import os
 import threading
 import time
-from pathlib import Path
 
 import torch
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+
+from gigamim.checkpoint.layout import atomic_file
 
 # Debug knob for the fault tests: "SECONDS" (every rank) or "SECONDS@RANK" pauses the
 # background writer before each file, so a test can kill a rank while a write is in flight.
@@ -98,12 +99,11 @@ class SnapshotWriter(CheckpointEngine):
         key = (name, count[0])
         count[0] += 1
         src = t.detach()
+        on_gpu = src.device.type == "cuda"
         buf = self._buffers.get(key)
         if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-            pin = src.device.type == "cuda"
-            buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
+            buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=on_gpu)
             self._buffers[key] = buf
-        on_gpu = src.device.type == "cuda"
         self._on_gpu |= on_gpu
         buf.copy_(src, non_blocking=on_gpu)
         return buf
@@ -154,16 +154,6 @@ class BackgroundWrite:
 
 
 def write_file(state, path: str, zipfile_serialization: bool = True) -> None:
-    """torch.save to a temp name in the same folder, fsync, rename: the final name exists only
-    with all its bytes on disk (as DCP's writer syncs its files before `latest` can name them)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f, _use_new_zipfile_serialization=zipfile_serialization)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """torch.save through `checkpoint.layout.atomic_file`: the final name exists only with all
+    its bytes on disk (as DCP's writer syncs its files before `latest` can name them)."""
+    atomic_file(path, lambda f: torch.save(state, f, _use_new_zipfile_serialization=zipfile_serialization))

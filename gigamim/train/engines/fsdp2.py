@@ -33,7 +33,6 @@ world size (`describe()` says `reshardable`).
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -42,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from gigamim.checkpoint.dcp import ENGINE_STATE_FILE  # rank 0's file beside the DCP files
+from gigamim.checkpoint.layout import atomic_file
 from gigamim.config import ConfigError, gradient_accumulation_steps
 from gigamim.train.engines.base import Engine
 
@@ -284,12 +284,8 @@ class FSDP2Engine(Engine):
         return _DCPWrite(future, self, tag_dir)
 
     def _write_engine_state(self, tag_dir: Path, client_state: dict) -> None:
-        tmp = tag_dir / f".{ENGINE_STATE_FILE}.tmp"
-        with open(tmp, "wb") as f:
-            torch.save({"scheduler": self.scheduler.state_dict(), "client": client_state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(tag_dir / ENGINE_STATE_FILE)
+        state = {"scheduler": self.scheduler.state_dict(), "client": client_state}
+        atomic_file(tag_dir / ENGINE_STATE_FILE, lambda f: torch.save(state, f))
 
     def _own_failure(self, e, what: str) -> BaseException:
         """This rank's exception out of DCP's gathered ones, else one naming the rank that failed
