@@ -114,21 +114,25 @@ def _compile_group(model, img, batch, steps, warmup=2, precision="fp32", attn="e
 
 
 def _compile_model_group(model, img, batch, steps, warmup=2, precision="fp32", attn="explicit"):
-    """Eager vs whole-model ``torch.compile(model)``, gigamim and the timm reference alike, ABAB."""
+    """Eager vs whole-model ``torch.compile(model)``, gigamim and the timm reference alike, ABAB;
+    with both compiled per block beside them (the trainer's way), so one run says whether the
+    whole graph still does worse than the blocks compiled one by one."""
     base = dict(group="compile_model", model=model, img_size=img, batch=batch, steps=steps, warmup=warmup,
                 precision=precision, memory=False)
     tag = f"{model.replace('swinv2_', '')}_{img}_b{batch}"
-    return [Case(name=f"compile_model_{tag}_gigamim_eager", impl="gigamim", attn_impl=attn, **base),
-            Case(name=f"compile_model_{tag}_gigamim_compiled", impl="gigamim", attn_impl=attn, compile=True,
-                 compile_scope="model", **base),
-            Case(name=f"compile_model_{tag}_reference_eager", impl="reference", **base),
-            Case(name=f"compile_model_{tag}_reference_compiled", impl="reference", compile=True,
-                 compile_scope="model", **base)]
+    cases = []
+    for impl in ("gigamim", "reference"):
+        kw = dict(impl=impl, **base) | (dict(attn_impl=attn) if impl == "gigamim" else {})
+        cases += [Case(name=f"compile_model_{tag}_{impl}_eager", **kw),
+                  Case(name=f"compile_model_{tag}_{impl}_compiled", compile=True, compile_scope="model", **kw),
+                  Case(name=f"compile_model_{tag}_{impl}_compiled_blocks", compile=True, compile_scope="blocks", **kw)]
+    return cases
 
 
 def compile_model_profile():
-    """CPU: the whole-model compile axis alone (SwinV2-T 192 px batch 8 fp32, both sides eager
-    and ``torch.compile(model)``); the compiles take minutes each on a 2-core machine."""
+    """CPU: the whole-model compile axis alone (SwinV2-T 192 px batch 8 fp32, both sides eager,
+    ``torch.compile(model)`` and compiled per block); the compiles take minutes each on a 2-core
+    machine."""
     return {"groups": [_compile_model_group("swinv2_tiny", 192, 8, steps=8)], "zero": None, "data": None}
 
 

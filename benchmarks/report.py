@@ -126,12 +126,15 @@ def _speedup(fast, slow):
 
 
 def _compile_summary(results, group="compile"):
-    """Throughput ratios of a compile group ('compile': per block; 'compile_model': whole model):
-    X / Y = Y's step time / X's step time."""
-    pick = {(impl, comp): _find(results, group, impl=impl, compile=comp)
+    """Throughput ratios of a compile group ('compile': per block; 'compile_model': whole model,
+    with per-block cases beside it): X / Y = Y's step time / X's step time."""
+    scope = {"compile_model": {"compile_scope": "model"}}.get(group, {})
+    pick = {(impl, comp): _find(results, group, impl=impl, compile=comp, **(scope if comp else {}))
             for impl in ("gigamim", "reference") for comp in (False, True)}
     if not any(pick.values()):
         return None
+    blocks = {impl: _find(results, group, impl=impl, compile=True, compile_scope="blocks")
+              for impl in ("gigamim", "reference")} if scope else {}
     g_e, g_c, r_e, r_c = pick[("gigamim", False)], pick[("gigamim", True)], pick[("reference", False)], pick[("reference", True)]
     out = {"gigamim_compiled_over_reference_eager": _speedup(g_c, r_e),
            "gigamim_compiled_over_reference_compiled": _speedup(g_c, r_c),
@@ -141,6 +144,10 @@ def _compile_summary(results, group="compile"):
            "images_per_sec": {f"{i}_{'compiled' if c else 'eager'}": (r or {}).get("images_per_sec")
                               for (i, c), r in pick.items()},
            "mfu": {f"{i}_{'compiled' if c else 'eager'}": (r or {}).get("mfu") for (i, c), r in pick.items()}}
+    if blocks.get("gigamim"):
+        out["gigamim_compiled_over_gigamim_compiled_per_block"] = _speedup(g_c, blocks["gigamim"])
+        out["gigamim_compiled_per_block_over_reference_compiled_per_block"] = _speedup(blocks["gigamim"],
+                                                                                        blocks["reference"])
     any_case = next(r for r in pick.values() if r)
     out["geometry"] = {k: any_case["case"][k] for k in ("model", "img_size", "batch", "precision")}
     return out

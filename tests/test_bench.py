@@ -178,12 +178,22 @@ def test_compile_and_zero_summaries_from_known_results():
     assert "compile_model" not in s
     # The whole-model group (torch.compile(model)) is summarised on its own, with the fastest-step
     # and process-CPU-time ratios beside the medians.
-    whole = [dict(r, case=dict(r["case"], group="compile_model"), min_step_time_s=min(r["step_times_s"]),
-                  cpu_time_per_step_s=2 * r["step_time_s"]) for r in results[:4]]
+    # Its compiled cases are torch.compile(model); the per-block compiles run beside them (same
+    # group, compile_scope "blocks") and must not be taken for the whole-model ones.
+    def whole_case(r, scope="model"):
+        c = dict(r["case"], group="compile_model", compile_scope=scope if r["case"]["compile"] else "blocks")
+        return dict(r, case=c, min_step_time_s=min(r["step_times_s"]), cpu_time_per_step_s=2 * r["step_time_s"])
+
+    per_block = [whole_case(case("gigamim", True, [1.2, 1.2, 1.2]), "blocks"),
+                 whole_case(case("reference", True, [1.5, 1.5, 1.5]), "blocks")]
+    whole = per_block + [whole_case(r) for r in results[:4]]
     w = summarize(whole, meta, None)["compile_model"]
     assert w["gigamim_compiled_over_reference_compiled"]["ratio"] == pytest.approx(2.4)
     assert w["gigamim_compiled_over_reference_compiled"]["best_of"] == pytest.approx(2.4)
     assert w["gigamim_compiled_over_reference_compiled"]["cpu_time"] == pytest.approx(2.4)
+    assert w["gigamim_compiled_over_gigamim_compiled_per_block"]["ratio"] == pytest.approx(1.2)
+    assert w["gigamim_compiled_per_block_over_reference_compiled_per_block"]["ratio"] == pytest.approx(1.25)
+    assert "gigamim_compiled_over_gigamim_compiled_per_block" not in c  # the per-block group has no such pair
     z = s["zero_compile"]
     assert z["zero3_compiled_over_zero3_eager_step_time"] == pytest.approx(0.5)
     assert z["zero3_eager_over_zero1_eager_step_time"] == pytest.approx(1.2)
