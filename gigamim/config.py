@@ -479,11 +479,13 @@ def _validate_finetune(ft: FinetuneConfig) -> None:
         raise ConfigError(f"finetune.remode must be pixel, rand or const; got {ft.remode!r}")
     if ft.recount < 1:
         raise ConfigError(f"finetune.recount must be >= 1; got {ft.recount}")
-    if ft.interpolation not in ("bilinear", "bicubic"):
-        raise ConfigError(f"finetune.interpolation must be bilinear or bicubic; got {ft.interpolation!r}")
-    if ft.auto_augment and ft.auto_augment != "none":
-        from gigamim.data.transforms import auto_augment_transform
+    from gigamim.data.transforms import auto_augment_transform, resampling
 
+    try:
+        resampling(ft.interpolation)  # the crop's own rule and message
+    except ValueError as e:
+        raise ConfigError(f"finetune.{e}") from None
+    if ft.auto_augment and ft.auto_augment != "none":
         try:
             auto_augment_transform(str(ft.auto_augment), 224)
         except ValueError as e:

@@ -174,7 +174,6 @@ class SimMIMTransform:
 
     def __init__(self, img_size: int = 192, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
                  use_draft: bool = True, interpolation: str = "bilinear"):
-        self.interpolation = interpolation
         self.resample = resampling(interpolation)
         self.img_size = img_size
         self.scale = tuple(scale)
